@@ -1,0 +1,396 @@
+"""params.yaml -> typed, frozen config objects, validated once at the edge.
+
+Every error names the key path and what was expected, e.g.
+`variants.top9.train_top: 9 exceeds the model's 6 layers`. Inside the package,
+code receives these frozen dataclasses and never re-parses YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from depthtune.errors import ConfigError
+
+# DVC stage names become `finetune@<name>`: keep to letters, digits, '_' and '-'.
+VARIANT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+
+
+def _range(lo=None, hi=None, lo_open=False, hi_open=False):
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+
+
+def _f(default, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, doc=""):
+    meta = _range(lo, hi, lo_open, hi_open)
+    meta["choices"] = choices
+    meta["doc"] = doc
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ScratchArch:
+    """Architecture for `model.source: scratch` (random init, the from-zero baseline)."""
+    model_type: str = _f("bert", choices=("bert", "roberta", "distilbert"))
+    vocab_size: int = _f(30522, lo=2)
+    hidden_size: int = _f(384, lo=1)
+    num_hidden_layers: int = _f(6, lo=1)
+    num_attention_heads: int = _f(12, lo=1)
+    intermediate_size: int = _f(1536, lo=1)
+    max_position_embeddings: int = _f(512, lo=2)
+    type_vocab_size: int = _f(2, lo=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # packaged:minilm-l6 | scratch | a local HF folder | a Hub id (online only)
+    source: str = _f("packaged:minilm-l6")
+    tokenizer: Optional[str] = _f(None)  # defaults to the source's (packaged MiniLM for scratch)
+    revision: Optional[str] = _f(None)
+    trust_remote_code: bool = _f(False)
+    allow_pickle: bool = _f(False)  # .bin (pickle) checkpoints refused unless opted in
+    scratch: ScratchArch = field(default_factory=ScratchArch)
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    validation: float = _f(0.1, lo=0.0, hi=0.5, lo_open=True)
+    test: float = _f(0.1, lo=0.0, hi=0.5, lo_open=True)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # builtin:rotten_tomatoes | hub:<dataset id> | a local file path
+    source: str = _f("builtin:rotten_tomatoes")
+    # split name -> path, when the data comes already split (train/validation/test)
+    files: dict = _f({})
+    format: str = _f("auto", choices=("auto", "csv", "tsv", "jsonl", "parquet", "labeltext"))
+    text_column: str = _f("text")
+    label_column: str = _f("label")
+    delimiter: Optional[str] = _f(None)
+    quoting: bool = _f(True)
+    encoding: str = _f("utf-8")
+    labels: Optional[list] = _f(None)  # declared label set (in id order); None = sorted labels found
+    split: SplitFractions = field(default_factory=SplitFractions)
+    seed: int = _f(42, lo=0)
+    max_train_samples: Optional[int] = _f(None, lo=1)
+    max_eval_samples: Optional[int] = _f(None, lo=1)
+    max_drop_fraction: float = _f(0.2, lo=0.0, hi=1.0)
+    hub_config: Optional[str] = _f(None)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = _f(8, lo=1, hi=1024)
+    alpha: float = _f(16.0, lo=0.0, lo_open=True)
+    dropout: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
+    targets: list = _f(["query", "value"])
+    layers: Optional[list] = _f(None)  # encoder layer indices that get adapters (None = all kept layers)
+
+
+@dataclass(frozen=True)
+class VariantTrain:
+    """Per-variant overrides of the `train` section (None = inherit)."""
+    lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)
+    epochs: Optional[int] = _f(None, lo=1)
+    batch_size: Optional[int] = _f(None, lo=1)
+    weight_decay: Optional[float] = _f(None, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    depth: Optional[int] = _f(None, lo=1)
+    train_top: Optional[int] = _f(None, lo=0)
+    lora: Optional[LoraSpec] = _f(None)
+    bitfit: bool = _f(False)
+    init: str = _f("pretrained", choices=("pretrained", "scratch"))
+    train: VariantTrain = field(default_factory=VariantTrain)
+
+    def describe(self) -> str:
+        parts = []
+        if self.depth is not None:
+            parts.append(f"depth={self.depth}")
+        if self.train_top is not None:
+            parts.append("linear probe" if self.train_top == 0 else f"train_top={self.train_top}")
+        if self.lora is not None:
+            parts.append(f"lora r={self.lora.r}")
+        if self.bitfit:
+            parts.append("bitfit")
+        if self.init == "scratch":
+            parts.append("scratch init")
+        return ", ".join(parts) or "full fine-tuning"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"))
+    seed: int = _f(42, lo=0)
+    epochs: int = _f(2, lo=1, hi=1000)
+    batch_size: int = _f(16, lo=1)
+    grad_accum: int = _f(1, lo=1)
+    max_length: int = _f(128, lo=8, hi=8192)
+    lr: float = _f(5e-5, lo=0.0, hi=1.0, lo_open=True)
+    weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
+    warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
+    max_grad_norm: float = _f(1.0, lo=0.0)
+    eval_every: int = _f(0, lo=0)  # optimizer steps between evaluations; 0 = each epoch
+    patience: int = _f(0, lo=0)  # evaluations without improvement before stopping; 0 = never
+    checkpoint_every: int = _f(200, lo=0)  # optimizer steps; 0 = epoch ends only
+    keep_checkpoints: int = _f(2, lo=1)
+    cache_frozen_prefix: bool = _f(True)
+    num_threads: int = _f(0, lo=0)  # torch threads on the CPU; 0 = all cores
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    metric: str = _f("accuracy", choices=("accuracy", "macro_f1"))
+    batch_size: int = _f(32, lo=1)
+    latency_examples: int = _f(50, lo=1)  # batch-1 forward passes timed for p50/p95
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = _f(True)
+    uri: Optional[str] = _f(None)  # None = sqlite:///<project root>/mlflow.db
+    experiment: str = _f("depthtune")
+    artifact_root: Optional[str] = _f(None)  # None = <project root>/mlartifacts
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    tolerance: float = _f(0.01, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = _f("depthtune-classifier")
+    metric: str = _f("accuracy", choices=("accuracy", "macro_f1"))
+    min_delta: float = _f(0.0, lo=0.0, hi=1.0)
+    min_metric: float = _f(0.0, lo=0.0, hi=1.0)
+    max_trainable_params: Optional[int] = _f(None, lo=1)
+    max_latency_ms: Optional[float] = _f(None, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    cron: str = _f("0 3 * * 1")
+    timezone: str = _f("UTC")
+
+
+@dataclass(frozen=True)
+class Params:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    variants: dict = _f({})  # name -> VariantSpec
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            list: "a list", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_range(path: str, value, meta) -> None:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{path}: {value} is out of range, expected {op} {lo}")
+    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
+        op = "<" if meta.get("hi_open") else "<="
+        raise ConfigError(f"{path}: {value} is out of range, expected {op} {hi}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _coerce(path: str, tp, value, meta):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(path, args[0], value, meta)
+    if dataclasses.is_dataclass(tp):
+        return parse_section(tp, value, path)
+    if value is None:
+        raise ConfigError(f"{path}: missing value, expected {_type_name(tp)}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: {value!r} is not true/false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: {value!r} is not an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: {value!r} is not a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: {value!r} is not a string")
+    elif tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {value!r} is not a list")
+        value = tuple(value)
+    elif tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: {value!r} is not a mapping")
+    if meta and not isinstance(value, (tuple, dict)):
+        _check_range(path, value, meta)
+    return value
+
+
+def parse_section(cls, raw, path: str):
+    """Build dataclass `cls` from a mapping; unknown keys, wrong types, bad ranges are errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{path}.{key}: unknown key{_suggest(str(key), fields)}; "
+                              f"valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        kwargs[name] = _coerce(f"{path}.{name}", hints[name], raw[name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def parse_variant(name: str, raw, path: str) -> VariantSpec:
+    if not isinstance(name, str) or not VARIANT_NAME_RE.match(name):
+        raise ConfigError(f"{path}: invalid variant name {name!r}, expected a letter then letters, "
+                          "digits, '_' or '-' (at most 64 characters; DVC stage names)")
+    raw = {} if raw is None else raw
+    if isinstance(raw, dict) and isinstance(raw.get("lora"), dict) is False and raw.get("lora") is not None:
+        raise ConfigError(f"{path}.lora: expected a mapping like {{r: 8, alpha: 16}}, got {raw['lora']!r}")
+    spec = parse_section(VariantSpec, raw, path)
+    if spec.lora is not None:
+        if not spec.lora.targets:
+            raise ConfigError(f"{path}.lora.targets: empty, expected module names like [query, value]")
+        if spec.lora.layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                    for i in spec.lora.layers):
+            raise ConfigError(f"{path}.lora.layers: expected a list of layer indices >= 0, got {list(spec.lora.layers)}")
+    if spec.bitfit and spec.lora is not None:
+        raise ConfigError(f"{path}: bitfit and lora cannot be combined, choose one")
+    if spec.train_top is not None and (spec.lora is not None or spec.bitfit):
+        raise ConfigError(f"{path}: train_top cannot be combined with lora or bitfit")
+    if spec.init == "scratch" and spec.train_top is not None:
+        raise ConfigError(f"{path}: init: scratch with train_top freezes random layers; drop train_top")
+    return spec
+
+
+def check_variant_against_model(spec: VariantSpec, num_layers: int, path: str) -> None:
+    """Depth-dependent checks, once the model's layer count is known."""
+    if spec.depth is not None and spec.depth > num_layers:
+        raise ConfigError(f"{path}.depth: {spec.depth} exceeds the model's {num_layers} layers")
+    kept = spec.depth if spec.depth is not None else num_layers
+    if spec.train_top is not None and spec.train_top > kept:
+        raise ConfigError(f"{path}.train_top: {spec.train_top} exceeds the model's {kept} layers")
+    if spec.lora is not None and spec.lora.layers is not None:
+        bad = [i for i in spec.lora.layers if i >= kept]
+        if bad:
+            raise ConfigError(f"{path}.lora.layers: {bad} out of range, the variant has layers 0..{kept - 1}")
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    variants_raw = raw.pop("variants", None)
+    params = parse_section(Params, raw, "params")
+    if variants_raw is None or variants_raw == {}:
+        raise ConfigError("variants: empty, expected a mapping of variant name -> spec, e.g. {full: {}}")
+    if not isinstance(variants_raw, dict):
+        raise ConfigError(f"variants: expected a mapping of variant name -> spec, got {type(variants_raw).__name__}")
+    variants = {}
+    for name, spec in variants_raw.items():
+        variants[name] = parse_variant(name, spec, f"variants.{name}")
+    if len({n.lower() for n in variants}) != len(variants):
+        raise ConfigError("variants: names differ only by case; DVC outputs would collide on some filesystems")
+    return dataclasses.replace(params, variants=variants)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (a second `full:` silently replacing the first)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    keys = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in keys:
+            mark = key_node.start_mark
+            raise ConfigError(f"{mark.name}:{mark.line + 1}:{mark.column + 1}: duplicate key {key!r}")
+        keys.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"{path}: invalid YAML at {where}: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_yaml(path), str(path))
+
+
+def to_dict(obj) -> Any:
+    """Frozen config -> plain JSON-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
+    """The train section with the variant's overrides applied."""
+    overrides = {k: v for k, v in to_dict(variant.train).items() if v is not None}
+    return dataclasses.replace(params.train, **overrides)
