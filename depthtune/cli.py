@@ -1,0 +1,152 @@
+"""`depthtune` for people at a terminal: quick audits and predictions.
+
+  depthtune audit --config PATH/config.json --variant train_top=2 --variant depth=3,lora.r=8 --labels 2
+  depthtune audit --params params.yaml            # every variant in params.yaml
+  depthtune predict --model models/full "a great film"
+  depthtune predict --model models:/depthtune-classifier@champion "a great film"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from depthtune.errors import ConfigError, DepthtuneError, ModelError
+
+
+def parse_variant_arg(text: str) -> dict:
+    """`depth=3,lora.r=8,lora.targets=query+value` -> {'depth': 3, 'lora': {'r': 8, 'targets': [...]}}."""
+    out: dict = {}
+    if text.strip() in ("", "full"):
+        return out
+    for part in text.split(","):
+        if "=" not in part:
+            raise ConfigError(f"--variant {text!r}: {part!r} is not KEY=VALUE (e.g. train_top=2 or lora.r=8)")
+        key, value = part.split("=", 1)
+        key = key.strip()
+        if key in ("lora.targets", "lora.layers"):
+            parsed = [yaml.safe_load(v) for v in value.split("+") if v]
+        else:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--variant {text!r}: cannot read value {value!r} of {key}") from None
+        if key == "lora" and parsed in (True, "true"):
+            out.setdefault("lora", {})
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--variant {text!r}: {key} conflicts with an earlier value")
+        node[leaf] = parsed
+    return out
+
+
+def load_config_file(path: str):
+    """A transformers config from a config.json (no code from the file is ever run)."""
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {p} not found") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--config: {p} is not readable JSON ({exc})") from None
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ConfigError(f"--config: {p} has no model_type")
+    for k in ("architectures", "auto_map", "transformers_version", "_name_or_path"):
+        data.pop(k, None)
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"--config: {p}: unsupported model_type {model_type!r} ({exc})") from None
+
+
+def cmd_audit(args) -> int:
+    from depthtune.audit import audit_built, fmt_int, summary_markdown
+    from depthtune.config import ModelConfig, load_params, parse_variant
+    from depthtune.variants import build_variant
+
+    results = []
+    if args.params:
+        params = load_params(args.params)
+        model_cfg = params.model
+        from depthtune.variants import load_base_config
+        base = load_base_config(model_cfg)
+        named = list(params.variants.items())
+        batch, seq = params.train.batch_size, params.train.max_length
+    else:
+        if not args.config:
+            raise ConfigError("audit: give --config PATH/config.json (or --params params.yaml)")
+        base = load_config_file(args.config)
+        model_cfg = ModelConfig(source=str(args.config))
+        specs = args.variant or ["full"]
+        named = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}")) for s in specs]
+        batch, seq = args.batch_size, args.seq_len
+    for name, spec in named:
+        built = build_variant(model_cfg, spec, args.labels, device="meta", base_config=base, path=f"variant {name}")
+        res = audit_built(built, variant_name=name, spec=spec, num_labels=args.labels, batch_size=batch, seq_len=seq)
+        results.append(res)
+        if args.json:
+            print(json.dumps(res), flush=True)
+    if not args.json:
+        print(summary_markdown(results))
+        for r in results:
+            if r["closed_form"] is not None:
+                print(f"{r['variant']}: {fmt_int(r['total_params'])} counted = {fmt_int(r['closed_form']['total'])} "
+                      "closed form")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from depthtune.serving import load_predictor
+
+    predictor = load_predictor(args.model)
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for text, pred in zip(texts, predictor.predict_with_scores(texts)):
+        print(json.dumps({"text": text, "label": pred["label"], "score": round(pred["score"], 4)})
+              if args.json else f"{pred['label']}\t{pred['score']:.3f}\t{text}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="depthtune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("audit", help="count total/trainable parameters per layer for depth variants")
+    a.add_argument("--config", help="a transformers config.json (or a folder holding one)")
+    a.add_argument("--params", help="audit every variant of a params.yaml instead")
+    a.add_argument("--variant", action="append", help="e.g. train_top=2, depth=3,lora.r=8, bitfit=true (repeatable)")
+    a.add_argument("--labels", type=int, default=2, help="0 = bare AutoModel; N = sequence classifier with N labels")
+    a.add_argument("--batch-size", type=int, default=16)
+    a.add_argument("--seq-len", type=int, default=128)
+    a.add_argument("--json", action="store_true", help="one JSON object per variant per line")
+    a.set_defaults(fn=cmd_audit)
+    p = sub.add_parser("predict", help="label texts with a saved model folder or an MLflow model URI")
+    p.add_argument("--model", required=True, help="models/<variant> or models:/<name>@champion")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("text", nargs="*", help="texts (default: one per line on stdin)")
+    p.set_defaults(fn=cmd_predict)
+    args = parser.parse_args(argv)
+    if getattr(args, "labels", 0) is not None and getattr(args, "labels", 0) < 0:
+        parser.error("--labels must be >= 0")
+    from depthtune.runtime import configure_offline
+    configure_offline()
+    try:
+        return args.fn(args)
+    except DepthtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
