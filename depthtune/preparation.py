@@ -51,7 +51,7 @@ from typing import Iterable, Optional
 
 from depthtune.config import DataConfig
 from depthtune.errors import DataError
-from depthtune.files import atomic_dir, write_json_atomic
+from depthtune.files import atomic_dir
 
 SPLITS = ("train", "validation", "test")
 EVAL_SPLITS = ("validation", "test")
@@ -763,8 +763,15 @@ def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Opt
     return Prepared(names=names, splits=out, report=report)
 
 
+# Characters that str.splitlines() (and some JSONL readers) take as line breaks but
+# json.dumps(ensure_ascii=False) leaves raw: escape them so one example stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def jsonl_text(examples: list) -> str:
-    return "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in examples)
+    """One {"text", "label"} object a line; UTF-8, non-ASCII kept readable."""
+    return "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+                   for t, y in examples)
 
 
 def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
@@ -773,8 +780,11 @@ def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             (tmp / f"{name}.jsonl").write_text(jsonl_text(prepared.splits[name]), encoding="utf-8")
-        write_json_atomic(tmp / "labels.json", {"names": prepared.names})
-        write_json_atomic(tmp / "report.json", prepared.report)
+        # plain writes: the whole directory is swapped in atomically
+        (tmp / "labels.json").write_text(json.dumps({"names": prepared.names}, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
     return out_dir
 
 

@@ -1,0 +1,224 @@
+"""Serve a fine-tuned variant: raw text in, label NAMES out.
+
+A saved variant is a plain Hugging Face folder (`models/<variant>/`: config.json
+with id2label, model.safetensors, tokenizer files). `TextClassifier` wraps it as
+an `mlflow.pyfunc.PythonModel`, so the same object serves three ways:
+
+  load_predictor("models/full")                         # local folder, no MLflow store needed
+  load_predictor("models:/depthtune-classifier@champion")  # registry alias
+  mlflow.pyfunc.load_model(uri).predict(["a great film"])  # -> ["fresh"]
+
+Weights load with `use_safetensors=True` and never run code from the folder
+(`trust_remote_code=False`), so a pickle checkpoint or custom code is refused.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import mlflow.pyfunc  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from depthtune.errors import ModelError  # noqa: E402
+
+ARTIFACT_KEY = "hf_model"  # name of the HF folder inside the logged MLflow model
+EXAMPLE_TEXTS = ["a great film", "a dull, lifeless film"]
+MODEL_CODE = """import mlflow
+from depthtune.serving import TextClassifier
+mlflow.models.set_model(TextClassifier())
+"""
+
+
+def _texts(model_input: Any) -> list[str]:
+    """list[str] | str | DataFrame with a `text` column (or one column) | ndarray -> list[str]."""
+    if isinstance(model_input, str):
+        return [model_input]
+    columns = getattr(model_input, "columns", None)
+    if columns is not None:  # pandas DataFrame
+        col = "text" if "text" in columns else (columns[0] if len(columns) == 1 else None)
+        if col is None:
+            raise ModelError(f"input DataFrame needs a 'text' column, got columns {list(columns)}")
+        return [str(t) for t in model_input[col].tolist()]
+    if hasattr(model_input, "tolist"):  # numpy array / pandas Series
+        model_input = model_input.tolist()
+    if isinstance(model_input, dict) and "text" in model_input:
+        model_input = model_input["text"]
+    if not isinstance(model_input, (list, tuple)):
+        raise ModelError(f"expected a list of strings or a DataFrame with a 'text' column, got {type(model_input).__name__}")
+    return [t if isinstance(t, str) else str(t[0] if isinstance(t, (list, tuple)) else t) for t in model_input]
+
+
+class TextClassifier(mlflow.pyfunc.PythonModel):
+    """A Hugging Face sequence classifier that returns label names."""
+
+    def __init__(self, batch_size: int = 32, max_length: int = 512):
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self._model = None  # weights are never pickled: load_context / from_folder load them
+
+    # MLflow calls this with the logged artifacts; the HF folder is artifacts["hf_model"]
+    def load_context(self, context) -> None:
+        self._load(context.artifacts[ARTIFACT_KEY])
+
+    @classmethod
+    def from_folder(cls, path: str | Path, **kwargs) -> "TextClassifier":
+        obj = cls(**kwargs)
+        obj._load(path)
+        return obj
+
+    def _load(self, path: str | Path) -> None:
+        from depthtune import runtime  # noqa: F401  (offline defaults before transformers looks at the Hub)
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+        if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+            raise ModelError(f"{path}: no model.safetensors (pickle checkpoints are not loaded)")
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(path), use_safetensors=True, trust_remote_code=False)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
+        model.eval()
+        self._model = model
+        self._torch = torch
+        id2label = model.config.id2label or {}
+        n = model.config.num_labels
+        self.labels = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(n)]
+        self.path = str(path)
+
+    def _check_loaded(self):
+        if self._model is None:
+            raise ModelError("model not loaded: use TextClassifier.from_folder(path) or load_predictor(uri)")
+
+    def predict_proba(self, texts: list[str]) -> list[list[float]]:
+        self._check_loaded()
+        torch = self._torch
+        out: list[list[float]] = []
+        max_len = min(self.max_length, getattr(self._tokenizer, "model_max_length", self.max_length) or self.max_length)
+        with torch.inference_mode():
+            for i in range(0, len(texts), self.batch_size):
+                batch = self._tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+                                        max_length=max_len, return_tensors="pt")
+                logits = self._model(**batch).logits.float()
+                out.extend(torch.softmax(logits, dim=-1).tolist())
+        return out
+
+    def predict_with_scores(self, texts: list[str]) -> list[dict]:
+        """[{"label": name, "score": probability of that label}] per text (for `depthtune predict`)."""
+        texts = _texts(texts)
+        rows = []
+        for probs in self.predict_proba(texts):
+            k = max(range(len(probs)), key=probs.__getitem__)
+            rows.append({"label": self.labels[k], "score": float(probs[k])})
+        return rows
+
+    def predict_names(self, texts: list[str]) -> list[str]:
+        return [r["label"] for r in self.predict_with_scores(texts)]
+
+    # pyfunc entry point: list of str or DataFrame with a `text` column -> list of label names
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        return self.predict_names(_texts(model_input))
+
+
+# ----------------------------------------------------------------------------- logging (used by depthtune.tracking)
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is installed here; explicit, because MLflow's inference adds torchvision and fails."""
+    reqs = []
+    for name in ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy"):
+        try:
+            reqs.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return reqs
+
+
+def model_labels(model_dir: str | Path) -> list[str]:
+    """Label names in id order from a saved folder's config.json (no weights loaded)."""
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{cfg_path}: not found") from None
+    id2label = cfg.get("id2label") or {}
+    return [str(id2label[str(i)]) for i in range(len(id2label))]
+
+
+def log_pyfunc_model(model_dir: str | Path, *, name: str = "model", tags: dict | None = None,
+                     registered_model_name: str | None = None):
+    """Log `model_dir` as a pyfunc model into the ACTIVE MLflow run; returns mlflow's ModelInfo.
+
+    The HF folder travels as an artifact (copied as is); the signature is string in ->
+    string out; the input example is two short texts (MLflow checks it predicts).
+    """
+    from mlflow.models import infer_signature
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    labels = model_labels(model_dir)
+    example = list(EXAMPLE_TEXTS)
+    # unnamed string column in and out: accepts ["a", "b"] and a one-column DataFrame (e.g. `text`)
+    signature = infer_signature(example, [labels[0]] * len(EXAMPLE_TEXTS))
+    # "models from code": MLflow stores this 3-line file instead of a cloudpickle of the object
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / "depthtune_text_classifier.py"
+        code.write_text(MODEL_CODE)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(code),
+            artifacts={ARTIFACT_KEY: str(model_dir)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata={"labels": labels},
+            tags=tags,
+            registered_model_name=registered_model_name,
+        )
+
+
+# ----------------------------------------------------------------------------- depthtune predict
+
+
+def _is_mlflow_uri(text: str) -> bool:
+    return any(text.startswith(p) for p in ("models:/", "runs:/", "mlflow-artifacts:/", "file:/", "s3://", "gs://",
+                                            "http://", "https://"))
+
+
+def load_predictor(uri_or_path: str) -> TextClassifier:
+    """A local HF folder, a local MLflow model folder (MLmodel), or an MLflow URI -> TextClassifier."""
+    path = Path(uri_or_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return TextClassifier.from_folder(path)
+    if path.is_dir() and (path / "MLmodel").is_file():
+        return _load_pyfunc(str(path))
+    if _is_mlflow_uri(uri_or_path):
+        if uri_or_path.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
+            from depthtune import tracking  # the project's store (params.yaml tracking.uri or mlflow.db)
+            tracking.use_store(tracking.config_from_params())
+        return _load_pyfunc(uri_or_path)
+    if path.exists():
+        raise ModelError(f"{uri_or_path}: neither a Hugging Face folder (config.json) nor an MLflow model (MLmodel)")
+    raise ModelError(f"{uri_or_path}: no such folder, and not an MLflow URI like models:/<name>@champion")
+
+
+def _load_pyfunc(uri: str) -> TextClassifier:
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # MlflowException, OSError, connection errors: one clear line
+        raise ModelError(f"{uri}: cannot load MLflow model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    inner = loaded.unwrap_python_model()
+    if not isinstance(inner, TextClassifier):
+        raise ModelError(f"{uri}: not a depthtune text classifier (python model {type(inner).__name__})")
+    return inner
