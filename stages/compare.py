@@ -24,6 +24,10 @@ from depthtune.files import run_main
 from depthtune.report import build_report, comparison_table, load_results, render_outputs
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,6 +36,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual umask-based mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

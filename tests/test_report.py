@@ -200,10 +200,11 @@ def test_outputs(results_dir):
     assert doc["best"] == {"variant": "full", "accuracy": 0.86, "trainable_params": EMB + 6 * LAYER + POOLER + HEAD}
     assert doc["cheapest"]["variant"] == "lora8"
     assert doc["pareto"] == {FRONT_PARAMS: ["lora8", "top2", "full"], FRONT_TIME: ["probe", "top2", "full"]}
-    assert "**" not in doc["summary"] and "lora8" in doc["summary"]
     assert [r["variant"] for r in doc["rows"]] == list(VARIANTS)
-    assert doc["layers"]["layers"] == ["embeddings"] + [f"layer.{i}" for i in range(6)] + ["pooler", "head"]
-    assert "layer.4" not in doc["layers"]["trainable"]["depth3"]
+    assert doc["rows"][2]["pareto_params"] is True and doc["rows"][2]["depth"] == 6
+    assert [x["name"] for x in doc["layers"]] == ["embeddings"] + [f"layer.{i}" for i in range(6)] + ["pooler", "head"]
+    layer4 = doc["layers"][5]
+    assert layer4["trainable"] == {"full": LAYER, "top2": LAYER, "probe": 0, "lora8": 12_288}  # no depth3
 
     md = out["comparison.md"].decode()
     assert md.startswith("# Variant comparison")
@@ -231,5 +232,14 @@ def test_stage_main(results_dir, capsys):
     assert names == ["comparison.json", "comparison.md", "depth.png", "pareto.png", "variants.csv"]  # no temp files
     assert json.loads((out / "comparison.json").read_text())["cheapest"]["variant"] == "top2"
     assert (out / "pareto.png").read_bytes().startswith(PNG_MAGIC)
+    assert (out / "comparison.json").stat().st_mode & 0o044  # readable by others, not mkstemp's 0600
     printed = capsys.readouterr().out
     assert "| variant |" in printed and "Cheapest within 0.005 of it: top2" in printed
+
+
+def test_single_variant_renders(results_dir):
+    rep = _report(results_dir, variants=["probe"])
+    assert rep["fronts"] == {FRONT_PARAMS: ["probe"], FRONT_TIME: ["probe"]}
+    assert rep["verdict"]["best"]["variant"] == rep["verdict"]["cheapest"]["variant"] == "probe"
+    out = render_outputs(rep)
+    assert out["pareto.png"].startswith(PNG_MAGIC) and out["depth.png"].startswith(PNG_MAGIC)
