@@ -349,7 +349,7 @@ def _construct_mapping(loader, node, deep=False):
         key = loader.construct_object(key_node, deep=deep)
         if key in keys:
             mark = key_node.start_mark
-            raise ConfigError(f"{mark.name}:{mark.line + 1}:{mark.column + 1}: duplicate key {key!r}")
+            raise ConfigError(f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {key!r}")
         keys.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -367,6 +367,8 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: cannot read ({exc})") from None
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

@@ -285,7 +285,7 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
             t = time.perf_counter()
             champ_score = score(champ.predict_names(texts), gold, names)
             timings["score_champion"] = time.perf_counter() - t
-            report["champion_before"] = {"version": champ_mv.version,
+            report["champion_before"] = {"version": str(champ_mv.version),
                                          "variant": (champ_mv.tags or {}).get("depthtune.variant"),
                                          "rescored": champ_score}
         if abs(cand_score[reg.metric] - row["metric"]) > 0.02:
@@ -346,7 +346,7 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
             if challenger is not None and str(challenger.version) == version:
                 client.delete_registered_model_alias(reg.model_name, CHALLENGER)
             if champ_mv is not None:
-                client.set_model_version_tag(reg.model_name, champ_mv.version, "depthtune.replaced_by", version)
+                client.set_model_version_tag(reg.model_name, str(champ_mv.version), "depthtune.replaced_by", version)
         elif decision == "challenger":
             client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
             timings["alias"] = time.perf_counter() - t

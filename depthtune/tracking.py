@@ -245,8 +245,8 @@ def dvc_lock_hash(stage: str, root: str | Path = ".") -> Optional[str]:
 
 
 def git_commit(root: str | Path = ".") -> Optional[str]:
-    """HEAD without the -dirty suffix: stages write tracked metrics mid-pipeline."""
-    sha = git_sha(root)
+    """HEAD without the -dirty suffix (stages write tracked metrics mid-pipeline); falls back to the code's repo."""
+    sha = git_sha(root) or git_sha(PROJECT_ROOT)
     return sha[:-len("-dirty")] if sha and sha.endswith("-dirty") else sha
 
 

