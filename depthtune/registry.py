@@ -361,10 +361,10 @@ def registry_state(tracking_cfg: TrackingConfig, model_name: str) -> dict:
     """{versions: [{version, variant, promotion, aliases}], champion, challenger} for reports and tests."""
     client, _ = tracking.use_store(tracking_cfg)
     rm = client.get_registered_model(model_name)
-    aliases = dict(rm.aliases or {})
+    aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
     versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
     return {"champion": aliases.get(CHAMPION), "challenger": aliases.get(CHALLENGER),
-            "versions": [{"version": v.version, "variant": (v.tags or {}).get("depthtune.variant"),
+            "versions": [{"version": str(v.version), "variant": (v.tags or {}).get("depthtune.variant"),
                           "promotion": (v.tags or {}).get("depthtune.promotion"),
                           "aliases": [a for a, ver in aliases.items() if str(ver) == str(v.version)]}
                          for v in versions]}

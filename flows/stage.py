@@ -16,6 +16,23 @@ import time
 STAGES = ("prepare", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 
 
+def record_timing(run_name: str, **fields) -> None:
+    """Append this stage's timings to .depthtune/timings.jsonl (for the orchestration-overhead figure)."""
+    import json
+
+    import psutil
+
+    from depthtune.files import PROJECT_ROOT
+
+    path = PROJECT_ROOT / ".depthtune" / "timings.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    started = psutil.Process().create_time()
+    row = {"stage": run_name, "process_start": started, "process_s": round(time.time() - started, 3),
+           **{k: round(v, 3) for k, v in fields.items()}}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
 def run_stage(stage: str, argv: list[str]) -> None:
     from depthtune.files import run_main
 
@@ -24,7 +41,12 @@ def run_stage(stage: str, argv: list[str]) -> None:
         sys.exit(2)
     module = importlib.import_module(f"stages.{stage}")
     if os.environ.get("DEPTHTUNE_PREFECT", "1") == "0":
-        run_main(lambda: module.main(argv))
+        t = time.perf_counter()
+        try:
+            run_main(lambda: module.main(argv))
+        finally:
+            record_timing(stage + (f"@{argv[argv.index('--variant') + 1]}" if "--variant" in argv else ""),
+                          work_s=time.perf_counter() - t, prefect_ready_s=0.0)
         return
     t0 = time.perf_counter()
     if not os.environ.get("PREFECT_API_URL"):
@@ -40,10 +62,13 @@ def run_stage(stage: str, argv: list[str]) -> None:
 
     @task(name=f"{stage}.main", retries=0)
     def stage_task():
+        t = time.perf_counter()
         try:
             module.main(argv)
         except DepthtuneError as exc:  # bad input: one line, not a Prefect traceback
             return f"{exc}"
+        finally:
+            record_timing(run_name, work_s=time.perf_counter() - t, prefect_ready_s=ready_s)
         return None
 
     @flow(name=f"depthtune-{stage}", flow_run_name=run_name, log_prints=True, validate_parameters=False)
@@ -53,7 +78,8 @@ def run_stage(stage: str, argv: list[str]) -> None:
             return Failed(message=error)
         return None
 
-    print(f"[{run_name}] Prefect ready in {time.perf_counter() - t0:.1f} s ({os.environ['PREFECT_API_URL']})",
+    ready_s = time.perf_counter() - t0
+    print(f"[{run_name}] Prefect ready in {ready_s:.1f} s ({os.environ['PREFECT_API_URL']})",
           file=sys.stderr)
     state = stage_flow(return_state=True)
     if state.is_failed():

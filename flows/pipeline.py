@@ -1,0 +1,111 @@
+"""The whole DAG as one Prefect flow, for users who start from Prefect rather than DVC.
+
+    python -m flows.pipeline                          # = dvc repro, observed in Prefect
+    python -m flows.pipeline --parallel 2             # variants' finetune/evaluation side by side
+    python -m flows.pipeline -S 'variants.top2.train.lr=3e-4'   # dvc exp run with overrides
+
+DVC stays the single source of truth: this flow only drives `dvc repro` / `dvc exp run`,
+so the cache and dvc.lock decide what re-runs. One local Prefect server is started (or
+PREFECT_API_URL reused) and exported to every stage process, and the MLflow parent run
+is keyed to this flow run, so all variants of one execution nest under one parent.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from depthtune import runtime  # noqa: F401  (offline defaults)
+from depthtune.files import PROJECT_ROOT
+
+TIMINGS = PROJECT_ROOT / ".depthtune" / "timings.jsonl"
+
+
+def sh(args: list[str]) -> None:
+    print("$ " + " ".join(args), flush=True)
+    proc = subprocess.run(args, cwd=PROJECT_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed with exit code {proc.returncode}")
+
+
+def variant_names(params_path: Path = PROJECT_ROOT / "params.yaml") -> list[str]:
+    from depthtune.config import load_params
+    return list(load_params(params_path).variants)
+
+
+def overhead_report(t_start: float, wall: float) -> dict:
+    """Pipeline wall time vs the time spent inside the stages' own work."""
+    rows = []
+    if TIMINGS.exists():
+        for line in TIMINGS.read_text().splitlines():
+            row = json.loads(line)
+            if row["process_start"] >= t_start - 1:
+                rows.append(row)
+    work = sum(r["work_s"] for r in rows)
+    return {"wall_s": round(wall, 1), "stage_work_s": round(work, 1), "overhead_s": round(wall - work, 1),
+            "overhead_fraction": round((wall - work) / wall, 4) if wall else None,
+            "prefect_ready_s": round(sum(r["prefect_ready_s"] for r in rows), 1),
+            "stages": {r["stage"]: {"work_s": r["work_s"], "process_s": r["process_s"]} for r in rows}}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-S", "--set-param", action="append", default=[], help="dvc exp run -S override (repeatable)")
+    ap.add_argument("--parallel", type=int, default=1, help="variants trained side by side (default 1)")
+    ap.add_argument("--force", action="store_true", help="dvc repro --force")
+    args = ap.parse_args(argv)
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from flows.server import ensure_server
+        os.environ["PREFECT_API_URL"] = ensure_server()  # children inherit it: one server for every stage
+    from prefect import flow, task
+    from prefect.runtime import flow_run
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    @task(name="dvc")
+    def dvc(cmd: list[str]):
+        sh(["dvc", *cmd])
+
+    @task(name="variant")
+    def variant(v: str):
+        sh(["dvc", "repro", "--single-item", f"finetune@{v}"])
+        sh(["dvc", "repro", "--single-item", f"evaluation@{v}"])
+
+    @flow(name="depthtune-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=max(1, args.parallel)))
+    def pipeline() -> dict:
+        os.environ["DEPTHTUNE_PIPELINE_KEY"] = str(flow_run.get_id() or uuid.uuid4())
+        t_start, t0 = time.time(), time.perf_counter()
+        if args.set_param:
+            dvc(["exp", "run", *[a for s in args.set_param for a in ("-S", s)]])
+        elif args.parallel > 1:
+            dvc(["repro", "audit"] + (["--force"] if args.force else []))
+            futures = []
+            for v in variant_names():
+                # different stages in parallel keep dvc.lock consistent (shared/STACK.md)
+                futures.append(variant.submit(v))
+            for f in futures:
+                f.result()
+            dvc(["repro"])
+        else:
+            dvc(["repro"] + (["--force"] if args.force else []))
+        report = overhead_report(t_start, time.perf_counter() - t0)
+        print(f"pipeline: {report['wall_s']} s wall, {report['stage_work_s']} s inside stages, overhead "
+              f"{report['overhead_s']} s ({100 * (report['overhead_fraction'] or 0):.1f}%)")
+        return report
+
+    report = pipeline()
+    out = PROJECT_ROOT / ".depthtune" / "last_pipeline.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
