@@ -350,7 +350,9 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
         elif decision == "challenger":
             client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
             timings["alias"] = time.perf_counter() - t
-        client.set_model_version_tag(reg.model_name, version, "depthtune.promotion", f"{decision}: {reason}")
+        # the decision that set the alias stays readable; a later no-op check goes to its own tag
+        tag = "depthtune.last_check" if decision == "unchanged" else "depthtune.promotion"
+        client.set_model_version_tag(reg.model_name, version, tag, f"{decision}: {reason}")
         after = _alias_version(client, reg.model_name, CHAMPION)
         chall = _alias_version(client, reg.model_name, CHALLENGER)
         report["aliases_after"] = {CHAMPION: after and str(after.version), CHALLENGER: chall and str(chall.version)}

@@ -352,6 +352,57 @@ def fingerprint_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# ----------------------------------------------------------------------------- data parallel
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Under `torchrun --nproc_per_node N`: gloo on the CPU, NCCL on GPUs."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist_info()
+
+
+def all_reduce_grads(model: nn.Module, world: int) -> None:
+    """Average gradients over ranks: one flat all-reduce (the same sum DDP's buckets compute)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def params_in_sync(model: nn.Module) -> bool:
+    """Every rank holds bit-identical trainable weights (checked once, after training)."""
+    import torch.distributed as dist
+
+    rank, world = dist_info()
+    if world == 1:
+        return True
+    total = torch.tensor([float(p.detach().double().sum()) for p in model.parameters() if p.requires_grad],
+                         dtype=torch.float64)
+    gathered = [torch.zeros_like(total) for _ in range(world)]
+    dist.all_gather(gathered, total)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -371,6 +422,7 @@ class TrainOutcome:
     resumed_from_step: Optional[int] = None
     cached_prefix_layers: int = 0
     cache_bytes: int = 0
+    world_size: int = 1
 
 
 def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Examples, val_ex: Examples,
@@ -383,6 +435,7 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model.to(device)
+    rank, world = dist_info()
     autocast = torch.bfloat16 if device == "cuda" else None
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -395,7 +448,7 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
         t0 = time.perf_counter()
         model.eval()
         cache = PrefixCache(model, train_ex, k, device, batch_size=64, pad_id=pad_id,
-                            disk_dir=checkpoint_dir / "cache" if checkpoint_dir else None)
+                            disk_dir=checkpoint_dir / f"cache-rank{rank}" if checkpoint_dir else None)
         val_cache = PrefixCache(model, val_ex, k, device, batch_size=64, pad_id=pad_id)
         log(f"cached frozen prefix (embeddings + {k} layers) for {len(train_ex)} + {len(val_ex)} texts: "
             f"{(cache.nbytes + val_cache.nbytes) / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s")
@@ -424,8 +477,12 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
             resumed = state["step"]
             log(f"resumed from {ck.name} (step {state['step']}, epoch {state['epoch']})")
 
+    if world > 1 and cfg.batch_size % world:
+        raise ModelError(f"train.batch_size {cfg.batch_size} is not divisible by the {world} processes; "
+                         "the global batch must split evenly")
+
     def checkpoint():
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and rank == 0:  # only rank 0 writes
             save_checkpoint(checkpoint_dir, state["step"], model=model, optimizer=optimizer, scheduler=scheduler,
                             meta=state, best_state=best_state, keep=cfg.keep_checkpoints)
 
@@ -459,7 +516,8 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
         batches = length_grouped_batches(train_ex.lengths, cfg.batch_size, cfg.seed, epoch)
         running, micro = 0.0, 0
         for bi in range(state["batch_in_epoch"], len(batches)):
-            index = batches[bi]
+            # the global batch is unchanged: each of the N processes takes every N-th example of it
+            index = batches[bi][rank::world] if world > 1 else batches[bi]
             if cache is not None:
                 hidden, mask = cache.batch(index, device)
                 labels = torch.tensor([train_ex.labels[i] for i in index], device=device)
@@ -476,10 +534,12 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
             (loss / cfg.grad_accum).backward()
             running += loss.item()
             micro += 1
-            state["samples"] += len(index)
-            state["real_tokens"] += real
+            state["samples"] += len(index) * world
+            state["real_tokens"] += real * world
             last = bi == len(batches) - 1
             if micro == cfg.grad_accum or last:
+                if world > 1:
+                    all_reduce_grads(model, world)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
                                                    cfg.max_grad_norm)
@@ -512,12 +572,14 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
         checkpoint()
     load_trainable_state(model, best_state)
     model.eval()
+    if not params_in_sync(model):
+        raise ModelError("data-parallel ranks ended with different weights (gradient all-reduce failed)")
     return TrainOutcome(steps=state["step"], epochs_run=state["epoch"], best_epoch=state["best_epoch"],
                         best_step=state["best_step"], best_val=state["best_val"], stopped_early=state["stopped_early"],
                         train_time_s=state["train_time_s"] - state.get("eval_time_s", 0.0), samples=state["samples"], real_tokens=state["real_tokens"],
                         loss_curve=state["loss_curve"], val_curve=state["val_curve"], resumed_from_step=resumed,
                         cached_prefix_layers=k if cache is not None else 0,
-                        cache_bytes=cache.nbytes if cache is not None else 0)
+                        cache_bytes=cache.nbytes if cache is not None else 0, world_size=world)
 
 
 def describe_config(cfg: TrainConfig) -> dict:

@@ -212,16 +212,16 @@ def build_deployment(params_path: str | Path = PROJECT_ROOT / "params.yaml", nam
     from depthtune.errors import ConfigError
 
     cfg = load_params(params_path).retrain
-    try:
-        schedule = Cron(cfg.cron, timezone=cfg.timezone)
+    try:  # prefect validates cron and IANA timezone here; name the params keys instead of a pydantic dump
+        return retrain.to_deployment(
+            name=name, schedules=[Cron(cfg.cron, timezone=cfg.timezone)],
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+            parameters={"root": str(Path(params_path).resolve().parent)}, tags=["depthtune", "retrain"],
+            description=f"depthtune retrain ({cfg.cron}, {cfg.timezone}): dvc repro + promote")
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"retrain: invalid cron {cfg.cron!r} / timezone {cfg.timezone!r} "
-                          f"({str(exc).splitlines()[0]})") from None
-    return retrain.to_deployment(
-        name=name, schedules=[schedule],
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-        parameters={"root": str(Path(params_path).resolve().parent)}, tags=["depthtune", "retrain"],
-        description=f"depthtune retrain ({cfg.cron}, {cfg.timezone}): dvc repro + promote")
+        msg = next((line.strip() for line in str(exc).splitlines() if "Value error" in line or "nvalid" in line),
+                   str(exc).splitlines()[0])
+        raise ConfigError(f"retrain: invalid cron {cfg.cron!r} / timezone {cfg.timezone!r} ({msg})") from None
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from depthtune.files import atomic_dir, read_json, run_main, write_json_atomic, 
 from depthtune.memory import PeakMemory
 from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.sources import load_tokenizer
-from depthtune.training import Examples, fingerprint_of, train
+from depthtune.training import Examples, fingerprint_of, init_distributed, train
 from depthtune.variants import build_variant, merge_lora
 
 
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     cfg = effective_train(params, spec)
     device = runtime.pick_device(cfg.device)
     runtime.set_threads(cfg.num_threads)
+    rank, world = init_distributed(device)  # torchrun --nproc_per_node N: data parallel, rank 0 writes
     runtime.seed_everything(cfg.seed)
 
     tok_dir, labels_path, audit_path = Path("data/tokenized"), Path("data/prepared/labels.json"), Path(f"audit/{name}.json")
@@ -99,13 +100,15 @@ def main(argv=None) -> None:
         fingerprint = fingerprint_of(name, to_dict(spec), to_dict(cfg), params.model.source,
                                      tree_fingerprint(tok_dir / "train"), labels)
         from depthtune import tracking_hooks
-        run_id = tracking_hooks.variant_run_id(params, name)
+        run_id = tracking_hooks.variant_run_id(params, name) if rank == 0 else None
         outcome = train(model=built.model, spec=spec, num_layers=built.num_layers,
                         train_ex=Examples.from_dataset(ds["train"]), val_ex=Examples.from_dataset(ds["validation"]),
                         cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
                         num_labels=len(labels), checkpoint_dir=Path("checkpoints") / name, fingerprint=fingerprint,
                         extra_meta={"mlflow_run_id": run_id})
     wall = time.perf_counter() - t_wall
+    if rank != 0:
+        return  # only rank 0 writes outputs
 
     est = audit.get("estimates_typical", audit["estimates"])["memory_bytes"]["total"]
     result = {
@@ -116,6 +119,7 @@ def main(argv=None) -> None:
         "tokens_per_s": outcome.real_tokens / outcome.train_time_s if outcome.train_time_s else 0.0,
         "steps": outcome.steps, "epochs_run": outcome.epochs_run, "best_epoch": outcome.best_epoch,
         "best_step": outcome.best_step, "best_val": outcome.best_val, "stopped_early": outcome.stopped_early,
+        "world_size": outcome.world_size, "per_device_batch_size": cfg.batch_size // outcome.world_size,
         "cached_prefix_layers": outcome.cached_prefix_layers, "cache_bytes": outcome.cache_bytes,
         "peak_memory_bytes": mem.peak_growth, "peak_memory_kind": mem.kind, "estimated_memory_bytes": est,
         "memory_ratio": mem.peak_growth / est if est else None,

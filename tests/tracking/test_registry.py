@@ -112,7 +112,7 @@ def test_refusals_without_a_store(tmp_path):
         promote(reg, TrackingConfig(), root=tmp_path)
 
 
-def test_champion_challenger_promotion(env, monkeypatch):
+def test_champion_challenger_promotion(env, monkeypatch, capsys):
     import mlflow
 
     from depthtune.registry import promote, registry_state
@@ -154,16 +154,23 @@ def test_champion_challenger_promotion(env, monkeypatch):
     assert rep3["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.2)  # not its old 0.7
     assert rep3["aliases_after"] == {"champion": "3", "challenger": "2"}
 
-    # promote again with nothing new: the same version is reused, nothing moves
-    rep4 = promote(reg, cfg, root=root)
+    # the DVC stage, again with nothing new: the same version is reused, nothing moves
+    from stages.promote import main as promote_stage
+
+    (root / "params.yaml").write_text(
+        f"variants: {{r3: {{}}}}\nregistry: {{model_name: {NAME}, min_delta: 0.005, min_metric: 0.2}}\n"
+        f"tracking: {{uri: '{cfg.uri}', artifact_root: '{cfg.artifact_root}', experiment: reg}}\n")
+    monkeypatch.chdir(root)
+    rep4 = promote_stage([])
     assert rep4["decision"] == "unchanged" and rep4["candidate"]["version"] == "3"
     assert rep4["candidate"]["newly_registered"] is False
+    assert json.loads((root / "reports" / "promotion.json").read_text())["decision"] == "unchanged"
 
     state = registry_state(cfg, NAME)
     assert state["champion"] == "3" and state["challenger"] == "2"
     assert [v["version"] for v in state["versions"]] == ["1", "2", "3"]
     assert state["versions"][1]["promotion"].startswith("challenger:")
-    assert state["versions"][2]["promotion"].startswith("unchanged:")
+    assert state["versions"][2]["promotion"].startswith("promoted:")
 
     from mlflow import MlflowClient
 
@@ -181,6 +188,12 @@ def test_champion_challenger_promotion(env, monkeypatch):
     preds = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(["a great film"])
     timings["load_predict"] = time.perf_counter() - t0
     assert list(preds) == ["rotten"]
+    # and `depthtune predict` reads the same alias (the store from params.yaml in the working directory)
+    from depthtune.cli import main as cli
+
+    assert cli(["predict", "--json", "--model", f"models:/{NAME}@champion", "a great film"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["label"] == "rotten" and out["text"] == "a great film"
     print(f"\nregistry state: {json.dumps(state)}\ntimings: {timings}")
 
 
