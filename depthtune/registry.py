@@ -26,7 +26,7 @@ from depthtune import tracking
 from depthtune.config import RegistryConfig, TrackingConfig
 from depthtune.errors import DepthtuneError
 from depthtune.files import read_json, write_json_atomic
-from depthtune.provenance import provenance, tree_fingerprint
+from depthtune.provenance import provenance
 
 SCHEMA = "depthtune.promotion/1"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -240,7 +240,8 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
         raise DepthtuneError(f"tracking store unreachable at {tracking.safe_uri(uri)}: {tracking._short(exc)}") from None
 
     # the candidate's logged model, from the run its finetune stage recorded
-    run_id = row["train"].get("mlflow_run_id")
+    tr = row["train"]
+    run_id = tr.get("mlflow_run_id") or (tr.get("tracking") or {}).get("run_id")  # the latter: store came back later
     if not run_id:
         raise DepthtuneError(f"candidate {variant}: no mlflow_run_id in {train_dir}/{variant}.json "
                              "(tracking was off or down during finetune); re-run finetune@" + variant)

@@ -99,8 +99,11 @@ def main(argv=None) -> None:
         w.writerow([labels[y], labels[p]])
     confusion = Path("plots/confusion") / f"{name}.csv"
     write_text_atomic(confusion, buf.getvalue())
-    from depthtune import tracking_hooks
-    result["tracking"] = tracking_hooks.after_evaluation(params, name, result, confusion)
+    from depthtune import tracking
+    train_json = Path("metrics/train") / f"{name}.json"
+    run_id = read_json(train_json).get("mlflow_run_id") if train_json.exists() else None
+    result["tracking"] = tracking.log_variant_evaluation(params.tracking, name, eval_result=result,
+                                                         confusion_csv_path=confusion, run_id=run_id)
     write_json_atomic(Path("metrics/eval") / f"{name}.json", result)
     print(f"evaluation {name}: accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} on {len(test)} "
           f"test texts; latency p50 {cost['latency_ms']['p50']:.1f} ms, {cost['throughput_per_s']:.0f} texts/s")

@@ -26,7 +26,8 @@ from depthtune.files import atomic_dir, read_json, run_main, write_json_atomic, 
 from depthtune.memory import PeakMemory
 from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.sources import load_tokenizer
-from depthtune.training import Examples, fingerprint_of, init_distributed, train
+from depthtune import tracking
+from depthtune.training import Examples, fingerprint_of, init_distributed, latest_checkpoint, train
 from depthtune.variants import build_variant, merge_lora
 
 
@@ -60,6 +61,15 @@ def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec, labels: l
             "variant": variant, "spec": to_dict(spec), "labels": labels, "base_model": base,
             "audit_trainable_params": audit["trainable_params"], "audit_total_params": audit["total_params"],
         }, indent=2) + "\n")
+
+
+def flat_params(name, spec, cfg, params) -> dict:
+    """What MLflow shows as params: the variant and its effective training config (< 100 keys)."""
+    flat = {"variant": name, "model.source": params.model.source, "data.source": params.data.source,
+            "data.max_train_samples": params.data.max_train_samples}
+    flat.update({f"spec.{k}": v for k, v in to_dict(spec).items() if k != "train"})
+    flat.update({f"train.{k}": v for k, v in to_dict(cfg).items()})
+    return flat
 
 
 def main(argv=None) -> None:
@@ -99,8 +109,11 @@ def main(argv=None) -> None:
             raise ModelError(f"variants.{name}: model has {built.config.num_labels} labels, data has {len(labels)}")
         fingerprint = fingerprint_of(name, to_dict(spec), to_dict(cfg), params.model.source,
                                      tree_fingerprint(tok_dir / "train"), labels)
-        from depthtune import tracking_hooks
-        run_id = tracking_hooks.variant_run_id(params, name) if rank == 0 else None
+        run_id = None
+        if rank == 0:  # one MLflow run per variant, re-attached when a killed run resumes
+            ck = latest_checkpoint(Path("checkpoints") / name)
+            resume_id = json.loads((ck / "meta.json").read_text()).get("mlflow_run_id") if ck else None
+            run_id = tracking.variant_run_id(params.tracking, name, resume_run_id=resume_id)
         outcome = train(model=built.model, spec=spec, num_layers=built.num_layers,
                         train_ex=Examples.from_dataset(ds["train"]), val_ex=Examples.from_dataset(ds["validation"]),
                         cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
@@ -134,7 +147,9 @@ def main(argv=None) -> None:
     for row in outcome.loss_curve:
         w.writerow([row["step"], f"{row['loss']:.6f}"])
     write_text_atomic(Path("plots/loss") / f"{name}.csv", buf.getvalue())
-    result["tracking"] = tracking_hooks.after_finetune(params, name, audit, result, Path("models") / name)
+    result["tracking"] = tracking.log_variant_training(
+        params.tracking, name, audit_result=audit, train_result=result, model_dir=Path("models") / name,
+        params_flat=flat_params(name, spec, cfg, params), resolved_config=to_dict(params), run_id=run_id)
     write_json_atomic(Path("metrics/train") / f"{name}.json", result)
     shutil.rmtree(Path("checkpoints") / name, ignore_errors=True)  # done: nothing left to resume
     print(f"finetune {name}: {outcome.steps} steps in {outcome.train_time_s:.1f} s "

@@ -87,7 +87,7 @@ def test_mlflow_has_one_parent_and_a_nested_run_per_variant(project):
             "runs = mlflow.search_runs(search_all_experiments=True, output_format='list')\n"
             "print(json.dumps([{'id': r.info.run_id, 'parent': r.data.tags.get('mlflow.parentRunId'),\n"
             "  'variant': r.data.tags.get('depthtune.variant'), 'trainable': r.data.metrics.get('trainable_params'),\n"
-            "  'acc': r.data.metrics.get('accuracy')} for r in runs]))\n")
+            "  'acc': r.data.metrics.get('test.accuracy')} for r in runs]))\n")
     proc = run([sys.executable, "-c", code], proj, env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = json.loads(proc.stdout.strip().splitlines()[-1])

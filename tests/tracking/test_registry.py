@@ -8,7 +8,6 @@ NEW test data rather than trusted on its old metrics.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
