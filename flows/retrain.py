@@ -8,8 +8,8 @@
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m flows.retrain serve
 
-Steps: `dvc repro prepare` (prepare re-runs only when its source changed: new rows
-change the DVC hash) -> `dvc repro` (everything downstream of what changed) ->
+Steps: `dvc repro --force --single-item prepare` (re-reads the configured source; new rows
+change the DVC hash of data/prepared, unchanged rows leave everything downstream cached) -> `dvc repro` (everything downstream of what changed) ->
 promote (the `promote` stage when dvc.yaml has one, else stages/promote.py).
 The report compares before/after: rows per split, metric deltas per variant and
 the promotion decision; it goes to reports/retrain.json and a Prefect artifact.
@@ -138,7 +138,9 @@ def dvc_stages(root: Path) -> set:
 def refresh_data(root: str, prepare_stage: str) -> dict:
     if prepare_stage not in dvc_stages(Path(root)):
         return {"cmd": None, "ran_stages": [], "note": f"no stage {prepare_stage!r} in dvc.yaml"}
-    return dvc(["repro", prepare_stage], Path(root))
+    # forced: DVC cannot see a changed source file outside the repo; if the rows are the same,
+    # prepare's outputs hash the same and nothing downstream re-runs
+    return dvc(["repro", "--force", "--single-item", prepare_stage], Path(root))
 
 
 @task(name="run-pipeline")

@@ -8,7 +8,6 @@ The model is loaded back from its saved folder, exactly as a user would serve it
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import time
@@ -18,8 +17,8 @@ import numpy as np
 import torch
 
 from depthtune import runtime
-from depthtune.config import load_params
-from depthtune.errors import ConfigError, ModelError
+from depthtune.config import load_variant_args
+from depthtune.errors import ModelError
 from depthtune.files import read_json, run_main, write_json_atomic, write_text_atomic
 from depthtune.metric_modules import ClassificationReport
 from depthtune.provenance import provenance
@@ -64,14 +63,7 @@ def latency(model, ex: Examples, *, n: int, batch_size: int, device: str, pad_id
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--variant", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    params = load_params(args.params)
-    if args.variant not in params.variants:
-        raise ConfigError(f"--variant {args.variant}: not in params variants ({', '.join(params.variants)})")
-    name = args.variant
+    params, name = load_variant_args(argv, __doc__)
     device = runtime.pick_device(params.train.device)
     runtime.set_threads(params.train.num_threads)
     from stages.finetune import load_tokenized

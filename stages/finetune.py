@@ -10,18 +10,16 @@ checkpoints/<variant>/ while training (resumed after a kill) and are removed on 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from depthtune import runtime
-from depthtune.config import effective_train, load_params, to_dict
-from depthtune.errors import ConfigError, DataError, ModelError
+from depthtune.config import effective_train, load_variant_args, to_dict
+from depthtune.errors import DataError, ModelError
 from depthtune.files import atomic_dir, read_json, run_main, write_json_atomic, write_text_atomic
 from depthtune.memory import PeakMemory
 from depthtune.provenance import provenance, tree_fingerprint
@@ -73,14 +71,8 @@ def flat_params(name, spec, cfg, params) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--variant", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    params = load_params(args.params)
-    if args.variant not in params.variants:
-        raise ConfigError(f"--variant {args.variant}: not in params variants ({', '.join(params.variants)})")
-    name, spec = args.variant, params.variants[args.variant]
+    params, name = load_variant_args(argv, __doc__)
+    spec = params.variants[name]
     cfg = effective_train(params, spec)
     device = runtime.pick_device(cfg.device)
     runtime.set_threads(cfg.num_threads)
