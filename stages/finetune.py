@@ -142,6 +142,7 @@ def main(argv=None) -> None:
     result["tracking"] = tracking.log_variant_training(
         params.tracking, name, audit_result=audit, train_result=result, model_dir=Path("models") / name,
         params_flat=flat_params(name, spec, cfg, params), resolved_config=to_dict(params), run_id=run_id)
+    result["mlflow_run_id"] = result["tracking"].get("run_id") or run_id  # the store may have come back
     write_json_atomic(Path("metrics/train") / f"{name}.json", result)
     shutil.rmtree(Path("checkpoints") / name, ignore_errors=True)  # done: nothing left to resume
     print(f"finetune {name}: {outcome.steps} steps in {outcome.train_time_s:.1f} s "
