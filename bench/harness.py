@@ -1,10 +1,10 @@
 """The harness's core pieces: data, the three training recipes, measurements.
 
-Every measurement job runs in a forked child of the orchestrator (`run_isolated`):
-the parent imports torch/transformers/peft and tokenizes once, each child starts
-from that state, so a job pays no import time and its RSS growth is its own
-(no heap left over from an earlier job). The parent never runs torch compute
-before forking (an OpenMP pool must not exist at fork time).
+Every measurement job runs in its own child process (`run_isolated`), forked
+from a forkserver that has imported torch/transformers/peft and never computed:
+a job pays no import time, its RSS growth is its own (no heap left over from an
+earlier job), and no OpenMP pool exists at fork time (a forked libgomp pool
+deadlocks).
 
 Recipes (same variant, same data, same optimizer steps, same hyperparameters):
   seeds      plain transformers.Trainer, every text padded to max_length 128 up
@@ -279,28 +279,54 @@ def audit_subprocess(config: dict, workdir: Path, timeout: float = 600) -> dict:
 # ----------------------------------------------------------------------------- isolation
 
 
+PRELOAD = ["depthtune.runtime", "bench.harness", "torch", "transformers", "transformers.trainer", "datasets",
+           "peft", "psutil", "transformers.models.bert.modeling_bert", "transformers.masking_utils",
+           "depthtune.training", "depthtune.variants", "depthtune.audit", "depthtune.memory",
+           "depthtune.metric_modules"]
+
+
+def _child(fn, args, conn):
+    try:
+        res = {"ok": True, "value": fn(*args)}
+    except BaseException as exc:  # noqa: BLE001  (a failed job is reported, never fatal)
+        res = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}", "traceback": traceback.format_exc()}
+    try:
+        conn.send(res)
+    except Exception as exc:  # unpicklable value
+        conn.send({"ok": False, "error": f"result not transferable: {exc}"})
+    conn.close()
+
+
+_CTX = None
+
+
+def isolation_context():
+    """A forkserver whose server only imports (torch, transformers, peft, ...) and never computes.
+
+    Forking a process that already ran an OpenMP parallel region deadlocks the child's first
+    parallel region (libgomp), so jobs are never forked from the orchestrator itself (or from a
+    pytest process that trained a model): the clean server forks them, and they start with
+    every import done.
+    """
+    global _CTX
+    if _CTX is None:
+        _CTX = mp.get_context("forkserver")
+        _CTX.set_forkserver_preload(PRELOAD)
+    return _CTX
+
+
 def run_isolated(fn: Callable, *args, timeout: Optional[float] = None, isolate: bool = True) -> dict:
-    """Run fn(*args) in a forked child; returns {"ok": True, "value": ...} or {"ok": False, "error": ...}."""
-    def call():
-        try:
-            return {"ok": True, "value": fn(*args)}
-        except BaseException as exc:  # noqa: BLE001  (a failed job is reported, never fatal)
-            return {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:500]}", "traceback": traceback.format_exc()}
+    """fn(*args) in a fresh child; {"ok": True, "value": ...} or {"ok": False, "error": ...}.
 
+    fn and args must be picklable (module-level function, plain data).
+    """
     if not isolate:
-        return call()
-    ctx = mp.get_context("fork")
+        recv, send = mp.Pipe(duplex=False)
+        _child(fn, args, send)
+        return recv.recv()
+    ctx = isolation_context()
     recv, send = ctx.Pipe(duplex=False)
-
-    def target():
-        res = call()
-        try:
-            send.send(res)
-        except Exception as exc:  # unpicklable value
-            send.send({"ok": False, "error": f"result not transferable: {exc}"})
-        send.close()
-
-    proc = ctx.Process(target=target, daemon=True)
+    proc = ctx.Process(target=_child, args=(fn, args, send), daemon=True)
     proc.start()
     send.close()
     try:
@@ -310,16 +336,17 @@ def run_isolated(fn: Callable, *args, timeout: Optional[float] = None, isolate: 
             res = {"ok": False, "error": f"timed out after {timeout} s"}
     except EOFError:
         res = {"ok": False, "error": "child died without a result"}
-    if proc.is_alive() and not res.get("ok"):
+    proc.join(30 if res.get("ok") else 1)
+    if proc.is_alive():
         proc.kill()
-    proc.join(30)
-    if proc.exitcode not in (0, None) and res.get("ok") is not True:
+        proc.join(5)
+    if res.get("ok") is not True and proc.exitcode not in (0, None):
         res.setdefault("exitcode", proc.exitcode)
     return res
 
 
 def warm_imports(model_cfg) -> None:
-    """Import everything a job imports (model classes, peft, Trainer) without running torch compute."""
+    """Import everything a job imports (model classes, peft, Trainer); no torch compute (meta device)."""
     from depthtune.config import parse_variant
     from depthtune.variants import build_variant
     import transformers  # noqa: F401
@@ -481,7 +508,7 @@ def _run_trainer(job, built, train, val, tokenizer, recipe):
 def run_job(job: dict, splits: dict, tokenizer) -> dict:
     """Build the variant and train it with the job's recipe; speed, accuracy-vs-time and memory.
 
-    Meant to run in a fresh forked child (`run_isolated`): memory is RSS growth over the
+    Meant to run in a fresh child (`run_isolated`): memory is RSS growth over the
     child's baseline around build + train (CUDA: max allocated).
     """
     import torch
@@ -495,6 +522,7 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
     spec = _spec(job)
     model_cfg = _model_cfg(job["model"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    warm_imports(model_cfg)  # lazy imports (model class, peft tuners) before the memory baseline
     malloc_trim()
     base_rss = rss_bytes()
     with PeakMemory(job["device"]) as mem:
@@ -634,3 +662,75 @@ def machine_info(threads: int, device: str) -> dict:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+# ----------------------------------------------------------------------------- where the time goes
+
+
+def step_profile(model_raw: dict, variant: str, spec_raw: dict, split: Split, batch_size: int, steps: int,
+                 threads: int, lr: float = 1e-4, seed: int = 0, top_ops: int = 15) -> dict:
+    """Time the phases of depthtune's training step (the body of `train()`'s loop, no frozen-prefix
+    cache) for `steps` steps, then the same steps again under torch.profiler for the top operators.
+
+    Phases: collate (+ .to(device)), forward, loss, backward, clip (clip_grad_norm_), optimizer
+    (AdamW as train() builds it), zero_grad. The first step (warm-up) is left out.
+    """
+    import torch
+    from torch import nn
+    from torch.profiler import ProfilerActivity, profile
+
+    from depthtune.config import parse_variant
+    from depthtune.training import collate, length_grouped_batches, param_groups
+    from depthtune.variants import build_variant
+
+    torch.set_num_threads(threads)
+    spec = parse_variant(variant, spec_raw, variant)
+    built = build_variant(_model_cfg(model_raw), spec, 2, device="cpu", seed=seed)
+    model = built.model
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=lr, fused=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = length_grouped_batches(split.lengths, batch_size, seed, 0)
+    phases = ("collate", "forward", "loss", "backward", "clip", "optimizer", "zero_grad")
+    times = {k: [] for k in phases}
+    tokens = []
+
+    def one(index, record):
+        t = [time.perf_counter()]
+        batch = collate(split.ex, index, 0)
+        labels = batch.pop("labels")
+        t.append(time.perf_counter())
+        logits = model(**batch).logits
+        t.append(time.perf_counter())
+        loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss.item()
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+        t.append(time.perf_counter())
+        opt.step()
+        t.append(time.perf_counter())
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        if record:
+            for i, k in enumerate(phases):
+                times[k].append(t[i + 1] - t[i])
+            tokens.append(int(batch["attention_mask"].sum()))
+
+    n = min(steps + 1, len(batches))
+    for i in range(n):
+        one(batches[i], record=i > 0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(1, n):
+            one(batches[i], record=False)
+    total = sum(sum(v) for v in times.values())
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top_ops]
+    prof_total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"variant": variant, "steps": n - 1, "batch_size": batch_size, "threads": threads,
+            "real_tokens_per_step": statistics.mean(tokens) if tokens else None,
+            "seconds_per_step": total / max(1, n - 1),
+            "phases": {k: {"s_per_step": sum(v) / max(1, len(v)), "share": sum(v) / total if total else None}
+                       for k, v in times.items()},
+            "top_ops": [{"name": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count,
+                         "share": e.self_cpu_time_total / prof_total if prof_total else None} for e in ops]}

@@ -30,20 +30,84 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temp/old siblings of `path` that a killed writer left (`.<name>.<kind>-<pid>-...`,
+    pid no longer alive). They are never read, but each holds a full copy of an output."""
+    with contextlib.suppress(OSError):
+        for sib in path.parent.iterdir():
+            for kind in ("tmp", "old", "wtmp"):
+                prefix = f".{path.name}.{kind}-"
+                if sib.name.startswith(prefix):
+                    pid = sib.name[len(prefix):].split("-", 1)[0]
+                    if pid.isdigit() and not _pid_alive(int(pid)):
+                        if sib.is_dir() and not sib.is_symlink():
+                            shutil.rmtree(sib, ignore_errors=True)
+                        else:
+                            with contextlib.suppress(OSError):
+                                sib.unlink()
+
+
+def _check_writable_location(path: Path, want_dir: bool) -> None:
+    """A file where a directory belongs (or the reverse) is refused before anything is written."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DepthtuneError(f"{path}: cannot write: {parent} is a file, expected a directory")
+            break
+    if want_dir and path.exists() and not path.is_dir():
+        raise DepthtuneError(f"{path}: is a file, expected the output directory; move it away or choose another path")
+    if not want_dir and path.is_dir():
+        raise DepthtuneError(f"{path}: is a directory, expected the output file; move it away or choose another path")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """OSError (disk full, permission, quota) or safetensors' I/O error while writing an output."""
+    if isinstance(exc, OSError):
+        return True
+    return type(exc).__name__ == "SafetensorError"
+
+
+def write_failure(path: Path, exc: BaseException, what: str = "output") -> DepthtuneError:
+    """One line naming the output and the reason; the caller guarantees the previous output is unchanged."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror + (f": {exc.filename}" if exc.filename and str(exc.filename) != str(path) else "")
+    else:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return DepthtuneError(f"{path}: cannot write the {what} ({reason}); the previous {what} is unchanged")
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _check_writable_location(path, want_dir=False)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.wtmp-{os.getpid()}-", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if _is_write_failure(exc):
+            raise write_failure(path, exc, "file") from None
         raise
 
 
@@ -68,21 +132,34 @@ def atomic_dir(path: str | Path):
     On any error the temporary directory is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    _check_writable_location(path, want_dir=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the pid lets a later run remove what a killed one left
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(path)
+        tmp.mkdir()
+    except OSError as exc:
+        raise write_failure(path, exc) from None
     try:
         yield tmp
         old = None
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            old = path.parent / f".{path.name}.old-{tag}"
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)  # put the previous output back
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(exc) and not isinstance(exc, DepthtuneError):
+            raise write_failure(path, exc) from None
         raise
 
 
@@ -98,6 +175,6 @@ def run_main(fn: Callable[[], Any]) -> None:
         sys.exit(130)
     except OSError as exc:
         # disk full, permission denied: name the file, keep it to one line
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        where = f" {exc.filename}:" if getattr(exc, "filename", None) else ""
         print(f"error:{where} {exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)

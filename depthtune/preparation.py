@@ -172,9 +172,40 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected a data file")
 
 
-def _read_bytes(path: Path) -> bytes:
+# A physical line longer than this is a file without line breaks (or the wrong file), not one
+# example: refused while streaming, before the file is read whole (reading it whole would cost
+# ~10x its size in memory: bytes, str, the csv module's copies).
+MAX_LINE_BYTES = 8 << 20
+_CHUNK_BYTES = 1 << 20
+
+
+def check_line_lengths(path: Path, *, fmt: str, encoding: str, limit: int = MAX_LINE_BYTES) -> None:
+    """Stream the file once, 1 MiB at a time (bounded memory): refuse a binary file or a line above `limit` bytes."""
+    with open(path, "rb") as fh:
+        line, carry = 1, 0  # current line number, bytes of it seen so far
+        chunk = fh.read(_CHUNK_BYTES)
+        if chunk:
+            check_not_binary(path, chunk[:65536], fmt=fmt, encoding=encoding)
+            if fmt == "jsonl" and chunk.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"[":
+                return  # one JSON array: a single line by design
+        while chunk:
+            first = chunk.find(b"\n")
+            if first >= 0 and carry + first <= limit:
+                line += chunk.count(b"\n")
+                carry = len(chunk) - chunk.rfind(b"\n") - 1
+            else:
+                carry += len(chunk) if first < 0 else first
+            if carry > limit:
+                raise DataError(f"{path}: line {line} is longer than {limit >> 20} MiB (reading stopped there); "
+                                "expected one example per line: check data.format and the file's line breaks")
+            chunk = fh.read(_CHUNK_BYTES)
+
+
+def _read_bytes(path: Path, *, fmt: Optional[str] = None, encoding: str = "utf-8") -> bytes:
     _check_file(path)
     try:
+        if fmt is not None:
+            check_line_lengths(path, fmt=fmt, encoding=encoding)
         return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -209,7 +240,10 @@ def _lines(text: str):
 
 def _missing_column(path, kind: str, column: str, found: list, key: str) -> DataError:
     listed = ", ".join(map(str, found)) if found else "none"
-    return DataError(f"{path}: no {kind} column {column!r} (data.{key}); columns found: {listed}")
+    hint = ""
+    if len(found) == 1 and any(d in str(found[0]) for d in ",;\t|"):
+        hint = " (one column: check data.delimiter / data.format)"
+    return DataError(f"{path}: no {kind} column {column!r} (data.{key}); columns found: {listed}{hint}")
 
 
 # ----------------------------------------------------------------------------- readers
@@ -218,7 +252,7 @@ def _missing_column(path, kind: str, column: str, found: list, key: str) -> Data
 def read_labeltext(path: str | Path, *, encoding: str = "utf-8", name: str = "train") -> RawSplit:
     """One `<label> <text>` example a line; blank lines are skipped."""
     path = Path(path)
-    text = _decode(path, _read_bytes(path), fmt="labeltext", encoding=encoding)
+    text = _decode(path, _read_bytes(path, fmt="labeltext", encoding=encoding), fmt="labeltext", encoding=encoding)
     out = RawSplit(name=name, origin=str(path), format="labeltext", columns=["label", "text"])
     for number, line in _lines(text):
         if not line.strip():
@@ -241,7 +275,7 @@ def read_delimited(path: str | Path, *, text_column: str, label_column: str, del
     delim = delimiter if delimiter is not None else ("\t" if fmt == "tsv" else ",")
     if len(delim) != 1:
         raise DataError(f"data.delimiter: expected one character, got {delim!r}")
-    text = _decode(path, _read_bytes(path), fmt=fmt, encoding=encoding)
+    text = _decode(path, _read_bytes(path, fmt=fmt, encoding=encoding), fmt=fmt, encoding=encoding)
     csv.field_size_limit(2**31 - 1)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim,
                         quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE)
@@ -284,7 +318,7 @@ def read_jsonl(path: str | Path, *, text_column: str, label_column: str, encodin
                name: str = "train") -> RawSplit:
     """JSON Lines (one object a line), or a .json file holding one array of objects."""
     path = Path(path)
-    text = _decode(path, _read_bytes(path), fmt="jsonl", encoding=encoding)
+    text = _decode(path, _read_bytes(path, fmt="jsonl", encoding=encoding), fmt="jsonl", encoding=encoding)
     records = []
     if text.lstrip().startswith("["):
         try:
@@ -549,6 +583,8 @@ def check_drop_fraction(clean: CleanSplit, *, max_drop_fraction: float) -> None:
         extra = ""
         if s.get("undeclared_labels_found"):
             extra = "; labels found but not in data.labels: " + ", ".join(map(repr, s["undeclared_labels_found"]))
+        if s["dropped"].get("undecodable"):
+            extra += "; undecodable rows are not valid text in data.encoding: check data.encoding"
         first = next((f"; first at row {rows[0]}" for rows in s["dropped_rows_sample"].values() if rows), "")
         raise DataError(f"{clean.origin}: {s['dropped_total']} of {s['rows_read']} rows dropped "
                         f"({s['drop_fraction']:.1%}: {reasons}{first}), above data.max_drop_fraction "
@@ -729,8 +765,11 @@ def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Opt
         if not clean.examples:
             raise DataError(f"{clean.origin}: split {name} is empty after cleaning "
                             f"({clean.stats['rows_read']} rows read, {clean.stats['duplicates_removed']} duplicates)")
-    splits, origin = make_splits({n: c.examples for n, c in cleaned.items()},
-                                 validation=cfg.split.validation, test=cfg.split.test, seed=cfg.seed)
+    try:
+        splits, origin = make_splits({n: c.examples for n, c in cleaned.items()},
+                                     validation=cfg.split.validation, test=cfg.split.test, seed=cfg.seed)
+    except DataError as exc:  # name the file the rows came from
+        raise DataError(f"{cleaned['train'].origin}: {exc}") from None
     leakage = remove_leakage(splits)
     capped = cap_splits(splits, max_train=cfg.max_train_samples, max_eval=cfg.max_eval_samples, seed=cfg.seed)
     names, order = label_names(splits, declared=declared, source_order=source.label_order)

@@ -8,11 +8,13 @@ a loop over `named_parameters()`.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from depthtune.config import ModelConfig, ScratchArch, VariantSpec, check_variant_against_model, to_dict
@@ -255,10 +257,11 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
                                              trust_remote_code=model_cfg.trust_remote_code)
             finally:
                 hf_logging.set_verbosity(verbosity)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
+        # SafetensorError / UnpicklingError: a corrupted or truncated weights file
         if isinstance(exc, ConfigError):
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: cannot build the model from {model_cfg.source} ({msg})") from None
     if spec.lora is not None:
         model = add_lora(model, spec, path)

@@ -7,19 +7,25 @@ inputs data/tokenized, data/prepared/labels.json, audit/<variant>.json.
 Writes models/<variant>/ (a standard Hugging Face folder, LoRA merged, true depth),
 metrics/train/<variant>.json and plots/loss/<variant>.csv. Checkpoints go to
 checkpoints/<variant>/ while training (resumed after a kill) and are removed on success.
+
+Fault injection (reliability tests only): DEPTHTUNE_FAULT_KILL_AT_STEP=[<variant>:]N makes the
+process SIGKILL itself right after optimizer step N (before that step's checkpoint).
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
 from depthtune import runtime
 from depthtune.config import effective_train, load_variant_args, to_dict
-from depthtune.errors import DataError, ModelError
+from depthtune.errors import ConfigError, DataError, ModelError
 from depthtune.files import atomic_dir, read_json, run_main, write_json_atomic, write_text_atomic
 from depthtune.memory import PeakMemory
 from depthtune.provenance import provenance, tree_fingerprint
@@ -70,6 +76,30 @@ def flat_params(name, spec, cfg, params) -> dict:
     return flat
 
 
+FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
+
+
+def fault_kill_hook(variant: str):
+    """`on_step` callback for DEPTHTUNE_FAULT_KILL_AT_STEP=[<variant>:]N: SIGKILL right after step N (tests)."""
+    spec = os.environ.get(FAULT_KILL_ENV, "").strip()
+    if not spec:
+        return None
+    target, _, step = spec.rpartition(":")
+    if target and target != variant:
+        return None
+    if not step.isdigit() or int(step) < 1:
+        raise ConfigError(f"{FAULT_KILL_ENV}={spec!r}: expected [<variant>:]<step >= 1>")
+    kill_at = int(step)
+
+    def on_step(step_done: int, epoch: int) -> None:
+        if step_done == kill_at:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
 def main(argv=None) -> None:
     params, name = load_variant_args(argv, __doc__)
     spec = params.variants[name]
@@ -110,7 +140,7 @@ def main(argv=None) -> None:
                         train_ex=Examples.from_dataset(ds["train"]), val_ex=Examples.from_dataset(ds["validation"]),
                         cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
                         num_labels=len(labels), checkpoint_dir=Path("checkpoints") / name, fingerprint=fingerprint,
-                        extra_meta={"mlflow_run_id": run_id})
+                        extra_meta={"mlflow_run_id": run_id}, on_step=fault_kill_hook(name))
     wall = time.perf_counter() - t_wall
     if rank != 0:
         return  # only rank 0 writes outputs
