@@ -298,6 +298,10 @@ def _child(fn, args, conn):
 
 
 _CTX = None
+# libgomp reads OMP_WAIT_POLICY once, when torch loads: the forkserver (and so every job) gets this value.
+# Default PASSIVE: on shared cores the default spin-waiting at every parallel region's barrier made
+# 2-thread steps 3-10x slower (see README); every recipe runs under the same setting.
+OMP_WAIT_POLICY = "PASSIVE"
 
 
 def isolation_context():
@@ -310,6 +314,10 @@ def isolation_context():
     """
     global _CTX
     if _CTX is None:
+        if OMP_WAIT_POLICY:
+            os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY
+        else:
+            os.environ.pop("OMP_WAIT_POLICY", None)
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(PRELOAD)
     return _CTX
@@ -450,8 +458,8 @@ def _run_depthtune(job, built, spec, train, val, pad_id):
 
 def _run_trainer(job, built, train, val, tokenizer, recipe):
     import datasets
-    from transformers import (DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import (DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback,
+                              TrainingArguments, default_data_collator)
 
     events = []
 
@@ -494,6 +502,7 @@ def _run_trainer(job, built, train, val, tokenizer, recipe):
                           eval_dataset=va_ds if job["eval_every"] else None,
                           data_collator=default_data_collator if seeds else DataCollatorWithPadding(tokenizer),
                           processing_class=None if seeds else tokenizer, compute_metrics=accuracy, callbacks=[Clock()])
+        trainer.remove_callback(PrinterCallback)  # disable_tqdm swaps the progress bar for printed logs
         t0 = time.perf_counter()
         res = trainer.train()
         t1 = time.perf_counter()

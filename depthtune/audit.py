@@ -149,10 +149,10 @@ def lowest_trainable_layer(buckets: list[dict]) -> Optional[int]:
 
 
 def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
-             bytes_per_weight: int = FP32) -> dict:
+             bytes_per_weight: int = FP32, cache_tokens: int = 0) -> dict:
     """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
 
-    memory = weights + grads + AdamW states + activations
+    memory = weights + grads + AdamW states + activations + prefix cache
       weights     = total * bytes_per_weight
       grads       = trainable * 4
       adamw       = trainable * 8                   (exp_avg + exp_avg_sq, fp32)
@@ -162,6 +162,8 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
         ffn pre/post-GELU (2I), softmax probs + dropout mask (1.25*A*S);
         n_bp = layers from the lowest trainable one to the top (frozen layers run
         without autograd and store nothing).
+      prefix cache = cache_tokens * H * 4       (frozen-prefix outputs kept for every
+                                                 train + validation token, train_top variants)
     flops/token (S = seq_len):
       forward  = 2 * M + 4*S*H*L               (M = matmul weights outside the embeddings;
                                                  4SH per layer for QK^T and AV)
@@ -199,9 +201,11 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     weights = total * bytes_per_weight
     grads = trainable * FP32
     adamw = trainable * 2 * FP32
+    cache = cache_tokens * H * FP32
     return {
         "memory_bytes": {"weights": weights, "gradients": grads, "adamw_states": adamw,
-                         "activations": activations, "total": weights + grads + adamw + activations},
+                         "activations": activations, "prefix_cache": cache,
+                         "total": weights + grads + adamw + activations + cache},
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "weights_bytes_per_param": bytes_per_weight,
                         "optimizer": "AdamW fp32", "backprop_layers": n_bp, "lowest_trainable_layer": low},
@@ -212,7 +216,8 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
 
 
 def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, num_labels: int,
-                batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, check: bool = True) -> dict:
+                batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, check: bool = True,
+                cache_tokens: int = 0) -> dict:
     model, cfg = built.model, built.config
     buckets = bucket_counts(model)
     total = sum(b["total"] for b in buckets)
@@ -227,7 +232,8 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
         if check and expected != total:
             raise AuditMismatch(f"variant {variant_name}: counted {total:,} parameters but the closed form from "
                                 f"the config gives {expected:,} ({formula})")
-    est = estimate(cfg, buckets, total, trainable, batch_size, seq_len)
+    cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
+    est = estimate(cfg, buckets, total, trainable, batch_size, seq_len, cache_tokens=cache_tokens)
     result = {
         "schema": SCHEMA,
         "variant": variant_name,
@@ -245,7 +251,8 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
         "estimates": est,
     }
     if typical_seq_len:
-        result["estimates_typical"] = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len)
+        result["estimates_typical"] = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len,
+                                               cache_tokens=cache_tokens)
     return result
 
 

@@ -21,6 +21,8 @@ from depthtune.errors import ConfigError
 
 # DVC stage names become `finetune@<name>`: keep to letters, digits, '_' and '-'.
 VARIANT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+# 3e-4, 1E+2, -2.5e-3: numbers in YAML 1.2, strings to PyYAML (its floats need a dot)
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _range(lo=None, hi=None, lo_open=False, hi_open=False):
@@ -245,6 +247,8 @@ def _coerce(path: str, tp, value, meta):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: {value!r} is not an integer")
     elif tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads `lr: 3e-4` as text; YAML 1.2 and DVC read a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: {value!r} is not a number")
         value = float(value)

@@ -28,17 +28,20 @@ def num_labels_from(labels_path: Path) -> int:
     return len(read_json(labels_path)["names"])
 
 
-def typical_len_from(report_path: Path):
+def token_stats_from(report_path: Path) -> tuple:
+    """(p95 token length of train, tokens in train + validation) from the tokenization report."""
     if not report_path.exists():
-        return None
-    report = read_json(report_path)
+        return None, 0
+    splits = read_json(report_path).get("splits", {})
     try:
-        return int(report["splits"]["train"]["p95"])
+        p95 = int(splits["train"]["p95"])
     except (KeyError, TypeError, ValueError):
-        return None
+        p95 = None
+    tokens = sum(int(splits.get(s, {}).get("tokens", 0)) for s in ("train", "validation"))
+    return p95, tokens
 
 
-def audit_variants(*, params: Params, num_labels: int, typical_seq_len=None) -> list[dict]:
+def audit_variants(*, params: Params, num_labels: int, typical_seq_len=None, cache_tokens: int = 0) -> list[dict]:
     base = load_base_config(params.model)
     results = []
     for name, spec in params.variants.items():
@@ -46,7 +49,8 @@ def audit_variants(*, params: Params, num_labels: int, typical_seq_len=None) -> 
                               path=f"variants.{name}")
         results.append(audit_built(built, variant_name=name, spec=spec, num_labels=num_labels,
                                    batch_size=params.train.batch_size, seq_len=params.train.max_length,
-                                   typical_seq_len=typical_seq_len))
+                                   typical_seq_len=typical_seq_len,
+                                   cache_tokens=cache_tokens if params.train.cache_frozen_prefix else 0))
     return results
 
 
@@ -59,8 +63,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     params = load_params(args.params)
+    p95, tokens = token_stats_from(Path(args.token_report))
     results = audit_variants(params=params, num_labels=num_labels_from(Path(args.labels)),
-                             typical_seq_len=typical_len_from(Path(args.token_report)))
+                             typical_seq_len=p95, cache_tokens=tokens)
     # versions only: a git commit alone must not change every audit file and re-run every finetune
     prov = {"versions": provenance()["versions"]}
     import json

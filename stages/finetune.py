@@ -116,6 +116,15 @@ def main(argv=None) -> None:
     tokenizer = load_tokenizer(params.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    run_id = None
+    if rank == 0:  # one MLflow run per variant, re-attached when a killed run resumes
+        ck = latest_checkpoint(Path("checkpoints") / name)
+        resume_id = json.loads((ck / "meta.json").read_text()).get("mlflow_run_id") if ck else None
+        run_id = tracking.variant_run_id(params.tracking, name, resume_run_id=resume_id)
+    train_ex, val_ex = Examples.from_dataset(ds["train"]), Examples.from_dataset(ds["validation"])
+
+    # Peak memory counts from here: model, gradients, optimizer, activations, prefix cache
+    # (imports, MLflow and the data above are outside, as in the audit's estimate).
     t_wall = time.perf_counter()
     with PeakMemory(device) as mem:
         built = build_variant(params.model, spec, len(labels), device="cpu", path=f"variants.{name}", seed=cfg.seed)
@@ -131,13 +140,8 @@ def main(argv=None) -> None:
             raise ModelError(f"variants.{name}: model has {built.config.num_labels} labels, data has {len(labels)}")
         fingerprint = fingerprint_of(name, to_dict(spec), to_dict(cfg), params.model.source,
                                      tree_fingerprint(tok_dir / "train"), labels)
-        run_id = None
-        if rank == 0:  # one MLflow run per variant, re-attached when a killed run resumes
-            ck = latest_checkpoint(Path("checkpoints") / name)
-            resume_id = json.loads((ck / "meta.json").read_text()).get("mlflow_run_id") if ck else None
-            run_id = tracking.variant_run_id(params.tracking, name, resume_run_id=resume_id)
         outcome = train(model=built.model, spec=spec, num_layers=built.num_layers,
-                        train_ex=Examples.from_dataset(ds["train"]), val_ex=Examples.from_dataset(ds["validation"]),
+                        train_ex=train_ex, val_ex=val_ex,
                         cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
                         num_labels=len(labels), checkpoint_dir=Path("checkpoints") / name, fingerprint=fingerprint,
                         extra_meta={"mlflow_run_id": run_id}, on_step=fault_kill_hook(name))

@@ -69,7 +69,7 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
         "variants": variants or {"full": {}, "top1": {"train_top": 1, "train": {"lr": 2e-3}},
                                  "probe": {"train_top": 0, "train": {"lr": 5e-3}}},
         "train": {"device": "cpu", "epochs": 2, "batch_size": 16, "lr": 1e-3, "max_length": 48,
-                  "checkpoint_every": 0, "num_threads": 1},
+                  "checkpoint_every": 0, "num_threads": 1, "cache_frozen_prefix": True},
         # dvc.yaml names these keys, so DVC needs them spelled out in params.yaml
         "evaluation": {"metric": "accuracy", "latency_examples": 5},
         "tracking": {"enabled": True},

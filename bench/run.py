@@ -1,0 +1,564 @@
+"""Benchmark depthtune's fine-tuning loop against plain transformers.Trainer recipes (issue 8).
+
+    python -m bench.run            # the full run (~20-25 min on 2 busy cores)
+    python -m bench.run --quick    # a ~2-minute smoke run (results/<device>-<date>-quick.*)
+
+Writes bench/results/<device>-<YYYY-MM-DD>.json and .md. See bench/README.md.
+"""
+from __future__ import annotations
+
+from depthtune import runtime  # noqa: F401  (offline env first)
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench import harness as H
+
+SCHEMA = "depthtune.bench/1"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def default_plan(quick: bool = False) -> dict:
+    """Sizes of every part of the run. --quick shrinks them to a smoke test."""
+    variants = list(H.VARIANTS)
+    plan = {
+        "device": "cpu", "threads": None, "seed": 0, "batch_size": 16, "repeats": 3, "model": {},
+        "data": {"sst2": {"n_train": 512, "n_val": 200}, "rt": {"n_train": 256, "n_val": 16}},
+        # short speed runs, repeated and interleaved: samples/s, real tokens/s, memory, MFU
+        "speed": [{"data": "sst2", "variants": variants, "recipes": ["seeds", "plain", "depthtune"], "steps": 6},
+                  {"data": "rt", "variants": ["full"], "recipes": ["seeds", "plain", "depthtune"], "steps": 6}],
+        # 3-epoch runs: wall time, time to a fixed validation accuracy
+        "epochs": {"data": "sst2", "n_train": 384, "n_val": 200, "epochs": 3, "eval_every": 12, "target": 0.75,
+                   "variants": variants, "recipes": ["plain", "depthtune"], "repeats": 1},
+        "breakdown": {"variants": variants, "seq_lens": [64], "full_seq_lens": [128]},
+        "profile": {"variant": "full", "data": "sst2", "steps": 6},
+        "gemm": {"n": None, "reps": 12},
+        "tokenization": {"n_texts": 20000},
+        "audit8b": True,
+        "timeout_s": 1800,
+    }
+    if quick:
+        plan.update(repeats=3)
+        plan["data"] = {"sst2": {"n_train": 64, "n_val": 48}, "rt": {"n_train": 32, "n_val": 16}}
+        plan["speed"] = [{"data": "sst2", "variants": ["full", "probe"], "recipes": ["seeds", "plain", "depthtune"],
+                          "steps": 2},
+                         {"data": "rt", "variants": ["full"], "recipes": ["plain", "depthtune"], "steps": 2}]
+        plan["epochs"] = {"data": "sst2", "n_train": 32, "n_val": 48, "epochs": 3, "eval_every": 1, "target": 0.55,
+                          "variants": ["probe"], "recipes": ["plain", "depthtune"], "repeats": 1}
+        plan["breakdown"] = {"variants": ["full"], "seq_lens": [32], "full_seq_lens": []}
+        plan["profile"] = {"variant": "full", "data": "sst2", "steps": 2}
+        plan["gemm"] = {"n": 1024, "reps": 5}
+        plan["tokenization"] = {"n_texts": 2000}
+        plan["audit8b"] = True
+    return plan
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_splits(plan: dict, tokenizer, sst2_dir: Path) -> tuple[dict, dict]:
+    seed = plan["seed"]
+    splits, info = {}, {}
+    need = {"sst2": plan["data"]["sst2"]["n_train"], "rt": plan["data"]["rt"]["n_train"]}
+    need_val = {"sst2": plan["data"]["sst2"]["n_val"], "rt": plan["data"]["rt"]["n_val"]}
+    for s in plan["speed"]:
+        need[s["data"]] = max(need[s["data"]], s["steps"] * plan["batch_size"])
+    ep = plan["epochs"]
+    if ep and ep.get("variants"):
+        need[ep["data"]] = max(need[ep["data"]], ep["n_train"])
+        need_val[ep["data"]] = max(need_val[ep["data"]], ep["n_val"])
+    used = {s["data"] for s in plan["speed"]} | ({ep["data"]} if ep and ep.get("variants") else set())
+    if "sst2" in used or True:
+        tx, ty = H.read_sst2(sst2_dir / "train.tsv", need["sst2"], seed)
+        vx, vy = H.read_sst2(sst2_dir / "dev.tsv", need_val["sst2"], seed + 1)
+        splits["sst2"] = {"train": H.tokenize_split(tokenizer, tx, ty), "val": H.tokenize_split(tokenizer, vx, vy)}
+        info["sst2"] = {"source": str(sst2_dir), "train_file": "train.tsv (sampled, seed %d)" % seed,
+                        "val_file": "dev.tsv (sampled, seed %d)" % (seed + 1)}
+    if "rt" in used:
+        (tx, ty), (vx, vy), origin = H.read_rotten_tomatoes(need["rt"], need_val["rt"], seed)
+        splits["rt"] = {"train": H.tokenize_split(tokenizer, tx, ty), "val": H.tokenize_split(tokenizer, vx, vy)}
+        info["rt"] = {"source": origin, "slice": f"seeded shuffle (seed {seed}): {len(tx)} train, {len(vx)} val"}
+    for key, sp in splits.items():
+        info[key]["train_lengths"] = H.length_stats(sp["train"].lengths)
+        info[key]["val_lengths"] = H.length_stats(sp["val"].lengths)
+        info[key]["train_positive_fraction"] = sum(sp["train"].labels) / len(sp["train"].labels)
+        info[key]["val_majority_fraction"] = max(sum(sp["val"].labels), len(sp["val"].labels) - sum(sp["val"].labels)) \
+            / len(sp["val"].labels)
+    return splits, info
+
+
+def slim(splits: dict, key: str, n_train: int, n_val: int) -> dict:
+    """Only the rows a job needs (they are pickled to the child)."""
+    return {key: {"train": H.subset(splits[key]["train"], n_train), "val": H.subset(splits[key]["val"], n_val)}}
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _rows_by(results: list, *keys) -> dict:
+    out = {}
+    for r in results:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def aggregate_speed(results: list, peak_flops: float) -> list:
+    rows = []
+    ok = [r for r in results if r.get("ok")]
+    by = _rows_by(ok, "data", "variant", "recipe")
+    for (data, variant, recipe), rs in sorted(by.items(), key=lambda kv: kv[0]):
+        tps = H.summarize([r["tokens_per_s"] for r in rs])
+        fpt = rs[0]["flops_per_token"]["train"]
+        rows.append({
+            "data": data, "variant": variant, "recipe": recipe, "repeats": len(rs), "steps": rs[0]["steps"],
+            "batch_size": rs[0]["batch_size"], "trainable_params": rs[0]["trainable_params"],
+            "samples_per_s": H.summarize([r["samples_per_s"] for r in rs]), "tokens_per_s": tps,
+            "train_s": H.summarize([r["train_s"] for r in rs]),
+            "flops_per_token_train": fpt, "flops_seq_len": rs[0]["flops_seq_len"],
+            "mfu": {k: (v * fpt / peak_flops if v is not None and peak_flops else None)
+                    for k, v in tps.items() if k in ("min", "median", "max")},
+            "peak_memory_bytes": H.summarize([r["peak_memory_bytes"] for r in rs]),
+            "estimated_memory_bytes": rs[0]["estimated_memory"]["total"],
+            "estimate_seq_len": rs[0]["estimate_seq_len"],
+            "memory_ratio": H.summarize([r["memory_ratio"] for r in rs]),
+            "memory_ratio_typical": H.summarize([r["memory_ratio_typical"] for r in rs]),
+            "cache_bytes": rs[0].get("cache_bytes"),
+        })
+    return rows
+
+
+def paired_ratios(results: list, num: str, den: str, metric: str = "samples_per_s") -> dict:
+    """num/den per (data, variant), paired within each repeat (same position in the interleaving)."""
+    ok = [r for r in results if r.get("ok")]
+    out = {}
+    by = _rows_by(ok, "data", "variant", "repeat")
+    for (data, variant, rep), rs in by.items():
+        a = [r for r in rs if r["recipe"] == num]
+        b = [r for r in rs if r["recipe"] == den]
+        if a and b and b[0][metric]:
+            out.setdefault(f"{data}/{variant}", []).append(a[0][metric] / b[0][metric])
+    return {k: H.summarize(v) for k, v in sorted(out.items())}
+
+
+def seeds_ratios(results: list, metric: str = "samples_per_s") -> dict:
+    """depthtune (each variant) over the seeds' recipe (always the full model), paired per repeat."""
+    ok = [r for r in results if r.get("ok")]
+    seeds = {(r["data"], r["repeat"]): r for r in ok if r["recipe"] == "seeds"}
+    out = {}
+    for r in ok:
+        if r["recipe"] != "depthtune":
+            continue
+        s = seeds.get((r["data"], r["repeat"]))
+        if s and s[metric]:
+            out.setdefault(f"{r['data']}/{r['variant']}", []).append(r[metric] / s[metric])
+    return {k: H.summarize(v) for k, v in sorted(out.items())}
+
+
+def aggregate_epochs(results: list) -> list:
+    rows = []
+    ok = [r for r in results if r.get("ok")]
+    for (variant, recipe), rs in sorted(_rows_by(ok, "variant", "recipe").items()):
+        rows.append({
+            "variant": variant, "recipe": recipe, "repeats": len(rs), "steps": rs[0]["steps"],
+            "epochs": rs[0]["epochs"], "n_train": rs[0]["n_train"], "target": rs[0]["target"],
+            "train_s": H.summarize([r["train_s"] for r in rs]),
+            "wall_s": H.summarize([r["call_s"] for r in rs]),
+            "eval_s": H.summarize([r["eval_s"] for r in rs]),
+            "samples_per_s": H.summarize([r["samples_per_s"] for r in rs]),
+            "tokens_per_s": H.summarize([r["tokens_per_s"] for r in rs]),
+            "reached": [r["reached"] for r in rs],
+            "time_to_target_s": H.summarize([r["time_to_target_s"] for r in rs]),
+            "wall_to_target_s": H.summarize([r["wall_to_target_s"] for r in rs]),
+            "step_to_target": [r["step_to_target"] for r in rs],
+            "best_accuracy": H.summarize([r["best_accuracy"] for r in rs]),
+            "final_accuracy": H.summarize([r["final_accuracy"] for r in rs]),
+            "peak_memory_bytes": H.summarize([r["peak_memory_bytes"] for r in rs]),
+            "memory_ratio": H.summarize([r["memory_ratio"] for r in rs]),
+            "cache_bytes": rs[0].get("cache_bytes"),
+        })
+    return rows
+
+
+def epoch_speedups(rows: list) -> dict:
+    """plain Trainer wall / depthtune wall over the whole 3-epoch run (evaluation excluded and included)."""
+    out = {}
+    by = {(r["variant"], r["recipe"]): r for r in rows}
+    for (variant, recipe), r in by.items():
+        if recipe != "depthtune" or (variant, "plain") not in by:
+            continue
+        p = by[(variant, "plain")]
+        out[variant] = {
+            "train_s_ratio": p["train_s"]["median"] / r["train_s"]["median"] if r["train_s"]["median"] else None,
+            "wall_s_ratio": p["wall_s"]["median"] / r["wall_s"]["median"] if r["wall_s"]["median"] else None,
+            "time_to_target_ratio": (p["time_to_target_s"]["median"] / r["time_to_target_s"]["median"]
+                                     if p["time_to_target_s"]["median"] and r["time_to_target_s"]["median"]
+                                     else None)}
+    return out
+
+
+def check_targets(speed_rows: list, ratios: dict, seeds: dict, ep_speedups: dict, all_results: list,
+                  mfu_full: dict) -> list:
+    def med(d):
+        return d["median"] if d and d.get("n") else None
+
+    def row(name, value, goal, better="higher", detail=""):
+        met = None if value is None else (value >= goal if better == "higher" else value <= goal)
+        return {"target": name, "measured": value, "goal": goal, "met": met, "detail": detail}
+
+    t = []
+    r = ratios.get("sst2/full")
+    t.append(row("full FT samples/s: depthtune / best plain Trainer (SST-2)", med(r), 1.3,
+                 detail=f"paired per repeat min {r['min']:.2f} max {r['max']:.2f}" if r and r["n"] else ""))
+    s = seeds.get("sst2/full")
+    t.append(row("full FT samples/s: depthtune / seeds' recipe (SST-2)", med(s), 8.0,
+                 detail=f"paired per repeat min {s['min']:.2f} max {s['max']:.2f}" if s and s["n"] else ""))
+    for v, goal in (("top2", 1.3), ("probe", 2.5)):
+        e = ep_speedups.get(v) or {}
+        t.append(row(f"{v} 3-epoch wall: plain Trainer / depthtune (evaluation excluded)", e.get("train_s_ratio"),
+                     goal, detail=f"with evaluation: {e['wall_s_ratio']:.2f}" if e.get("wall_s_ratio") else ""))
+    worst = None
+    for res in all_results:
+        if not res.get("ok") or res["recipe"] == "seeds":
+            continue
+        dev = abs(res["memory_ratio"] - 1)
+        if worst is None or dev > worst[0]:
+            worst = (dev, res)
+    if worst:
+        w = worst[1]
+        t.append(row("memory estimate within 25% of measured peak, every variant (worst |ratio-1|)", worst[0], 0.25,
+                     better="lower", detail=f"worst: {w['data']}/{w['variant']}/{w['recipe']} measured/estimate "
+                                            f"{w['memory_ratio']:.2f}"))
+    t.append({"target": "MFU of full FT reported", "measured": mfu_full.get("median"), "goal": None,
+              "met": mfu_full.get("median") is not None, "detail": "depthtune, SST-2, median tokens/s"})
+    return t
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x, spec=".1f", none="—"):
+    return none if x is None else format(x, spec)
+
+
+def _mmm(d, spec=".1f"):
+    if not d or not d.get("n"):
+        return "—"
+    if d["n"] == 1:
+        return format(d["median"], spec)
+    return f"{format(d['median'], spec)} ({format(d['min'], spec)}–{format(d['max'], spec)})"
+
+
+def _mib(x):
+    return "—" if x is None else f"{x / 2**20:.0f}"
+
+
+RECIPE_NAMES = {"seeds": "seeds' recipe (Trainer, pad 128, full model)",
+                "plain": "plain Trainer (dynamic pad, length grouping, variant's freezing)",
+                "depthtune": "depthtune train()"}
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    g = res["gemm"]
+    lines = [f"# depthtune benchmark — {m['device']} — {res['date']}", "",
+             f"- machine: {m['cpu']}, {m['cores']} cores; **{m['threads']} torch threads**; torch {m['torch']}, "
+             f"transformers {m['transformers']}; load average at start {m.get('loadavg_start')}, "
+             f"end {m.get('loadavg_end')}",
+             f"- measured {g['dtype']} GEMM peak ({g['n']}x{g['n']} matmul, best of {g['reps']}): "
+             f"{res['peak_flops'] / 1e9:.1f} GFLOP/s (start {g['start']['peak_flops'] / 1e9:.1f}, "
+             f"end {g['end']['peak_flops'] / 1e9:.1f}; medians {g['start']['median_flops'] / 1e9:.1f} / "
+             f"{g['end']['median_flops'] / 1e9:.1f})",
+             f"- command: `{res['command']}`; total wall {res['wall_s'] / 60:.1f} min", ""]
+    lines += ["## Speed (short runs, interleaved; median (min–max) over repeats)", "",
+              "Seeds' recipe always trains the full model; samples/s and real (non-pad) tokens/s over the "
+              "train() / Trainer.train() call, evaluation excluded; MFU = audit FLOPs/token x real tokens/s / "
+              "measured GEMM peak; memory = RSS growth over the job's baseline around build+train vs the audit "
+              "estimate at the longest batch.", "",
+              "| data | variant | recipe | steps x batch | samples/s | real tokens/s | MFU % | peak MiB | "
+              "estimate MiB | measured/estimate |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["speed"]:
+        mfu = r["mfu"]
+        mfu_s = "—" if mfu["median"] is None else f"{100 * mfu['median']:.1f}"
+        lines.append(f"| {r['data']} | {r['variant']} | {r['recipe']} | {r['steps']}x{r['batch_size']} | "
+                     f"{_mmm(r['samples_per_s'])} | {_mmm(r['tokens_per_s'], '.0f')} | {mfu_s} | "
+                     f"{_mib(r['peak_memory_bytes']['median'])} | {_mib(r['estimated_memory_bytes'])} "
+                     f"(S={r['estimate_seq_len']}) | {_mmm(r['memory_ratio'], '.2f')} |")
+    lines += ["", "Samples/s ratios, paired within each repeat, median (min–max):", ""]
+    for k, v in res["ratios"]["depthtune_over_plain"].items():
+        lines.append(f"- depthtune / plain Trainer, {k}: {_mmm(v, '.2f')}")
+    for k, v in res["ratios"]["depthtune_over_seeds"].items():
+        lines.append(f"- depthtune / seeds' recipe, {k}: {_mmm(v, '.2f')}")
+    ep = res.get("epochs") or []
+    if ep:
+        e0 = res["plan"]["epochs"]
+        lines += ["", f"## {e0['epochs']} epochs ({e0['data']}, {e0['n_train']} training texts, validation every "
+                      f"{e0['eval_every']} steps on {e0['n_val']} texts, target accuracy {e0['target']})", "",
+                  "| variant | recipe | steps | train s (excl. eval) | wall s (incl. eval) | time to target s | "
+                  "step at target | best val acc | peak MiB | measured/estimate |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in ep:
+            ttt = _mmm(r["time_to_target_s"]) if any(r["reached"]) else "not reached"
+            lines.append(f"| {r['variant']} | {r['recipe']} | {r['steps']} | {_mmm(r['train_s'])} | "
+                         f"{_mmm(r['wall_s'])} | {ttt} | {r['step_to_target'][0] if r['step_to_target'] else '—'} | "
+                         f"{_mmm(r['best_accuracy'], '.3f')} | {_mib(r['peak_memory_bytes']['median'])} | "
+                         f"{_mmm(r['memory_ratio'], '.2f')} |")
+        lines += ["", "Plain Trainer / depthtune over the whole run:", ""]
+        for v, s in res["epoch_speedups"].items():
+            lines.append(f"- {v}: train time {_fmt(s['train_s_ratio'], '.2f')}x, wall incl. eval "
+                         f"{_fmt(s['wall_s_ratio'], '.2f')}x, time to target {_fmt(s['time_to_target_ratio'], '.2f')}x")
+    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
+    for t in res["targets"]:
+        meas = t["measured"]
+        lines.append(f"| {t['target']} | {_fmt(meas, '.3f') if isinstance(meas, float) else meas} "
+                     f"{t['detail'] and '(' + t['detail'] + ')'} | {t['goal'] if t['goal'] is not None else '—'} | "
+                     f"{'yes' if t['met'] else 'no' if t['met'] is False else '—'} |")
+    if res.get("profile"):
+        p = res["profile"]
+        lines += ["", f"## Where the time goes: {p['variant']} fine-tuning step ({p['batch_size']} texts, "
+                      f"{_fmt(p['real_tokens_per_step'], '.0f')} real tokens per step, "
+                      f"{p['seconds_per_step']:.3f} s per step)", "",
+                  "| phase | s/step | share |", "|---|---:|---:|"]
+        for k, v in p["phases"].items():
+            lines.append(f"| {k} | {v['s_per_step']:.3f} | {100 * v['share']:.0f}% |")
+        lines += ["", "| top operators (torch.profiler, self CPU) | s | calls | share |", "|---|---:|---:|---:|"]
+        for o in p["top_ops"][:12]:
+            lines.append(f"| {o['name']} | {o['self_cpu_s']:.2f} | {o['calls']} | {100 * o['share']:.0f}% |")
+    if res.get("memory_breakdown"):
+        lines += ["", "## Memory breakdown: measured vs audit estimate (one step)", "",
+                  "| variant | B x S | weights | gradients | AdamW states | activations (saved for backward) | "
+                  "total | activations measured/estimate |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for b in res["memory_breakdown"]:
+            ms, es = b["measured"], b["estimated"]
+            lines.append(f"| {b['variant']} | {b['batch_size']}x{b['seq_len']} | " + " | ".join(
+                f"{_mib(ms[k])} / {_mib(es[k])}" for k in ("weights", "gradients", "adamw_states", "activations",
+                                                         "total")) +
+                f" | {_fmt(b['ratio']['activations'], '.2f')} |")
+        lines.append("")
+        lines.append("Cells: measured MiB / estimated MiB.")
+    a = res.get("audit8b")
+    if a:
+        lines += ["", "## Audit of an 8B Llama-style config", ""]
+        if a.get("returncode") == 0:
+            lines.append(f"- `{a['command']}`: {a['wall_s']:.1f} s wall, peak RSS {_mib(a['peak_rss_bytes'])} MiB "
+                         f"({a['rss_measured_with']}); {a['total_params']:,} parameters; an import-only child: "
+                         f"{a['import_only']['wall_s']:.1f} s, {_mib(a['import_only']['peak_rss_bytes'])} MiB")
+        else:
+            lines.append(f"- failed: {a.get('error', '')[:300]}")
+    tk = res.get("tokenization")
+    if tk:
+        lines += ["", "## Tokenization", "",
+                  f"- {tk['tokenizer']} (fast: {tk['is_fast']}) on {tk['examples']:,} SST-2 texts, one batched call, "
+                  f"TOKENIZERS_PARALLELISM={tk['TOKENIZERS_PARALLELISM']}: "
+                  f"{_mmm(tk['examples_per_s'], '.0f')} examples/s"]
+    if res.get("failures"):
+        lines += ["", "## Failed jobs", ""]
+        for f in res["failures"]:
+            lines.append(f"- {f['job']}: {f['error']}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def interleaved(jobs_per_repeat: list, repeats: int) -> list:
+    """Repeat r runs the job list rotated by r/repeats of its length: every job meets different neighbours."""
+    out = []
+    n = len(jobs_per_repeat)
+    for r in range(repeats):
+        shift = (r * n) // repeats
+        order = jobs_per_repeat[shift:] + jobs_per_repeat[:shift]
+        out += [dict(j, repeat=r) for j in order]
+    return out
+
+
+def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, sst2_dir: Path | None = None,
+             isolate: bool = True) -> dict:
+    from depthtune.config import ModelConfig
+    from depthtune.sources import load_tokenizer
+
+    t_start = time.perf_counter()
+    threads = plan["threads"] or os.cpu_count() or 1
+    device = plan["device"]
+    sst2_dir = sst2_dir or (H.SHARED_DATA / "sst2")
+    model_cfg = H._model_cfg(plan["model"])
+    tokenizer = load_tokenizer(model_cfg if plan["model"] else ModelConfig())
+    machine = H.machine_info(threads, device)
+    log(f"bench: {machine['cpu']}, {machine['cores']} cores, {threads} threads, device {device}")
+    splits, data_info = load_splits(plan, tokenizer, sst2_dir)
+    for k, v in data_info.items():
+        log(f"  data {k}: {v['train_lengths']['n']} train (mean {v['train_lengths']['mean']:.1f} tokens, "
+            f"max {v['train_lengths']['max']}), {v['val_lengths']['n']} val")
+    timeout = plan["timeout_s"]
+    failures = []
+
+    def run(fn, *args, what=""):
+        r = H.run_isolated(fn, *args, timeout=timeout, isolate=isolate)
+        if not r["ok"]:
+            failures.append({"job": what, "error": r["error"]})
+            log(f"  FAILED {what}: {r['error']}")
+            if r.get("traceback"):
+                log(r["traceback"][-1500:])
+            return None
+        return r["value"]
+
+    # tokenization throughput (the parent: Rust tokenizer, no torch compute)
+    tk_texts, _ = H.read_sst2(sst2_dir / "train.tsv", plan["tokenization"]["n_texts"], plan["seed"] + 7)
+    tokenization = H.tokenization_throughput(tokenizer, tk_texts)
+    log(f"  tokenization: {tokenization['examples_per_s']['median']:.0f} examples/s")
+
+    gemm_kw = dict(device=device, n=plan["gemm"]["n"], reps=plan["gemm"]["reps"])
+    g_start = run(H.gemm_peak, threads, gemm_kw["device"], gemm_kw["n"], gemm_kw["reps"], what="gemm start")
+    log(f"  GEMM peak (start): {g_start['peak_flops'] / 1e9:.1f} GFLOP/s" if g_start else "  GEMM failed")
+
+    def job(kind, data, variant, recipe, n_train, n_val, epochs, eval_every, target):
+        return H.job_spec(kind=kind, recipe=recipe, variant=variant, data=data, epochs=epochs, n_train=n_train,
+                          n_val=n_val, batch_size=plan["batch_size"], lr=H.VARIANTS[variant]["lr"],
+                          eval_every=eval_every, target=target, threads=threads, seed=plan["seed"], device=device,
+                          model=plan["model"])
+
+    # short speed runs: repeats interleaved
+    speed_jobs = []
+    for s in plan["speed"]:
+        n_train = s["steps"] * plan["batch_size"]
+        for variant in s["variants"]:
+            for recipe in s["recipes"]:
+                if recipe == "seeds" and variant != s["variants"][0]:
+                    continue  # the seeds' recipe ignores the variant (full model): run it once per repeat
+                speed_jobs.append(job("speed", s["data"], variant if recipe != "seeds" else "full", recipe,
+                                      n_train, 16, 1, 0, None))
+    speed_results = []
+    for j in interleaved(speed_jobs, plan["repeats"]):
+        what = f"speed r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
+        r = run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer, what=what)
+        if r:
+            speed_results.append(r)
+            log(f"  {what}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
+                f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB (x{r['memory_ratio']:.2f} of estimate)")
+
+    # 3-epoch runs
+    epoch_results = []
+    ep = plan["epochs"]
+    if ep and ep.get("variants"):
+        ejobs = [job("epochs", ep["data"], v if rc != "seeds" else "full", rc, ep["n_train"], ep["n_val"],
+                     ep["epochs"], ep["eval_every"], ep["target"])
+                 for v in ep["variants"] for rc in ep["recipes"] if rc != "seeds" or v == ep["variants"][0]]
+        for j in interleaved(ejobs, ep.get("repeats", 1)):
+            what = f"epochs r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
+            r = run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer, what=what)
+            if r:
+                epoch_results.append(r)
+                ttt = f"{r['time_to_target_s']:.1f} s" if r["reached"] else "not reached"
+                log(f"  {what}: train {r['train_s']:.1f} s (wall {r['call_s']:.1f} s), best acc "
+                    f"{r['best_accuracy']}, to {ep['target']}: {ttt}")
+
+    # memory breakdown (one step per variant, saved tensors counted)
+    breakdown = []
+    bd = plan["breakdown"]
+    for v in bd["variants"]:
+        for S in bd["seq_lens"] + (bd.get("full_seq_lens", []) if v == "full" else []):
+            r = run(H.memory_breakdown, plan["model"], v, H.VARIANTS[v]["spec"], plan["batch_size"], S, threads,
+                    what=f"memory breakdown {v} S={S}")
+            if r:
+                breakdown.append(r)
+                log(f"  memory breakdown {v} {plan['batch_size']}x{S}: activations measured/estimate "
+                    f"{r['ratio']['activations']}")
+
+    # where the time goes
+    pr = plan["profile"]
+    profile = None
+    if pr:
+        n = pr["steps"] * plan["batch_size"] + plan["batch_size"]
+        sp = splits[pr["data"]]["train"]
+        profile = run(H.step_profile, plan["model"], pr["variant"], H.VARIANTS[pr["variant"]]["spec"],
+                      H.subset(sp, min(n, len(sp.labels))), plan["batch_size"], pr["steps"], threads,
+                      what="step profile")
+        if profile:
+            log("  step profile: " + ", ".join(f"{k} {v['s_per_step']:.3f}" for k, v in profile["phases"].items()))
+
+    g_end = run(H.gemm_peak, threads, gemm_kw["device"], gemm_kw["n"], gemm_kw["reps"], what="gemm end")
+    audit8b = None
+    if plan["audit8b"]:
+        cfg = plan["audit8b"] if isinstance(plan["audit8b"], dict) else H.LLAMA_8B
+        audit8b = H.audit_subprocess(cfg, out_dir / ".audit8b")
+        log(f"  audit 8B: {audit8b.get('wall_s', 0):.1f} s, peak RSS {(audit8b.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
+
+    gemms = [g for g in (g_start, g_end) if g]
+    peak = max((g["peak_flops"] for g in gemms), default=None)
+    speed_rows = aggregate_speed(speed_results, peak)
+    ratios = {"depthtune_over_plain": paired_ratios(speed_results, "depthtune", "plain"),
+              "depthtune_over_seeds": seeds_ratios(speed_results),
+              "plain_over_seeds": {}}
+    epoch_rows = aggregate_epochs(epoch_results)
+    speedups = epoch_speedups(epoch_rows)
+    full_dt = next((r for r in speed_rows if r["data"] == "sst2" and r["variant"] == "full"
+                    and r["recipe"] == "depthtune"), None)
+    targets = check_targets(speed_rows, ratios["depthtune_over_plain"], ratios["depthtune_over_seeds"], speedups,
+                            speed_results + epoch_results, full_dt["mfu"] if full_dt else {})
+    machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res = {
+        "schema": SCHEMA, "date": dt.date.today().isoformat(), "tag": tag, "command": command,
+        "machine": machine, "plan": plan, "data": data_info,
+        "gemm": {**({k: v for k, v in gemms[0].items() if k in ("dtype", "n", "reps", "threads")} if gemms else {}),
+                 "start": g_start, "end": g_end},
+        "peak_flops": peak,
+        "recipes": RECIPE_NAMES,
+        "speed": speed_rows, "ratios": ratios, "epochs": epoch_rows, "epoch_speedups": speedups,
+        "targets": targets, "profile": profile, "memory_breakdown": breakdown, "audit8b": audit8b,
+        "tokenization": tokenization, "runs": {"speed": speed_results, "epochs": epoch_results},
+        "failures": failures, "wall_s": time.perf_counter() - t_start,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    (out_dir / f"{tag}.md").write_text(markdown(res))
+    log(f"wrote {out_dir / (tag + '.json')} and .md in {res['wall_s'] / 60:.1f} min")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="~2-minute smoke run (tiny sizes)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--repeats", type=int, default=0, help="repeats of the short speed runs (default 3)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--target", type=float, default=None, help="validation accuracy for time-to-target")
+    ap.add_argument("--no-epochs", action="store_true", help="skip the 3-epoch runs")
+    ap.add_argument("--no-audit8b", action="store_true", help="skip the 8B audit subprocess")
+    ap.add_argument("--seeds-epochs", action="store_true",
+                    help="also run the seeds' recipe for 3 epochs (slow: every text padded to 128)")
+    ap.add_argument("--tag", default=None, help="results file stem (default <device>-<date>[-quick])")
+    args = ap.parse_args(argv)
+    import torch
+
+    device = runtime.pick_device(args.device)
+    plan = default_plan(args.quick)
+    plan["device"] = device
+    plan["threads"] = args.threads or torch.get_num_threads()
+    if args.repeats:
+        plan["repeats"] = args.repeats
+    if args.target is not None:
+        plan["epochs"]["target"] = args.target
+    if args.no_epochs:
+        plan["epochs"] = None
+    elif args.seeds_epochs:
+        plan["epochs"]["recipes"] = ["seeds", "plain", "depthtune"]
+    if args.no_audit8b:
+        plan["audit8b"] = False
+    tag = args.tag or f"{device}-{dt.date.today().isoformat()}" + ("-quick" if args.quick else "")
+    cmd = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    run_plan(plan, Path(args.out), tag=tag, command=cmd.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
