@@ -170,6 +170,43 @@ def malloc_trim() -> None:
         pass
 
 
+class RssSampler:
+    """RSS sampled every `interval` s in a thread, with timestamps: the peak up to any moment.
+
+    Lets a job separate its training peak (build + optimizer steps) from the peak including the
+    evaluations that train() runs inside the same call.
+    """
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        import psutil
+
+        self.interval, self._proc = interval, psutil.Process()
+        self._stop = threading.Event()
+        self.samples = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while True:
+            self.samples.append((time.perf_counter(), self._proc.memory_info().rss))
+            if self._stop.wait(self.interval):
+                break
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.perf_counter(), self._proc.memory_info().rss))
+        return False
+
+    def peak_until(self, t: float) -> int:
+        return max((r for ts, r in self.samples if ts <= t), default=0)
+
+
 def summarize(values: list) -> dict:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -373,14 +410,15 @@ def warm_imports(model_cfg) -> None:
 
 def job_spec(*, recipe: str, variant: str, data: str, epochs: int, n_train: int, n_val: int, batch_size: int,
              lr: float, eval_every: int, target: Optional[float], threads: int, seed: int, device: str = "cpu",
-             model: Optional[dict] = None, spec: Optional[dict] = None, kind: str = "speed", repeat: int = 0) -> dict:
+             model: Optional[dict] = None, spec: Optional[dict] = None, kind: str = "speed", repeat: int = 0,
+             stop_at_target: bool = False) -> dict:
     if recipe not in RECIPES:
         raise ValueError(f"recipe {recipe!r} is not one of {RECIPES}")
     return {"kind": kind, "recipe": recipe, "variant": variant,
             "spec": spec if spec is not None else VARIANTS[variant]["spec"],
             "data": data, "epochs": epochs, "n_train": n_train, "n_val": n_val, "batch_size": batch_size, "lr": lr,
             "eval_every": eval_every, "target": target, "threads": threads, "seed": seed, "device": device,
-            "model": model or {}, "repeat": repeat}
+            "model": model or {}, "repeat": repeat, "stop_at_target": stop_at_target}
 
 
 def _model_cfg(raw: dict):
@@ -405,9 +443,12 @@ def account(events: list, t0: float, t1: float, target: Optional[float]) -> dict
     """
     eval_total, last_t, last_step = 0.0, t0, 0
     curve, reach = [], None
+    first = None  # (time, step, eval time so far) at the end of the first optimizer step
     for kind, t, val in events:
         if kind == "step":
             last_t, last_step = t, val
+            if first is None:
+                first = (t, val, eval_total)
             continue
         dur = t - last_t
         point = {"step": last_step, "accuracy": val, "train_s": last_t - t0 - eval_total, "wall_s": t - t0,
@@ -417,7 +458,14 @@ def account(events: list, t0: float, t1: float, target: Optional[float]) -> dict
         curve.append(point)
         if reach is None and target is not None and val is not None and val >= target:
             reach = point
+    steps = [(t, v) for k, t, v in events if k == "step"]
+    steady = None
+    if first is not None and len(steps) >= 3:
+        t_last, s_last = steps[-1]
+        evals_between = sum(p["eval_s"] for p in curve if first[1] <= p["step"] < s_last)
+        steady = {"steps": s_last - first[1], "seconds": t_last - first[0] - evals_between}
     return {"call_s": t1 - t0, "eval_s": eval_total, "train_s": t1 - t0 - eval_total, "val_curve": curve,
+            "steady": steady, "first_step_s": (first[0] - t0 - first[2]) if first else None,
             "reached": reach is not None,
             "time_to_target_s": reach["train_s"] if reach else None,
             "wall_to_target_s": reach["wall_s"] if reach else None,
@@ -428,8 +476,12 @@ def account(events: list, t0: float, t1: float, target: Optional[float]) -> dict
 
 def _run_depthtune(job, built, spec, train, val, pad_id):
     import torch  # noqa: F401
+    import importlib
+
     from depthtune.config import TrainConfig
-    from depthtune.training import train as dt_train
+
+    # loop_module: another copy of the loop (e.g. the previous version) for before/after figures
+    dt_train = importlib.import_module(job.get("loop_module") or "depthtune.training").train
 
     events = []
 
@@ -468,7 +520,10 @@ def _run_trainer(job, built, train, val, tokenizer, recipe):
             events.append(("step", time.perf_counter(), state.global_step))
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
-            events.append(("eval", time.perf_counter(), (metrics or {}).get("eval_accuracy")))
+            acc = (metrics or {}).get("eval_accuracy")
+            events.append(("eval", time.perf_counter(), acc))
+            if job.get("stop_at_target") and acc is not None and job["target"] is not None and acc >= job["target"]:
+                control.should_training_stop = True
 
     def as_dataset(split: Split, padded: bool):
         if padded:
@@ -509,7 +564,8 @@ def _run_trainer(job, built, train, val, tokenizer, recipe):
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     n = len(train.labels)
-    extra = {"steps": res.global_step, "samples": n * job["epochs"], "optimizer": str(args.optim),
+    extra = {"steps": res.global_step, "samples": res.global_step * job["batch_size"] if job.get("stop_at_target")
+             else n * job["epochs"], "optimizer": str(args.optim), "stopped_at_target": bool(job.get("stop_at_target")),
              "trainer_train_runtime_s": res.metrics.get("train_runtime")}
     return t0, t1, events, extra
 
@@ -534,7 +590,7 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
     warm_imports(model_cfg)  # lazy imports (model class, peft tuners) before the memory baseline
     malloc_trim()
     base_rss = rss_bytes()
-    with PeakMemory(job["device"]) as mem:
+    with PeakMemory(job["device"]) as mem, RssSampler() as sampler:
         t_build = time.perf_counter()
         built = build_variant(model_cfg, spec, 2, device=job["device"], seed=job["seed"])
         build_s = time.perf_counter() - t_build
@@ -545,7 +601,15 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
             else:
                 t0, t1, events, extra = _run_trainer(job, built, train, val, tokenizer, job["recipe"])
     acc = account(events, t0, t1, job["target"])
+    # training peak: from the baseline to the end of the last optimizer step before the first
+    # evaluation's result (speed runs: every step; train()'s end-of-epoch evaluation excluded)
+    first_eval = next((t for k, t, _ in events if k == "eval"), None)
+    last_step_t = max((t for k, t, _ in events if k == "step" and (first_eval is None or t <= first_eval)),
+                      default=t1)
+    train_peak = sampler.peak_until(last_step_t) - base_rss if job["device"] != "cuda" else None
     real_tokens = job["epochs"] * sum(train.lengths)
+    if job.get("stop_at_target") and extra["steps"] < math.ceil(len(train.labels) / job["batch_size"]) * job["epochs"]:
+        real_tokens = round(extra["samples"] * sum(train.lengths) / len(train.lengths))  # stopped early: pro rata
     if "real_tokens_counted" in extra and extra["real_tokens_counted"] != real_tokens:
         raise AssertionError(f"depthtune counted {extra['real_tokens_counted']} real tokens, expected {real_tokens}")
     samples = extra["samples"]
@@ -554,9 +618,13 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
     typical_len = MAX_LENGTH if job["recipe"] == "seeds" else stats["p95"]
     flops_len = max(1, round(stats["mean"]))
 
+    # depthtune keeps the frozen prefix's outputs for every train + validation token (train_top variants)
+    cache_tokens = (sum(train.lengths) + sum(val.lengths)) if extra.get("cached_prefix_layers") else 0
+
     def est(seq_len):
         return audit_built(built, variant_name=job["variant"], spec=spec, num_labels=2,
-                           batch_size=job["batch_size"], seq_len=seq_len, check=False)["estimates"]
+                           batch_size=job["batch_size"], seq_len=seq_len, check=False,
+                           cache_tokens=cache_tokens)["estimates"]
 
     e_peak, e_typ, e_flops = est(peak_len), est(typical_len), est(flops_len)
     peak = mem.peak_growth
@@ -568,7 +636,14 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
         "total_params": built.total_params, "trainable_params": built.trainable_params,
         "real_tokens": real_tokens, "mean_real_length": stats["mean"],
         "samples_per_s": samples / acc["train_s"], "tokens_per_s": real_tokens / acc["train_s"],
+        # steps 2..N only (no per-call setup, no first step): the long-run rate; batches are full-size
+        "steady_samples_per_s": (acc["steady"]["steps"] * job["batch_size"] / acc["steady"]["seconds"]
+                                 if acc["steady"] else None),
+        "steady_tokens_per_s": (acc["steady"]["steps"] * job["batch_size"] * stats["mean"] / acc["steady"]["seconds"]
+                                if acc["steady"] else None),
         "peak_memory_bytes": peak, "peak_memory_kind": mem.kind, "rss_after_build_bytes": rss_after_build,
+        "training_peak_bytes": train_peak if train_peak is not None else peak,
+        "training_memory_ratio": (train_peak if train_peak is not None else peak) / e_peak["memory_bytes"]["total"],
         "train_phase_peak_growth_bytes": mem_train.peak_growth,
         "estimate_seq_len": peak_len, "estimated_memory": e_peak["memory_bytes"],
         "memory_ratio": peak / e_peak["memory_bytes"]["total"],
@@ -743,3 +818,65 @@ def step_profile(model_raw: dict, variant: str, spec_raw: dict, split: Split, ba
                        for k, v in times.items()},
             "top_ops": [{"name": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count,
                          "share": e.self_cpu_time_total / prof_total if prof_total else None} for e in ops]}
+
+
+# ----------------------------------------------------------------------------- OMP wait policy
+
+
+def omp_probe(steps: int, threads: int, n_warm: int = 1, seed: int = 0) -> dict:
+    """depthtune's full fine-tuning step rate in this process (run in a subprocess with a chosen env)."""
+    import torch
+
+    from depthtune.config import ModelConfig, TrainConfig, parse_variant
+    from depthtune.sources import load_tokenizer
+    from depthtune.training import train
+    from depthtune.variants import build_variant
+
+    torch.set_num_threads(threads)
+    tok = load_tokenizer(ModelConfig())
+    texts, labels = read_sst2(SHARED_DATA / "sst2" / "train.tsv", (steps + n_warm) * 16, seed)
+    split = tokenize_split(tok, texts, labels)
+    val = subset(split, 16)
+    spec = parse_variant("full", {}, "full")
+    built = build_variant(ModelConfig(), spec, 2, seed=seed)
+    ts = []
+    cfg = TrainConfig(device="cpu", epochs=1, batch_size=16, lr=1e-4, checkpoint_every=0, seed=seed, num_threads=threads)
+    t0 = time.perf_counter()
+    train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=split.ex, val_ex=val.ex, cfg=cfg,
+          metric="accuracy", device="cpu", pad_id=tok.pad_token_id, num_labels=2, log=lambda m: None,
+          on_step=lambda s, e: ts.append(time.perf_counter()))
+    steady = (len(ts) - 1 - (n_warm - 1)) * 16 / (ts[-1] - ts[n_warm - 1]) if len(ts) > n_warm else None
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), "threads": threads, "steps": len(ts),
+            "steady_samples_per_s": steady, "call_s": time.perf_counter() - t0,
+            "loadavg": list(os.getloadavg())}
+
+
+def omp_policy_comparison(policies: list, repeats: int, steps: int, threads: int, timeout: float = 600) -> dict:
+    """Alternate fresh processes under each OMP_WAIT_POLICY (None = unset, libgomp's default)."""
+    runs = []
+    for r in range(repeats):
+        order = policies if r % 2 == 0 else list(reversed(policies))
+        for pol in order:
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            env.pop("OMP_WAIT_POLICY", None)
+            if pol:
+                env["OMP_WAIT_POLICY"] = pol
+            cmd = [sys.executable, "-m", "bench.harness", "omp-probe", str(steps), str(threads)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+                rec = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
+                    {"error": proc.stderr[-500:]}
+            except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+                rec = {"error": str(exc)[:300]}
+            rec.update(policy=pol or "unset", repeat=r)
+            runs.append(rec)
+    by = {}
+    for rec in runs:
+        if rec.get("steady_samples_per_s"):
+            by.setdefault(rec["policy"], []).append(rec["steady_samples_per_s"])
+    return {"variant": "full", "recipe": "depthtune", "steps": steps, "threads": threads, "runs": runs,
+            "steady_samples_per_s": {k: summarize(v) for k, v in by.items()}}
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "omp-probe":
+    print(json.dumps(omp_probe(int(sys.argv[2]), int(sys.argv[3]))))

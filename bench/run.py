@@ -33,11 +33,15 @@ def default_plan(quick: bool = False) -> dict:
         "device": "cpu", "threads": None, "seed": 0, "batch_size": 16, "repeats": 3, "model": {},
         "data": {"sst2": {"n_train": 512, "n_val": 200}, "rt": {"n_train": 256, "n_val": 16}},
         # short speed runs, repeated and interleaved: samples/s, real tokens/s, memory, MFU
-        "speed": [{"data": "sst2", "variants": variants, "recipes": ["seeds", "plain", "depthtune"], "steps": 6},
-                  {"data": "rt", "variants": ["full"], "recipes": ["seeds", "plain", "depthtune"], "steps": 6}],
-        # 3-epoch runs: wall time, time to a fixed validation accuracy
-        "epochs": {"data": "sst2", "n_train": 384, "n_val": 200, "epochs": 3, "eval_every": 12, "target": 0.75,
-                   "variants": variants, "recipes": ["plain", "depthtune"], "repeats": 1},
+        "speed": [{"data": "sst2", "variants": variants, "recipes": ["seeds", "plain", "depthtune"], "steps": 10},
+                  {"data": "rt", "variants": ["full"], "recipes": ["seeds", "plain", "depthtune"], "steps": 10}],
+        # 3-epoch runs: wall time, time to a fixed validation accuracy. The seeds' recipe (full model,
+        # pad 128) runs until it reaches the target (its 3-epoch wall time is not a target).
+        "epochs": {"data": "sst2", "n_train": 512, "n_val": 200, "epochs": 3, "eval_every": 12, "target": 0.75,
+                   "variants": variants, "recipes": ["seeds", "plain", "depthtune"], "repeats": 1,
+                   "seeds_stop_at_target": True},
+        # OMP_WAIT_POLICY unset vs PASSIVE, fresh processes alternating: depthtune full FT steady samples/s
+        "omp": {"policies": [None, "PASSIVE"], "repeats": 2, "steps": 8},
         "breakdown": {"variants": variants, "seq_lens": [64], "full_seq_lens": [128]},
         "profile": {"variant": "full", "data": "sst2", "steps": 6},
         "gemm": {"n": None, "reps": 12},
@@ -52,7 +56,9 @@ def default_plan(quick: bool = False) -> dict:
                           "steps": 2},
                          {"data": "rt", "variants": ["full"], "recipes": ["plain", "depthtune"], "steps": 2}]
         plan["epochs"] = {"data": "sst2", "n_train": 32, "n_val": 48, "epochs": 3, "eval_every": 1, "target": 0.55,
-                          "variants": ["probe"], "recipes": ["plain", "depthtune"], "repeats": 1}
+                          "variants": ["probe"], "recipes": ["plain", "depthtune"], "repeats": 1,
+                          "seeds_stop_at_target": True}
+        plan["omp"] = None
         plan["breakdown"] = {"variants": ["full"], "seq_lens": [32], "full_seq_lens": []}
         plan["profile"] = {"variant": "full", "data": "sst2", "steps": 2}
         plan["gemm"] = {"n": 1024, "reps": 5}
@@ -121,10 +127,17 @@ def aggregate_speed(results: list, peak_flops: float) -> list:
             "data": data, "variant": variant, "recipe": recipe, "repeats": len(rs), "steps": rs[0]["steps"],
             "batch_size": rs[0]["batch_size"], "trainable_params": rs[0]["trainable_params"],
             "samples_per_s": H.summarize([r["samples_per_s"] for r in rs]), "tokens_per_s": tps,
+            "steady_samples_per_s": H.summarize([r["steady_samples_per_s"] for r in rs]),
+            "steady_tokens_per_s": H.summarize([r["steady_tokens_per_s"] for r in rs]),
+            "training_peak_bytes": H.summarize([r["training_peak_bytes"] for r in rs]),
+            "training_memory_ratio": H.summarize([r["training_memory_ratio"] for r in rs]),
             "train_s": H.summarize([r["train_s"] for r in rs]),
             "flops_per_token_train": fpt, "flops_seq_len": rs[0]["flops_seq_len"],
             "mfu": {k: (v * fpt / peak_flops if v is not None and peak_flops else None)
                     for k, v in tps.items() if k in ("min", "median", "max")},
+            "mfu_steady": {k: (v * fpt / peak_flops if v is not None and peak_flops else None)
+                           for k, v in H.summarize([r["steady_tokens_per_s"] for r in rs]).items()
+                           if k in ("min", "median", "max")},
             "peak_memory_bytes": H.summarize([r["peak_memory_bytes"] for r in rs]),
             "estimated_memory_bytes": rs[0]["estimated_memory"]["total"],
             "estimate_seq_len": rs[0]["estimate_seq_len"],
@@ -183,6 +196,8 @@ def aggregate_epochs(results: list) -> list:
             "peak_memory_bytes": H.summarize([r["peak_memory_bytes"] for r in rs]),
             "memory_ratio": H.summarize([r["memory_ratio"] for r in rs]),
             "cache_bytes": rs[0].get("cache_bytes"),
+            "stopped_at_target": rs[0].get("stopped_at_target", False),
+            "estimated_memory_bytes": rs[0]["estimated_memory"]["total"],
         })
     return rows
 
@@ -200,44 +215,70 @@ def epoch_speedups(rows: list) -> dict:
             "wall_s_ratio": p["wall_s"]["median"] / r["wall_s"]["median"] if r["wall_s"]["median"] else None,
             "time_to_target_ratio": (p["time_to_target_s"]["median"] / r["time_to_target_s"]["median"]
                                      if p["time_to_target_s"]["median"] and r["time_to_target_s"]["median"]
-                                     else None)}
+                                     else None),
+            "samples_per_s_ratio": (r["samples_per_s"]["median"] / p["samples_per_s"]["median"]
+                                    if p["samples_per_s"]["median"] else None)}
     return out
 
 
-def check_targets(speed_rows: list, ratios: dict, seeds: dict, ep_speedups: dict, all_results: list,
-                  mfu_full: dict) -> list:
+def check_targets(ratios: dict, steady: dict, seeds: dict, seeds_steady: dict, ep_speedups: dict,
+                  speed_results: list, epoch_results: list, mfu_full: dict) -> list:
+    """Issue 8's targets, each with the measured figure. Speed targets are judged on steady-state
+    samples/s (steps 2..N: what a long run sees; the per-call figure, which also counts each
+    loop's set-up, is in the detail)."""
     def med(d):
         return d["median"] if d and d.get("n") else None
+
+    def rng(d):
+        return f"{d['min']:.2f}-{d['max']:.2f}" if d and d.get("n") else "n/a"
 
     def row(name, value, goal, better="higher", detail=""):
         met = None if value is None else (value >= goal if better == "higher" else value <= goal)
         return {"target": name, "measured": value, "goal": goal, "met": met, "detail": detail}
 
     t = []
-    r = ratios.get("sst2/full")
-    t.append(row("full FT samples/s: depthtune / best plain Trainer (SST-2)", med(r), 1.3,
-                 detail=f"paired per repeat min {r['min']:.2f} max {r['max']:.2f}" if r and r["n"] else ""))
-    s = seeds.get("sst2/full")
-    t.append(row("full FT samples/s: depthtune / seeds' recipe (SST-2)", med(s), 8.0,
-                 detail=f"paired per repeat min {s['min']:.2f} max {s['max']:.2f}" if s and s["n"] else ""))
+    r, rs = ratios.get("sst2/full"), steady.get("sst2/full")
+    ep_full = (ep_speedups.get("full") or {}).get("samples_per_s_ratio")
+    t.append(row("full FT samples/s, depthtune / best plain Trainer (SST-2, steady state)", med(rs), 1.3,
+                 detail=f"paired per repeat {rng(rs)}; whole train() call {_fmt(med(r), '.2f')} ({rng(r)}); "
+                        f"3-epoch run {_fmt(ep_full, '.2f')}"))
+    s, ss = seeds.get("sst2/full"), seeds_steady.get("sst2/full")
+    t.append(row("full FT samples/s, depthtune / seeds' recipe (SST-2, steady state)", med(ss), 8.0,
+                 detail=f"paired per repeat {rng(ss)}; whole call {_fmt(med(s), '.2f')} ({rng(s)})"))
     for v, goal in (("top2", 1.3), ("probe", 2.5)):
         e = ep_speedups.get(v) or {}
-        t.append(row(f"{v} 3-epoch wall: plain Trainer / depthtune (evaluation excluded)", e.get("train_s_ratio"),
-                     goal, detail=f"with evaluation: {e['wall_s_ratio']:.2f}" if e.get("wall_s_ratio") else ""))
+        t.append(row(f"{v}: 3-epoch wall time, plain Trainer / depthtune (evaluation excluded)",
+                     e.get("train_s_ratio"), goal,
+                     detail=f"with evaluation {_fmt(e.get('wall_s_ratio'), '.2f')}; time to target "
+                            f"{_fmt(e.get('time_to_target_ratio'), '.2f')}"))
+    # memory: training peak of the speed runs (build + optimizer steps) vs the audit's estimate at the
+    # longest batch; every variant x {plain, depthtune} (the seeds' recipe is reported, not judged)
     worst = None
-    for res in all_results:
+    for res in speed_results:
         if not res.get("ok") or res["recipe"] == "seeds":
             continue
-        dev = abs(res["memory_ratio"] - 1)
+        dev = abs(res["training_memory_ratio"] - 1)
         if worst is None or dev > worst[0]:
             worst = (dev, res)
     if worst:
         w = worst[1]
-        t.append(row("memory estimate within 25% of measured peak, every variant (worst |ratio-1|)", worst[0], 0.25,
-                     better="lower", detail=f"worst: {w['data']}/{w['variant']}/{w['recipe']} measured/estimate "
-                                            f"{w['memory_ratio']:.2f}"))
-    t.append({"target": "MFU of full FT reported", "measured": mfu_full.get("median"), "goal": None,
-              "met": mfu_full.get("median") is not None, "detail": "depthtune, SST-2, median tokens/s"})
+        t.append(row("memory estimate within 25% of measured training peak, every variant (worst |ratio-1|)",
+                     worst[0], 0.25, better="lower",
+                     detail=f"worst {w['data']}/{w['variant']}/{w['recipe']}: measured/estimate "
+                            f"{w['training_memory_ratio']:.2f}"))
+    eworst = None
+    for res in epoch_results:
+        if not res.get("ok") or res["recipe"] == "seeds":
+            continue
+        dev = abs(res["memory_ratio"] - 1)
+        if eworst is None or dev > eworst[0]:
+            eworst = (dev, res)
+    if eworst:
+        w = eworst[1]
+        t.append(row("same over the 3-epoch runs (peak incl. evaluations and the kept best weights)", eworst[0], 0.25,
+                     better="lower", detail=f"worst {w['variant']}/{w['recipe']}: {w['memory_ratio']:.2f}"))
+    t.append({"target": "MFU of full FT (depthtune, SST-2) reported", "measured": mfu_full.get("median"),
+              "goal": None, "met": mfu_full.get("median") is not None, "detail": "steady state, median"})
     return t
 
 
@@ -268,96 +309,122 @@ RECIPE_NAMES = {"seeds": "seeds' recipe (Trainer, pad 128, full model)",
 def markdown(res: dict) -> str:
     m = res["machine"]
     g = res["gemm"]
+    omp = res.get("omp_wait_policy") or {}
     lines = [f"# depthtune benchmark — {m['device']} — {res['date']}", "",
              f"- machine: {m['cpu']}, {m['cores']} cores; **{m['threads']} torch threads**; torch {m['torch']}, "
-             f"transformers {m['transformers']}; load average at start {m.get('loadavg_start')}, "
-             f"end {m.get('loadavg_end')}",
-             f"- measured {g['dtype']} GEMM peak ({g['n']}x{g['n']} matmul, best of {g['reps']}): "
-             f"{res['peak_flops'] / 1e9:.1f} GFLOP/s (start {g['start']['peak_flops'] / 1e9:.1f}, "
-             f"end {g['end']['peak_flops'] / 1e9:.1f}; medians {g['start']['median_flops'] / 1e9:.1f} / "
-             f"{g['end']['median_flops'] / 1e9:.1f})",
+             f"transformers {m['transformers']}; load average at start {_loads(m.get('loadavg_start'))}, "
+             f"at end {_loads(m.get('loadavg_end'))} (the cores are shared with other work)",
+             f"- every job in a fresh process forked from an import-only server; OMP_WAIT_POLICY="
+             f"{omp.get('jobs_ran_with', 'unset')} for every recipe alike",
+             f"- measured {g.get('dtype')} GEMM peak ({g.get('n')}x{g.get('n')} matmul, best of {g.get('reps')}): "
+             f"**{_fmt(res['peak_flops'] and res['peak_flops'] / 1e9)} GFLOP/s** (start "
+             f"{_fmt(g['start'] and g['start']['peak_flops'] / 1e9)}, end {_fmt(g['end'] and g['end']['peak_flops'] / 1e9)};"
+             f" medians {_fmt(g['start'] and g['start']['median_flops'] / 1e9)} / "
+             f"{_fmt(g['end'] and g['end']['median_flops'] / 1e9)})",
              f"- command: `{res['command']}`; total wall {res['wall_s'] / 60:.1f} min", ""]
-    lines += ["## Speed (short runs, interleaved; median (min–max) over repeats)", "",
-              "Seeds' recipe always trains the full model; samples/s and real (non-pad) tokens/s over the "
-              "train() / Trainer.train() call, evaluation excluded; MFU = audit FLOPs/token x real tokens/s / "
-              "measured GEMM peak; memory = RSS growth over the job's baseline around build+train vs the audit "
-              "estimate at the longest batch.", "",
-              "| data | variant | recipe | steps x batch | samples/s | real tokens/s | MFU % | peak MiB | "
-              "estimate MiB | measured/estimate |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, d in res["data"].items():
+        tl = d["train_lengths"]
+        lines.append(f"- data {key}: {d['source']}; training texts mean {tl['mean']:.1f} tokens (p95 {tl['p95']}, "
+                     f"max {tl['max']}); validation majority class {d['val_majority_fraction']:.3f}")
+    lines += ["", "Recipes: " + "; ".join(f"**{k}** = {v}" for k, v in res["recipes"].items()) + ".", "",
+              "## Speed: short runs, repeats interleaved — median (min–max)", "",
+              "samples/s over the whole train()/Trainer.train() call (evaluation excluded); steady = steps 2..N "
+              "(no set-up, no first step). MFU = audit train FLOPs/token x steady real tokens/s / measured GEMM "
+              "peak. Memory: training peak = RSS growth over the job's baseline, build + optimizer steps, vs the "
+              "audit estimate at the longest batch (S).", "",
+              "| data | variant | recipe | steps x batch | samples/s (call) | samples/s (steady) | real tokens/s "
+              "(steady) | MFU % | training peak MiB | estimate MiB (S) | measured / estimate |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["speed"]:
-        mfu = r["mfu"]
+        mfu = r["mfu_steady"]
         mfu_s = "—" if mfu["median"] is None else f"{100 * mfu['median']:.1f}"
         lines.append(f"| {r['data']} | {r['variant']} | {r['recipe']} | {r['steps']}x{r['batch_size']} | "
-                     f"{_mmm(r['samples_per_s'])} | {_mmm(r['tokens_per_s'], '.0f')} | {mfu_s} | "
-                     f"{_mib(r['peak_memory_bytes']['median'])} | {_mib(r['estimated_memory_bytes'])} "
-                     f"(S={r['estimate_seq_len']}) | {_mmm(r['memory_ratio'], '.2f')} |")
-    lines += ["", "Samples/s ratios, paired within each repeat, median (min–max):", ""]
-    for k, v in res["ratios"]["depthtune_over_plain"].items():
-        lines.append(f"- depthtune / plain Trainer, {k}: {_mmm(v, '.2f')}")
-    for k, v in res["ratios"]["depthtune_over_seeds"].items():
-        lines.append(f"- depthtune / seeds' recipe, {k}: {_mmm(v, '.2f')}")
+                     f"{_mmm(r['samples_per_s'])} | {_mmm(r['steady_samples_per_s'])} | "
+                     f"{_mmm(r['steady_tokens_per_s'], '.0f')} | {mfu_s} | "
+                     f"{_mib(r['training_peak_bytes']['median'])} | {_mib(r['estimated_memory_bytes'])} "
+                     f"({r['estimate_seq_len']}) | {_mmm(r['training_memory_ratio'], '.2f')} |")
+    lines += ["", "Ratios of samples/s, paired within each repeat — median (min–max):", ""]
+    for label, key in (("depthtune / plain Trainer, steady", "depthtune_over_plain_steady"),
+                       ("depthtune / plain Trainer, whole call", "depthtune_over_plain"),
+                       ("depthtune / seeds' recipe, steady", "depthtune_over_seeds_steady"),
+                       ("depthtune / seeds' recipe, whole call", "depthtune_over_seeds")):
+        for k, v in res["ratios"].get(key, {}).items():
+            lines.append(f"- {label}, {k}: {_mmm(v, '.2f')}")
     ep = res.get("epochs") or []
     if ep:
         e0 = res["plan"]["epochs"]
-        lines += ["", f"## {e0['epochs']} epochs ({e0['data']}, {e0['n_train']} training texts, validation every "
-                      f"{e0['eval_every']} steps on {e0['n_val']} texts, target accuracy {e0['target']})", "",
-                  "| variant | recipe | steps | train s (excl. eval) | wall s (incl. eval) | time to target s | "
-                  "step at target | best val acc | peak MiB | measured/estimate |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", f"## {e0['epochs']} epochs: wall time and time to accuracy {e0['target']}", "",
+                  f"{e0['data']}, {e0['n_train']} training texts, batch {res['plan']['batch_size']}, validation every "
+                  f"{e0['eval_every']} steps on {e0['n_val']} texts. Train s = the call minus evaluations (frozen-"
+                  "prefix caching, of training and validation texts, counts as training); time to target = training "
+                  "time until the step after which validation first reached the target. Peak = RSS growth over "
+                  "build + the whole call (evaluations and depthtune's kept best weights included).", "",
+                  "| variant | recipe | steps | train s | wall s (incl. eval) | time to target s | step | "
+                  "best val acc | peak MiB | estimate MiB | measured / estimate |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in ep:
             ttt = _mmm(r["time_to_target_s"]) if any(r["reached"]) else "not reached"
-            lines.append(f"| {r['variant']} | {r['recipe']} | {r['steps']} | {_mmm(r['train_s'])} | "
-                         f"{_mmm(r['wall_s'])} | {ttt} | {r['step_to_target'][0] if r['step_to_target'] else '—'} | "
+            steps = f"{r['steps']}" + (" (stopped at target)" if r.get("stopped_at_target") and any(r["reached"])
+                                       else "")
+            lines.append(f"| {r['variant']} | {r['recipe']} | {steps} | {_mmm(r['train_s'])} | "
+                         f"{_mmm(r['wall_s'])} | {ttt} | {r['step_to_target'][0] if r['step_to_target'][0] else '—'} | "
                          f"{_mmm(r['best_accuracy'], '.3f')} | {_mib(r['peak_memory_bytes']['median'])} | "
-                         f"{_mmm(r['memory_ratio'], '.2f')} |")
+                         f"{_mib(r.get('estimated_memory_bytes'))} | {_mmm(r['memory_ratio'], '.2f')} |")
         lines += ["", "Plain Trainer / depthtune over the whole run:", ""]
-        for v, s in res["epoch_speedups"].items():
-            lines.append(f"- {v}: train time {_fmt(s['train_s_ratio'], '.2f')}x, wall incl. eval "
-                         f"{_fmt(s['wall_s_ratio'], '.2f')}x, time to target {_fmt(s['time_to_target_ratio'], '.2f')}x")
-    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]
+        for v, sp in res["epoch_speedups"].items():
+            lines.append(f"- {v}: train time {_fmt(sp['train_s_ratio'], '.2f')}x, wall incl. evaluation "
+                         f"{_fmt(sp['wall_s_ratio'], '.2f')}x, time to target {_fmt(sp['time_to_target_ratio'], '.2f')}x"
+                         f" (samples/s depthtune / plain {_fmt(sp['samples_per_s_ratio'], '.2f')})")
+    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---:|---|"]
     for t in res["targets"]:
         meas = t["measured"]
-        lines.append(f"| {t['target']} | {_fmt(meas, '.3f') if isinstance(meas, float) else meas} "
-                     f"{t['detail'] and '(' + t['detail'] + ')'} | {t['goal'] if t['goal'] is not None else '—'} | "
+        meas_s = _fmt(meas, ".3f") if isinstance(meas, float) else str(meas)
+        lines.append(f"| {t['target']} | {meas_s}{' (' + t['detail'] + ')' if t['detail'] else ''} | "
+                     f"{t['goal'] if t['goal'] is not None else '—'} | "
                      f"{'yes' if t['met'] else 'no' if t['met'] is False else '—'} |")
     if res.get("profile"):
         p = res["profile"]
-        lines += ["", f"## Where the time goes: {p['variant']} fine-tuning step ({p['batch_size']} texts, "
-                      f"{_fmt(p['real_tokens_per_step'], '.0f')} real tokens per step, "
-                      f"{p['seconds_per_step']:.3f} s per step)", "",
-                  "| phase | s/step | share |", "|---|---:|---:|"]
+        lines += ["", f"## Where the time goes: {p['variant']} fine-tuning step, batch {p['batch_size']} "
+                      f"({_fmt(p['real_tokens_per_step'], '.0f')} real tokens), {p['seconds_per_step']:.3f} s/step",
+                  "", "| phase | s/step | share |", "|---|---:|---:|"]
         for k, v in p["phases"].items():
             lines.append(f"| {k} | {v['s_per_step']:.3f} | {100 * v['share']:.0f}% |")
         lines += ["", "| top operators (torch.profiler, self CPU) | s | calls | share |", "|---|---:|---:|---:|"]
         for o in p["top_ops"][:12]:
-            lines.append(f"| {o['name']} | {o['self_cpu_s']:.2f} | {o['calls']} | {100 * o['share']:.0f}% |")
+            lines.append(f"| {o['name']} | {o['self_cpu_s']:.3f} | {o['calls']} | {100 * o['share']:.0f}% |")
+    if omp.get("comparison"):
+        c = omp["comparison"]
+        lines += ["", "## OMP_WAIT_POLICY on shared cores", "",
+                  f"depthtune full fine-tuning, steady samples/s, {c['steps']} steps, {c['threads']} threads, fresh "
+                  "processes alternating:", ""]
+        for k, v in c["steady_samples_per_s"].items():
+            lines.append(f"- {k}: {_mmm(v)}")
     if res.get("memory_breakdown"):
-        lines += ["", "## Memory breakdown: measured vs audit estimate (one step)", "",
-                  "| variant | B x S | weights | gradients | AdamW states | activations (saved for backward) | "
-                  "total | activations measured/estimate |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "## Memory breakdown: measured / audit estimate, MiB (one training step)", "",
+                  "Activations = distinct tensors autograd saved for backward (parameters excluded).", "",
+                  "| variant | B x S | weights | gradients | AdamW states | activations | total | activation "
+                  "floats per token per layer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for b in res["memory_breakdown"]:
             ms, es = b["measured"], b["estimated"]
             lines.append(f"| {b['variant']} | {b['batch_size']}x{b['seq_len']} | " + " | ".join(
                 f"{_mib(ms[k])} / {_mib(es[k])}" for k in ("weights", "gradients", "adamw_states", "activations",
                                                          "total")) +
-                f" | {_fmt(b['ratio']['activations'], '.2f')} |")
-        lines.append("")
-        lines.append("Cells: measured MiB / estimated MiB.")
+                f" | {_fmt(b.get('activations_per_token_layer_floats'), '.0f')} |")
     a = res.get("audit8b")
     if a:
         lines += ["", "## Audit of an 8B Llama-style config", ""]
         if a.get("returncode") == 0:
             lines.append(f"- `{a['command']}`: {a['wall_s']:.1f} s wall, peak RSS {_mib(a['peak_rss_bytes'])} MiB "
-                         f"({a['rss_measured_with']}); {a['total_params']:,} parameters; an import-only child: "
+                         f"({a['rss_measured_with']}); {a['total_params']:,} parameters (closed form matches: "
+                         f"{a['closed_form_matches']}); a child that only imports the same modules: "
                          f"{a['import_only']['wall_s']:.1f} s, {_mib(a['import_only']['peak_rss_bytes'])} MiB")
         else:
-            lines.append(f"- failed: {a.get('error', '')[:300]}")
+            lines.append(f"- failed: {str(a.get('error', ''))[:300]}")
     tk = res.get("tokenization")
     if tk:
         lines += ["", "## Tokenization", "",
-                  f"- {tk['tokenizer']} (fast: {tk['is_fast']}) on {tk['examples']:,} SST-2 texts, one batched call, "
-                  f"TOKENIZERS_PARALLELISM={tk['TOKENIZERS_PARALLELISM']}: "
+                  f"- {tk['tokenizer']} (fast: {tk['is_fast']}), {tk['examples']:,} SST-2 texts in one batched call "
+                  f"(truncation 128, TOKENIZERS_PARALLELISM={tk['TOKENIZERS_PARALLELISM']}): "
                   f"{_mmm(tk['examples_per_s'], '.0f')} examples/s"]
     if res.get("failures"):
         lines += ["", "## Failed jobs", ""]
@@ -365,6 +432,10 @@ def markdown(res: dict) -> str:
             lines.append(f"- {f['job']}: {f['error']}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _loads(x):
+    return "—" if not x else "/".join(f"{v:.1f}" for v in x)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -420,11 +491,11 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
     g_start = run(H.gemm_peak, threads, gemm_kw["device"], gemm_kw["n"], gemm_kw["reps"], what="gemm start")
     log(f"  GEMM peak (start): {g_start['peak_flops'] / 1e9:.1f} GFLOP/s" if g_start else "  GEMM failed")
 
-    def job(kind, data, variant, recipe, n_train, n_val, epochs, eval_every, target):
+    def job(kind, data, variant, recipe, n_train, n_val, epochs, eval_every, target, stop_at_target=False):
         return H.job_spec(kind=kind, recipe=recipe, variant=variant, data=data, epochs=epochs, n_train=n_train,
                           n_val=n_val, batch_size=plan["batch_size"], lr=H.VARIANTS[variant]["lr"],
                           eval_every=eval_every, target=target, threads=threads, seed=plan["seed"], device=device,
-                          model=plan["model"])
+                          model=plan["model"], stop_at_target=stop_at_target)
 
     # short speed runs: repeats interleaved
     speed_jobs = []
@@ -450,7 +521,8 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
     ep = plan["epochs"]
     if ep and ep.get("variants"):
         ejobs = [job("epochs", ep["data"], v if rc != "seeds" else "full", rc, ep["n_train"], ep["n_val"],
-                     ep["epochs"], ep["eval_every"], ep["target"])
+                     ep["epochs"], ep["eval_every"], ep["target"],
+                     stop_at_target=rc == "seeds" and ep.get("seeds_stop_at_target", False))
                  for v in ep["variants"] for rc in ep["recipes"] if rc != "seeds" or v == ep["variants"][0]]
         for j in interleaved(ejobs, ep.get("repeats", 1)):
             what = f"epochs r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
@@ -485,25 +557,38 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
         if profile:
             log("  step profile: " + ", ".join(f"{k} {v['s_per_step']:.3f}" for k, v in profile["phases"].items()))
 
+    omp = None
+    if plan.get("omp") and device == "cpu":
+        o = plan["omp"]
+        omp = H.omp_policy_comparison(o["policies"], o["repeats"], o["steps"], threads)
+        log("  OMP_WAIT_POLICY: " + ", ".join(f"{k} {v['median']:.1f} samples/s"
+                                               for k, v in omp["steady_samples_per_s"].items() if v["n"]))
+
     g_end = run(H.gemm_peak, threads, gemm_kw["device"], gemm_kw["n"], gemm_kw["reps"], what="gemm end")
     audit8b = None
     if plan["audit8b"]:
+        import tempfile
+
         cfg = plan["audit8b"] if isinstance(plan["audit8b"], dict) else H.LLAMA_8B
-        audit8b = H.audit_subprocess(cfg, out_dir / ".audit8b")
+        with tempfile.TemporaryDirectory(prefix="bench-audit8b-") as tmp:
+            audit8b = H.audit_subprocess(cfg, Path(tmp))
         log(f"  audit 8B: {audit8b.get('wall_s', 0):.1f} s, peak RSS {(audit8b.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
 
     gemms = [g for g in (g_start, g_end) if g]
     peak = max((g["peak_flops"] for g in gemms), default=None)
     speed_rows = aggregate_speed(speed_results, peak)
     ratios = {"depthtune_over_plain": paired_ratios(speed_results, "depthtune", "plain"),
+              "depthtune_over_plain_steady": paired_ratios(speed_results, "depthtune", "plain",
+                                                           "steady_samples_per_s"),
               "depthtune_over_seeds": seeds_ratios(speed_results),
-              "plain_over_seeds": {}}
+              "depthtune_over_seeds_steady": seeds_ratios(speed_results, "steady_samples_per_s")}
     epoch_rows = aggregate_epochs(epoch_results)
     speedups = epoch_speedups(epoch_rows)
     full_dt = next((r for r in speed_rows if r["data"] == "sst2" and r["variant"] == "full"
                     and r["recipe"] == "depthtune"), None)
-    targets = check_targets(speed_rows, ratios["depthtune_over_plain"], ratios["depthtune_over_seeds"], speedups,
-                            speed_results + epoch_results, full_dt["mfu"] if full_dt else {})
+    targets = check_targets(ratios["depthtune_over_plain"], ratios["depthtune_over_plain_steady"],
+                            ratios["depthtune_over_seeds"], ratios["depthtune_over_seeds_steady"], speedups,
+                            speed_results, epoch_results, full_dt["mfu_steady"] if full_dt else {})
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res = {
         "schema": SCHEMA, "date": dt.date.today().isoformat(), "tag": tag, "command": command,
@@ -514,6 +599,7 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
         "recipes": RECIPE_NAMES,
         "speed": speed_rows, "ratios": ratios, "epochs": epoch_rows, "epoch_speedups": speedups,
         "targets": targets, "profile": profile, "memory_breakdown": breakdown, "audit8b": audit8b,
+        "omp_wait_policy": {"jobs_ran_with": H.OMP_WAIT_POLICY or "unset", "comparison": omp},
         "tokenization": tokenization, "runs": {"speed": speed_results, "epochs": epoch_results},
         "failures": failures, "wall_s": time.perf_counter() - t_start,
     }

@@ -135,10 +135,11 @@ def test_retrain_flow_on_a_toy_dvc_project(prefect_api, tmp_path, monkeypatch):
     assert report["steps"][0]["ran_stages"] == ["prepare"]
     assert json.loads((root / "reports" / "retrain.json").read_text())["changes"]["data_changed"] is True
 
-    # nothing new: nothing re-runs, nothing changes
+    # nothing new: prepare re-reads the source (forced), its outputs hash the same, nothing downstream runs
     report2 = retrain(root=str(root))
     assert report2["changes"]["data_changed"] is False and report2["changes"]["promotion"] is None
-    assert all(not s["ran_stages"] for s in report2["steps"])
+    assert report2["steps"][0]["ran_stages"] == ["prepare"]
+    assert all(not s["ran_stages"] for s in report2["steps"][1:])
 
 
 def test_skips_while_a_previous_run_is_running(prefect_api, tmp_path):
