@@ -253,7 +253,7 @@ def tokenization_throughput(tokenizer, texts: list, repeats: int = 3, max_length
             "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM")}
 
 
-def audit_subprocess(config: dict, workdir: Path, timeout: float = 600) -> dict:
+def audit_subprocess(config: dict, workdir: Path, timeout: float = 600, import_baseline: bool = True) -> dict:
     """`depthtune audit --config <json> --labels 0 --json` in a subprocess: wall time, peak RSS, counts.
 
     Also times a child that only imports what the audit imports, to separate the audit's own cost.
@@ -305,6 +305,8 @@ def audit_subprocess(config: dict, workdir: Path, timeout: float = 600) -> dict:
     result.update(total_params=rec["total_params"], trainable_params=rec["trainable_params"],
                   closed_form_matches=(rec.get("closed_form") or {}).get("matches"),
                   estimated_train_memory_bytes=rec["estimates"]["memory_bytes"]["total"])
+    if not import_baseline:
+        return result
     iproc, iwall, ipeak, _ = timed(import_cmd)
     result["import_only"] = {"returncode": iproc.returncode, "wall_s": iwall, "peak_rss_bytes": ipeak}
     if iproc.returncode == 0 and peak and ipeak:
@@ -851,29 +853,33 @@ def omp_probe(steps: int, threads: int, n_warm: int = 1, seed: int = 0) -> dict:
             "loadavg": list(os.getloadavg())}
 
 
-def omp_policy_comparison(policies: list, repeats: int, steps: int, threads: int, timeout: float = 600) -> dict:
-    """Alternate fresh processes under each OMP_WAIT_POLICY (None = unset, libgomp's default)."""
+OMP_CONFIGS = {"unset": ({}, None), "PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
+               "1 thread": ({}, 1)}
+
+
+def omp_policy_comparison(configs: list, repeats: int, steps: int, threads: int, timeout: float = 600) -> dict:
+    """Fresh processes alternating between OMP settings (OMP_CONFIGS names: env, thread count)."""
     runs = []
     for r in range(repeats):
-        order = policies if r % 2 == 0 else list(reversed(policies))
-        for pol in order:
+        order = configs if r % 2 == 0 else list(reversed(configs))
+        for name in order:
+            extra, thr = OMP_CONFIGS[name]
             env = dict(os.environ, PYTHONPATH=str(ROOT))
             env.pop("OMP_WAIT_POLICY", None)
-            if pol:
-                env["OMP_WAIT_POLICY"] = pol
-            cmd = [sys.executable, "-m", "bench.harness", "omp-probe", str(steps), str(threads)]
+            env.update(extra)
+            cmd = [sys.executable, "-m", "bench.harness", "omp-probe", str(steps), str(thr or threads)]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
                 rec = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
                     {"error": proc.stderr[-500:]}
             except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
                 rec = {"error": str(exc)[:300]}
-            rec.update(policy=pol or "unset", repeat=r)
+            rec.update(config=name, repeat=r)
             runs.append(rec)
     by = {}
     for rec in runs:
         if rec.get("steady_samples_per_s"):
-            by.setdefault(rec["policy"], []).append(rec["steady_samples_per_s"])
+            by.setdefault(rec["config"], []).append(rec["steady_samples_per_s"])
     return {"variant": "full", "recipe": "depthtune", "steps": steps, "threads": threads, "runs": runs,
             "steady_samples_per_s": {k: summarize(v) for k, v in by.items()}}
 

@@ -59,6 +59,12 @@ def running_url() -> str | None:
     return state["url"] if healthy(state["url"]) else None
 
 
+def touch() -> None:
+    """Mark the project server as in use (the keeper stops it after an idle period)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    LAST_USED.touch()
+
+
 def ensure_server(timeout: float = 90.0) -> str:
     """URL of a healthy project server, starting one (host 127.0.0.1) if needed."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)

@@ -49,9 +49,19 @@ def run_stage(stage: str, argv: list[str]) -> None:
                           work_s=time.perf_counter() - t, prefect_ready_s=0.0)
         return
     t0 = time.perf_counter()
+    from flows.server import ensure_server, touch
     if not os.environ.get("PREFECT_API_URL"):
-        from flows.server import ensure_server
         os.environ["PREFECT_API_URL"] = ensure_server()
+    touch()  # a stage is using the project server: keep its keeper from stopping it
+
+    import threading
+
+    def keep_alive():  # long stages (a 20-minute fine-tune) must not look idle to the keeper
+        while True:
+            time.sleep(30)
+            touch()
+
+    threading.Thread(target=keep_alive, daemon=True).start()
     from prefect import flow, task
     from prefect.states import Failed
 
@@ -68,6 +78,7 @@ def run_stage(stage: str, argv: list[str]) -> None:
         except DepthtuneError as exc:  # bad input: one line, not a Prefect traceback
             return f"{exc}"
         finally:
+            touch()
             record_timing(run_name, work_s=time.perf_counter() - t, prefect_ready_s=ready_s)
         return None
 
