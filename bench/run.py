@@ -325,7 +325,9 @@ def markdown(res: dict) -> str:
              f"{_fmt(g['start'] and g['start']['peak_flops'] / 1e9)}, end {_fmt(g['end'] and g['end']['peak_flops'] / 1e9)};"
              f" medians {_fmt(g['start'] and g['start']['median_flops'] / 1e9)} / "
              f"{_fmt(g['end'] and g['end']['median_flops'] / 1e9)})",
-             f"- command: `{res['command']}`; total wall {res['wall_s'] / 60:.1f} min", ""]
+             f"- command: `{res['command']}`; total wall {res['wall_s'] / 60:.1f} min"
+             + (f"; {len(res['resumed_jobs'])} jobs reused from an interrupted run" if res.get("resumed_jobs") else ""),
+             ""]
     for key, d in res["data"].items():
         tl = d["train_lengths"]
         lines.append(f"- data {key}: {d['source']}; training texts mean {tl['mean']:.1f} tokens (p95 {tl['p95']}, "
@@ -460,7 +462,7 @@ def interleaved(jobs_per_repeat: list, repeats: int) -> list:
 
 
 def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, sst2_dir: Path | None = None,
-             isolate: bool = True) -> dict:
+             isolate: bool = True, resume: bool = False) -> dict:
     from depthtune.config import ModelConfig
     from depthtune.sources import load_tokenizer
 
@@ -478,6 +480,24 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
             f"max {v['train_lengths']['max']}), {v['val_lengths']['n']} val")
     timeout = plan["timeout_s"]
     failures = []
+    # every finished job is appended here; --resume reuses them after an interruption (the report says so)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f".{tag}.partial.jsonl"
+    done = {}
+    if resume and partial.exists():
+        for line in partial.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["key"]] = rec["value"]
+            except (ValueError, KeyError):
+                continue
+        log(f"  resuming: {len(done)} finished jobs from {partial.name}")
+    elif partial.exists():
+        partial.unlink()
+
+    def remember(key, value):
+        with open(partial, "a") as fh:
+            fh.write(json.dumps({"key": key, "value": value}, default=str) + "\n")
 
     def run(fn, *args, what=""):
         r = H.run_isolated(fn, *args, timeout=timeout, isolate=isolate)
@@ -517,8 +537,13 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
     speed_results = []
     for j in interleaved(speed_jobs, plan["repeats"]):
         what = f"speed r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
-        r = run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer, what=what)
+        r = done.get(what) or run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer,
+                                  what=what)
         if r:
+            if what in done:
+                r["resumed"] = True
+            else:
+                remember(what, r)
             speed_results.append(r)
             log(f"  {what}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
                 f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB (x{r['memory_ratio']:.2f} of estimate)")
@@ -533,8 +558,13 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
                  for v in ep["variants"] for rc in ep["recipes"] if rc != "seeds" or v == ep["variants"][0]]
         for j in interleaved(ejobs, ep.get("repeats", 1)):
             what = f"epochs r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
-            r = run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer, what=what)
+            r = done.get(what) or run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer,
+                                      what=what)
             if r:
+                if what in done:
+                    r["resumed"] = True
+                else:
+                    remember(what, r)
                 epoch_results.append(r)
                 ttt = f"{r['time_to_target_s']:.1f} s" if r["reached"] else "not reached"
                 log(f"  {what}: train {r['train_s']:.1f} s (wall {r['call_s']:.1f} s), best acc "
@@ -610,9 +640,10 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
         "tokenization": tokenization, "runs": {"speed": speed_results, "epochs": epoch_results},
         "failures": failures, "wall_s": time.perf_counter() - t_start,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    res["resumed_jobs"] = sorted(done)
     (out_dir / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     (out_dir / f"{tag}.md").write_text(markdown(res))
+    partial.unlink(missing_ok=True)
     log(f"wrote {out_dir / (tag + '.json')} and .md in {res['wall_s'] / 60:.1f} min")
     return res
 
@@ -630,6 +661,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds-epochs", action="store_true",
                     help="also run the seeds' recipe for 3 epochs (slow: every text padded to 128)")
     ap.add_argument("--tag", default=None, help="results file stem (default <device>-<date>[-quick])")
+    ap.add_argument("--resume", action="store_true", help="reuse the jobs an interrupted run finished")
     args = ap.parse_args(argv)
     import torch
 
@@ -649,7 +681,7 @@ def main(argv=None) -> int:
         plan["audit8b"] = False
     tag = args.tag or f"{device}-{dt.date.today().isoformat()}" + ("-quick" if args.quick else "")
     cmd = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    run_plan(plan, Path(args.out), tag=tag, command=cmd.strip())
+    run_plan(plan, Path(args.out), tag=tag, command=cmd.strip(), resume=args.resume)
     return 0
 
 
