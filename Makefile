@@ -25,7 +25,7 @@ setup: $(STAMP)
 
 repro: $(STAMP)
 	test -d .git || git init -q
-	dvc repro
+	@start=$$(date +%s.%N); dvc repro && $(PY) -m flows.timings --since $$start
 	@echo "results: reports/comparison.md, audit/summary.md, 'dvc metrics show', 'mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db'"
 
 test: $(STAMP)

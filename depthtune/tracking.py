@@ -267,6 +267,31 @@ def pipeline_key(root: str | Path = ".") -> str:
 _WARNED = False
 
 
+# Wall time spent in this module's entry points (mlflow import, store, logging), for the
+# orchestration-overhead figure (flows/stage.py records it per stage process).
+_SPENT = {"s": 0.0, "depth": 0}
+
+
+def seconds_spent() -> float:
+    return _SPENT["s"]
+
+
+def _timed(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _SPENT["depth"] += 1
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _SPENT["depth"] -= 1
+            if _SPENT["depth"] == 0:  # nested entry points count once
+                _SPENT["s"] += time.perf_counter() - t
+    return wrapper
+
+
 def _warn_once(message: str) -> None:
     global _WARNED
     if not _WARNED:
@@ -380,6 +405,7 @@ def _variant_run(client, exp_id: str, variant: str, resume_run_id: Optional[str]
                            {TAG_ROLE: "variant", TAG_KEY: pipeline_key(root)}, variant)
 
 
+@_timed
 def variant_run_id(cfg: TrackingConfig, variant: str, *, resume_run_id: Optional[str] = None,
                    root: str | Path = ".") -> Optional[str]:
     """The variant's MLflow run id (created under this pipeline's parent run if needed); None if the store is down.
@@ -515,6 +541,7 @@ def evaluation_metrics(eval_result: dict) -> dict:
 # ----------------------------------------------------------------------------- the two entry points
 
 
+@_timed
 def log_variant_training(cfg: TrackingConfig, variant: str, *, audit_result: dict, train_result: dict,
                          model_dir: str | Path, params_flat: dict, resolved_config: dict,
                          run_id: Optional[str] = None, root: str | Path = ".", log_model: bool = True) -> dict:
@@ -605,6 +632,7 @@ def _finish(client, run_id: str) -> None:
         client.set_terminated(parent, "FINISHED")
 
 
+@_timed
 def log_variant_evaluation(cfg: TrackingConfig, variant: str, *, eval_result: dict,
                            confusion_csv_path: str | Path | None = None, run_id: Optional[str] = None,
                            root: str | Path = ".") -> dict:

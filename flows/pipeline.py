@@ -22,8 +22,8 @@ from pathlib import Path
 
 from depthtune import runtime  # noqa: F401  (offline defaults)
 from depthtune.files import PROJECT_ROOT
+from flows.timings import overhead_report, summary_lines
 
-TIMINGS = PROJECT_ROOT / ".depthtune" / "timings.jsonl"
 
 
 def sh(args: list[str]) -> None:
@@ -36,21 +36,6 @@ def sh(args: list[str]) -> None:
 def variant_names(params_path: Path = PROJECT_ROOT / "params.yaml") -> list[str]:
     from depthtune.config import load_params
     return list(load_params(params_path).variants)
-
-
-def overhead_report(t_start: float, wall: float) -> dict:
-    """Pipeline wall time vs the time spent inside the stages' own work."""
-    rows = []
-    if TIMINGS.exists():
-        for line in TIMINGS.read_text().splitlines():
-            row = json.loads(line)
-            if row["process_start"] >= t_start - 1:
-                rows.append(row)
-    work = sum(r["work_s"] for r in rows)
-    return {"wall_s": round(wall, 1), "stage_work_s": round(work, 1), "overhead_s": round(wall - work, 1),
-            "overhead_fraction": round((wall - work) / wall, 4) if wall else None,
-            "prefect_ready_s": round(sum(r["prefect_ready_s"] for r in rows), 1),
-            "stages": {r["stage"]: {"work_s": r["work_s"], "process_s": r["process_s"]} for r in rows}}
 
 
 def main(argv=None) -> None:
@@ -94,13 +79,11 @@ def main(argv=None) -> None:
         else:
             dvc(["repro"] + (["--force"] if args.force else []))
         report = overhead_report(t_start, time.perf_counter() - t0)
-        print(f"pipeline: {report['wall_s']} s wall, {report['stage_work_s']} s inside stages, overhead "
-              f"{report['overhead_s']} s ({100 * (report['overhead_fraction'] or 0):.1f}%)")
+        print("\n".join(summary_lines(report)))
         return report
 
     report = pipeline()
-    out = PROJECT_ROOT / ".depthtune" / "last_pipeline.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    (PROJECT_ROOT / ".depthtune" / "last_pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,18 +16,32 @@ import time
 STAGES = ("prepare", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 
 
-def record_timing(run_name: str, **fields) -> None:
-    """Append this stage's timings to .depthtune/timings.jsonl (for the orchestration-overhead figure)."""
-    import json
-
+def process_age() -> tuple[float, float]:
+    """(process start as epoch seconds, seconds since then): the interpreter start counts too."""
     import psutil
+
+    started = psutil.Process().create_time()
+    return started, time.time() - started
+
+
+def record_timing(run_name: str, **fields) -> None:
+    """Append this stage's timings to .depthtune/timings.jsonl (for the orchestration-overhead figure).
+
+    startup_s: interpreter start + the stage module's imports (torch, transformers, ...), before Prefect;
+    work_s: the stage's main(); mlflow_s: the part of work_s spent in depthtune.tracking (mlflow import,
+    store, logging); process_s: start to the end of the Prefect flow. Prefect's share is
+    process_s - startup_s - work_s; what DVC and process exit cost shows up between processes.
+    """
+    import json
 
     from depthtune.files import PROJECT_ROOT
 
     path = PROJECT_ROOT / ".depthtune" / "timings.jsonl"
     path.parent.mkdir(exist_ok=True)
-    started = psutil.Process().create_time()
-    row = {"stage": run_name, "process_start": started, "process_s": round(time.time() - started, 3),
+    started, age = process_age()
+    tracking = sys.modules.get("depthtune.tracking")
+    fields.setdefault("mlflow_s", tracking.seconds_spent() if tracking else 0.0)
+    row = {"stage": run_name, "process_start": started, "process_s": round(age, 3),
            **{k: round(v, 3) for k, v in fields.items()}}
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
@@ -40,13 +54,15 @@ def run_stage(stage: str, argv: list[str]) -> None:
         print(f"error: unknown stage {stage!r}, expected one of {', '.join(STAGES)}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(f"stages.{stage}")
+    startup_s = process_age()[1]
+    variant = argv[argv.index("--variant") + 1] if "--variant" in argv and argv.index("--variant") + 1 < len(argv) else None
+    run_name = f"{stage}@{variant}" if variant else stage
     if os.environ.get("DEPTHTUNE_PREFECT", "1") == "0":
         t = time.perf_counter()
         try:
             run_main(lambda: module.main(argv))
         finally:
-            record_timing(stage + (f"@{argv[argv.index('--variant') + 1]}" if "--variant" in argv else ""),
-                          work_s=time.perf_counter() - t, prefect_ready_s=0.0)
+            record_timing(run_name, startup_s=startup_s, work_s=time.perf_counter() - t, prefect_ready_s=0.0)
         return
     t0 = time.perf_counter()
     from flows.server import ensure_server, touch
@@ -67,8 +83,7 @@ def run_stage(stage: str, argv: list[str]) -> None:
 
     from depthtune.errors import DepthtuneError
 
-    variant = argv[argv.index("--variant") + 1] if "--variant" in argv else None
-    run_name = f"{stage}@{variant}" if variant else stage
+    work = {"s": 0.0}
 
     @task(name=f"{stage}.main", retries=0)
     def stage_task():
@@ -79,7 +94,7 @@ def run_stage(stage: str, argv: list[str]) -> None:
             return f"{exc}"
         finally:
             touch()
-            record_timing(run_name, work_s=time.perf_counter() - t, prefect_ready_s=ready_s)
+            work["s"] = time.perf_counter() - t
         return None
 
     @flow(name=f"depthtune-{stage}", flow_run_name=run_name, log_prints=True, validate_parameters=False)
@@ -92,7 +107,10 @@ def run_stage(stage: str, argv: list[str]) -> None:
     ready_s = time.perf_counter() - t0
     print(f"[{run_name}] Prefect ready in {ready_s:.1f} s ({os.environ['PREFECT_API_URL']})",
           file=sys.stderr)
-    state = stage_flow(return_state=True)
+    try:
+        state = stage_flow(return_state=True)
+    finally:
+        record_timing(run_name, startup_s=startup_s, work_s=work["s"], prefect_ready_s=ready_s)
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         sys.exit(2)
