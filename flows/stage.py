@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+FORKED = False  # True in a child of the warm stage worker (flows/worker.py)
 STAGES = ("prepare", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 
 
@@ -41,7 +42,7 @@ def record_timing(run_name: str, **fields) -> None:
     started, age = process_age()
     tracking = sys.modules.get("depthtune.tracking")
     fields.setdefault("mlflow_s", tracking.seconds_spent() if tracking else 0.0)
-    row = {"stage": run_name, "process_start": started, "process_s": round(age, 3),
+    row = {"stage": run_name, "process_start": started, "process_s": round(age, 3), "worker": FORKED,
            **{k: round(v, 3) for k, v in fields.items()}}
     with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
@@ -68,6 +69,8 @@ def run_stage(stage: str, argv: list[str]) -> None:
     from flows.server import ensure_server, touch
     if not os.environ.get("PREFECT_API_URL"):
         os.environ["PREFECT_API_URL"] = ensure_server()
+    if "prefect.context" in sys.modules:  # imported earlier (the warm worker): re-read the environment
+        sys.modules["prefect.context"].refresh_global_settings_context()
     touch()  # a stage is using the project server: keep its keeper from stopping it
 
     import threading
@@ -116,10 +119,25 @@ def run_stage(stage: str, argv: list[str]) -> None:
         sys.exit(2)
 
 
+def main_in_process(args: list[str], forked: bool = False) -> None:
+    """Run the stage in this process (a fresh one, or a child forked by the warm worker)."""
+    from depthtune import runtime  # offline defaults before prefect is imported
+
+    global FORKED
+    if forked:  # the environment was just replaced by the caller's: apply the defaults again
+        FORKED = True
+        runtime.configure_offline()
+    run_stage(args[0], args[1:])
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         print("usage: python -m flows.stage <stage> [args]", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # stage prints reach the console and the run's logs
-    from depthtune import runtime  # noqa: F401  (offline defaults before prefect is imported)
-    run_stage(sys.argv[1], sys.argv[2:])
+    from flows import worker  # stdlib only: asking the warm worker costs milliseconds
+
+    code = worker.run_in_worker(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    main_in_process(sys.argv[1:])

@@ -25,13 +25,14 @@ def ran_stages(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, shared_data):
     proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj", tiny_params(shared_data))
-    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=300)
+    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=300, DEPTHTUNE_WORKER=1, DEPTHTUNE_WORKER_IDLE_S=120)
     t = time.perf_counter()
     proc = run([sys.executable, "-m", "dvc", "repro"], proj, env)
     first = time.perf_counter() - t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     yield proj, env, proc.stdout + proc.stderr, first
     run([sys.executable, "-m", "flows.server", "stop"], proj, env)
+    run([sys.executable, "-m", "flows.worker", "stop"], proj, env)
 
 
 def test_repro_runs_every_stage_and_writes_every_variant(project):
@@ -51,6 +52,8 @@ def test_repro_runs_every_stage_and_writes_every_variant(project):
     # every stage ran as a Prefect flow on one shared project server
     timings = [json.loads(line) for line in (proj / ".depthtune" / "timings.jsonl").read_text().splitlines()]
     assert {t["stage"] for t in timings} >= expected
+    # the first stage started the warm worker; once it was ready, later stages ran as its children
+    assert not timings[0]["worker"] and any(t["worker"] for t in timings), timings
     assert (proj / ".prefect" / "server.json").exists()
 
 
