@@ -36,6 +36,7 @@ def overhead_report(t_start: float, wall: float) -> dict:
     for r in rows:
         startup, work, mlflow_s = r.get("startup_s", 0.0), r["work_s"], r.get("mlflow_s", 0.0)
         stages[r["stage"]] = {"process_s": r["process_s"], "startup_s": startup, "work_s": work,
+                              "worker": r.get("worker", False),
                               "mlflow_s": mlflow_s, "own_s": round(startup + work - mlflow_s, 3),
                               "prefect_s": round(max(0.0, r["process_s"] - startup - work), 3)}
     own = sum(v["own_s"] for v in stages.values())
@@ -62,10 +63,25 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
+def markdown(report: dict) -> str:
+    """The per-stage table and the overhead figure as Markdown (for bench/results/)."""
+    out = ["| stage | process s | own work s | Prefect s | MLflow s | ran in the warm worker |",
+           "|---|---:|---:|---:|---:|---|"]
+    for name, v in report["stages"].items():
+        out.append(f"| {name} | {v['process_s']:.1f} | {v['own_s']:.1f} | {v['prefect_s']:.1f} | "
+                   f"{v['mlflow_s']:.1f} | {'yes' if v.get('worker') else 'no'} |")
+    frac = 100 * (report["overhead_fraction"] or 0)
+    out += ["", f"Wall {report['wall_s']} s; the stages' own work {report['stage_own_s']} s; orchestration "
+                f"overhead {report['overhead_s']} s = **{frac:.1f}%** (Prefect {report['prefect_s']} s, MLflow "
+                f"{report['mlflow_s']} s, DVC and process exits {report['dvc_and_exit_s']} s)."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--since", type=float, required=True, help="epoch seconds when the pipeline started")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    ap.add_argument("--markdown", action="store_true", help="print the report as a Markdown table")
     args = ap.parse_args(argv)
     report = overhead_report(args.since, time.time() - args.since)
     (PROJECT_ROOT / ".depthtune").mkdir(exist_ok=True)
@@ -73,7 +89,12 @@ def main(argv=None) -> None:
     if not report["stages"]:
         print("timings: no stage ran (everything was up to date)")
         return
-    print(json.dumps(report, indent=2) if args.json else "\n".join(summary_lines(report)))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.markdown:
+        print(markdown(report), end="")
+    else:
+        print("\n".join(summary_lines(report)))
 
 
 if __name__ == "__main__":

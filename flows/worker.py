@@ -221,7 +221,7 @@ def serve(path: Path) -> None:
     last = time.time()
     try:
         while True:
-            ready, _, _ = select.select([srv], [], [], 0.2)
+            ready, _, _ = select.select([srv], [], [], 0.05)  # also how soon a finished child is reported
             if ready:
                 conn, _ = srv.accept()
                 last = time.time()
