@@ -67,13 +67,30 @@ def run_stage(stage: str, argv: list[str]) -> None:
         return
     t0 = time.perf_counter()
     from flows.server import ensure_server, touch
-    if not os.environ.get("PREFECT_API_URL"):
-        os.environ["PREFECT_API_URL"] = ensure_server()
-    if "prefect.context" in sys.modules:  # imported earlier (the warm worker): re-read the environment
-        sys.modules["prefect.context"].refresh_global_settings_context()
-    touch()  # a stage is using the project server: keep its keeper from stopping it
-
     import threading
+
+    server: dict = {}
+    starter = None
+    if not os.environ.get("PREFECT_API_URL"):
+        def start():
+            try:
+                server["url"] = ensure_server()
+            except Exception as exc:  # noqa: BLE001  (re-raised below, in this thread)
+                server["error"] = exc
+        # The first stage of a run starts the server (~6 s); import Prefect (~1.5 s) meanwhile.
+        starter = threading.Thread(target=start, daemon=True)
+        starter.start()
+    from prefect import flow, task
+    from prefect.states import Failed
+
+    if starter is not None:
+        starter.join()
+        if "error" in server:
+            raise server["error"]
+        os.environ["PREFECT_API_URL"] = server["url"]
+    # Prefect read its settings when it was imported (here or in the warm worker): re-read them
+    sys.modules["prefect.context"].refresh_global_settings_context()
+    touch()  # a stage is using the project server: keep its keeper from stopping it
 
     def keep_alive():  # long stages (a 20-minute fine-tune) must not look idle to the keeper
         while True:
@@ -81,8 +98,6 @@ def run_stage(stage: str, argv: list[str]) -> None:
             touch()
 
     threading.Thread(target=keep_alive, daemon=True).start()
-    from prefect import flow, task
-    from prefect.states import Failed
 
     from depthtune.errors import DepthtuneError
 

@@ -186,6 +186,11 @@ def preload() -> None:
             importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001  (a missing optional module only costs its import later)
             print(f"worker: preload {name}: {exc}", file=sys.stderr)
+    try:  # MLflow maps every installed module to its distribution (~1.3 s) when a model is logged
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+        _init_packages_to_modules_map()
+    except Exception as exc:  # noqa: BLE001  (private API: if it moved, the child pays the 1.3 s)
+        print(f"worker: preload mlflow requirements map: {exc}", file=sys.stderr)
 
 
 def threads_running() -> int:
