@@ -58,7 +58,10 @@ def run_stage(stage: str, argv: list[str]) -> None:
     startup_s = process_age()[1]
     variant = argv[argv.index("--variant") + 1] if "--variant" in argv and argv.index("--variant") + 1 < len(argv) else None
     run_name = f"{stage}@{variant}" if variant else stage
+    from flows import worker
+
     if os.environ.get("DEPTHTUNE_PREFECT", "1") == "0":
+        worker.start_pending()
         t = time.perf_counter()
         try:
             run_main(lambda: module.main(argv))
@@ -88,6 +91,7 @@ def run_stage(stage: str, argv: list[str]) -> None:
         if "error" in server:
             raise server["error"]
         os.environ["PREFECT_API_URL"] = server["url"]
+    worker.start_pending()  # after the server: see flows/worker.py
     # Prefect read its settings when it was imported (here or in the warm worker): re-read them
     sys.modules["prefect.context"].refresh_global_settings_context()
     touch()  # a stage is using the project server: keep its keeper from stopping it

@@ -116,7 +116,7 @@ def run_in_worker(stage_argv: list[str]) -> int | None:
         sock.connect(str(path))
     except OSError:
         sock.close()
-        start_worker(env, path)
+        _PENDING.append((env, path))  # started by start_pending(), once this stage's Prefect server is up
         return None
     try:
         _send(sock, {"argv": stage_argv, "cwd": os.getcwd(), "env": env, "code": code_fingerprint()},
@@ -124,7 +124,7 @@ def run_in_worker(stage_argv: list[str]) -> int | None:
         reply, _ = _recv(sock)
         if not reply or "pid" not in reply:  # stale worker (it exits) or it refused: run here
             if reply and reply.get("restart"):
-                start_worker(env, path)
+                _PENDING.append((env, path))
             return None
         child = reply["pid"]
 
@@ -148,6 +148,16 @@ def run_in_worker(stage_argv: list[str]) -> int | None:
         return int(reply["exit"])
     finally:
         sock.close()
+
+
+_PENDING: list = []
+
+
+def start_pending() -> None:
+    """Start the worker this process found missing. Called after the Prefect server is up: on 2
+    cores the server's start-up (~6 s) and the worker's imports (~15 s) would slow each other."""
+    while _PENDING:
+        start_worker(*_PENDING.pop())
 
 
 def start_worker(env: dict, path: Path) -> None:
