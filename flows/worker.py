@@ -160,10 +160,21 @@ def start_pending() -> None:
         start_worker(*_PENDING.pop())
 
 
+def _connectable(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
 def start_worker(env: dict, path: Path) -> None:
     """Start the worker in the background (detached); this stage runs in its own process meanwhile."""
     import subprocess
 
+    if _connectable(path):  # one became ready since this stage looked
+        return
     lock = Path(str(path) + ".starting")
     try:
         if lock.exists() and time.time() - lock.stat().st_mtime < 120:
@@ -223,10 +234,14 @@ def serve(path: Path) -> None:
         return
     idle_s = float(os.environ.get("DEPTHTUNE_WORKER_IDLE_S", "300"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `flows.worker stop`: clean up the socket
-    path.unlink(missing_ok=True)
+    if _connectable(path):  # two stages raced to start a worker: the first one ready keeps the socket
+        print("worker: another worker already serves this socket; exiting", file=sys.stderr)
+        return
+    path.unlink(missing_ok=True)  # a dead worker's socket file
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
     os.chmod(path, 0o600)
+    inode = path.stat().st_ino
     srv.listen(16)
     Path(str(path) + ".starting").unlink(missing_ok=True)
     info = Path(str(path) + ".json")
@@ -267,8 +282,12 @@ def serve(path: Path) -> None:
                 return
     finally:
         srv.close()
-        path.unlink(missing_ok=True)
-        info.unlink(missing_ok=True)
+        try:  # only our own socket: a newer worker may have replaced it
+            if path.stat().st_ino == inode:
+                path.unlink()
+                info.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _handle(conn: socket.socket, code: str, srv: socket.socket, path: Path) -> int:
