@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
-	-$(PY) -m flows.server prepare-db  # one migrated Prefect database per machine (saves ~15 s per clean clone)
+	-$(PY) -m flows.server prepare-db  # migrated Prefect + MLflow databases, once per machine (~17 s less per clean clone)
 	touch $(STAMP)
 
 setup: $(STAMP)

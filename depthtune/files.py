@@ -178,3 +178,19 @@ def run_main(fn: Callable[[], Any]) -> None:
         where = f" {exc.filename}:" if getattr(exc, "filename", None) else ""
         print(f"error:{where} {exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def sqlite_copy(src: str | Path, dst: str | Path) -> None:
+    """Consistent copy of a (possibly live) SQLite database through the backup API, written atomically."""
+    import sqlite3
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    a, b = sqlite3.connect(str(src)), sqlite3.connect(str(tmp))
+    try:
+        a.backup(b)
+    finally:
+        b.close()
+        a.close()
+    os.replace(tmp, dst)

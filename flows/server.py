@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from depthtune.files import PROJECT_ROOT
+from depthtune.files import PROJECT_ROOT, sqlite_copy
 
 STATE_DIR = Path(os.environ.get("DEPTHTUNE_PREFECT_DIR", PROJECT_ROOT / ".prefect"))
 STATE = STATE_DIR / "server.json"
@@ -73,19 +73,6 @@ def template_database() -> Path:
     return cache_root() / "prefect-db" / version("prefect") / "prefect.db"
 
 
-def _sqlite_copy(src: Path, dst: Path) -> None:
-    """Consistent copy of a live SQLite database (backup API), written atomically."""
-    import sqlite3
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    with sqlite3.connect(src) as a, sqlite3.connect(tmp) as b:
-        a.backup(b)
-    b.close()
-    a.close()
-    os.replace(tmp, dst)
-
-
 MEMO = "memo_store.toml"  # Prefect's record that the block types are registered (skips ~2.5 s at start-up)
 
 
@@ -95,7 +82,7 @@ def seed_database(env: dict) -> bool:
     if db is None or db.exists() or not template.is_file():
         return False
     try:
-        _sqlite_copy(template, db)
+        sqlite_copy(template, db)
         if (template.parent / MEMO).is_file() and not (db.parent / MEMO).exists():
             shutil.copyfile(template.parent / MEMO, db.parent / MEMO)
         return True
@@ -112,7 +99,7 @@ def save_template(env: dict) -> None:
         if (db.parent / MEMO).is_file():
             template.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(db.parent / MEMO, template.parent / MEMO)
-        _sqlite_copy(db, template)  # last: the database's presence marks a complete template
+        sqlite_copy(db, template)  # last: the database's presence marks a complete template
     except Exception:  # noqa: BLE001  (an optimisation only)
         pass
 
@@ -139,7 +126,7 @@ def prepare_database() -> Path:
             if (Path(home) / MEMO).is_file():
                 template.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(home) / MEMO, template.parent / MEMO)
-            _sqlite_copy(Path(home) / "prefect.db", template)
+            sqlite_copy(Path(home) / "prefect.db", template)
         finally:
             server.terminate()
             server.wait(30)
@@ -248,8 +235,12 @@ if __name__ == "__main__":
         _keep(int(sys.argv[2]))
     elif cmd == "start":
         print(ensure_server())
-    elif cmd == "prepare-db":
+    elif cmd == "prepare-db":  # one-time setup: migrated Prefect and MLflow databases to copy from
+        from depthtune import runtime  # noqa: F401  (offline, telemetry off)
+        from depthtune.tracking import prepare_store_template
+
         print(prepare_database())
+        print(prepare_store_template())
     elif cmd == "stop":
         print("stopped" if stop_server() else "no server recorded")
     else:
