@@ -48,6 +48,33 @@ def record_timing(run_name: str, **fields) -> None:
         fh.write(json.dumps(row) + "\n")
 
 
+_SERVER: dict = {}
+
+
+def begin_server_start():
+    """Start (or find) the project's Prefect server in a background thread, once per process.
+
+    The first stage of a run starts the server (~6 s on 2 cores); its imports (the stage
+    module, Prefect) run meanwhile. Returns the thread to join, or None with PREFECT_API_URL set.
+    """
+    if os.environ.get("PREFECT_API_URL") or os.environ.get("DEPTHTUNE_PREFECT", "1") == "0":
+        return None
+    if "thread" not in _SERVER:
+        import threading
+
+        from flows.server import ensure_server
+
+        def start():
+            try:
+                _SERVER["url"] = ensure_server()
+            except Exception as exc:  # noqa: BLE001  (re-raised by the caller's thread)
+                _SERVER["error"] = exc
+
+        _SERVER["thread"] = threading.Thread(target=start, daemon=True)
+        _SERVER["thread"].start()
+    return _SERVER["thread"]
+
+
 def run_stage(stage: str, argv: list[str]) -> None:
     from depthtune.files import run_main
 
@@ -69,28 +96,18 @@ def run_stage(stage: str, argv: list[str]) -> None:
             record_timing(run_name, startup_s=startup_s, work_s=time.perf_counter() - t, prefect_ready_s=0.0)
         return
     t0 = time.perf_counter()
-    from flows.server import ensure_server, touch
+    from flows.server import touch
     import threading
 
-    server: dict = {}
-    starter = None
-    if not os.environ.get("PREFECT_API_URL"):
-        def start():
-            try:
-                server["url"] = ensure_server()
-            except Exception as exc:  # noqa: BLE001  (re-raised below, in this thread)
-                server["error"] = exc
-        # The first stage of a run starts the server (~6 s); import Prefect (~1.5 s) meanwhile.
-        starter = threading.Thread(target=start, daemon=True)
-        starter.start()
+    starter = begin_server_start()
     from prefect import flow, task
     from prefect.states import Failed
 
     if starter is not None:
         starter.join()
-        if "error" in server:
-            raise server["error"]
-        os.environ["PREFECT_API_URL"] = server["url"]
+        if "error" in _SERVER:
+            raise _SERVER["error"]
+        os.environ["PREFECT_API_URL"] = _SERVER["url"]
     worker.start_pending()  # after the server: see flows/worker.py
     # Prefect read its settings when it was imported (here or in the warm worker): re-read them
     sys.modules["prefect.context"].refresh_global_settings_context()
@@ -168,4 +185,5 @@ if __name__ == "__main__":
     code = worker.run_in_worker(sys.argv[1:])
     if code is not None:
         sys.exit(code)
+    begin_server_start()  # before the heavy imports: they overlap the server's start-up
     main_in_process(sys.argv[1:])

@@ -24,7 +24,6 @@ directory, peer uid checked). The worker exits after DEPTHTUNE_WORKER_IDLE_S
 """
 from __future__ import annotations
 
-import array
 import hashlib
 import json
 import os
