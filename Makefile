@@ -1,5 +1,6 @@
 # depthtune: the two commands a newcomer needs (both set up the environment first).
 #   make repro   # create .venv, install, run the default pipeline (dvc repro) offline
+#                # (make repro DVC_ARGS=--force: re-run every stage)
 #   make test    # create .venv, install, run the test suite
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,7 @@ setup: $(STAMP)
 
 repro: $(STAMP)
 	test -d .git || git init -q
-	@start=$$(date +%s.%N); dvc repro && $(PY) -m flows.timings --since $$start
+	@start=$$(date +%s.%N); dvc repro $(DVC_ARGS) && $(PY) -m flows.timings --since $$start
 	@echo "results: reports/comparison.md, audit/summary.md, 'dvc metrics show', 'mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db'"
 
 test: $(STAMP)
