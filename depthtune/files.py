@@ -194,3 +194,13 @@ def sqlite_copy(src: str | Path, dst: str | Path) -> None:
         b.close()
         a.close()
     os.replace(tmp, dst)
+
+
+def database_template(package: str, filename: str) -> Path:
+    """Where an empty, migrated database of `package` (at its installed version) is kept for copying:
+    `$DEPTHTUNE_CACHE` or ~/.cache/depthtune, then <package>-db/<version>/<filename>."""
+    from importlib.metadata import version
+
+    from depthtune.builtin_data import cache_root
+
+    return cache_root() / f"{package}-db" / version(package) / filename

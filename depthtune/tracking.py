@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 from depthtune import runtime  # noqa: F401  (offline + telemetry-off defaults)
 from depthtune.config import TrackingConfig
-from depthtune.files import PROJECT_ROOT, sqlite_copy
+from depthtune.files import PROJECT_ROOT, database_template, sqlite_copy
 from depthtune.provenance import file_sha256, git_sha, tree_fingerprint
 
 # A dead server must cost seconds, not minutes of urllib3 retries with backoff.
@@ -179,11 +179,7 @@ def lock_path(uri: str, purpose: str) -> str:
 def _store_template() -> Path:
     """An empty, migrated MLflow SQLite store for this MLflow version: a new mlflow.db starts as a
     copy instead of running MLflow's ~50 schema migrations (~2.5 s on 2 cores)."""
-    from importlib.metadata import version
-
-    from depthtune.builtin_data import cache_root
-
-    return cache_root() / "mlflow-db" / version("mlflow") / "mlflow.db"
+    return database_template("mlflow", "mlflow.db")
 
 
 def _seed_store(db: Optional[str]) -> bool:
@@ -221,15 +217,14 @@ def _save_store_template(db: Optional[str]) -> None:
 
 def prepare_store_template() -> Path:
     """Create the migrated MLflow store template now (a one-time step of `make setup`)."""
-    template = _store_template()
-    if not template.is_file():
+    if not _store_template().is_file():
         with tempfile.TemporaryDirectory() as tmp:
             from mlflow import MlflowClient
 
-            db = Path(tmp) / "mlflow.db"
+            db = f"{tmp}/mlflow.db"
             MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-            sqlite_copy(db, template)
-    return template
+            _save_store_template(db)
+    return _store_template()
 
 
 def use_store(cfg: TrackingConfig):

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from depthtune.files import PROJECT_ROOT, sqlite_copy
+from depthtune.files import PROJECT_ROOT, database_template, sqlite_copy
 
 STATE_DIR = Path(os.environ.get("DEPTHTUNE_PREFECT_DIR", PROJECT_ROOT / ".prefect"))
 STATE = STATE_DIR / "server.json"
@@ -66,14 +66,18 @@ def template_database() -> Path:
     a clean clone copies this file instead and starts in ~6 s. Made by `make setup`
     (`python -m flows.server prepare-db`) or saved after the first migration on this machine.
     """
-    from importlib.metadata import version
-
-    from depthtune.builtin_data import cache_root
-
-    return cache_root() / "prefect-db" / version("prefect") / "prefect.db"
+    return database_template("prefect", "prefect.db")
 
 
 MEMO = "memo_store.toml"  # Prefect's record that the block types are registered (skips ~2.5 s at start-up)
+
+
+def _copy_home(src_db: Path, dst_db: Path) -> None:
+    """Copy a server home's database (consistently, even while live) and Prefect's memo store."""
+    if (src_db.parent / MEMO).is_file():
+        dst_db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src_db.parent / MEMO, dst_db.parent / MEMO)
+    sqlite_copy(src_db, dst_db)  # last: the database's presence marks a complete copy
 
 
 def seed_database(env: dict) -> bool:
@@ -82,9 +86,7 @@ def seed_database(env: dict) -> bool:
     if db is None or db.exists() or not template.is_file():
         return False
     try:
-        sqlite_copy(template, db)
-        if (template.parent / MEMO).is_file() and not (db.parent / MEMO).exists():
-            shutil.copyfile(template.parent / MEMO, db.parent / MEMO)
+        _copy_home(template, db)
         return True
     except Exception:  # noqa: BLE001  (the server then migrates the database itself)
         db.unlink(missing_ok=True)
@@ -96,10 +98,7 @@ def save_template(env: dict) -> None:
     if db is None or template.exists() or not db.is_file():
         return
     try:
-        if (db.parent / MEMO).is_file():
-            template.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(db.parent / MEMO, template.parent / MEMO)
-        sqlite_copy(db, template)  # last: the database's presence marks a complete template
+        _copy_home(db, template)
     except Exception:  # noqa: BLE001  (an optimisation only)
         pass
 
@@ -123,10 +122,7 @@ def prepare_database() -> Path:
                 if server.poll() is not None or time.time() > deadline:
                     raise RuntimeError("prefect server did not start; run `prefect server start` to see why")
                 time.sleep(0.5)
-            if (Path(home) / MEMO).is_file():
-                template.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(home) / MEMO, template.parent / MEMO)
-            sqlite_copy(Path(home) / "prefect.db", template)
+            _copy_home(Path(home) / "prefect.db", template)
         finally:
             server.terminate()
             server.wait(30)
@@ -173,16 +169,17 @@ def ensure_server(timeout: float = 90.0) -> str:
         port = free_port()
         url = f"http://127.0.0.1:{port}/api"
         log = open(STATE_DIR / "server.log", "ab")
-        Path(_env()["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-        seed_database(_env())
+        env = _env()
+        Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+        seed_database(env)
         keeper = subprocess.Popen([sys.executable, "-m", "flows.server", "_keep", str(port)], cwd=PROJECT_ROOT,
-                                  env=_env(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                  env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if healthy(url):
                 STATE.write_text(json.dumps({"url": url, "keeper_pid": keeper.pid}))
-                save_template(_env())  # migrated, still empty: the next clean clone starts from it
+                save_template(env)  # migrated, still empty: the next clean clone starts from it
                 return url
             if keeper.poll() is not None:
                 raise RuntimeError(f"Prefect server failed to start, see {STATE_DIR / 'server.log'}")

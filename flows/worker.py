@@ -61,16 +61,20 @@ def env_key(env: dict) -> str:
     return json.dumps([sys.executable, str(ROOT), keep])
 
 
+def socket_dir() -> Path:
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"depthtune-{os.getuid()}"
+
+
 def socket_path(env: dict) -> Path:
     """One socket per (project, interpreter, import-relevant environment), in a private directory."""
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"depthtune-{os.getuid()}"
+    base = socket_dir()
     base.mkdir(mode=0o700, exist_ok=True)
     if base.stat().st_uid != os.getuid() or base.stat().st_mode & 0o077:
         raise OSError(f"{base}: not a private directory of this user")
     return base / (hashlib.sha256(env_key(env).encode()).hexdigest()[:20] + ".sock")
 
 
-def enabled(stage_argv: list[str]) -> bool:
+def enabled() -> bool:
     return (os.environ.get("DEPTHTUNE_WORKER", "1") != "0" and "LOCAL_RANK" not in os.environ
             and "WORLD_SIZE" not in os.environ)
 
@@ -103,7 +107,7 @@ def _recv(sock: socket.socket, with_fds: int = 0):
 
 def run_in_worker(stage_argv: list[str]) -> int | None:
     """Run `flows.stage <stage_argv>` in the warm worker; its exit code, or None to run it here."""
-    if not enabled(stage_argv):
+    if not enabled():
         return None
     env = dict(os.environ)
     try:
@@ -316,7 +320,7 @@ def _handle(conn: socket.socket, code: str, srv: socket.socket, path: Path) -> i
         for fd in fds:
             os.close(fd)
         return 0
-    if req.get("code") != code or code_fingerprint() != code:
+    if req.get("code") != code:  # the caller fingerprinted the same files just now
         _send(conn, {"stale": True, "restart": True})
         for fd in fds:
             os.close(fd)
@@ -385,7 +389,7 @@ def _child(conn: socket.socket, req: dict, fds: list[int]) -> None:
 
 
 def _workers() -> list[tuple[Path, dict]]:
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"depthtune-{os.getuid()}"
+    base = socket_dir()
     out = []
     for info in sorted(base.glob("*.sock.json")):
         try:
