@@ -19,3 +19,14 @@ class DataError(DepthtuneError):
 
 class ModelError(DepthtuneError):
     """A model, checkpoint or variant cannot be loaded or built."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message, or its type name when the message is empty.
+
+    `str(exc).splitlines()[0]` raises IndexError on an empty message and hides the real error.
+    """
+    for line in str(exc).strip().splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

@@ -8,7 +8,7 @@ import warnings
 
 # Offline defaults (shared/STACK.md): nothing waits on the network. A user who is
 # online and wants the Hub sets HF_HUB_OFFLINE=0 explicitly.
-OFFLINE_ENV = {
+PROCESS_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -23,11 +23,24 @@ OFFLINE_ENV = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",  # read when transformers configures its logging
+    # A dead tracking server must cost seconds, not minutes of urllib3 retries with backoff.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
 
 
-def configure_offline() -> None:
-    for k, v in OFFLINE_ENV.items():
+def is_offline() -> bool:
+    """The one offline check: HF_HUB_OFFLINE set to 1/true/yes/on (what huggingface_hub accepts)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def configure_process() -> None:
+    """Set up a depthtune process: offline + quiet environment defaults, warnings filters.
+
+    Called once by every entry point (stage runner, CLI, flows, tests); importing a
+    depthtune module changes nothing in the process.
+    """
+    for k, v in PROCESS_ENV.items():
         os.environ.setdefault(k, v)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     # Already imported: set it directly. Otherwise the environment above does it, without paying
@@ -36,9 +49,6 @@ def configure_offline() -> None:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-
-
-configure_offline()
 
 
 def seed_everything(seed: int) -> None:
