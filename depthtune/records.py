@@ -1,0 +1,273 @@
+"""Typed, versioned records: everything one stage writes and another reads.
+
+One class per file kind, each with `read(path)` (validated: a missing key, a wrong
+type or another schema version is a one-line DepthtuneError naming the file and the
+key) and `write(path)` (atomic). Stages build a record and write it; the report,
+the registry and tracking read records, never raw dict keys. docs/results.md
+describes the files; changing a field means changing it here.
+
+    LabelSet          data/prepared/labels.json           {"names": [...]}
+    PreparedExample   data/prepared/<split>.jsonl         {"text": str, "label": int id} a line
+    AuditRecord       audit/<variant>.json                depthtune.audit/1
+    TrainRecord       metrics/train/<variant>.json        depthtune.train/1
+    EvalRecord        metrics/eval/<variant>.json         depthtune.eval/1
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from depthtune.errors import DataError, DepthtuneError
+from depthtune.files import read_json, write_json_atomic, write_text_atomic
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _is_type(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        return any(_is_type(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, dict):
+        return isinstance(value, origin)
+    return isinstance(value, tp)
+
+
+def _expected(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_expected(a) for a in typing.get_args(tp))
+    origin = typing.get_origin(tp) or tp
+    return {type(None): "null", float: "a number", int: "an integer", str: "a string", bool: "true/false",
+            list: "a list", dict: "an object"}.get(origin, getattr(origin, "__name__", str(origin)))
+
+
+@dataclass(kw_only=True)
+class Record:
+    """Base: a JSON object with a `schema` tag and typed fields; unknown keys are kept in `extra`."""
+    SCHEMA: ClassVar[str] = ""
+    WRITER: ClassVar[str] = "its stage"
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, doc: Any, where: str = "record"):
+        if not isinstance(doc, dict):
+            raise DepthtuneError(f"{where}: expected a JSON object, got {type(doc).__name__}")
+        if cls.SCHEMA and doc.get("schema") != cls.SCHEMA:
+            raise DepthtuneError(f"{where}: schema {doc.get('schema')!r}, expected {cls.SCHEMA!r} "
+                                 f"(written by another depthtune version; re-run {cls.WRITER})")
+        hints = typing.get_type_hints(cls)
+        kwargs, known = {}, {"schema"}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            known.add(f.name)
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.name not in doc:
+                if required:
+                    raise DepthtuneError(f"{where}: missing `{f.name}` (re-run {cls.WRITER})")
+                continue
+            value = doc[f.name]
+            if not _is_type(value, hints[f.name]):
+                raise DepthtuneError(f"{where}: `{f.name}` is {value!r:.80}, expected {_expected(hints[f.name])}")
+            if isinstance(value, float) and not math.isfinite(value) and required:
+                raise DepthtuneError(f"{where}: `{f.name}` is {value}, expected a finite number")
+            kwargs[f.name] = value
+        kwargs["extra"] = {k: v for k, v in doc.items() if k not in known}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict:
+        out: dict = {"schema": self.SCHEMA} if self.SCHEMA else {}
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                out[f.name] = getattr(self, f.name)
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def read(cls, path: str | Path):
+        return cls.from_dict(read_json(path), str(path))
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
+# ----------------------------------------------------------------------------- prepared data
+
+
+@dataclass(kw_only=True)
+class LabelSet(Record):
+    """data/prepared/labels.json: label names in id order (id = index)."""
+    WRITER: ClassVar[str] = "the prepare stage"
+    names: list
+    @classmethod
+    def read(cls, path: str | Path) -> "LabelSet":
+        labels = super().read(path)
+        if len(labels.names) < 2 or not all(isinstance(n, str) and n for n in labels.names):
+            raise DataError(f"{path}: expected {{\"names\": [at least 2 label names]}}")
+        return labels
+
+
+@dataclass(frozen=True)
+class PreparedExample:
+    """One line of data/prepared/<split>.jsonl."""
+    text: str
+    label: int
+
+    def to_json(self) -> str:
+        return json.dumps({"text": self.text, "label": self.label}, ensure_ascii=False)
+
+
+def read_prepared_split(path: str | Path, num_labels: int) -> list[PreparedExample]:
+    """Every row validated: a bad line is a one-line DataError naming file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (run the prepare stage first)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{i}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{i}: expected {{\"text\": str, \"label\": int}}")
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
+            raise DataError(f"{path}:{i}: label {label!r} is not a label id in 0..{num_labels - 1} "
+                            "(labels.json)")
+        rows.append(PreparedExample(row["text"], label))
+    return rows
+
+
+def prepared_split_text(rows: list[PreparedExample]) -> str:
+    return "".join(r.to_json() + "\n" for r in rows)
+
+
+def write_prepared_split(path: str | Path, rows: list[PreparedExample]) -> None:
+    write_text_atomic(path, prepared_split_text(rows))
+
+
+# ----------------------------------------------------------------------------- per-variant results
+
+
+@dataclass(kw_only=True)
+class AuditRecord(Record):
+    """audit/<variant>.json: exact parameter buckets and cost estimates of one variant."""
+    SCHEMA: ClassVar[str] = "depthtune.audit/1"
+    WRITER: ClassVar[str] = "the audit stage"
+    variant: str
+    spec: dict = field(default_factory=dict)
+    description: str
+    architecture: dict  # model_type, num_layers, hidden_size, num_labels
+    total_params: int
+    trainable_params: int
+    trainable_fraction: float = 0.0
+    adapter_params: int = 0
+    closed_form: Optional[dict] = None
+    layers: list  # coarse buckets [{name, total, trainable, adapter}]
+    buckets: list  # fine buckets [{name, total, trainable}]
+    estimates: dict
+    estimates_typical: Optional[dict] = None
+    versions: Optional[dict] = None
+
+    def memory_estimate(self) -> int:
+        """Estimated training memory (bytes) at the typical batch shape when known, else at max_length."""
+        return int((self.estimates_typical or self.estimates)["memory_bytes"]["total"])
+
+
+@dataclass(kw_only=True)
+class TrainRecord(Record):
+    """metrics/train/<variant>.json: what training one variant did and cost."""
+    SCHEMA: ClassVar[str] = "depthtune.train/1"
+    WRITER: ClassVar[str] = "its finetune stage"
+    variant: str
+    description: str = ""
+    device: str
+    total_params: int
+    trainable_params: int
+    depth: int
+    wall_time_s: float = 0.0
+    train_time_s: float
+    samples_per_s: float
+    tokens_per_s: float = 0.0
+    steps: int
+    epochs_run: int = 0
+    best_epoch: int = -1
+    best_step: int = 0
+    best_val: dict
+    stopped_early: bool = False
+    world_size: int = 1
+    per_device_batch_size: int = 0
+    cached_prefix_layers: int = 0
+    cache_bytes: int = 0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = "rss_growth"
+    estimated_memory_bytes: Optional[int] = None
+    memory_ratio: Optional[float] = None
+    loss_curve: list = field(default_factory=list)  # [{step, epoch, loss, lr}]
+    val_curve: list = field(default_factory=list)  # [{step, epoch, accuracy, macro_f1}]
+    resumed_from_step: Optional[int] = None
+    mlflow_run_id: Optional[str] = None
+    config: dict = field(default_factory=dict)  # the effective train config
+    versions: Optional[dict] = None
+    git_sha: Optional[str] = None
+    tracking: Optional[dict] = None  # what MLflow logging did (tracking.LogRecord as a dict)
+
+    def run_id(self) -> Optional[str]:
+        """The variant's MLflow run: the one training used, or the one logging found later."""
+        return self.mlflow_run_id or (self.tracking or {}).get("run_id")
+
+
+@dataclass(kw_only=True)
+class EvalRecord(Record):
+    """metrics/eval/<variant>.json: test-split metrics and inference cost of one variant."""
+    SCHEMA: ClassVar[str] = "depthtune.eval/1"
+    WRITER: ClassVar[str] = "its evaluation stage"
+    variant: str
+    split: str = "test"
+    n: int
+    labels: list
+    device: str = "cpu"
+    accuracy: float
+    macro_f1: float
+    macro_precision: float = 0.0
+    macro_recall: float = 0.0
+    per_class: dict = field(default_factory=dict)  # {label name: {precision, recall, f1, support}}
+    confusion_matrix: list  # rows = true, cols = predicted
+    latency_ms: dict = field(default_factory=dict)  # {p50, p95} at batch 1
+    throughput_per_s: float = 0.0
+    versions: Optional[dict] = None
+    git_sha: Optional[str] = None
+    tracking: Optional[dict] = None
+
+    def metric(self, name: str) -> float:
+        value = getattr(self, name, None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DepthtuneError(f"metrics/eval/{self.variant}.json: no numeric metric {name!r}")
+        return float(value)
+
+
+def read_variant_record(cls, path: str | Path, variant: str):
+    """Read a per-variant record and check it belongs to `variant` (a stale or copied file is refused)."""
+    rec = cls.read(path)
+    if rec.variant != variant:
+        raise DepthtuneError(f"{path}: belongs to variant {rec.variant!r}, expected {variant!r} "
+                             "(stale or copied file; re-run its stage)")
+    return rec
