@@ -16,8 +16,6 @@ Recipes (same variant, same data, same optimizer steps, same hyperparameters):
 """
 from __future__ import annotations
 
-from depthtune import runtime  # noqa: F401  (offline env before transformers is imported)
-
 import ctypes
 import gc
 import json
@@ -885,4 +883,7 @@ def omp_policy_comparison(configs: list, repeats: int, steps: int, threads: int,
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "omp-probe":
+    from depthtune import runtime
+
+    runtime.configure_process()
     print(json.dumps(omp_probe(int(sys.argv[2]), int(sys.argv[3]))))

@@ -7,8 +7,6 @@ Writes bench/results/<device>-<YYYY-MM-DD>.json and .md. See bench/README.md.
 """
 from __future__ import annotations
 
-from depthtune import runtime  # noqa: F401  (offline env first)
-
 import argparse
 import datetime as dt
 import json
@@ -648,6 +646,9 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
 
 
 def main(argv=None) -> int:
+    from depthtune import runtime
+
+    runtime.configure_process()  # an entry point: offline env before transformers is imported
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="~2-minute smoke run (tiny sizes)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")

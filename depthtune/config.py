@@ -86,8 +86,8 @@ class DataConfig:
     labels: Optional[list] = _f(None)  # declared label set (in id order); None = sorted labels found
     split: SplitFractions = field(default_factory=SplitFractions)
     seed: int = _f(42, lo=0)
-    max_train_samples: Optional[int] = _f(None, lo=1)
-    max_eval_samples: Optional[int] = _f(None, lo=1)
+    max_train_samples: Optional[int] = _f(2000, lo=1)  # quick default run; None = all
+    max_eval_samples: Optional[int] = _f(1000, lo=1)
     max_drop_fraction: float = _f(0.2, lo=0.0, hi=1.0)
     hub_config: Optional[str] = _f(None)
 
@@ -142,13 +142,13 @@ class TrainConfig:
     batch_size: int = _f(16, lo=1)
     grad_accum: int = _f(1, lo=1)
     max_length: int = _f(128, lo=8, hi=8192)
-    lr: float = _f(5e-5, lo=0.0, hi=1.0, lo_open=True)
+    lr: float = _f(8e-5, lo=0.0, hi=1.0, lo_open=True)
     weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
     warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
     max_grad_norm: float = _f(1.0, lo=0.0)
     eval_every: int = _f(0, lo=0)  # optimizer steps between evaluations; 0 = each epoch
     patience: int = _f(0, lo=0)  # evaluations without improvement before stopping; 0 = never
-    checkpoint_every: int = _f(200, lo=0)  # optimizer steps; 0 = epoch ends only
+    checkpoint_every: int = _f(100, lo=0)  # optimizer steps; 0 = epoch ends only
     keep_checkpoints: int = _f(2, lo=1)
     cache_frozen_prefix: bool = _f(True)
     num_threads: int = _f(0, lo=0)  # torch threads on the CPU; 0 = all cores
@@ -178,8 +178,8 @@ class CompareConfig:
 class RegistryConfig:
     model_name: str = _f("depthtune-classifier")
     metric: str = _f("accuracy", choices=("accuracy", "macro_f1"))
-    min_delta: float = _f(0.0, lo=0.0, hi=1.0)
-    min_metric: float = _f(0.0, lo=0.0, hi=1.0)
+    min_delta: float = _f(0.005, lo=0.0, hi=1.0)
+    min_metric: float = _f(0.6, lo=0.0, hi=1.0)
     max_trainable_params: Optional[int] = _f(None, lo=1)
     max_latency_ms: Optional[float] = _f(None, lo=0.0, lo_open=True)
 
@@ -402,15 +402,8 @@ def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
     return dataclasses.replace(params.train, **overrides)
 
 
-def load_variant_args(argv, description: str):
-    """`--variant NAME [--params PATH]` for the per-variant stages -> (params, name)."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--variant", required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    params = load_params(args.params)
-    if args.variant not in params.variants:
-        raise ConfigError(f"--variant {args.variant}: not in params variants ({', '.join(params.variants)})")
-    return params, args.variant
+def variant_of(params: Params, name: str) -> VariantSpec:
+    """The spec of variant `name` (the per-variant stages' --variant), or a one-line ConfigError."""
+    if name not in params.variants:
+        raise ConfigError(f"--variant {name}: not in params variants ({', '.join(params.variants)})")
+    return params.variants[name]

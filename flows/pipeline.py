@@ -20,8 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
-from depthtune import runtime  # noqa: F401  (offline defaults)
-from depthtune.files import PROJECT_ROOT
+from depthtune import runtime
+from depthtune.layout import PROJECT_ROOT
 from flows.timings import overhead_report, summary_lines
 
 
@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parallel", type=int, default=1, help="variants trained side by side (default 1)")
     ap.add_argument("--force", action="store_true", help="dvc repro --force")
     args = ap.parse_args(argv)
+    runtime.configure_process()
 
     if not os.environ.get("PREFECT_API_URL"):
         from flows.server import ensure_server

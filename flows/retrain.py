@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from depthtune import runtime  # noqa: F401  (offline defaults before prefect is imported)
+from depthtune import runtime
 from depthtune.errors import DepthtuneError
 from depthtune.files import PROJECT_ROOT, write_json_atomic
 
@@ -227,6 +227,7 @@ def build_deployment(params_path: str | Path = PROJECT_ROOT / "params.yaml", nam
 
 
 def main(argv=None) -> int:
+    runtime.configure_process()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         if not os.environ.get("PREFECT_API_URL"):

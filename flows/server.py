@@ -233,9 +233,10 @@ if __name__ == "__main__":
     elif cmd == "start":
         print(ensure_server())
     elif cmd == "prepare-db":  # one-time setup: migrated Prefect and MLflow databases to copy from
-        from depthtune import runtime  # noqa: F401  (offline, telemetry off)
+        from depthtune import runtime
         from depthtune.tracking import prepare_store_template
 
+        runtime.configure_process()  # offline, telemetry off
         print(prepare_database())
         print(prepare_store_template())
     elif cmd == "stop":

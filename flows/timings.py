@@ -12,9 +12,9 @@ import json
 import sys
 import time
 
-from depthtune.files import PROJECT_ROOT
+from depthtune.layout import PROJECT_ROOT, STATE
 
-TIMINGS = PROJECT_ROOT / ".depthtune" / "timings.jsonl"
+TIMINGS = PROJECT_ROOT / STATE / "timings.jsonl"
 
 
 def overhead_report(t_start: float, wall: float) -> dict:
@@ -36,7 +36,6 @@ def overhead_report(t_start: float, wall: float) -> dict:
     for r in rows:
         startup, work, mlflow_s = r.get("startup_s", 0.0), r["work_s"], r.get("mlflow_s", 0.0)
         stages[r["stage"]] = {"process_s": r["process_s"], "startup_s": startup, "work_s": work,
-                              "worker": r.get("worker", False),
                               "mlflow_s": mlflow_s, "own_s": round(startup + work - mlflow_s, 3),
                               "prefect_s": round(max(0.0, r["process_s"] - startup - work), 3)}
     own = sum(v["own_s"] for v in stages.values())
@@ -65,11 +64,11 @@ def summary_lines(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     """The per-stage table and the overhead figure as Markdown (for bench/results/)."""
-    out = ["| stage | process s | own work s | Prefect s | MLflow s | ran in the warm worker |",
-           "|---|---:|---:|---:|---:|---|"]
+    out = ["| stage | process s | interpreter + imports s | own work s | Prefect s | MLflow s |",
+           "|---|---:|---:|---:|---:|---:|"]
     for name, v in report["stages"].items():
-        out.append(f"| {name} | {v['process_s']:.1f} | {v['own_s']:.1f} | {v['prefect_s']:.1f} | "
-                   f"{v['mlflow_s']:.1f} | {'yes' if v.get('worker') else 'no'} |")
+        out.append(f"| {name} | {v['process_s']:.1f} | {v['startup_s']:.1f} | {v['own_s']:.1f} | "
+                   f"{v['prefect_s']:.1f} | {v['mlflow_s']:.1f} |")
     frac = 100 * (report["overhead_fraction"] or 0)
     out += ["", f"Wall {report['wall_s']} s; the stages' own work {report['stage_own_s']} s; orchestration "
                 f"overhead {report['overhead_s']} s = **{frac:.1f}%** (Prefect {report['prefect_s']} s, MLflow "

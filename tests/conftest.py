@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from depthtune import runtime  # noqa: F401  (offline env before anything imports transformers)
+from depthtune import runtime
+
+runtime.configure_process()  # the test session is an entry point: offline env before transformers is imported
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -1,0 +1,88 @@
+"""Score one saved variant on the test split: metrics, confusion, latency (an EvalRecord).
+
+The model is loaded back from its saved folder, exactly as a user would serve it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from depthtune.batching import Examples, collate, predict_logits
+from depthtune.config import EvaluationConfig
+from depthtune.errors import ModelError, first_line
+from depthtune.metric_modules import ClassificationReport
+from depthtune.records import EvalRecord
+
+
+def load_saved_model(model_dir: Path, device: str):
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").exists():
+        raise ModelError(f"{model_dir}: no model.safetensors (run `dvc repro finetune` first)")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
+    except Exception as exc:  # noqa: BLE001  (any unloadable folder: one line naming it)
+        raise ModelError(f"{model_dir}: cannot load the model ({first_line(exc, 160)})") from None
+
+
+def check_labels(model, labels: list, model_dir: Path, labels_path: Path) -> None:
+    saved = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    if saved != labels:
+        raise ModelError(f"{model_dir}: label mapping {saved} differs from {labels_path} {labels}")
+
+
+@torch.no_grad()
+def latency(model, ex: Examples, *, n: int, batch_size: int, device: str, pad_id: int) -> dict:
+    """p50/p95 ms per example at batch 1, and examples/s at `batch_size` (after 3 warm-up passes)."""
+    idx = list(range(min(n, len(ex))))
+    for i in idx[:3]:
+        model(**{k: v.to(device) for k, v in collate(ex, [i], pad_id).items() if k != "labels"})
+    times = []
+    for i in idx:
+        batch = {k: v.to(device) for k, v in collate(ex, [i], pad_id).items() if k != "labels"}
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(**batch)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1000)
+    m = min(len(ex), batch_size * 8)  # up to 8 batches for throughput
+    sub = Examples(input_ids=ex.input_ids[:m], labels=ex.labels[:m],
+                   token_type_ids=ex.token_type_ids[:m] if ex.token_type_ids is not None else None)
+    t = time.perf_counter()
+    predict_logits(model, sub, batch_size, device, pad_id)
+    dt = time.perf_counter() - t
+    return {"latency_ms": {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95))},
+            "throughput_per_s": m / dt if dt else 0.0}
+
+
+def evaluate_model(model, test: Examples, *, name: str, labels: list, ev: EvaluationConfig, device: str,
+                   provenance: dict) -> tuple[EvalRecord, list]:
+    """(the variant's EvalRecord, predicted label ids in test order)."""
+    pad_id = model.config.pad_token_id or 0
+    logits = predict_logits(model, test, ev.batch_size, device, pad_id)
+    preds = logits.argmax(-1).tolist()
+    report = ClassificationReport().compute(predictions=preds, references=test.labels, num_labels=len(labels),
+                                            label_names=labels)
+    cost = latency(model, test, n=ev.latency_examples, batch_size=ev.batch_size, device=device, pad_id=pad_id)
+    record = EvalRecord.from_dict({"schema": EvalRecord.SCHEMA, "variant": name, "split": "test", "n": len(test),
+                                   "labels": labels, "device": device, **report, **cost, **provenance},
+                                  f"evaluation of {name}")
+    return record, preds
+
+
+def confusion_csv(gold: list, preds: list, labels: list) -> str:
+    """plots/confusion/<variant>.csv: actual,predicted per test example (label names)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["actual", "predicted"])
+    for y, p in zip(gold, preds):
+        w.writerow([labels[y], labels[p]])
+    return buf.getvalue()

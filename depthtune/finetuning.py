@@ -1,0 +1,119 @@
+"""Fine-tune one depth variant: build it, train it, save it, describe what it cost (a TrainRecord).
+
+The finetune stage (stages/finetune.py) parses its paths and calls these in order:
+
+    built, tokenizer = build_checked(params, name, audit, labels)     # the audit's counts, asserted
+    outcome, peak = train_built(built, ...)                          # depthtune.training, memory measured
+    record = train_record(...)                                        # metrics/train/<variant>.json
+    save_model(built.model, tokenizer, out_dir, ...)                  # models/<variant>/ (LoRA merged)
+
+Fault injection (reliability tests only): DEPTHTUNE_FAULT_KILL_AT_STEP=[<variant>:]N makes the
+process SIGKILL itself right after optimizer step N (before that step's checkpoint).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from depthtune.config import Params, VariantSpec, to_dict
+from depthtune.errors import ConfigError, ModelError
+from depthtune.files import atomic_dir
+from depthtune.records import AuditRecord, TrainRecord
+from depthtune.variants import BuiltVariant, build_variant, merge_lora
+
+FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
+
+
+def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, seed: int) -> BuiltVariant:
+    """Build the variant with real weights and assert it is the model the audit counted."""
+    spec = params.variants[name]
+    built = build_variant(params.model, spec, len(labels), device="cpu", path=f"variants.{name}", seed=seed)
+    if built.trainable_params != audit.trainable_params or built.total_params != audit.total_params:
+        raise ModelError(f"variants.{name}: built model has {built.trainable_params:,} trainable / "
+                         f"{built.total_params:,} total parameters but the audit says "
+                         f"{audit.trainable_params:,} / {audit.total_params:,} (re-run the audit stage)")
+    if built.config.num_labels != len(labels):
+        raise ModelError(f"variants.{name}: model has {built.config.num_labels} labels, data has {len(labels)}")
+    return built
+
+
+def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
+    """`on_step` callback for DEPTHTUNE_FAULT_KILL_AT_STEP=[<variant>:]N: SIGKILL right after step N (tests)."""
+    spec = os.environ.get(FAULT_KILL_ENV, "").strip()
+    if not spec:
+        return None
+    target, _, step = spec.rpartition(":")
+    if target and target != variant:
+        return None
+    if not step.isdigit() or int(step) < 1:
+        raise ConfigError(f"{FAULT_KILL_ENV}={spec!r}: expected [<variant>:]<step >= 1>")
+    kill_at = int(step)
+
+    def on_step(step_done: int, epoch: int) -> None:
+        if step_done == kill_at:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+def train_record(*, name: str, spec: VariantSpec, cfg, device: str, built: BuiltVariant, outcome, wall_s: float,
+                 peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
+                 provenance: dict) -> TrainRecord:
+    """What training this variant did and cost; samples/s and tokens/s over the optimizer loop only."""
+    est = audit.memory_estimate()
+    per_s = (lambda n: n / outcome.train_time_s) if outcome.train_time_s else (lambda n: 0.0)
+    return TrainRecord(
+        variant=name, description=spec.describe(), device=device, total_params=built.total_params,
+        trainable_params=built.trainable_params, depth=built.num_layers, wall_time_s=round(wall_s, 3),
+        train_time_s=round(outcome.train_time_s, 3), samples_per_s=per_s(outcome.samples),
+        tokens_per_s=per_s(outcome.real_tokens), steps=outcome.steps, epochs_run=outcome.epochs_run,
+        best_epoch=outcome.best_epoch, best_step=outcome.best_step, best_val=outcome.best_val,
+        stopped_early=outcome.stopped_early, world_size=outcome.world_size,
+        per_device_batch_size=cfg.batch_size // outcome.world_size,
+        cached_prefix_layers=outcome.cached_prefix_layers, cache_bytes=outcome.cache_bytes,
+        peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, estimated_memory_bytes=est,
+        memory_ratio=peak_bytes / est if est else None, loss_curve=outcome.loss_curve,
+        val_curve=outcome.val_curve, resumed_from_step=outcome.resumed_from_step, mlflow_run_id=run_id,
+        config=to_dict(cfg), versions=provenance["versions"], git_sha=provenance["git_sha"])
+
+
+def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,
+               audit: AuditRecord, base: str) -> None:
+    """Standard HF folder: safetensors weights, config with labels and true depth, tokenizer."""
+    model = merge_lora(model)
+    model.config.id2label = {i: n for i, n in enumerate(labels)}
+    model.config.label2id = {n: i for i, n in enumerate(labels)}
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "depthtune.json").write_text(json.dumps({
+            "variant": variant, "spec": to_dict(spec), "labels": labels, "base_model": base,
+            "audit_trainable_params": audit.trainable_params, "audit_total_params": audit.total_params,
+        }, indent=2) + "\n")
+
+
+def loss_csv(loss_curve: list) -> str:
+    """plots/loss/<variant>.csv for `dvc plots`: step,loss."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "loss"])
+    for row in loss_curve:
+        w.writerow([row["step"], f"{row['loss']:.6f}"])
+    return buf.getvalue()
+
+
+def flat_params(name: str, spec: VariantSpec, cfg, params: Params) -> dict:
+    """What MLflow shows as params: the variant and its effective training config (< 100 keys)."""
+    flat = {"variant": name, "model.source": params.model.source, "data.source": params.data.source,
+            "data.max_train_samples": params.data.max_train_samples}
+    flat.update({f"spec.{k}": v for k, v in to_dict(spec).items() if k != "train"})
+    flat.update({f"train.{k}": v for k, v in to_dict(cfg).items()})
+    return flat
