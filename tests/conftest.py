@@ -114,8 +114,5 @@ def project_env(project: Path, **extra) -> dict:
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(project)
     env.pop("PREFECT_API_URL", None)
-    # The warm stage worker (flows/worker.py) is on by default for users; tests that run stages
-    # one by one would each leave a worker behind, so only tests that ask for it get one.
-    env.setdefault("DEPTHTUNE_WORKER", "0")
     env.update({k: str(v) for k, v in extra.items()})
     return env
