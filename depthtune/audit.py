@@ -1,20 +1,29 @@
 """The parameter audit: exact counts per computational layer, a closed-form check,
 and training memory / FLOPs estimates. Works on the meta device: no weights load.
+
+    records = audit_variants(params, num_labels, typical_seq_len, cache_tokens)  # [AuditRecord]
+    summary_markdown(records)                                                    # audit/summary.md
+
+The audit stage (stages/audit.py) and `depthtune audit` (depthtune/cli.py) both call
+`audit_specs` / `audit_variants`; finetune checks the model it trains against the record.
 """
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
-from typing import Optional
+from pathlib import Path
+from typing import Iterable, Optional
 
 from torch import nn
 
-from depthtune.config import VariantSpec, to_dict
+from depthtune.config import ModelConfig, Params, VariantSpec, to_dict
 from depthtune.errors import DepthtuneError
-from depthtune.variants import BuiltVariant, classify_param, coarse_bucket, num_layers_of
+from depthtune.files import read_json
+from depthtune.layer_order import ordered_layer_names
+from depthtune.records import AuditRecord, LabelSet
+from depthtune.variants import (BuiltVariant, build_variant, classify_param, coarse_bucket, load_base_config,
+                                num_layers_of)
 
 FP32 = 4  # bytes per fp32 element
-SCHEMA = "depthtune.audit/1"
 
 
 class AuditMismatch(DepthtuneError):
@@ -217,7 +226,12 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
 
 def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, num_labels: int,
                 batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, check: bool = True,
-                cache_tokens: int = 0) -> dict:
+                cache_tokens: int = 0) -> AuditRecord:
+    """Count a built variant (meta device is enough), check the closed form, estimate its cost.
+
+    check=True raises AuditMismatch when counted != closed form; typical_seq_len adds the
+    estimates at the typical batch shape (the tokenized train split's p95 length).
+    """
     model, cfg = built.model, built.config
     buckets = bucket_counts(model)
     total = sum(b["total"] for b in buckets)
@@ -233,27 +247,77 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
             raise AuditMismatch(f"variant {variant_name}: counted {total:,} parameters but the closed form from "
                                 f"the config gives {expected:,} ({formula})")
     cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
-    est = estimate(cfg, buckets, total, trainable, batch_size, seq_len, cache_tokens=cache_tokens)
-    result = {
-        "schema": SCHEMA,
-        "variant": variant_name,
-        "spec": to_dict(spec),
-        "description": spec.describe(),
-        "architecture": {"model_type": cfg.model_type, "num_layers": built.num_layers,
-                         "hidden_size": _dims(cfg)["H"], "num_labels": num_labels},
-        "total_params": total,
-        "trainable_params": trainable,
-        "trainable_fraction": trainable / total if total else 0.0,
-        "adapter_params": adapters,
-        "closed_form": closed,
-        "layers": coarse_counts(buckets),
-        "buckets": buckets,
-        "estimates": est,
-    }
+    typical = None
     if typical_seq_len:
-        result["estimates_typical"] = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len,
-                                               cache_tokens=cache_tokens)
-    return result
+        typical = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len, cache_tokens=cache_tokens)
+    return AuditRecord(
+        variant=variant_name,
+        spec=to_dict(spec),
+        description=spec.describe(),
+        architecture={"model_type": cfg.model_type, "num_layers": built.num_layers,
+                      "hidden_size": _dims(cfg)["H"], "num_labels": num_labels},
+        total_params=total,
+        trainable_params=trainable,
+        trainable_fraction=trainable / total if total else 0.0,
+        adapter_params=adapters,
+        closed_form=closed,
+        layers=coarse_counts(buckets),
+        buckets=buckets,
+        estimates=estimate(cfg, buckets, total, trainable, batch_size, seq_len, cache_tokens=cache_tokens),
+        estimates_typical=typical,
+    )
+
+
+def audit_specs(model_cfg: ModelConfig, base_config, specs: Iterable[tuple[str, VariantSpec]], *, num_labels: int,
+                batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, cache_tokens: int = 0,
+                where: str = "variants.{name}") -> list[AuditRecord]:
+    """Audit each (name, spec) of one model on the meta device; `where` names a spec in errors."""
+    records = []
+    for name, spec in specs:
+        built = build_variant(model_cfg, spec, num_labels, device="meta", base_config=base_config,
+                              path=where.format(name=name))
+        records.append(audit_built(built, variant_name=name, spec=spec, num_labels=num_labels,
+                                   batch_size=batch_size, seq_len=seq_len, typical_seq_len=typical_seq_len,
+                                   cache_tokens=cache_tokens))
+    return records
+
+
+def audit_variants(params: Params, num_labels: int, typical_seq_len: Optional[int] = None,
+                   cache_tokens: int = 0) -> list[AuditRecord]:
+    """Every variant of params.yaml, in params order, at the training batch shape
+    (train.batch_size x train.max_length). cache_tokens counts only when the frozen prefix is cached."""
+    return audit_specs(params.model, load_base_config(params.model), params.variants.items(),
+                       num_labels=num_labels, batch_size=params.train.batch_size,
+                       seq_len=params.train.max_length, typical_seq_len=typical_seq_len,
+                       cache_tokens=cache_tokens if params.train.cache_frozen_prefix else 0)
+
+
+# ----------------------------------------------------------------------------- inputs of the audit stage
+
+
+def read_num_labels(labels_path: Path) -> int:
+    """The label count from the prepare stage's labels.json; 2 when it does not exist yet (a quick audit)."""
+    if not labels_path.exists():
+        return 2
+    return len(LabelSet.read(labels_path).names)
+
+
+def read_token_stats(report_path: Path) -> tuple[Optional[int], int]:
+    """(p95 token length of train, tokens in train + validation) from the tokenization report;
+    (None, 0) when it does not exist yet. The p95 sets the typical batch shape of the estimates,
+    the token count the size of the frozen-prefix cache."""
+    if not report_path.exists():
+        return None, 0
+    splits = read_json(report_path).get("splits", {})
+    try:
+        p95 = int(splits["train"]["p95"])
+    except (KeyError, TypeError, ValueError):
+        p95 = None
+    tokens = sum(int(splits.get(s, {}).get("tokens", 0)) for s in ("train", "validation"))
+    return p95, tokens
+
+
+# ----------------------------------------------------------------------------- summary
 
 
 def fmt_int(n: int) -> str:
@@ -268,37 +332,35 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def summary_markdown(results: list[dict]) -> str:
-    """One table comparing all variants, then per-layer trainable counts side by side."""
-    lines = ["# Parameter audit", "",
-             "| variant | spec | layers | total params | trainable | trainable % | closed form | "
+def summary_table(records: list[AuditRecord]) -> str:
+    """One row per variant: counts, the closed-form check, memory and FLOPs estimates."""
+    lines = ["| variant | spec | layers | total params | trainable | trainable % | closed form | "
              "est. train memory | fwd GFLOPs/token | train GFLOPs/token |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
-    for r in results:
-        cf = r["closed_form"]
-        check = "n/a" if cf is None else ("ok" if cf["matches"] else "MISMATCH")
-        e = r["estimates"]
-        lines.append(f"| {r['variant']} | {r['description']} | {r['architecture']['num_layers']} | "
-                     f"{fmt_int(r['total_params'])} | {fmt_int(r['trainable_params'])} | "
-                     f"{100 * r['trainable_fraction']:.2f} | {check} | {fmt_bytes(e['memory_bytes']['total'])} | "
-                     f"{e['flops_per_token']['forward'] / 1e9:.3f} | {e['flops_per_token']['train'] / 1e9:.3f} |")
-    names = []
-    for r in results:
-        for row in r["layers"]:
-            if row["name"] not in names:
-                names.append(row["name"])
-    order = sorted(names, key=lambda n: (0, -1) if n == "embeddings" else
-                   (1, int(n.split(".")[1])) if re.match(r"layer\.\d+$", n) else (2, n))
-    lines += ["", "## Trainable parameters per layer", "",
-              "| layer | " + " | ".join(r["variant"] for r in results) + " |",
-              "|---|" + "---:|" * len(results)]
-    for n in order:
+    for r in records:
+        check = "n/a" if r.closed_form is None else ("ok" if r.closed_form["matches"] else "MISMATCH")
+        flops = r.estimates["flops_per_token"]
+        lines.append(f"| {r.variant} | {r.description} | {r.architecture['num_layers']} | "
+                     f"{fmt_int(r.total_params)} | {fmt_int(r.trainable_params)} | "
+                     f"{100 * r.trainable_fraction:.2f} | {check} | "
+                     f"{fmt_bytes(r.estimates['memory_bytes']['total'])} | "
+                     f"{flops['forward'] / 1e9:.3f} | {flops['train'] / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
+def summary_markdown(records: list[AuditRecord]) -> str:
+    """The variants table, then trainable / total parameters per layer, variants side by side."""
+    lines = ["# Parameter audit", "", summary_table(records),
+             "", "## Trainable parameters per layer", "",
+             "| layer | " + " | ".join(r.variant for r in records) + " |",
+             "|---|" + "---:|" * len(records)]
+    for name in ordered_layer_names(records):
         cells = []
-        for r in results:
-            row = next((x for x in r["layers"] if x["name"] == n), None)
+        for r in records:
+            row = next((x for x in r.layers if x["name"] == name), None)
             cells.append("—" if row is None else f"{fmt_int(row['trainable'])} / {fmt_int(row['total'])}")
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    e0 = results[0]["estimates"]["assumptions"] if results else {}
-    lines += ["", f"Estimates assume batch {e0.get('batch_size')} x {e0.get('seq_len')} tokens, fp32 weights, "
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    shape = records[0].estimates["assumptions"] if records else {}
+    lines += ["", f"Estimates assume batch {shape.get('batch_size')} x {shape.get('seq_len')} tokens, fp32 weights, "
               "AdamW; formulas in depthtune/audit.py (`estimate`).", ""]
     return "\n".join(lines)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from depthtune.config import ModelConfig, load_params, parse_variant
 from depthtune.errors import ConfigError, DepthtuneError
+from depthtune.runtime import configure_process
 
 
 def parse_variant_arg(text: str) -> dict:
@@ -72,38 +74,27 @@ def load_config_file(path: str):
 
 
 def cmd_audit(args) -> int:
-    from depthtune.audit import audit_built, fmt_int, summary_markdown
-    from depthtune.config import ModelConfig, load_params, parse_variant
-    from depthtune.variants import build_variant
+    # imported here, not at the top: torch and transformers cost seconds that `depthtune predict --help` need not pay
+    from depthtune.audit import audit_specs, audit_variants, fmt_int, summary_markdown
 
-    results = []
     if args.params:
-        params = load_params(args.params)
-        model_cfg = params.model
-        from depthtune.variants import load_base_config
-        base = load_base_config(model_cfg)
-        named = list(params.variants.items())
-        batch, seq = params.train.batch_size, params.train.max_length
+        records = audit_variants(load_params(args.params), args.labels)  # batch shape from params `train`
+    elif args.config:
+        specs = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}")) for s in args.variant or ["full"]]
+        records = audit_specs(ModelConfig(source=str(args.config)), load_config_file(args.config), specs,
+                              num_labels=args.labels, batch_size=args.batch_size, seq_len=args.seq_len,
+                              where="variant {name}")
     else:
-        if not args.config:
-            raise ConfigError("audit: give --config PATH/config.json (or --params params.yaml)")
-        base = load_config_file(args.config)
-        model_cfg = ModelConfig(source=str(args.config))
-        specs = args.variant or ["full"]
-        named = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}")) for s in specs]
-        batch, seq = args.batch_size, args.seq_len
-    for name, spec in named:
-        built = build_variant(model_cfg, spec, args.labels, device="meta", base_config=base, path=f"variant {name}")
-        res = audit_built(built, variant_name=name, spec=spec, num_labels=args.labels, batch_size=batch, seq_len=seq)
-        results.append(res)
-        if args.json:
-            print(json.dumps(res), flush=True)
-    if not args.json:
-        print(summary_markdown(results))
-        for r in results:
-            if r["closed_form"] is not None:
-                print(f"{r['variant']}: {fmt_int(r['total_params'])} counted = {fmt_int(r['closed_form']['total'])} "
-                      "closed form")
+        raise ConfigError("audit: give --config PATH/config.json (or --params params.yaml)")
+    if args.json:
+        for rec in records:
+            print(json.dumps(rec.to_dict()))
+        return 0
+    print(summary_markdown(records))
+    for rec in records:
+        if rec.closed_form is not None:
+            print(f"{rec.variant}: {fmt_int(rec.total_params)} counted = {fmt_int(rec.closed_form['total'])} "
+                  "closed form")
     return 0
 
 
@@ -139,8 +130,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "labels", 0) is not None and getattr(args, "labels", 0) < 0:
         parser.error("--labels must be >= 0")
-    from depthtune.runtime import configure_offline
-    configure_offline()
+    configure_process()
     try:
         return args.fn(args)
     except DepthtuneError as exc:

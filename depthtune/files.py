@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -88,16 +87,24 @@ def write_failure(path: Path, exc: BaseException, what: str = "output") -> Depth
     return DepthtuneError(f"{path}: cannot write the {what} ({reason}); the previous {what} is unchanged")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write `data` to a temporary sibling, fsync it, rename it over `path`.
+
+    The temporary file is created with os.open(..., 0o666) so the kernel applies the
+    process umask: the file gets the usual mode (0644 under umask 022), not mkstemp's 0600.
+    """
     path = Path(path)
     _check_writable_location(path, want_dir=False)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.wtmp-{os.getpid()}-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        # the pid lets a later run remove what a killed writer left (_remove_stale_temps)
+        name = path.parent / f".{path.name}.wtmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        tmp = name  # ours from here on: removed on any failure below
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -109,6 +116,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         if _is_write_failure(exc):
             raise write_failure(path, exc, "file") from None
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -1,10 +1,11 @@
 """The comparison report: one table, two Pareto fronts, a verdict, plots.
 
-Pure functions over the per-variant result files (docs/results.md):
-`audit/<v>.json`, `metrics/train/<v>.json`, `metrics/eval/<v>.json`. Nothing is
-recomputed from models; this module imports neither torch nor the orchestrator.
+Pure functions over the per-variant records (depthtune/records.py, docs/results.md):
+AuditRecord `audit/<v>.json`, TrainRecord `metrics/train/<v>.json`, EvalRecord
+`metrics/eval/<v>.json`. Nothing is recomputed from models; this module imports
+neither torch nor the orchestrator.
 
-    results = load_results(variants, audit_dir=..., train_dir=..., eval_dir=...)
+    results = load_results(variants, audit_dir=..., train_dir=..., eval_dir=...)  # [VariantResults]
     report = build_report(results, metric="accuracy", tolerance=0.01)
     outputs = render_outputs(report)      # {file name: bytes}, written by stages/compare.py
 
@@ -23,11 +24,14 @@ import csv
 import io
 import json
 import math
-import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
+from depthtune import layout
 from depthtune.errors import DepthtuneError
+from depthtune.layer_order import ordered_layer_names
+from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
 
 SCHEMA = "depthtune.compare/1"
 METRICS = ("accuracy", "macro_f1")
@@ -40,113 +44,98 @@ _EPS = 1e-12  # float slack for "within tolerance" and ties
 # ----------------------------------------------------------------------------- loading
 
 
-def result_paths(variant: str, *, audit_dir: str | Path = "audit", train_dir: str | Path = "metrics/train",
-                 eval_dir: str | Path = "metrics/eval") -> dict[str, Path]:
-    return {"audit": Path(audit_dir) / f"{variant}.json",
-            "train": Path(train_dir) / f"{variant}.json",
-            "eval": Path(eval_dir) / f"{variant}.json"}
+@dataclass(frozen=True)
+class VariantResults:
+    """The three records one variant's stages wrote, and where they were read from."""
+    variant: str
+    audit: AuditRecord
+    train: TrainRecord
+    eval: EvalRecord
+    paths: dict  # {"audit" | "train" | "eval": Path}
 
 
-_STAGE_OF = {"audit": "audit", "train": "finetune@{v}", "eval": "evaluation@{v}"}
+def result_paths(variant: str, *, audit_dir: str | Path, train_dir: str | Path,
+                 eval_dir: str | Path) -> dict[str, Path]:
+    """A variant's record files: the layout's file names, in the folders the stage was given."""
+    return {"audit": Path(audit_dir) / Path(layout.audit_record(variant)).name,
+            "train": Path(train_dir) / Path(layout.train_record(variant)).name,
+            "eval": Path(eval_dir) / Path(layout.eval_record(variant)).name}
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:  # raced away between the existence check and the read
-        raise DepthtuneError(f"{path}: not found") from None
-    except ValueError as exc:
-        raise DepthtuneError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise DepthtuneError(f"{path}: cannot read ({exc.strerror or exc})") from None
+RECORD_OF = {"audit": AuditRecord, "train": TrainRecord, "eval": EvalRecord}
+STAGE_OF = {"audit": "audit", "train": "finetune@{v}", "eval": "evaluation@{v}"}  # the DVC stage that writes it
 
 
-def load_results(variants: Sequence[str], *, audit_dir: str | Path = "audit",
-                 train_dir: str | Path = "metrics/train",
-                 eval_dir: str | Path = "metrics/eval") -> list[dict]:
-    """[{variant, audit, train, eval, paths}] in `variants` order (the params order).
+def load_results(variants: Sequence[str], *, audit_dir: str | Path, train_dir: str | Path,
+                 eval_dir: str | Path) -> list[VariantResults]:
+    """Every variant's records, in `variants` order (the params order).
 
-    Every missing file for every variant is named in one DepthtuneError, with
-    the DVC stage that writes it.
+    Every missing file of every variant is named in one DepthtuneError, with the DVC stage
+    that writes it; a malformed or stale record is a one-line error naming file and key.
     """
     if not variants:
         raise DepthtuneError("compare: no variants to compare (params.yaml `variants` is empty)")
-    missing = []
-    for v in variants:
-        for kind, p in result_paths(v, audit_dir=audit_dir, train_dir=train_dir, eval_dir=eval_dir).items():
-            if not p.is_file():
-                missing.append(f"{p} (written by stage {_STAGE_OF[kind].format(v=v)})")
+    dirs = {"audit_dir": audit_dir, "train_dir": train_dir, "eval_dir": eval_dir}
+    missing = [f"{p} (written by stage {STAGE_OF[kind].format(v=v)})"
+               for v in variants for kind, p in result_paths(v, **dirs).items() if not p.is_file()]
     if missing:
         raise DepthtuneError("compare: missing result file" + ("s" if len(missing) > 1 else "") + ": "
                              + "; ".join(missing))
     out = []
     for v in variants:
-        paths = result_paths(v, audit_dir=audit_dir, train_dir=train_dir, eval_dir=eval_dir)
-        docs = {}
-        for kind, p in paths.items():
-            doc = _load_json(p)
-            if not isinstance(doc, dict):
-                raise DepthtuneError(f"{p}: expected a JSON object, got {type(doc).__name__}")
-            if doc.get("variant", v) != v:
-                raise DepthtuneError(f"{p}: belongs to variant {doc.get('variant')!r}, expected {v!r} "
-                                     "(stale or copied file; rerun its stage)")
-            docs[kind] = doc
-        out.append({"variant": v, **docs, "paths": {k: str(p) for k, p in paths.items()}})
+        paths = result_paths(v, **dirs)
+        recs = {kind: read_variant_record(RECORD_OF[kind], p, v) for kind, p in paths.items()}
+        out.append(VariantResults(variant=v, paths=paths, **recs))
     return out
 
 
 # ----------------------------------------------------------------------------- rows
 
 
-def _get(doc: dict, dotted: str, path: str, *, required: bool = True, kind=(int, float)):
-    cur: Any = doc
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur or cur[part] is None:
-            if required:
-                raise DepthtuneError(f"{path}: missing `{dotted}`")
-            return None
-        cur = cur[part]
-    if kind is not None and (isinstance(cur, bool) or not isinstance(cur, kind)):
-        raise DepthtuneError(f"{path}: `{dotted}` is {cur!r}, expected a number")
-    if isinstance(cur, float) and not math.isfinite(cur):
-        if required:
-            raise DepthtuneError(f"{path}: `{dotted}` is {cur}, expected a finite number")
+def _optional_number(value, path: Path, key: str) -> float | None:
+    """A number a record may lack (None); anything else than a finite number is an error."""
+    if value is None:
         return None
-    return cur
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DepthtuneError(f"{path}: `{key}` is {value!r:.80}, expected a number")
+    return value if math.isfinite(value) else None
 
 
-def build_row(result: dict) -> dict:
-    """One table row from a variant's three result documents."""
-    v, a, t, e = result["variant"], result["audit"], result["train"], result["eval"]
-    pa, pt, pe = result["paths"]["audit"], result["paths"]["train"], result["paths"]["eval"]
-    trainable = int(_get(a, "trainable_params", pa, kind=int))
-    total = int(_get(a, "total_params", pa, kind=int))
-    t_trainable = _get(t, "trainable_params", pt, required=False, kind=int)
-    if t_trainable is not None and int(t_trainable) != trainable:
-        raise DepthtuneError(f"{pt}: trainable_params {t_trainable:,} != {trainable:,} in {pa} "
+def _audit_memory_estimate(res: VariantResults) -> int:
+    try:
+        return res.audit.memory_estimate()
+    except (KeyError, TypeError, ValueError):
+        raise DepthtuneError(f"{res.paths['audit']}: missing `estimates.memory_bytes.total` "
+                             "(rerun the audit stage)") from None
+
+
+def build_row(res: VariantResults) -> dict:
+    """One table row from a variant's three records."""
+    a, t, e = res.audit, res.train, res.eval
+    if t.trainable_params != a.trainable_params:
+        raise DepthtuneError(f"{res.paths['train']}: trainable_params {t.trainable_params:,} != "
+                             f"{a.trainable_params:,} in {res.paths['audit']} "
                              "(stale results: rerun the audit and finetune stages for this variant)")
-    est = _get(t, "estimated_memory_bytes", pt, required=False)
-    if est is None:
-        est = _get(a, "estimates.memory_bytes.total", pa, required=False)
-    peak = _get(t, "peak_memory_bytes", pt, required=False)
-    ratio = (peak / est) if (peak is not None and est) else _get(t, "memory_ratio", pt, required=False)
+    est = t.estimated_memory_bytes if t.estimated_memory_bytes is not None else _audit_memory_estimate(res)
+    peak = t.peak_memory_bytes or None  # 0: not measured
+    ratio = peak / est if (peak and est) else _optional_number(t.memory_ratio, res.paths["train"], "memory_ratio")
     return {
-        "variant": v,
-        "description": str(a.get("description") or ""),
-        "depth": int(_get(a, "architecture.num_layers", pa, kind=int)),
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_pct": 100.0 * trainable / total if total else 0.0,
+        "variant": res.variant,
+        "description": a.description,
+        "depth": t.depth,
+        "trainable_params": a.trainable_params,
+        "total_params": a.total_params,
+        "trainable_pct": 100.0 * a.trainable_params / a.total_params if a.total_params else 0.0,
         "estimated_memory_bytes": est,
         "peak_memory_bytes": peak,
-        "peak_memory_kind": t.get("peak_memory_kind"),
+        "peak_memory_kind": t.peak_memory_kind,
         "memory_ratio": ratio,
-        "train_time_s": float(_get(t, "train_time_s", pt)),
-        "samples_per_s": _get(t, "samples_per_s", pt, required=False),
-        "accuracy": float(_get(e, "accuracy", pe)),
-        "macro_f1": float(_get(e, "macro_f1", pe)),
-        "latency_p50_ms": _get(e, "latency_ms.p50", pe, required=False),
-        "latency_p95_ms": _get(e, "latency_ms.p95", pe, required=False),
+        "train_time_s": float(t.train_time_s),
+        "samples_per_s": t.samples_per_s,
+        "accuracy": float(e.accuracy),
+        "macro_f1": float(e.macro_f1),
+        "latency_p50_ms": _optional_number(e.latency_ms.get("p50"), res.paths["eval"], "latency_ms.p50"),
+        "latency_p95_ms": _optional_number(e.latency_ms.get("p95"), res.paths["eval"], "latency_ms.p95"),
     }
 
 
@@ -215,40 +204,21 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
 # ----------------------------------------------------------------------------- per-layer
 
 
-def _layer_key(name: str, first_seen: int):
-    if name == "embeddings":
-        return (0, 0, "")
-    m = re.match(r"layer\.(\d+)$", name)
-    if m:
-        return (1, int(m.group(1)), "")
-    tail = {"pooler": 0, "final_norm": 1, "head": 2}
-    return (2, tail.get(name, 3 + first_seen), name)
-
-
-def per_layer(results: Sequence[dict]) -> dict:
+def per_layer(results: Sequence[VariantResults]) -> dict:
     """{"layers": [embeddings, layer.0.., pooler, final_norm, head], "trainable": {variant: {layer: n}},
     "total": {...}}; a layer a variant does not have (a truncated depth) is absent from its mapping."""
-    seen: list[str] = []
     trainable, total = {}, {}
     for r in results:
-        layers = r["audit"].get("layers")
-        if not isinstance(layers, list):
-            raise DepthtuneError(f"{r['paths']['audit']}: missing `layers` (rerun the audit stage)")
-        trainable[r["variant"]], total[r["variant"]] = {}, {}
-        for row in layers:
-            n = row["name"]
-            if n not in seen:
-                seen.append(n)
-            trainable[r["variant"]][n] = int(row.get("trainable", 0))
-            total[r["variant"]][n] = int(row.get("total", 0))
-    order = sorted(seen, key=lambda n: _layer_key(n, seen.index(n)))
-    return {"layers": order, "trainable": trainable, "total": total}
+        trainable[r.variant] = {row["name"]: int(row.get("trainable", 0)) for row in r.audit.layers}
+        total[r.variant] = {row["name"]: int(row.get("total", 0)) for row in r.audit.layers}
+    return {"layers": ordered_layer_names(r.audit for r in results), "trainable": trainable, "total": total}
 
 
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(results: Sequence[dict], *, metric: str = "accuracy", tolerance: float = 0.01) -> dict:
+def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy", tolerance: float = 0.01) -> dict:
+    """Rows, both Pareto fronts (marked on the rows), the verdict and the per-layer counts."""
     rows = [build_row(r) for r in results]
     fronts = pareto_fronts(rows)
     for r in rows:

@@ -46,17 +46,17 @@ def meta_audit(cfg_dict, variant: dict, labels: int, tmp_path, name="v"):
 def test_bare_model_totals_match_published_counts_and_closed_form(arch, tmp_path):
     cfg, expected = CONFIGS[arch]
     r = meta_audit(cfg, {}, 0, tmp_path)
-    assert r["total_params"] == expected
-    assert r["closed_form"]["total"] == expected and r["closed_form"]["matches"]
-    assert sum(b["total"] for b in r["buckets"]) == expected
+    assert r.total_params == expected
+    assert r.closed_form["total"] == expected and r.closed_form["matches"]
+    assert sum(b["total"] for b in r.buckets) == expected
 
 
 @pytest.mark.parametrize("arch", ["bert-base", "roberta-base", "distilbert-base", "gpt2"])
 def test_classifier_totals_match_closed_form(arch, tmp_path):
     cfg, _ = CONFIGS[arch]
     r = meta_audit(cfg, {"depth": 3}, 5, tmp_path)
-    assert r["closed_form"]["matches"], r["closed_form"]
-    assert r["architecture"]["num_layers"] == 3
+    assert r.closed_form["matches"], r.closed_form
+    assert r.architecture["num_layers"] == 3
 
 
 # MiniLM-L6 (H=384, I=1536, 6 layers, 2 labels): each layer 4*(384^2+384) + 2*384*1536 + 1536 + 384 + 4*384
@@ -86,13 +86,13 @@ def test_each_variant_kind_trains_the_hand_derived_count(name):
     spec = parse_variant(name, spec_raw, f"variants.{name}")
     built = build_variant(ModelConfig(), spec, 2, device="meta")
     r = audit_built(built, variant_name=name, spec=spec, num_labels=2, batch_size=16, seq_len=128)
-    assert r["trainable_params"] == expected
-    assert r["closed_form"]["matches"]
+    assert r.trainable_params == expected
+    assert r.closed_form["matches"]
     if spec.lora is None:
-        assert r["total_params"] == EMB + (spec.depth or 6) * LAYER + POOLER + HEAD
+        assert r.total_params == EMB + (spec.depth or 6) * LAYER + POOLER + HEAD
     # trainable never exceeds total in any bucket, and buckets add up
-    assert all(0 <= b["trainable"] <= b["total"] for b in r["buckets"])
-    assert sum(b["trainable"] for b in r["buckets"]) == expected
+    assert all(0 <= b["trainable"] <= b["total"] for b in r.buckets)
+    assert sum(b["trainable"] for b in r.buckets) == expected
 
 
 def test_closed_form_check_catches_a_wrong_formula(monkeypatch):
@@ -122,7 +122,7 @@ def test_estimates_shrink_with_the_trainable_span():
     def est(spec_raw):
         spec = parse_variant("v", spec_raw, "variants.v")
         built = build_variant(ModelConfig(), spec, 2, device="meta")
-        return audit_built(built, variant_name="v", spec=spec, num_labels=2, batch_size=16, seq_len=128)["estimates"]
+        return audit_built(built, variant_name="v", spec=spec, num_labels=2, batch_size=16, seq_len=128).estimates
     full, top2, probe = est({}), est({"train_top": 2}), est({"train_top": 0})
     assert full["memory_bytes"]["total"] > top2["memory_bytes"]["total"] > probe["memory_bytes"]["total"]
     assert probe["memory_bytes"]["activations"] < 1 << 20  # only the head keeps activations
@@ -170,3 +170,42 @@ def test_cli_bad_spec_is_one_line(tmp_path):
                            "--variant", "train_top=13"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: variant train_top=13.train_top: 13 exceeds the model's 12 layers"]
+
+
+def test_audit_stage_writes_records_and_summary(tmp_path, capsys):
+    """stages.audit.main: label count and token stats from their files, one AuditRecord per variant
+    (versions only, no git sha), summary.md with layers in model order."""
+    from depthtune.records import AuditRecord, LabelSet
+    from stages.audit import main
+
+    (tmp_path / "params.yaml").write_text(json.dumps({"variants": {"top2": {"train_top": 2}, "depth3": {"depth": 3}}}))
+    LabelSet(names=["neg", "neutral", "pos"]).write(tmp_path / "labels.json")
+    (tmp_path / "report.json").write_text(json.dumps({"splits": {"train": {"p95": 64, "tokens": 1000},
+                                                                 "validation": {"tokens": 200}}}))
+    out = tmp_path / "audit"
+    main(["--params", str(tmp_path / "params.yaml"), "--labels", str(tmp_path / "labels.json"),
+          "--token-report", str(tmp_path / "report.json"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["depth3.json", "summary.md", "top2.json"]
+    top2 = AuditRecord.read(out / "top2.json")
+    assert top2.architecture["num_labels"] == 3 and top2.trainable_params == 2 * LAYER + POOLER + 384 * 3 + 3
+    assert top2.estimates_typical["assumptions"]["seq_len"] == 64
+    assert top2.estimates["memory_bytes"]["prefix_cache"] == 1200 * 384 * 4  # train_top caches the prefix
+    assert AuditRecord.read(out / "depth3.json").estimates["memory_bytes"]["prefix_cache"] == 0
+    assert "torch" in top2.versions and "git_sha" not in top2.to_dict()
+    summary = (out / "summary.md").read_text()
+    rows = [line.split(" | ")[0][2:] for line in summary.split("## Trainable parameters per layer")[1].splitlines()
+            if line.startswith("| ") and not line.startswith("| layer |")]
+    assert rows == ["embeddings"] + [f"layer.{i}" for i in range(6)] + ["pooler", "head"]
+    assert "| layer.5 | 1,774,464 / 1,774,464 | — |" in summary  # depth3 has no layer.5
+    printed = capsys.readouterr().out
+    assert "3 labels" in printed and "| top2 |" in printed and str(out) in printed
+
+
+def test_cli_audits_params_variants_through_the_same_core(tmp_path, capsys):
+    from depthtune.cli import main
+
+    (tmp_path / "params.yaml").write_text(json.dumps({"variants": {"probe": {"train_top": 0}}}))
+    assert main(["audit", "--params", str(tmp_path / "params.yaml"), "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["schema"] == "depthtune.audit/1" and row["variant"] == "probe"
+    assert row["trainable_params"] == POOLER + HEAD

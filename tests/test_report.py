@@ -4,11 +4,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from depthtune.errors import DepthtuneError
+from depthtune.layer_order import layer_order_key
+from depthtune.records import AuditRecord, EvalRecord, TrainRecord
 from depthtune.report import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, comparison_json,
                               load_results, pareto_front, render_outputs)
 
@@ -38,30 +41,31 @@ def _audit(name: str, depth: int, rule: str) -> dict:
         else:
             tr = LAYER if rule == "all" or (rule == "top2" and i >= depth - 2) else 0
             layers.append({"name": f"layer.{i}", "total": LAYER, "trainable": tr, "adapter": 0})
+    # written head-first: the report orders layers itself (embeddings, layer.0.., pooler, head)
+    layers.insert(0, {"name": "head", "total": HEAD, "trainable": HEAD, "adapter": 0})
     layers.append({"name": "pooler", "total": POOLER, "trainable": 0 if rule == "lora" else POOLER, "adapter": 0})
-    layers.append({"name": "head", "total": HEAD, "trainable": HEAD, "adapter": 0})
     total = sum(x["total"] for x in layers)
     trainable = sum(x["trainable"] for x in layers)
-    return {"schema": "depthtune.audit/1", "variant": name, "description": f"synthetic {rule}",
-            "architecture": {"model_type": "bert", "num_layers": depth, "hidden_size": 384, "num_labels": 2},
-            "total_params": total, "trainable_params": trainable, "trainable_fraction": trainable / total,
-            "layers": layers,
-            "estimates": {"memory_bytes": {"total": 100 * 2 ** 20 + trainable * 16}}}
+    return AuditRecord(variant=name, description=f"synthetic {rule}",
+                       architecture={"model_type": "bert", "num_layers": depth, "hidden_size": 384, "num_labels": 2},
+                       total_params=total, trainable_params=trainable, trainable_fraction=trainable / total,
+                       layers=layers, buckets=[],
+                       estimates={"memory_bytes": {"total": 100 * 2 ** 20 + trainable * 16}}).to_dict()
 
 
-def _train(name: str, audit: dict, time_s: float) -> dict:
+def _train(name: str, audit: dict, depth: int, time_s: float) -> dict:
     est = audit["estimates"]["memory_bytes"]["total"]
-    return {"schema": "depthtune.train/1", "variant": name, "device": "cpu",
-            "total_params": audit["total_params"], "trainable_params": audit["trainable_params"],
-            "wall_time_s": time_s + 5, "train_time_s": time_s, "samples_per_s": 2000 / time_s,
-            "tokens_per_s": 60000 / time_s, "peak_memory_bytes": int(est * 1.2),
-            "peak_memory_kind": "rss_growth", "estimated_memory_bytes": est, "memory_ratio": 1.2}
+    return TrainRecord(variant=name, device="cpu", total_params=audit["total_params"],
+                       trainable_params=audit["trainable_params"], depth=depth, wall_time_s=time_s + 5,
+                       train_time_s=time_s, samples_per_s=2000 / time_s, tokens_per_s=60000 / time_s, steps=100,
+                       best_val={"accuracy": 0.8}, peak_memory_bytes=int(est * 1.2), peak_memory_kind="rss_growth",
+                       estimated_memory_bytes=est, memory_ratio=1.2).to_dict()
 
 
 def _eval(name: str, acc: float, f1: float) -> dict:
-    return {"schema": "depthtune.eval/1", "variant": name, "split": "test", "n": 1000,
-            "labels": ["neg", "pos"], "accuracy": acc, "macro_f1": f1,
-            "latency_ms": {"p50": 4.5, "p95": 6.25}, "throughput_per_s": 300.0}
+    return EvalRecord(variant=name, n=1000, labels=["neg", "pos"], accuracy=acc, macro_f1=f1,
+                      confusion_matrix=[[450, 50], [90, 410]], latency_ms={"p50": 4.5, "p95": 6.25},
+                      throughput_per_s=300.0).to_dict()
 
 
 def _write(path: Path, obj) -> None:
@@ -74,7 +78,7 @@ def results_dir(tmp_path: Path) -> Path:
     for name, (depth, rule, acc, f1, time_s) in VARIANTS.items():
         audit = _audit(name, depth, rule)
         _write(tmp_path / "audit" / f"{name}.json", audit)
-        _write(tmp_path / "metrics" / "train" / f"{name}.json", _train(name, audit, time_s))
+        _write(tmp_path / "metrics" / "train" / f"{name}.json", _train(name, audit, depth, time_s))
         _write(tmp_path / "metrics" / "eval" / f"{name}.json", _eval(name, acc, f1))
     return tmp_path
 
@@ -181,6 +185,25 @@ def test_stale_or_broken_files(results_dir):
         _report(results_dir, variants=["full"])
 
 
+def test_bad_value_and_copied_record_are_one_line(results_dir):
+    train = results_dir / "metrics" / "train" / "top2.json"
+    doc = json.loads(train.read_text())
+    doc["train_time_s"] = "fast"
+    train.write_text(json.dumps(doc))
+    with pytest.raises(DepthtuneError, match=r"top2\.json: `train_time_s` is 'fast', expected a number"):
+        _report(results_dir, variants=["top2"])
+    audit = results_dir / "audit"
+    (audit / "full.json").write_bytes((audit / "probe.json").read_bytes())  # copied by hand
+    with pytest.raises(DepthtuneError, match=r"full\.json: belongs to variant 'probe', expected 'full'"):
+        _report(results_dir, variants=["full"])
+
+
+def test_layer_order():
+    names = ["head", "layer.10", "other", "pooler", "layer.2", "final_norm", "embeddings", "adapter"]
+    assert sorted(names, key=layer_order_key) == ["embeddings", "layer.2", "layer.10", "pooler", "final_norm",
+                                                  "head", "other", "adapter"]  # unknown: first-seen order
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -232,7 +255,9 @@ def test_stage_main(results_dir, capsys):
     assert names == ["comparison.json", "comparison.md", "depth.png", "pareto.png", "variants.csv"]  # no temp files
     assert json.loads((out / "comparison.json").read_text())["cheapest"]["variant"] == "top2"
     assert (out / "pareto.png").read_bytes().startswith(PNG_MAGIC)
-    assert (out / "comparison.json").stat().st_mode & 0o044  # readable by others, not mkstemp's 0600
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "comparison.json").stat().st_mode & 0o777 == 0o666 & ~umask  # the usual mode, not mkstemp's 0600
     printed = capsys.readouterr().out
     assert "| variant |" in printed and "Cheapest within 0.005 of it: top2" in printed
 
