@@ -624,7 +624,7 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
     def est(seq_len):
         return audit_built(built, variant_name=job["variant"], spec=spec, num_labels=2,
                            batch_size=job["batch_size"], seq_len=seq_len, check=False,
-                           cache_tokens=cache_tokens)["estimates"]
+                           cache_tokens=cache_tokens).estimates
 
     e_peak, e_typ, e_flops = est(peak_len), est(typical_len), est(flops_len)
     peak = mem.peak_growth
@@ -712,7 +712,7 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
                  if torch.is_tensor(v) and v.numel() > 1)
     rss_step = rss_bytes() - base
     est = audit_built(built, variant_name=variant, spec=spec, num_labels=2, batch_size=batch_size, seq_len=seq_len,
-                      check=False)["estimates"]["memory_bytes"]
+                      check=False).estimates["memory_bytes"]
     measured = {"weights": weights, "gradients": grads, "adamw_states": states, "activations": sum(saved.values())}
     measured["total"] = sum(measured.values())
     return {"variant": variant, "batch_size": batch_size, "seq_len": seq_len,
