@@ -119,6 +119,11 @@ class LabelSet(Record):
         return labels
 
 
+# Characters that str.splitlines() (and some JSONL readers) take as line breaks but
+# json.dumps(ensure_ascii=False) leaves raw: escaped so that one example stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 @dataclass(frozen=True)
 class PreparedExample:
     """One line of data/prepared/<split>.jsonl."""
@@ -126,14 +131,15 @@ class PreparedExample:
     label: int
 
     def to_json(self) -> str:
-        return json.dumps({"text": self.text, "label": self.label}, ensure_ascii=False)
+        """UTF-8 JSON, non-ASCII kept readable, Unicode line breaks escaped."""
+        return json.dumps({"text": self.text, "label": self.label}, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 def read_prepared_split(path: str | Path, num_labels: int) -> list[PreparedExample]:
-    """Every row validated: a bad line is a one-line DataError naming file and line."""
+    """Every row validated: a bad line is a one-line DataError naming file and line; no rows is an error."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # "\n" only: the writer's line break
     except FileNotFoundError:
         raise DataError(f"{path}: not found (run the prepare stage first)") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -148,11 +154,15 @@ def read_prepared_split(path: str | Path, num_labels: int) -> list[PreparedExamp
             raise DataError(f"{path}:{i}: not valid JSON") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise DataError(f"{path}:{i}: expected {{\"text\": str, \"label\": int}}")
+        if not row["text"]:
+            raise DataError(f"{path}:{i}: empty text")
         label = row.get("label")
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
             raise DataError(f"{path}:{i}: label {label!r} is not a label id in 0..{num_labels - 1} "
                             "(labels.json)")
         rows.append(PreparedExample(row["text"], label))
+    if not rows:
+        raise DataError(f"{path}: no examples (re-run the prepare stage)")
     return rows
 
 

@@ -13,7 +13,11 @@ PROCESS_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    # Progress bars: huggingface_hub's switch also turns off transformers' ("Loading weights",
+    # "Writing model shards"): transformers.utils.logging reads hub's state when it is imported.
+    # datasets has its own ("tokenizing train", "Saving the dataset (1/1 shards)").
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no progress bars in stage logs
     "DO_NOT_TRACK": "true",
@@ -43,12 +47,22 @@ def configure_process() -> None:
     for k, v in PROCESS_ENV.items():
         os.environ.setdefault(k, v)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    # Already imported: set it directly. Otherwise the environment above does it, without paying
-    # ~1.3 s to import transformers in stages that never use it (prepare, compare, promote).
+    # These libraries read the environment above once, at import. One already imported is
+    # switched directly (its public calls); one not imported is not imported here (transformers
+    # alone costs ~1.3 s, and prepare, compare, promote never use it).
+    # A user's explicit HF_*_DISABLE_PROGRESS_BARS=0 wins (and the libraries would warn otherwise).
+    hub_bars_off = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    if hub_bars_off and "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        if hub_bars_off:
+            hf_logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        import datasets
+        datasets.disable_progress_bars()
 
 
 def seed_everything(seed: int) -> None:

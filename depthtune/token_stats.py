@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from depthtune.errors import DataError
-from depthtune.files import atomic_dir, read_json
+from depthtune.files import atomic_dir
+from depthtune.layout import SPLITS
+from depthtune.records import LabelSet, read_prepared_split
 
-SPLITS = ("train", "validation", "test")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TRUNCATION_WARN_FRACTION = 0.05
 # Rows per worker process below which a process pool costs more than it saves. The fast
@@ -31,55 +32,36 @@ REPORT_VERSION = 1
 _UNTRUNCATED = "untruncated_length"
 
 
-def read_prepared_split(path: str | Path, num_labels: int) -> tuple[list, list]:
-    """(texts, label ids) of one prepared JSONL file; every line is checked."""
-    path = Path(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found (run the prepare stage first)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read ({exc})") from None
-    texts, labels = [], []
-    for number, line in enumerate(raw.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"{path}: line {number}: not valid JSON ({exc})") from None
-        text, label = (obj.get("text"), obj.get("label")) if isinstance(obj, dict) else (None, None)
-        if not isinstance(text, str) or not text:
-            raise DataError(f"{path}: line {number}: expected a non-empty string 'text'")
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_labels:
-            raise DataError(f"{path}: line {number}: 'label' {label!r} is not an id in 0..{num_labels - 1} "
-                            "(labels.json)")
-        texts.append(text)
-        labels.append(label)
-    if not texts:
-        raise DataError(f"{path}: no examples")
-    return texts, labels
+@dataclass
+class PreparedSplits:
+    """The prepare stage's output, ready to tokenize."""
+    splits: object  # datasets.DatasetDict: columns text, label (ClassLabel with the names below)
+    names: list  # label names, id = index
+    fingerprints: dict  # split -> "prepared-<split>-<sha256 of its file, 16 hex>": the datasets fingerprint
 
 
-def load_prepared(prepared_dir: str | Path):
-    """data/prepared -> (DatasetDict with columns text, label (ClassLabel), label names)."""
+def load_prepared(prepared_dir: str | Path) -> PreparedSplits:
+    """data/prepared -> PreparedSplits; every line is checked (depthtune.records)."""
     import datasets
+    import pyarrow as pa
 
     prepared_dir = Path(prepared_dir)
-    meta = read_json(prepared_dir / "labels.json")
-    names = meta.get("names") if isinstance(meta, dict) else None
-    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
-        raise DataError(f"{prepared_dir / 'labels.json'}: expected {{\"names\": [at least 2 label names]}}")
+    names = LabelSet.read(prepared_dir / "labels.json").names
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=names)})
-    splits = {}
+    splits, fingerprints = {}, {}
     for name in SPLITS:
         path = prepared_dir / f"{name}.jsonl"
-        texts, labels = read_prepared_split(path, len(names))
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        ds = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-        splits[name] = datasets.Dataset(ds.data, info=ds.info, fingerprint=f"prepared-{name}-{digest}")
-    return datasets.DatasetDict(splits), names
+        rows = read_prepared_split(path, len(names))
+        fingerprints[name] = f"prepared-{name}-{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+        table = pa.Table.from_pydict({"text": [r.text for r in rows], "label": [r.label for r in rows]},
+                                     schema=features.arrow_schema)
+        # The fingerprint is given, so datasets does not hash the table itself: that hash pickles
+        # the table with dill, which disassembles functions to stdout (a bytecode dump in the log
+        # when stdout is a Prefect print logger) and reads every row once more.
+        splits[name] = datasets.Dataset(table, info=datasets.DatasetInfo(features=features),
+                                        fingerprint=fingerprints[name])
+    return PreparedSplits(splits=datasets.DatasetDict(splits), names=names, fingerprints=fingerprints)
 
 
 def choose_num_proc(num_rows: int, *, max_procs: Optional[int] = None,
@@ -140,9 +122,12 @@ def length_stats(lengths, untruncated, *, max_length: int) -> dict:
     }
 
 
-def tokenize_splits(dsd, tokenizer, *, max_length: int, num_proc: Optional[int] = None,
+def tokenize_splits(dsd, tokenizer, *, max_length: int, fingerprints: dict, num_proc: Optional[int] = None,
                     min_rows_per_proc: int = MIN_ROWS_PER_PROC, batch_size: int = 1000):
-    """DatasetDict(text, label) -> (tokenized DatasetDict, {split: length stats}, {split: workers})."""
+    """DatasetDict(text, label) -> (tokenized DatasetDict, {split: length stats}, {split: workers}).
+
+    `fingerprints` (split -> the input's fingerprint) and the tokenizer name the outputs' fingerprints.
+    """
     import datasets
 
     probe = tokenizer(["a"], truncation=True, max_length=max_length)
@@ -160,7 +145,7 @@ def tokenize_splits(dsd, tokenizer, *, max_length: int, num_proc: Optional[int] 
         procs = num_proc if num_proc is not None else choose_num_proc(ds.num_rows,
                                                                       min_rows_per_proc=min_rows_per_proc)
         procs = max(1, min(procs, ds.num_rows))
-        fp = hashlib.sha256(f"{ds._fingerprint}|{tok_id}".encode()).hexdigest()[:16]
+        fp = hashlib.sha256(f"{fingerprints[name]}|{tok_id}".encode()).hexdigest()[:16]
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         if procs > 1:
             # forked workers inherit a tokenizer whose thread pool has run: keep them single-threaded
@@ -234,12 +219,13 @@ def write_tokenized(dsd, report: dict, out_dir: str | Path) -> Path:
 def run(prepared_dir: str | Path, tokenizer, *, max_length: int, tokenizer_source: str,
         num_proc: Optional[int] = None):
     """Load, tokenize, report (in memory): -> (DatasetDict, report)."""
-    dsd, names = load_prepared(prepared_dir)
-    tokenized, stats, workers = tokenize_splits(dsd, tokenizer, max_length=max_length, num_proc=num_proc)
+    prepared = load_prepared(prepared_dir)
+    tokenized, stats, workers = tokenize_splits(prepared.splits, tokenizer, max_length=max_length,
+                                                fingerprints=prepared.fingerprints, num_proc=num_proc)
     info = tokenizer_info(tokenizer, source=tokenizer_source)
     columns = list(tokenized["train"].column_names)
     return tokenized, build_report(stats=stats, workers=workers, tokenizer=info, max_length=max_length,
-                                   names=names, columns=columns)
+                                   names=prepared.names, columns=columns)
 
 
 def summary_lines(report: dict) -> list:

@@ -9,21 +9,18 @@ Usage: python -m stages.prepare [--params params.yaml] [--out data/prepared]
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
+from depthtune import layout, runtime
 from depthtune.config import load_params
+from depthtune.data_readers import read_source
 from depthtune.files import run_main
-from depthtune.preparation import prepare, read_source, summary_lines, write_prepared
+from depthtune.preparation import prepare, summary_lines, write_prepared
 
 
 def main(argv: list | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--out", default="data/prepared", help="output directory (default: data/prepared)")
-    args = parser.parse_args(argv)
-
+    args = layout.parse_stage_args("prepare", argv, __doc__)
     start = time.perf_counter()
     cfg = load_params(args.params).data
     source = read_source(cfg)
@@ -40,4 +37,5 @@ def main(argv: list | None = None) -> None:
 
 
 if __name__ == "__main__":
+    runtime.configure_process()
     run_main(main)

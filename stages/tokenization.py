@@ -6,14 +6,15 @@ Outputs (written all at once; a failed run leaves the previous ones intact):
                    them), labels (ClassLabel ids), length; truncated at train.max_length, unpadded
   data/tokenized/report.json  tokenizer, max_length, token-length stats per split
 
-Usage: python -m stages.tokenization [--params params.yaml] [--prepared data/prepared]
-                                     [--out data/tokenized] [--num-proc N]
+Worker processes per split are chosen by split size and cores (token_stats.choose_num_proc).
+
+Usage: python -m stages.tokenization [--params params.yaml] [--prepared data/prepared] [--out data/tokenized]
 """
 from __future__ import annotations
 
-import argparse
 import time
 
+from depthtune import layout, runtime
 from depthtune.config import load_params
 from depthtune.files import run_main
 from depthtune.sources import load_tokenizer
@@ -21,21 +22,14 @@ from depthtune.token_stats import run, summary_lines, warn, write_tokenized
 
 
 def main(argv: list | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.tokenization", description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    parser.add_argument("--prepared", default="data/prepared", help="prepare stage output (default: data/prepared)")
-    parser.add_argument("--out", default="data/tokenized", help="output directory (default: data/tokenized)")
-    parser.add_argument("--num-proc", type=int, default=None,
-                        help="worker processes per split (default: by split size and cores)")
-    args = parser.parse_args(argv)
-
+    args = layout.parse_stage_args("tokenization", argv, __doc__)
     start = time.perf_counter()
     params = load_params(args.params)
     tokenizer = load_tokenizer(params.model)
     source = params.model.tokenizer or params.model.source
-    dsd, report = run(args.prepared, tokenizer, max_length=params.train.max_length,
-                      tokenizer_source=source, num_proc=args.num_proc)
+    dsd, report = run(args.prepared, tokenizer, max_length=params.train.max_length, tokenizer_source=source)
     write_tokenized(dsd, report, args.out)
+    print(f"read {args.prepared}/")
     for line in summary_lines(report):
         print(line)
     warn(report)
@@ -43,4 +37,5 @@ def main(argv: list | None = None) -> None:
 
 
 if __name__ == "__main__":
+    runtime.configure_process()
     run_main(main)

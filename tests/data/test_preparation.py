@@ -22,15 +22,9 @@ import yaml
 from depthtune import builtin_data
 from depthtune.config import DataConfig, SplitFractions
 from depthtune.errors import DataError
-from depthtune.preparation import (
-    SPLITS,
-    prepare,
-    read_file,
-    read_source,
-    stratified_sample,
-    summary_lines,
-    write_prepared,
-)
+from depthtune.data_readers import read_file, read_source
+from depthtune.layout import SPLITS
+from depthtune.preparation import prepare, stratified_sample, summary_lines, write_prepared
 from stages import prepare as prepare_stage
 
 ROOT = Path(__file__).resolve().parents[2]  # the project root (tests/data/<this file>)
@@ -42,6 +36,9 @@ SST2, TREC, MR = SHARED / "sst2", SHARED / "trec" / "TREC.train.all", SHARED / "
 
 
 def cfg(**kw) -> DataConfig:
+    """A DataConfig without the quick-run caps of params.yaml unless a test sets them."""
+    kw.setdefault("max_train_samples", None)
+    kw.setdefault("max_eval_samples", None)
     split = kw.pop("split", None)
     c = DataConfig(**kw)
     if split is not None:
@@ -63,11 +60,11 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 
 def texts_of(prepared, split):
-    return [t for t, _ in prepared.splits[split]]
+    return [e.text for e in prepared.splits[split]]
 
 
 def fractions(examples, n_labels):
-    c = Counter(y for _, y in examples)
+    c = Counter(e.label for e in examples)
     return [c.get(i, 0) / len(examples) for i in range(n_labels)]
 
 
@@ -162,7 +159,7 @@ def test_trec_declared_labels_order_and_undeclared_drop():
     assert s["undeclared_labels_found"] == {"2": 86}
     first = TREC.read_text(encoding="latin-1").split("\n")[0]  # "0 How did serfdom ..."
     text = first.split(" ", 1)[1].strip()
-    where = [(split, y) for split in SPLITS for t, y in p.splits[split] if t == text]
+    where = [(split, e.label) for split in SPLITS for e in p.splits[split] if e.text == text]
     assert where and where[0][1] == 4  # label "0" is id 4 in the declared order
 
 
@@ -384,7 +381,7 @@ def test_error_bad_options(tmp_path):
 
 
 def test_hub_offline_fails_fast(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # depthtune.runtime.is_offline()
     start = time.perf_counter()
     msg = _err(cfg(source="hub:stanfordnlp/sst2"))
     assert time.perf_counter() - start < 2
@@ -438,7 +435,7 @@ def test_write_prepared_round_trip(tmp_path):
     write_prepared(p, tmp_path / "o")
     for split in SPLITS:
         rows = [json.loads(ln) for ln in (tmp_path / "o" / f"{split}.jsonl").read_text().splitlines()]
-        assert [(r["text"], r["label"]) for r in rows] == p.splits[split]
+        assert [(r["text"], r["label"]) for r in rows] == [(e.text, e.label) for e in p.splits[split]]
     assert summary_lines(p.report)[0].startswith("prepared ")
 
 

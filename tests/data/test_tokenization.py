@@ -11,6 +11,7 @@ import yaml
 from depthtune.config import DataConfig, ModelConfig
 from depthtune.errors import DataError
 from depthtune.preparation import prepare, write_prepared
+from depthtune.records import PreparedExample
 from depthtune.sources import load_tokenizer
 from depthtune.token_stats import (
     choose_num_proc,
@@ -38,7 +39,7 @@ def prepared_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "prepared"
     p = prepare(DataConfig(source=str(TREC), encoding="latin-1", max_train_samples=300, max_eval_samples=100))
     long_text = " ".join(["word"] * 300)
-    p.splits["train"].append((long_text, 0))
+    p.splits["train"].append(PreparedExample(long_text, 0))
     write_prepared(p, out)
     return out
 
@@ -79,13 +80,14 @@ def test_tokenized_columns_types_and_no_padding(prepared_dir, tokenizer):
 
 
 def test_num_proc_gives_identical_output(prepared_dir, tokenizer):
-    dsd, _ = load_prepared(prepared_dir)
-    small = dsd["validation"]
+    prepared = load_prepared(prepared_dir)
+    small = prepared.splits["validation"]
     import datasets
 
     env_before = os.environ.get("TOKENIZERS_PARALLELISM")
-    one, _, w1 = tokenize_splits(datasets.DatasetDict({"validation": small}), tokenizer, max_length=32, num_proc=1)
-    two, _, w2 = tokenize_splits(datasets.DatasetDict({"validation": small}), tokenizer, max_length=32, num_proc=2)
+    dsd, fps = datasets.DatasetDict({"validation": small}), prepared.fingerprints
+    one, _, w1 = tokenize_splits(dsd, tokenizer, max_length=32, fingerprints=fps, num_proc=1)
+    two, _, w2 = tokenize_splits(dsd, tokenizer, max_length=32, fingerprints=fps, num_proc=2)
     assert (w1, w2) == ({"validation": 1}, {"validation": 2})
     assert one["validation"].to_dict() == two["validation"].to_dict()
     assert os.environ.get("TOKENIZERS_PARALLELISM") == env_before  # restored after the worker pool
@@ -123,7 +125,7 @@ def test_stage_writes_dataset_and_warns_on_truncation(prepared_dir, tmp_path, ca
     (broken / "test.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": "bad", "label": 9}\n')
     with pytest.raises(DataError) as info:
         tokenization_stage.main(["--params", str(params), "--prepared", str(broken), "--out", str(out)])
-    assert str(info.value) == f"{broken / 'test.jsonl'}: line 2: 'label' 9 is not an id in 0..5 (labels.json)"
+    assert str(info.value) == f"{broken / 'test.jsonl'}:2: label 9 is not a label id in 0..5 (labels.json)"
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(os.listdir(tmp_path)) == ["broken", "params.yaml", "tokenized"]
 
@@ -134,3 +136,48 @@ def test_missing_prepared_data(tmp_path, tokenizer):
     (tmp_path / "labels.json").write_text('{"names": ["a", "b"]}')
     with pytest.raises(DataError, match="train.jsonl: not found"):
         load_prepared(tmp_path)
+
+
+def test_loading_prints_nothing_to_stdout(prepared_dir, tokenizer, monkeypatch):
+    """Prefect's log_prints sends every print(file=None) to the run log. Building the datasets once
+    let datasets hash the Arrow table with dill, whose dis.dis() wrote pages of bytecode there."""
+    import builtins
+    import sys
+
+    import datasets
+
+    printed = []
+    real_print = builtins.print
+
+    def recording_print(*args, **kwargs):
+        if kwargs.get("file") in (None, sys.stdout):
+            printed.append(" ".join(map(str, args)))
+        return real_print(*args, **kwargs)
+
+    monkeypatch.setattr(builtins, "print", recording_print)
+    prepared = load_prepared(prepared_dir)
+    small = datasets.DatasetDict({"validation": prepared.splits["validation"]})
+    tokenize_splits(small, tokenizer, max_length=32, fingerprints=prepared.fingerprints, num_proc=2)
+    assert printed == []
+
+
+def test_no_progress_bars_after_configure_process(tmp_path):
+    """Libraries imported before configure_process() still get their bars switched off."""
+    import subprocess
+    import sys
+
+    script = (
+        "import datasets, tempfile\n"  # imports huggingface_hub, which reads its env var now
+        "from depthtune import runtime\n"
+        "runtime.configure_process()\n"
+        "from depthtune.config import ModelConfig, VariantSpec\n"
+        "from depthtune.variants import build_variant\n"
+        "built = build_variant(ModelConfig(), VariantSpec(), num_labels=2, device='cpu')\n"
+        "built.model.save_pretrained(tempfile.mkdtemp(dir=%r))\n" % str(tmp_path)
+    )
+    env = {k: v for k, v in os.environ.items() if "PROGRESS_BARS" not in k}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Loading weights" not in proc.stderr and "Writing model shards" not in proc.stderr, proc.stderr
+    assert "%|" not in proc.stderr + proc.stdout
