@@ -6,13 +6,17 @@ import multiprocessing as mp
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from depthtune.batching import Examples, collate, length_grouped_batches, predict_logits
+from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
-from depthtune.training import (Examples, PrefixCache, collate, frozen_prefix_layers, length_grouped_batches,
-                                predict_logits, set_train_mode, top_forward, train)
+from depthtune.errors import ModelError
+from depthtune.prefix_cache import PrefixCache, frozen_prefix_layers, set_train_mode, top_forward
+from depthtune.training import TrainState, batch_logits, setup, train
 from depthtune.variants import build_variant
 from tests.conftest import TINY_ARCH, read_sst2
 
@@ -115,7 +119,7 @@ def test_cached_prefix_matches_uncached_first_step_loss_and_gradients(data):
 def test_saved_model_reloads_and_predicts_the_same_logits(data, tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from stages.finetune import save_model
+    from depthtune.finetuning import save_model
 
     train_ex, val_ex = data
     spec, built = build("lora")
@@ -124,7 +128,8 @@ def test_saved_model_reloads_and_predicts_the_same_logits(data, tokenizer, tmp_p
           log=lambda s: None)
     expected = predict_logits(built.model, val_ex, 16, "cpu", 0)
     save_model(built.model, tokenizer, tmp_path / "m", variant="lora", spec=spec, labels=["neg", "pos"],
-               audit={"trainable_params": built.trainable_params, "total_params": built.total_params}, base="scratch")
+               audit=SimpleNamespace(trainable_params=built.trainable_params, total_params=built.total_params),
+               base="scratch")
     assert (tmp_path / "m" / "model.safetensors").exists()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", use_safetensors=True)
     assert reloaded.config.id2label == {0: "neg", 1: "pos"}
@@ -134,12 +139,13 @@ def test_saved_model_reloads_and_predicts_the_same_logits(data, tokenizer, tmp_p
 
 
 def test_truncated_variant_saves_its_true_depth(tokenizer, tmp_path):
-    from stages.finetune import save_model
     from transformers import AutoConfig
+
+    from depthtune.finetuning import save_model
 
     spec, built = build("depth2")
     save_model(built.model, tokenizer, tmp_path / "d", variant="depth2", spec=spec, labels=["a", "b"],
-               audit={"trainable_params": 1, "total_params": 1}, base="scratch")
+               audit=SimpleNamespace(trainable_params=1, total_params=1), base="scratch")
     assert AutoConfig.from_pretrained(tmp_path / "d").num_hidden_layers == 2
 
 
@@ -190,8 +196,6 @@ def test_sigkill_then_resume_ends_with_the_same_metrics(data, tmp_path):
 
 
 def test_checkpoint_from_another_variant_is_refused(data, tmp_path):
-    from depthtune.errors import ModelError
-
     train_ex, val_ex = data
     spec, built = build("probe")
     cfg = dataclasses.replace(CFG, epochs=1)
@@ -203,3 +207,50 @@ def test_checkpoint_from_another_variant_is_refused(data, tmp_path):
         train(model=built2.model, spec=spec2, num_layers=built2.num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,
               metric="accuracy", device="cpu", pad_id=0, num_labels=2, checkpoint_dir=tmp_path, fingerprint="top1",
               log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def test_one_forward_path_gives_the_same_logits_from_the_cache_and_the_full_model(data):
+    train_ex, val_ex = data
+    spec, built = build("top1")
+    index = [3, 8, 21, 40]
+    logits = {}
+    for cached in (True, False):
+        run = setup(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
+                    cfg=dataclasses.replace(CFG, cache_frozen_prefix=cached), metric="accuracy", device="cpu",
+                    pad_id=0, num_labels=2, log=lambda s: None)
+        assert (run.train_cache is not None) == cached and run.frozen == 3
+        built.model.eval()  # no dropout: both paths are deterministic
+        with torch.no_grad():
+            logits[cached], labels, real = batch_logits(run, index)
+        assert labels.tolist() == [train_ex.labels[i] for i in index]
+        assert real == sum(len(train_ex.input_ids[i]) for i in index)
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=1e-4)
+
+
+def test_train_state_round_trips_through_checkpoint_meta_and_keeps_the_saved_extra_keys():
+    state = TrainState(step=7, epoch=1, batch_in_epoch=3, best=0.5, best_val={"accuracy": 0.5},
+                       loss_curve=[{"step": 1, "epoch": 0, "loss": 0.7, "lr": 1e-3}], fingerprint="fp",
+                       extra={"mlflow_run_id": "saved"})
+    meta = state.to_meta()
+    assert meta["step"] == 7 and meta["mlflow_run_id"] == "saved" and "extra" not in meta
+    back = TrainState.from_meta(meta, extra={"mlflow_run_id": "new", "other": 1})
+    assert back == dataclasses.replace(state, extra={"mlflow_run_id": "saved", "other": 1})
+
+
+def test_checkpoint_meta_gives_the_state_without_rng_and_refuses_a_garbled_file(data, tmp_path):
+    train_ex, val_ex = data
+    spec, built = build("probe")
+    out = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
+                cfg=dataclasses.replace(CFG, epochs=1), metric="accuracy", device="cpu", pad_id=0, num_labels=2,
+                checkpoint_dir=tmp_path, fingerprint="fp", extra_meta={"mlflow_run_id": "r1"}, log=lambda s: None)
+    ck = latest_checkpoint(tmp_path)
+    meta = checkpoint_meta(ck)
+    assert meta["mlflow_run_id"] == "r1" and meta["step"] == out.steps and meta["fingerprint"] == "fp"
+    assert not any(k.startswith("rng_") for k in meta)
+    assert TrainState.from_meta(meta).val_curve == out.val_curve
+    (ck / "meta.json").write_text('{"step": 1')
+    with pytest.raises(ModelError, match="unreadable checkpoint"):
+        checkpoint_meta(ck)
