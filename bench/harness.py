@@ -125,7 +125,7 @@ class Split:
 
 
 def tokenize_split(tokenizer, texts: list, labels: list, max_length: int = MAX_LENGTH) -> Split:
-    from depthtune.training import Examples
+    from depthtune.batching import Examples
 
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     ex = Examples(input_ids=enc["input_ids"], labels=list(labels), token_type_ids=enc.get("token_type_ids"))
@@ -135,7 +135,7 @@ def tokenize_split(tokenizer, texts: list, labels: list, max_length: int = MAX_L
 
 
 def subset(split: Split, n: int) -> Split:
-    from depthtune.training import Examples
+    from depthtune.batching import Examples
 
     ex = split.ex
     sub = Examples(input_ids=ex.input_ids[:n], labels=ex.labels[:n],
@@ -691,7 +691,7 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
     model.train()
     n_layers = built.num_layers
     if spec.train_top is not None:  # as the loop runs it: the frozen prefix in eval mode
-        from depthtune.training import set_train_mode
+        from depthtune.prefix_cache import set_train_mode
         set_train_mode(model, n_layers - spec.train_top)
 
     def pack(t):
@@ -764,7 +764,8 @@ def step_profile(model_raw: dict, variant: str, spec_raw: dict, split: Split, ba
     from torch.profiler import ProfilerActivity, profile
 
     from depthtune.config import parse_variant
-    from depthtune.training import collate, length_grouped_batches, param_groups
+    from depthtune.batching import collate, length_grouped_batches
+    from depthtune.training import param_groups
     from depthtune.variants import build_variant
 
     torch.set_num_threads(threads)

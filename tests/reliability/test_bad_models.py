@@ -1,7 +1,7 @@
 """Untrusted or broken model folders and checkpoints: refused with one line, never a traceback.
 
 `depthtune.variants.build_variant` (what the finetune stage builds) and
-`stages.evaluation.load_saved_model` (what the evaluation stage loads) on tiny hand-made folders;
+`depthtune.evaluator.load_saved_model` (what the evaluation stage loads) on tiny hand-made folders;
 `depthtune.training.train` on a checkpoint folder whose files are damaged. Each refusal is also
 pushed through `run_main`, the stage edge, to check the exit code and the single stderr line.
 The checkpoint-from-another-variant case is in tests/test_training.py (train level) and
@@ -130,7 +130,7 @@ def test_folder_without_weights(folders, capsys):
 
 @pytest.mark.parametrize("name", ["truncated", "garbage"])
 def test_evaluation_refuses_a_corrupted_saved_model(folders, name, capsys):
-    from stages.evaluation import load_saved_model
+    from depthtune.evaluator import load_saved_model
 
     line = one_line_exit(lambda: load_saved_model(folders / name, "cpu"), capsys)
     assert line.startswith(f"error: {folders / name}: cannot load the model (Error while deserializing header")
@@ -142,7 +142,8 @@ def test_evaluation_refuses_a_corrupted_saved_model(folders, name, capsys):
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory, shared_data, tokenizer):
     """One epoch of a tiny scratch model with its epoch-end checkpoint on disk."""
-    from depthtune.training import Examples, train
+    from depthtune.batching import Examples
+    from depthtune.training import train
     from depthtune.variants import build_variant
 
     texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", 64)
