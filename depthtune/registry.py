@@ -1,103 +1,224 @@
 """Promotion: register the best variant and move the `champion` alias only when it wins.
 
-  1. candidate = best variant by `registry.metric` in metrics/eval/*.json that passes
-     `min_metric`, `max_trainable_params` and `max_latency_ms` (p95, batch 1)
-  2. load the candidate back from its variant run's logged model; load the current
-     `@champion`; refuse if either fails to load or their label mappings differ
-  3. re-score BOTH now on the same current test data (data/prepared/test.jsonl):
-     old metrics were measured on old data and are not comparable
-  4. register the candidate (once: a re-run reuses its version) with tags + a model card
-  5. candidate beats champion by >= min_delta -> one `set_registered_model_alias(champion)`;
-     otherwise it becomes `challenger` and the reason goes into a version tag and the report.
+  1. rank        candidate = best variant by `registry.metric` in the eval records that passes
+                 `min_metric`, `max_trainable_params` and `max_latency_ms` (p95, batch 1)
+  2. find        the store answers; the candidate's run (from its train record) holds a logged model
+  3. load        the candidate and the current `@champion` load back; refuse if either fails or
+                 their label mappings differ (from each other or from labels.json)
+  4. rescore     BOTH on the same current test data: old metrics were measured on old data
+  5. register    the candidate (once: a re-run reuses its version) with tags + a model card
+  6. decide      candidate beats champion by >= min_delta -> promoted, else challenger (pure)
+  7. aliases     promoted: one `set_registered_model_alias(champion)`; challenger: the
+                 `challenger` alias; the reason goes into a version tag and the report
 
-Refusals raise DepthtuneError before anything in the registry changes. Steps 2-5 run
+Refusals raise DepthtuneError before anything in the registry changes. Steps 3-7 run
 under a lock file keyed by (store, model name), so two promotions racing on one
 machine serialise; the champion alias is re-read just before it is moved.
 Aliases only: model version stages are deprecated in MLflow 3.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from depthtune import tracking
+from depthtune import layout
 from depthtune.config import RegistryConfig, TrackingConfig
 from depthtune.errors import DepthtuneError
-from depthtune.files import read_json, write_json_atomic
+from depthtune.mlflow_runs import TAG_MODEL_URI, TAG_VARIANT, data_fingerprint, dvc_lock_hash, git_commit
+from depthtune.mlflow_store import file_lock, lock_path, tracking_uri, use_store
 from depthtune.provenance import provenance
+from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
+                               read_variant_record)
+from depthtune.redaction import describe_error, safe_uri
 
 SCHEMA = "depthtune.promotion/1"
 CHAMPION, CHALLENGER = "champion", "challenger"
+RESCORE_TOLERANCE = 0.02  # re-scored vs evaluation-stage metric: a larger gap means other data or truncation
+
+# ----------------------------------------------------------------------------- 1. rank the evaluated variants
 
 
-# ----------------------------------------------------------------------------- candidates from result files
+@dataclass
+class Candidate:
+    """One evaluated variant with its records; `reasons` says why it may not be promoted (empty: eligible)."""
+    variant: str
+    metric: float  # registry.metric from the eval record
+    eval: EvalRecord
+    train: Optional[TrainRecord]  # None: no train record (not eligible)
+    audit: Optional[AuditRecord]
+    reasons: list
+
+    @property
+    def eligible(self) -> bool:
+        return not self.reasons
+
+    @property
+    def trainable_params(self) -> Optional[int]:
+        return self.train.trainable_params if self.train else self.audit.trainable_params if self.audit else None
+
+    @property
+    def total_params(self) -> Optional[int]:
+        return self.train.total_params if self.train else self.audit.total_params if self.audit else None
+
+    @property
+    def latency_p95_ms(self) -> Optional[float]:
+        return self.eval.latency_ms.get("p95")
+
+    def summary(self) -> dict:
+        return {"variant": self.variant, "metric": self.metric, "trainable_params": self.trainable_params,
+                "latency_p95_ms": self.latency_p95_ms, "eligible": self.eligible, "reasons": self.reasons}
 
 
-def _metric_of(ev: dict, metric: str) -> Optional[float]:
-    v = ev.get(metric)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+def constraint_failures(reg: RegistryConfig, metric: float, trainable: Optional[int],
+                        latency: Optional[float]) -> list[str]:
+    """Why a variant with these figures may not be promoted (empty: it may)."""
+    reasons = []
+    if metric < reg.min_metric:
+        reasons.append(f"{reg.metric} {metric:.4f} < min_metric {reg.min_metric}")
+    if reg.max_trainable_params is not None and (trainable is None or trainable > reg.max_trainable_params):
+        reasons.append(f"trainable params {trainable} > max_trainable_params {reg.max_trainable_params}")
+    if reg.max_latency_ms is not None and (latency is None or latency > reg.max_latency_ms):
+        reasons.append(f"p95 latency {latency} ms > max_latency_ms {reg.max_latency_ms}")
+    return reasons
 
 
-def rank_variants(reg: RegistryConfig, eval_dir: Path, train_dir: Path, audit_dir: Path) -> list[dict]:
-    """One row per evaluated variant: metric, trainable params, p95 latency, eligible, reasons. Best first."""
+def read_candidate(reg: RegistryConfig, eval_path: Path, train_dir: Path, audit_dir: Path) -> Candidate:
+    """The variant of one eval record (<variant>.json), with its train and audit records when present."""
+    variant = eval_path.stem
+    ev = read_variant_record(EvalRecord, eval_path, variant)
+    train_path, audit_path = Path(train_dir) / eval_path.name, Path(audit_dir) / eval_path.name
+    train = read_variant_record(TrainRecord, train_path, variant) if train_path.is_file() else None
+    audit = read_variant_record(AuditRecord, audit_path, variant) if audit_path.is_file() else None
+    cand = Candidate(variant, ev.metric(reg.metric), ev, train, audit, reasons=[])
+    cand.reasons = constraint_failures(reg, cand.metric, cand.trainable_params, cand.latency_p95_ms)
+    if train is None:
+        cand.reasons.append(f"{train_path} not found")
+    return cand
+
+
+def rank_variants(reg: RegistryConfig, eval_dir: Path, train_dir: Path, audit_dir: Path) -> list[Candidate]:
+    """Every evaluated variant, best first: highest metric, ties to the fewest trainable params, then by name."""
     files = sorted(Path(eval_dir).glob("*.json"))
     if not files:
         raise DepthtuneError(f"no candidate metrics: {eval_dir}/*.json not found (run the evaluation stage first)")
-    rows = []
-    for f in files:
-        ev = read_json(f)
-        variant = ev.get("variant", f.stem)
-        value = _metric_of(ev, reg.metric)
-        if value is None:
-            raise DepthtuneError(f"candidate metrics missing: {f} has no numeric '{reg.metric}'")
-        train_f, audit_f = Path(train_dir) / f"{variant}.json", Path(audit_dir) / f"{variant}.json"
-        tr = read_json(train_f) if train_f.is_file() else {}
-        au = read_json(audit_f) if audit_f.is_file() else {}
-        trainable = tr.get("trainable_params", au.get("trainable_params"))
-        latency = (ev.get("latency_ms") or {}).get("p95")
-        reasons = []
-        if value < reg.min_metric:
-            reasons.append(f"{reg.metric} {value:.4f} < min_metric {reg.min_metric}")
-        if reg.max_trainable_params is not None and (trainable is None or trainable > reg.max_trainable_params):
-            reasons.append(f"trainable params {trainable} > max_trainable_params {reg.max_trainable_params}")
-        if reg.max_latency_ms is not None and (latency is None or latency > reg.max_latency_ms):
-            reasons.append(f"p95 latency {latency} ms > max_latency_ms {reg.max_latency_ms}")
-        if not train_f.is_file():
-            reasons.append(f"{train_f} not found")
-        rows.append({"variant": variant, "metric": value, "trainable_params": trainable,
-                     "total_params": tr.get("total_params", au.get("total_params")), "latency_p95_ms": latency,
-                     "eligible": not reasons, "reasons": reasons, "eval": ev, "train": tr, "audit": au})
-    # best metric first; ties go to the cheaper variant
-    rows.sort(key=lambda r: (-r["metric"], r["trainable_params"] if r["trainable_params"] is not None else 1 << 62,
-                             r["variant"]))
-    return rows
+    ranked = [read_candidate(reg, f, train_dir, audit_dir) for f in files]
+    ranked.sort(key=lambda c: (-c.metric, c.trainable_params if c.trainable_params is not None else 1 << 62,
+                               c.variant))
+    return ranked
 
 
-# ----------------------------------------------------------------------------- scoring on the current test data
+def no_candidate_reason(ranked: list[Candidate]) -> str:
+    return "no variant passes the registry constraints: " + "; ".join(
+        f"{c.variant}: {', '.join(c.reasons)}" for c in ranked)
 
 
-def read_test(test_path: Path, labels_path: Path) -> tuple[list[str], list[str], list[str]]:
-    """(texts, true label names, label names in id order)."""
-    names = read_json(labels_path).get("names")
-    if not names:
-        raise DepthtuneError(f"{labels_path}: no 'names' list")
-    texts, gold = [], []
+# ----------------------------------------------------------------------------- 2. the store and the logged model
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """The candidate's model as its finetune stage logged it."""
+    run_id: str
+    model_uri: str
+    run_tags: dict
+
+
+def open_registry(tracking_cfg: TrackingConfig):
+    """An MLflow client on the configured store, which must answer now (else DepthtuneError)."""
     try:
-        lines = Path(test_path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DepthtuneError(f"{test_path}: not found (run the prepare stage first)") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        label = row["label"]
-        gold.append(names[label] if isinstance(label, int) else str(label))
-        texts.append(row["text"])
-    if not texts:
-        raise DepthtuneError(f"{test_path}: no rows")
-    return texts, gold, list(names)
+        client, _ = use_store(tracking_cfg)
+        client.search_registered_models(max_results=1)
+    except Exception as exc:  # noqa: BLE001
+        where = safe_uri(tracking_uri(tracking_cfg))
+        raise DepthtuneError(f"tracking store unreachable at {where}: {describe_error(exc)}") from None
+    return client
+
+
+def logged_model(client, cand: Candidate, where: str) -> LoggedModel:
+    """The candidate's logged model, from the run recorded in its train record (`where`: the store, for messages)."""
+    run_id = cand.train.run_id() if cand.train else None
+    if not run_id:
+        raise DepthtuneError(f"candidate {cand.variant}: no mlflow_run_id in its train record "
+                             f"(tracking was off or down during finetune); re-run finetune@{cand.variant}")
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001
+        raise DepthtuneError(f"candidate {cand.variant}: run {run_id} not found in {where} "
+                             f"({describe_error(exc)})") from None
+    model_uri = run.data.tags.get(TAG_MODEL_URI)
+    if not model_uri:
+        raise DepthtuneError(f"candidate {cand.variant}: run {run_id} has no logged model (tag {TAG_MODEL_URI})")
+    return LoggedModel(run_id, model_uri, dict(run.data.tags))
+
+
+# ----------------------------------------------------------------------------- 3. load back, 4. rescore
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """The current test split: texts, their true label names, and the label names in id order."""
+    texts: list
+    gold: list
+    names: list
+
+
+def read_test_data(test_path: Path, labels_path: Path) -> LabelledTexts:
+    """The prepared test split, every row checked (a bad row is a one-line DataError naming file and line)."""
+    names = LabelSet.read(labels_path).names
+    rows = read_prepared_split(test_path, len(names))  # refuses an empty split too
+    return LabelledTexts([r.text for r in rows], [names[r.label] for r in rows], list(names))
+
+
+def load_model(model_uri: str, what: str):
+    """Load a logged/registered depthtune model back (pyfunc) -> serving.TextClassifier, or refuse."""
+    import mlflow.pyfunc
+
+    from depthtune.serving import TextClassifier  # imports mlflow.pyfunc: only when a candidate is loaded
+
+    try:
+        loaded = mlflow.pyfunc.load_model(model_uri)
+        inner = loaded.unwrap_python_model()
+        if not isinstance(inner, TextClassifier):
+            raise TypeError(f"python model is {type(inner).__name__}, not a depthtune TextClassifier")
+        loaded.predict(["a smoke test"])  # through the signature, as a user would call it
+    except Exception as exc:  # noqa: BLE001
+        raise DepthtuneError(f"{what} fails to load back from {model_uri}: {describe_error(exc)}") from None
+    return inner
+
+
+def load_candidate(model_uri: str, variant: str, names: list, labels_path: Path):
+    """The candidate's model, refused unless its labels are labels.json's, in the same order."""
+    model = load_model(model_uri, f"candidate {variant}")
+    if model.labels != names:
+        raise DepthtuneError(f"candidate {variant} labels {model.labels} differ from {labels_path} {names}")
+    return model
+
+
+def alias_version(client, name: str, alias: str):
+    """The model version an alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def load_champion(client, name: str, labels: list, variant: str):
+    """(champion version, its model), or (None, None) without a champion; refused if its labels differ."""
+    champ_mv = alias_version(client, name, CHAMPION)
+    if champ_mv is None:
+        return None, None
+    champ = load_model(f"models:/{name}@{CHAMPION}", f"champion v{champ_mv.version}")
+    if champ.labels != labels:
+        raise DepthtuneError(f"label mapping differs from champion v{champ_mv.version}: {champ.labels} vs "
+                             f"candidate {variant} {labels}; promote by hand after checking "
+                             f"(mlflow: delete alias '{CHAMPION}' of {name})")
+    return champ_mv, champ
 
 
 def score(predicted: list[str], gold: list[str], names: list[str]) -> dict:
@@ -108,54 +229,59 @@ def score(predicted: list[str], gold: list[str], names: list[str]) -> dict:
     return {"accuracy": float(acc), "macro_f1": float(f1), "n": len(gold)}
 
 
-def _load(model_uri: str, what: str):
-    """Load a logged/registered depthtune model back (pyfunc) -> TextClassifier, or refuse."""
-    from depthtune.serving import TextClassifier
-
-    import mlflow.pyfunc
-
-    try:
-        loaded = mlflow.pyfunc.load_model(model_uri)
-        inner = loaded.unwrap_python_model()
-        if not isinstance(inner, TextClassifier):
-            raise TypeError(f"python model is {type(inner).__name__}, not a depthtune TextClassifier")
-        loaded.predict(["a smoke test"])  # through the signature, as a user would call it
-    except Exception as exc:  # noqa: BLE001
-        raise DepthtuneError(f"{what} fails to load back from {model_uri}: {tracking._short(exc)}") from None
-    return inner
+def rescore(model, data: LabelledTexts) -> dict:
+    """{accuracy, macro_f1, n} of a loaded model on the current test data."""
+    return score(model.predict_names(data.texts), data.gold, data.names)
 
 
-# ----------------------------------------------------------------------------- registry helpers
+def rescore_warning(metric: str, evaluated: float, rescored: float) -> str:
+    return (f"candidate re-scored {metric} {rescored:.4f} differs from the evaluation stage's {evaluated:.4f} "
+            "(different data or truncation?)")
 
 
-def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+# ----------------------------------------------------------------------------- 5. register
 
 
-def _model_card(row: dict, rescored: dict, reg: RegistryConfig) -> str:
-    au, ev, tr = row["audit"], row["eval"], row["train"]
-    arch = au.get("architecture") or {}
-    est = (au.get("estimates") or {}).get("memory_bytes") or {}
-    lines = [f"# {row['variant']}: {au.get('description', '')}", "",
+def model_card(cand: Candidate, rescored: dict, reg: RegistryConfig) -> str:
+    """The version description: what the variant is, how it scored, what training cost (Markdown, < 5000 chars)."""
+    au, ev, tr = cand.audit, cand.eval, cand.train
+    arch = au.architecture if au else {}
+    est = (au.estimates.get("memory_bytes") if au else None) or {}
+    params = (f"- parameters: {cand.total_params:,} total, {cand.trainable_params:,} trainable "
+              f"({100 * (au.trainable_fraction if au else 0):.2f}%), adapters {au.adapter_params if au else 0:,}"
+              if cand.total_params and cand.trainable_params is not None else "- parameters: unknown")
+    lines = [f"# {cand.variant}: {au.description if au else ''}", "",
              f"- depth: {arch.get('num_layers')} layers ({arch.get('model_type')}, hidden {arch.get('hidden_size')})",
-             f"- parameters: {row['total_params']:,} total, {row['trainable_params']:,} trainable "
-             f"({100 * (au.get('trainable_fraction') or 0):.2f}%), adapters {au.get('adapter_params') or 0:,}"
-             if row["total_params"] and row["trainable_params"] is not None else "- parameters: unknown",
-             f"- {reg.metric}: {row['metric']:.4f} at evaluation (n={ev.get('n')}); re-scored now "
+             params,
+             f"- {reg.metric}: {cand.metric:.4f} at evaluation (n={ev.n}); re-scored now "
              f"{rescored[reg.metric]:.4f} (n={rescored['n']})",
-             f"- macro_f1 {ev.get('macro_f1')}, p95 latency {row['latency_p95_ms']} ms, "
-             f"throughput {ev.get('throughput_per_s')}/s",
-             f"- training: {tr.get('steps')} steps, {tr.get('epochs_run')} epochs, best val {tr.get('best_val')}, "
-             f"{tr.get('train_time_s')} s on {tr.get('device')}",
-             f"- estimated train memory {est.get('total')} bytes; measured peak {tr.get('peak_memory_bytes')} "
-             f"({tr.get('peak_memory_kind')})", "", "| layer | trainable | total |", "|---|---:|---:|"]
-    lines += [f"| {r['name']} | {r['trainable']:,} | {r['total']:,} |" for r in au.get("layers", [])]
+             f"- macro_f1 {ev.macro_f1}, p95 latency {cand.latency_p95_ms} ms, throughput {ev.throughput_per_s}/s"]
+    if tr is not None:
+        lines += [f"- training: {tr.steps} steps, {tr.epochs_run} epochs, best val {tr.best_val}, "
+                  f"{tr.train_time_s} s on {tr.device}",
+                  f"- estimated train memory {est.get('total')} bytes; measured peak {tr.peak_memory_bytes} "
+                  f"({tr.peak_memory_kind})"]
+    lines += ["", "| layer | trainable | total |", "|---|---:|---:|"]
+    lines += [f"| {r['name']} | {r['trainable']:,} | {r['total']:,} |" for r in (au.layers if au else [])]
     return "\n".join(lines)[:4900]
+
+
+def version_tags(reg: RegistryConfig, cand: Candidate, logged: LoggedModel, labels: list, *, root: Path,
+                 data_fp: Optional[str]) -> dict:
+    """Tags of the registered version: what the variant is, how it scored, what produced it."""
+    run_tags = logged.run_tags
+    return {TAG_VARIANT: cand.variant, "depthtune.description": cand.audit.description if cand.audit else None,
+            "depthtune.depth": cand.audit.architecture.get("num_layers") if cand.audit else None,
+            "depthtune.trainable_params": cand.trainable_params, "depthtune.total_params": cand.total_params,
+            f"depthtune.eval.{reg.metric}": cand.metric,
+            **{f"depthtune.eval.{k}": cand.eval.metric(k) for k in ("accuracy", "macro_f1") if k != reg.metric},
+            "depthtune.latency_p95_ms": cand.latency_p95_ms,
+            "depthtune.git_commit": run_tags.get("depthtune.git_commit") or git_commit(root),
+            "depthtune.dvc_lock_hash": dvc_lock_hash(f"finetune@{cand.variant}", root)
+            or run_tags.get("depthtune.inputs_fingerprint"),
+            "depthtune.data_fingerprint": run_tags.get("depthtune.data_fingerprint") or data_fp,
+            "depthtune.labels": json.dumps(labels), TAG_MODEL_URI: logged.model_uri,
+            "depthtune.device": cand.train.device if cand.train else None}
 
 
 def _find_version(client, name: str, run_id: str, model_uri: str):
@@ -169,205 +295,199 @@ def _find_version(client, name: str, run_id: str, model_uri: str):
     model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
     for mv in versions:
         if mv.source == model_uri or (model_id and getattr(mv, "model_id", None) == model_id) \
-                or (mv.tags or {}).get(tracking.TAG_MODEL_URI) == model_uri:
+                or (mv.tags or {}).get(TAG_MODEL_URI) == model_uri:
             return mv
     return None
 
 
-def _register(client, name: str, row: dict, run_id: str, model_uri: str, tags: dict, card: str):
+def register_candidate(client, reg: RegistryConfig, cand: Candidate, logged: LoggedModel, labels: list,
+                       rescored: dict, *, root: Path, data_fp: Optional[str]) -> tuple[str, bool]:
+    """(version, newly registered): the candidate's logged model as a version of reg.model_name, once."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mv = _find_version(client, name, run_id, model_uri)
-    if mv is not None:
-        return mv, False
-    try:
-        client.create_registered_model(name, description="depthtune text classifier; aliases: champion, challenger",
-                                       tags={"depthtune": "true"})
-    except MlflowException as exc:
-        if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
-            raise
-    mv = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items() if v is not None})
-    client.update_model_version(name, mv.version, description=card)
-    return mv, True
+    name = reg.model_name
+    mv, created = _find_version(client, name, logged.run_id, logged.model_uri), False
+    if mv is None:
+        try:
+            client.create_registered_model(name, description="depthtune text classifier; aliases: champion, "
+                                           "challenger", tags={"depthtune": "true"})
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code) and "already exists" not in str(exc):
+                raise
+        tags = version_tags(reg, cand, logged, labels, root=root, data_fp=data_fp)
+        mv = mlflow.register_model(logged.model_uri, name, tags={k: str(v) for k, v in tags.items() if v is not None})
+        client.update_model_version(name, mv.version, description=model_card(cand, rescored, reg))
+        created = True
+    version = str(mv.version)
+    client.set_model_version_tag(name, version, f"depthtune.rescored.{reg.metric}", f"{rescored[reg.metric]:.6f}")
+    return version, created
 
 
-# ----------------------------------------------------------------------------- promote
+# ----------------------------------------------------------------------------- 6. decide, 7. move the aliases
+
+
+def decide(reg: RegistryConfig, candidate_version: str, candidate_score: float, champion_version: Optional[str],
+           champion_score: Optional[float]) -> tuple[str, str]:
+    """(decision, reason) from scores on the same test data; decision is promoted, unchanged or challenger.
+
+    No champion yet -> promoted. The candidate IS the champion -> unchanged. Otherwise promoted
+    iff candidate - champion >= min_delta (min_delta 0: a tie promotes the newer model).
+    """
+    m = reg.metric
+    if champion_version is None:
+        return "promoted", f"first champion: {m} {candidate_score:.4f} >= min_metric {reg.min_metric}"
+    if champion_version == candidate_version:
+        return "unchanged", (f"v{candidate_version} is already the champion "
+                             f"({m} {candidate_score:.4f} on the current test data)")
+    gain = candidate_score - champion_score
+    versus = (f"{m} {candidate_score:.4f} vs champion v{champion_version} {champion_score:.4f} "
+              "re-scored on the current test data")
+    if gain >= reg.min_delta:
+        return "promoted", f"{versus}: +{gain:.4f} >= min_delta {reg.min_delta}"
+    return "challenger", f"{versus}: {gain:+.4f} < min_delta {reg.min_delta}"
+
+
+def recheck_champion(client, name: str, champion_version: Optional[str]) -> None:
+    """Refuse if the champion moved since it was loaded (another machine promoted meanwhile)."""
+    now = alias_version(client, name, CHAMPION)
+    if (str(now.version) if now else None) != champion_version:
+        raise DepthtuneError(f"champion of {name} changed during promotion (now v{now.version if now else None}); "
+                             "run promote again")
+
+
+def move_aliases(client, name: str, version: str, decision: str, reason: str,
+                 champion_version: Optional[str]) -> dict:
+    """Apply the decision to the registry; returns {champion: version, challenger: version} afterwards."""
+    if decision == "promoted":
+        client.set_registered_model_alias(name, CHAMPION, version)  # THE switch
+        challenger = alias_version(client, name, CHALLENGER)
+        if challenger is not None and str(challenger.version) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+        if champion_version is not None:
+            client.set_model_version_tag(name, champion_version, "depthtune.replaced_by", version)
+    elif decision == "challenger":
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    # the decision that set the alias stays readable; a later no-op check goes to its own tag
+    tag = "depthtune.last_check" if decision == "unchanged" else "depthtune.promotion"
+    client.set_model_version_tag(name, version, tag, f"{decision}: {reason}")
+    champ, chall = alias_version(client, name, CHAMPION), alias_version(client, name, CHALLENGER)
+    return {CHAMPION: champ and str(champ.version), CHALLENGER: chall and str(chall.version)}
+
+
+# ----------------------------------------------------------------------------- promote: the steps in order
+
+
+class _Clock:
+    """Seconds per step (`with clock("register"): ...`) for the report's timings_s."""
+
+    def __init__(self):
+        self.start, self.seconds = time.perf_counter(), {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[step] = time.perf_counter() - t
+
+    def rounded(self) -> dict:
+        return {k: round(v, 3) for k, v in {**self.seconds, "total": time.perf_counter() - self.start}.items()}
 
 
 def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Path = ".",
-            eval_dir: str = "metrics/eval", train_dir: str = "metrics/train", audit_dir: str = "audit",
-            test_path: str = "data/prepared/test.jsonl", labels_path: str = "data/prepared/labels.json",
-            report_path: Optional[str] = "reports/promotion.json", lock_timeout_s: float = 600.0) -> dict:
-    """Pick, register and (maybe) promote the best variant; returns the report (also written to report_path)."""
-    root = Path(root)
-    t_start = time.perf_counter()
-    timings: dict = {}
+            eval_dir: str | Path = layout.EVAL_METRICS, train_dir: str | Path = layout.TRAIN_METRICS,
+            audit_dir: str | Path = layout.AUDIT, test_path: str | Path = layout.prepared_split("test"),
+            labels_path: str | Path = layout.LABELS, lock_timeout_s: float = 600.0) -> dict:
+    """Pick, register and (maybe) promote the best variant; returns the promotion report (the stage writes it).
+
+    Relative paths are under `root`. Raises DepthtuneError, with the registry untouched, on a refusal.
+    """
+    root, clock = Path(root), _Clock()
     report: dict = {"schema": SCHEMA, "model_name": reg.model_name, "metric": reg.metric,
                     "min_delta": reg.min_delta, "min_metric": reg.min_metric, **provenance(root)}
 
     def done(decision: str, reason: str) -> dict:
-        report.update(decision=decision, reason=reason)
-        timings["total"] = time.perf_counter() - t_start
-        report["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        if report_path:
-            write_json_atomic(root / report_path, report)
-        return report
+        return {**report, "decision": decision, "reason": reason, "timings_s": clock.rounded()}
 
     if not tracking_cfg.enabled:
         return done("skipped", "tracking.enabled is false: the registry lives in the MLflow store")
-
-    rows = rank_variants(reg, root / eval_dir, root / train_dir, root / audit_dir)
-    report["variants"] = [{k: r[k] for k in ("variant", "metric", "trainable_params", "latency_p95_ms", "eligible",
-                                              "reasons")} for r in rows]
-    eligible = [r for r in rows if r["eligible"]]
+    ranked = rank_variants(reg, root / eval_dir, root / train_dir, root / audit_dir)
+    report["variants"] = [c.summary() for c in ranked]
+    eligible = [c for c in ranked if c.eligible]
     if not eligible:
-        return done("no_candidate", "no variant passes the registry constraints: " +
-                    "; ".join(f"{r['variant']}: {', '.join(r['reasons'])}" for r in rows))
-    row = eligible[0]
-    variant = row["variant"]
-    report["candidate"] = {"variant": variant, "eval_metric": row["metric"],
-                           "trainable_params": row["trainable_params"], "total_params": row["total_params"],
-                           "latency_p95_ms": row["latency_p95_ms"]}
+        return done("no_candidate", no_candidate_reason(ranked))
+    cand = eligible[0]
+    report["candidate"] = {"variant": cand.variant, "eval_metric": cand.metric, "trainable_params": cand.trainable_params,
+                           "total_params": cand.total_params, "latency_p95_ms": cand.latency_p95_ms}
 
-    # the store must answer before anything else happens
-    uri = tracking.tracking_uri(tracking_cfg)
-    report["tracking_uri"] = tracking.safe_uri(uri)
-    try:
-        client, _ = tracking.use_store(tracking_cfg)
-        client.search_registered_models(max_results=1)
-    except Exception as exc:  # noqa: BLE001
-        raise DepthtuneError(f"tracking store unreachable at {tracking.safe_uri(uri)}: {tracking._short(exc)}") from None
+    uri = tracking_uri(tracking_cfg)
+    report["tracking_uri"] = safe_uri(uri)
+    client = open_registry(tracking_cfg)  # the store must answer before anything else happens
+    logged = logged_model(client, cand, report["tracking_uri"])
+    report["candidate"].update(run_id=logged.run_id, model_uri=logged.model_uri)
+    data, data_fp = read_test_data(root / test_path, root / labels_path), data_fingerprint(root)
+    report["test_data"] = {"path": str(test_path), "n": len(data.texts), "labels": data.names, "fingerprint": data_fp}
 
-    # the candidate's logged model, from the run its finetune stage recorded
-    tr = row["train"]
-    run_id = tr.get("mlflow_run_id") or (tr.get("tracking") or {}).get("run_id")  # the latter: store came back later
-    if not run_id:
-        raise DepthtuneError(f"candidate {variant}: no mlflow_run_id in {train_dir}/{variant}.json "
-                             "(tracking was off or down during finetune); re-run finetune@" + variant)
-    try:
-        run = client.get_run(run_id)
-    except Exception as exc:  # noqa: BLE001
-        raise DepthtuneError(f"candidate {variant}: run {run_id} not found in {tracking.safe_uri(uri)} "
-                             f"({tracking._short(exc)})") from None
-    model_uri = run.data.tags.get(tracking.TAG_MODEL_URI)
-    if not model_uri:
-        raise DepthtuneError(f"candidate {variant}: run {run_id} has no logged model (tag {tracking.TAG_MODEL_URI})")
-    report["candidate"].update(run_id=run_id, model_uri=model_uri)
-
-    texts, gold, names = read_test(root / test_path, root / labels_path)
-    data_fp = tracking.data_fingerprint(root)
-    report["test_data"] = {"path": test_path, "n": len(texts), "labels": names, "fingerprint": data_fp}
-
-    with tracking._file_lock(tracking.lock_path(uri, f"promote-{reg.model_name}"), lock_timeout_s):
-        # load both back and check they label the same way, before touching the registry
-        t = time.perf_counter()
-        cand = _load(model_uri, f"candidate {variant}")
-        timings["load_candidate"] = time.perf_counter() - t
-        if cand.labels != names:
-            raise DepthtuneError(f"candidate {variant} labels {cand.labels} differ from {labels_path} {names}")
-        champ_mv = _alias_version(client, reg.model_name, CHAMPION)
-        champ = None
-        if champ_mv is not None:
-            t = time.perf_counter()
-            champ = _load(f"models:/{reg.model_name}@{CHAMPION}", f"champion v{champ_mv.version}")
-            timings["load_champion"] = time.perf_counter() - t
-            if champ.labels != cand.labels:
-                raise DepthtuneError(f"label mapping differs from champion v{champ_mv.version}: {champ.labels} vs "
-                                     f"candidate {variant} {cand.labels}; promote by hand after checking "
-                                     f"(mlflow: delete alias '{CHAMPION}' of {reg.model_name})")
-
-        t = time.perf_counter()
-        cand_score = score(cand.predict_names(texts), gold, names)
-        timings["score_candidate"] = time.perf_counter() - t
+    with file_lock(lock_path(uri, f"promote-{reg.model_name}"), lock_timeout_s):
+        with clock("load_candidate"):
+            model = load_candidate(logged.model_uri, cand.variant, data.names, Path(labels_path))
+        with clock("load_champion"):
+            champ_mv, champ = load_champion(client, reg.model_name, model.labels, cand.variant)
+        champ_version = str(champ_mv.version) if champ_mv else None
+        with clock("score_candidate"):
+            cand_score = rescore(model, data)
         report["candidate"]["rescored"] = cand_score
         champ_score = None
         if champ is not None:
-            t = time.perf_counter()
-            champ_score = score(champ.predict_names(texts), gold, names)
-            timings["score_champion"] = time.perf_counter() - t
-            report["champion_before"] = {"version": str(champ_mv.version),
-                                         "variant": (champ_mv.tags or {}).get("depthtune.variant"),
+            with clock("score_champion"):
+                champ_score = rescore(champ, data)
+            report["champion_before"] = {"version": champ_version, "variant": (champ_mv.tags or {}).get(TAG_VARIANT),
                                          "rescored": champ_score}
-        if abs(cand_score[reg.metric] - row["metric"]) > 0.02:
-            report["warning"] = (f"candidate re-scored {reg.metric} {cand_score[reg.metric]:.4f} differs from the "
-                                 f"evaluation stage's {row['metric']:.4f} (different data or truncation?)")
-
-        # register (once per logged model)
-        au, tr = row["audit"], row["train"]
-        tags = {"depthtune.variant": variant, "depthtune.description": au.get("description"),
-                "depthtune.depth": (au.get("architecture") or {}).get("num_layers"),
-                "depthtune.trainable_params": row["trainable_params"], "depthtune.total_params": row["total_params"],
-                f"depthtune.eval.{reg.metric}": row["metric"],
-                **{f"depthtune.eval.{k}": row["eval"].get(k) for k in ("accuracy", "macro_f1") if k != reg.metric},
-                "depthtune.latency_p95_ms": row["latency_p95_ms"],
-                "depthtune.git_commit": run.data.tags.get("depthtune.git_commit") or tracking.git_commit(root),
-                "depthtune.dvc_lock_hash": tracking.dvc_lock_hash(f"finetune@{variant}", root)
-                or run.data.tags.get("depthtune.inputs_fingerprint"),
-                "depthtune.data_fingerprint": run.data.tags.get("depthtune.data_fingerprint") or data_fp,
-                "depthtune.labels": json.dumps(cand.labels), tracking.TAG_MODEL_URI: model_uri,
-                "depthtune.device": tr.get("device")}
-        t = time.perf_counter()
-        mv, created = _register(client, reg.model_name, row, run_id, model_uri, tags,
-                                _model_card(row, cand_score, reg))
-        timings["register"] = time.perf_counter() - t
-        version = str(mv.version)
+        if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE:  # other data or truncation?
+            report["warning"] = rescore_warning(reg.metric, cand.metric, cand_score[reg.metric])
+        with clock("register"):
+            version, created = register_candidate(client, reg, cand, logged, model.labels, cand_score, root=root,
+                                                  data_fp=data_fp)
         report["candidate"].update(version=version, newly_registered=created)
-        client.set_model_version_tag(reg.model_name, version, f"depthtune.rescored.{reg.metric}",
-                                     f"{cand_score[reg.metric]:.6f}")
-
-        # decide; re-read the champion right before moving it (another machine may have promoted meanwhile)
-        now = _alias_version(client, reg.model_name, CHAMPION)
-        if (now and now.version) != (champ_mv and champ_mv.version):
-            raise DepthtuneError(f"champion of {reg.model_name} changed during promotion (now v{now.version}); "
-                                 "run promote again")
-        value = cand_score[reg.metric]
-        if champ_mv is None:
-            decision = "promoted"
-            reason = f"first champion: {reg.metric} {value:.4f} >= min_metric {reg.min_metric}"
-        elif str(champ_mv.version) == version:
-            decision = "unchanged"
-            reason = f"v{version} is already the champion ({reg.metric} {value:.4f} on the current test data)"
-        else:
-            old = champ_score[reg.metric]
-            gain = value - old
-            if gain >= reg.min_delta:
-                decision = "promoted"
-                reason = (f"{reg.metric} {value:.4f} vs champion v{champ_mv.version} {old:.4f} re-scored on the "
-                          f"current test data: +{gain:.4f} >= min_delta {reg.min_delta}")
-            else:
-                decision = "challenger"
-                reason = (f"{reg.metric} {value:.4f} vs champion v{champ_mv.version} {old:.4f} re-scored on the "
-                          f"current test data: {gain:+.4f} < min_delta {reg.min_delta}")
-        t = time.perf_counter()
-        if decision == "promoted":
-            client.set_registered_model_alias(reg.model_name, CHAMPION, version)  # THE switch
-            timings["alias"] = time.perf_counter() - t
-            challenger = _alias_version(client, reg.model_name, CHALLENGER)
-            if challenger is not None and str(challenger.version) == version:
-                client.delete_registered_model_alias(reg.model_name, CHALLENGER)
-            if champ_mv is not None:
-                client.set_model_version_tag(reg.model_name, str(champ_mv.version), "depthtune.replaced_by", version)
-        elif decision == "challenger":
-            client.set_registered_model_alias(reg.model_name, CHALLENGER, version)
-            timings["alias"] = time.perf_counter() - t
-        # the decision that set the alias stays readable; a later no-op check goes to its own tag
-        tag = "depthtune.last_check" if decision == "unchanged" else "depthtune.promotion"
-        client.set_model_version_tag(reg.model_name, version, tag, f"{decision}: {reason}")
-        after = _alias_version(client, reg.model_name, CHAMPION)
-        chall = _alias_version(client, reg.model_name, CHALLENGER)
-        report["aliases_after"] = {CHAMPION: after and str(after.version), CHALLENGER: chall and str(chall.version)}
+        recheck_champion(client, reg.model_name, champ_version)
+        decision, reason = decide(reg, version, cand_score[reg.metric], champ_version,
+                                  champ_score[reg.metric] if champ_score else None)
+        with clock("alias"):
+            report["aliases_after"] = move_aliases(client, reg.model_name, version, decision, reason, champ_version)
     return done(decision, reason)
+
+
+def summary_lines(report: dict) -> list[str]:
+    """What a promotion read, decided and why, for the stage log."""
+    lines = []
+    ranked = report.get("variants") or []
+    cand = report.get("candidate") or {}
+    if ranked:
+        lines.append(f"promote: {len(ranked)} variants evaluated, {sum(r['eligible'] for r in ranked)} eligible; "
+                     f"candidate {cand.get('variant', '-')}")
+    if cand.get("rescored"):
+        champ = report.get("champion_before")
+        vs = (f" vs champion v{champ['version']} ({champ['variant']}) {champ['rescored'][report['metric']]:.4f}"
+              if champ else " (no champion yet)")
+        lines.append(f"promote: re-scored {report['metric']} {cand['rescored'][report['metric']]:.4f} on "
+                     f"{cand['rescored']['n']} test texts{vs}")
+    if report.get("warning"):
+        lines.append(f"warning: {report['warning']}")
+    where = f" v{cand['version']}" if cand.get("version") else ""
+    lines.append(f"promote: {report['decision']}{where} ({cand.get('variant', '-')}): {report['reason']}")
+    return lines
 
 
 def registry_state(tracking_cfg: TrackingConfig, model_name: str) -> dict:
     """{versions: [{version, variant, promotion, aliases}], champion, challenger} for reports and tests."""
-    client, _ = tracking.use_store(tracking_cfg)
+    client, _ = use_store(tracking_cfg)
     rm = client.get_registered_model(model_name)
     aliases = {a: str(v) for a, v in (rm.aliases or {}).items()}
     versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: int(v.version))
     return {"champion": aliases.get(CHAMPION), "challenger": aliases.get(CHALLENGER),
-            "versions": [{"version": str(v.version), "variant": (v.tags or {}).get("depthtune.variant"),
+            "versions": [{"version": str(v.version), "variant": (v.tags or {}).get(TAG_VARIANT),
                           "promotion": (v.tags or {}).get("depthtune.promotion"),
                           "aliases": [a for a, ver in aliases.items() if str(ver) == str(v.version)]}
                          for v in versions]}

@@ -20,12 +20,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+import mlflow.pyfunc
+import pandas as pd
 
-import mlflow.pyfunc  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from depthtune.errors import ModelError  # noqa: E402
+from depthtune import mlflow_store
+from depthtune.errors import ModelError, first_line
 
 ARTIFACT_KEY = "hf_model"  # name of the HF folder inside the logged MLflow model
 EXAMPLE_TEXTS = ["a great film", "a dull, lifeless film"]
@@ -73,7 +72,6 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         return obj
 
     def _load(self, path: str | Path) -> None:
-        from depthtune import runtime  # noqa: F401  (offline defaults before transformers looks at the Hub)
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -87,7 +85,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(path), use_safetensors=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{path}: cannot load model ({str(exc).splitlines()[0]})") from None
+            raise ModelError(f"{path}: cannot load model ({first_line(exc)})") from None
         model.eval()
         self._model = model
         self._torch = torch
@@ -130,7 +128,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         return self.predict_names(_texts(model_input))
 
 
-# ----------------------------------------------------------------------------- logging (used by depthtune.tracking)
+# ----------------------------------------------------------------------------- logging (called by depthtune.tracking)
 
 
 def pip_requirements() -> list[str]:
@@ -205,8 +203,8 @@ def load_predictor(uri_or_path: str) -> TextClassifier:
         return _load_pyfunc(str(path))
     if _is_mlflow_uri(uri_or_path):
         if uri_or_path.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
-            from depthtune import tracking  # the project's store (params.yaml tracking.uri or mlflow.db)
-            tracking.use_store(tracking.config_from_params())
+            # the project's store: params.yaml tracking.uri, else mlflow.db
+            mlflow_store.use_store(mlflow_store.config_from_params())
         return _load_pyfunc(uri_or_path)
     if path.exists():
         raise ModelError(f"{uri_or_path}: neither a Hugging Face folder (config.json) nor an MLflow model (MLmodel)")
@@ -217,7 +215,7 @@ def _load_pyfunc(uri: str) -> TextClassifier:
     try:
         loaded = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MlflowException, OSError, connection errors: one clear line
-        raise ModelError(f"{uri}: cannot load MLflow model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ModelError(f"{uri}: cannot load MLflow model ({first_line(exc)})") from None
     inner = loaded.unwrap_python_model()
     if not isinstance(inner, TextClassifier):
         raise ModelError(f"{uri}: not a depthtune text classifier (python model {type(inner).__name__})")

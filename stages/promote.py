@@ -1,33 +1,33 @@
 """DVC stage `promote`: register the best variant, move `@champion` only when it wins.
 
-    python -m stages.promote [--params params.yaml] [--out reports/promotion.json]
+    python -m stages.promote [--params params.yaml] [--audit audit] [--train metrics/train]
+        [--eval metrics/eval] [--test data/prepared/test.jsonl] [--labels data/prepared/labels.json]
+        [--out reports/promotion.json]
 
-Reads params `registry` and `tracking`; inputs metrics/eval/*.json, metrics/train/*.json,
-audit/*.json, data/prepared/test.jsonl + labels.json (the champion is re-scored on
-them now). Writes reports/promotion.json. The logic is depthtune/registry.py.
+Reads params `registry` and `tracking`; the eval, train and audit records of every
+evaluated variant; the prepared test split + labels (candidate and champion are both
+re-scored on them now). Writes the promotion report. The steps are depthtune/registry.py.
 """
 from __future__ import annotations
 
-import argparse
-
-from depthtune import runtime  # noqa: F401  (offline defaults)
+from depthtune import layout, runtime
 from depthtune.config import load_params
-from depthtune.files import run_main
-from depthtune.registry import promote
+from depthtune.files import run_main, write_json_atomic
+from depthtune.registry import promote, summary_lines
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="reports/promotion.json")
-    args = ap.parse_args(argv)
+    args = layout.parse_stage_args("promote", argv, __doc__)
     params = load_params(args.params)
-    report = promote(params.registry, params.tracking, report_path=args.out)
-    cand = report.get("candidate") or {}
-    where = f" v{cand['version']}" if cand.get("version") else ""
-    print(f"promote: {report['decision']}{where} ({cand.get('variant', '-')}): {report['reason']}")
+    report = promote(params.registry, params.tracking, eval_dir=args.eval, train_dir=args.train,
+                     audit_dir=args.audit, test_path=args.test, labels_path=args.labels)
+    write_json_atomic(args.out, report)
+    for line in summary_lines(report):
+        print(line)
+    print(f"promote: report -> {args.out}")
     return report
 
 
 if __name__ == "__main__":
+    runtime.configure_process()
     run_main(main)

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from depthtune import runtime  # noqa: F401
 from depthtune.config import RegistryConfig, TrackingConfig
 from depthtune.errors import DepthtuneError
+from depthtune.records import AuditRecord, TrainRecord
+from tests.tracking.test_tracking import eval_result, make_model, train_result  # one builder each
 
 pytestmark = pytest.mark.timeout(400)
-
-from tests.tracking.test_tracking import make_model  # noqa: E402  (one tiny-model builder)
 
 LABELS = ["rotten", "fresh"]
 ROTTEN, FRESH = 0, 1
@@ -50,15 +49,12 @@ def train_variant(root: Path, cfg: TrackingConfig, variant: str, favour: int, ac
                                              {"name": "head", "total": 1000, "trainable": trainable, "adapter": 0}],
              "buckets": [], "estimates": {"memory_bytes": {"total": 123}, "flops_per_token": {"train": 1}}}
     run_id = tracking.variant_run_id(cfg, variant, root=root)
-    train = {"schema": "depthtune.train/1", "variant": variant, "device": "cpu", "total_params": 2000,
-             "trainable_params": trainable, "steps": 4, "epochs_run": 1, "loss_curve": [], "val_curve": [],
-             "mlflow_run_id": run_id}
-    rec = tracking.log_variant_training(cfg, variant, audit_result=audit, train_result=train, model_dir=model_dir,
+    train = train_result(variant, audit, run_id=run_id, steps=4)
+    rec = tracking.log_variant_training(cfg, variant, audit_result=AuditRecord.from_dict(audit),
+                                        train_result=TrainRecord.from_dict(train), model_dir=model_dir,
                                         params_flat={"variant": variant}, resolved_config={}, run_id=run_id, root=root)
     assert rec["logged"], rec
-    ev = {"schema": "depthtune.eval/1", "variant": variant, "split": "test", "n": 10, "labels": list(labels),
-          "accuracy": accuracy, "macro_f1": accuracy / 2, "latency_ms": {"p50": 1.0, "p95": 2.0},
-          "throughput_per_s": 100.0}
+    ev = eval_result(variant, accuracy, labels)
     for sub, obj in (("audit", audit), ("metrics/train", train), ("metrics/eval", ev)):
         (root / sub).mkdir(parents=True, exist_ok=True)
         (root / sub / f"{variant}.json").write_text(json.dumps(obj))
@@ -87,8 +83,10 @@ def test_refusals_without_a_store(tmp_path):
     with pytest.raises(DepthtuneError, match="no candidate metrics"):
         promote(reg, TrackingConfig(), root=tmp_path)
     (tmp_path / "metrics" / "eval").mkdir(parents=True)
-    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps({"variant": "full", "macro_f1": 0.7}))
-    with pytest.raises(DepthtuneError, match="candidate metrics missing.*accuracy"):
+    ev = eval_result("full")
+    del ev["accuracy"]
+    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps(ev))
+    with pytest.raises(DepthtuneError, match="full.json: missing `accuracy`"):
         promote(reg, TrackingConfig(), root=tmp_path)
 
 
@@ -120,8 +118,7 @@ def test_champion_challenger_promotion(env, monkeypatch, capsys):
     assert rep2["champion_before"]["version"] == "1" and rep2["champion_before"]["variant"] == "r1"
     assert rep2["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.7)
     assert rep2["aliases_after"] == {"champion": "1", "challenger": "2"}
-    on_disk = json.loads((root / "reports" / "promotion.json").read_text())
-    assert on_disk["decision"] == "challenger" and "< min_delta" in on_disk["reason"]
+    assert "< min_delta" in rep2["reason"]
 
     # run 3: the data changed (2 fresh / 8 rotten); r3 always says rotten -> 0.8, and v1 RE-SCORED now -> 0.2
     monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-3")
@@ -195,7 +192,8 @@ def test_label_mapping_mismatch_is_refused(env, monkeypatch):
 def test_candidate_that_fails_to_load_is_refused(env, monkeypatch):
     import mlflow
 
-    from depthtune import tracking
+    from depthtune import mlflow_store
+    from depthtune.mlflow_runs import TAG_MODEL_URI
     from depthtune.registry import promote, registry_state
 
     tmp, cfg = env
@@ -204,8 +202,8 @@ def test_candidate_that_fails_to_load_is_refused(env, monkeypatch):
     monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-broken")
     write_test_data(root, n_fresh=2, n_rotten=8)
     run_id = train_variant(root, cfg, "broken", ROTTEN, 0.95)
-    tracking.use_store(cfg)
-    model_uri = mlflow.MlflowClient(cfg.uri).get_run(run_id).data.tags[tracking.TAG_MODEL_URI]
+    mlflow_store.use_store(cfg)
+    model_uri = mlflow.MlflowClient(cfg.uri).get_run(run_id).data.tags[TAG_MODEL_URI]
     location = mlflow.get_logged_model(model_uri.split("/")[-1]).artifact_location
     for f in Path(location.removeprefix("file://")).rglob("model.safetensors"):
         f.unlink()
@@ -224,9 +222,10 @@ def test_unreachable_store_is_refused(tmp_path):
         port = s.getsockname()[1]
     write_test_data(tmp_path, 5, 5)
     (tmp_path / "metrics" / "eval").mkdir(parents=True)
-    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps({"variant": "full", "accuracy": 0.9}))
+    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps(eval_result("full", 0.9)))
     (tmp_path / "metrics" / "train").mkdir(parents=True)
-    (tmp_path / "metrics" / "train" / "full.json").write_text(json.dumps({"variant": "full", "mlflow_run_id": "x"}))
+    train = train_result("full", {"total_params": 2000, "trainable_params": 2000}, run_id="x")
+    (tmp_path / "metrics" / "train" / "full.json").write_text(json.dumps(train))
     t0 = time.perf_counter()
     with pytest.raises(DepthtuneError, match="tracking store unreachable at http://127.0.0.1"):
         promote(RegistryConfig(model_name=NAME), TrackingConfig(uri=f"http://127.0.0.1:{port}"), root=tmp_path)

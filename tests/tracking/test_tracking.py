@@ -1,4 +1,5 @@
-"""depthtune.tracking + depthtune.serving against a real MLflow (SQLite file, and a real server)."""
+"""depthtune.tracking (+ mlflow_store, mlflow_runs, redaction) and depthtune.serving against a real MLflow
+(SQLite file, and a real server)."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from depthtune import runtime  # noqa: F401  (offline env first)
 from depthtune.config import TrackingConfig
-from depthtune.files import PROJECT_ROOT
+from depthtune.layout import PROJECT_ROOT
+from depthtune.records import AuditRecord, EvalRecord, TrainRecord
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,7 +74,7 @@ def audit_result(variant: str, model_dir: Path) -> dict:
 
 
 def train_result(variant: str, audit: dict, run_id=None, steps: int = 6) -> dict:
-    return {"schema": "depthtune.train/1", "variant": variant, "device": "cpu",
+    return {"schema": "depthtune.train/1", "variant": variant, "device": "cpu", "depth": 2,
             "total_params": audit["total_params"], "trainable_params": audit["trainable_params"],
             "wall_time_s": 3.2, "train_time_s": 2.5, "samples_per_s": 40.0, "tokens_per_s": 900.0,
             "steps": steps, "epochs_run": 2, "best_epoch": 1, "best_step": steps, "stopped_early": False,
@@ -103,28 +104,32 @@ def store(tmp_path: Path, experiment: str = "t") -> TrackingConfig:
 
 
 def test_uri_and_artifact_location():
-    from depthtune import tracking
+    from depthtune import mlflow_store
+    from depthtune.redaction import safe_uri
 
     default = TrackingConfig()
-    assert tracking.tracking_uri(default) == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-    assert tracking.artifact_location(default) == str(PROJECT_ROOT / "mlartifacts" / "depthtune")
-    assert tracking.tracking_uri(TrackingConfig(uri="sqlite:///rel/x.db")) == f"sqlite:///{PROJECT_ROOT / 'rel/x.db'}"
+    assert mlflow_store.tracking_uri(default) == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    assert mlflow_store.artifact_location(default) == str(PROJECT_ROOT / "mlartifacts" / "depthtune")
+    assert mlflow_store.tracking_uri(TrackingConfig(uri="sqlite:///rel/x.db")) == f"sqlite:///{PROJECT_ROOT / 'rel/x.db'}"
     http = TrackingConfig(uri="http://127.0.0.1:5555")
-    assert tracking.tracking_uri(http) == "http://127.0.0.1:5555"
-    assert tracking.artifact_location(http) is None  # the server's --artifacts-destination decides
-    assert tracking.safe_uri("https://bob:hunter2@host/x") == "https://<redacted>@host/x"
+    assert mlflow_store.tracking_uri(http) == "http://127.0.0.1:5555"
+    assert mlflow_store.artifact_location(http) is None  # the server's --artifacts-destination decides
+    assert safe_uri("https://bob:hunter2@host/x") == "https://<redacted>@host/x"
 
 
 def test_secret_detection(monkeypatch):
-    from depthtune import tracking
+    from depthtune.redaction import describe_error, is_secret_key, redact
 
     for k in ("HF_TOKEN", "hub_token", "api_key", "db.password", "authToken", "AWS_SECRET_ACCESS_KEY"):
-        assert tracking.is_secret_key(k), k
+        assert is_secret_key(k), k
     for k in ("model.tokenizer", "tokens_per_s", "max_length", "keep_checkpoints", "train.lr"):
-        assert not tracking.is_secret_key(k), k
+        assert not is_secret_key(k), k
     monkeypatch.setenv("MY_SERVICE_PASSWORD", PASSWORD)
-    out = tracking.redact({"a": f"x {PASSWORD} y", "token": "abc", "n": 3, "l": [TOKEN]})
+    out = redact({"a": f"x {PASSWORD} y", "token": "abc", "n": 3, "l": [TOKEN]})
     assert PASSWORD not in json.dumps(out) and TOKEN not in json.dumps(out) and out["n"] == 3
+    assert describe_error(ConnectionError(f"\nno route to https://bob:{PASSWORD}@host\nmore")) == \
+        "ConnectionError: no route to https://<redacted>@host"
+    assert describe_error(ValueError()) == "ValueError"  # an empty message: just the type
 
 
 # ----------------------------------------------------------------------------- SQLite store, end to end
@@ -134,11 +139,11 @@ def test_log_variant_training_and_evaluation(tmp_path, tiny_model, monkeypatch, 
     import mlflow
     from mlflow import MlflowClient
 
-    from depthtune import serving, tracking
+    from depthtune import mlflow_runs, mlflow_store, serving, tracking
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("MY_SERVICE_PASSWORD", PASSWORD)
-    monkeypatch.delenv(tracking.PIPELINE_KEY_ENV, raising=False)
+    monkeypatch.delenv(mlflow_runs.PIPELINE_KEY_ENV, raising=False)
     cfg = store(tmp_path)
     root = tmp_path / "proj"
     (root / "data" / "prepared").mkdir(parents=True)
@@ -151,17 +156,18 @@ def test_log_variant_training_and_evaluation(tmp_path, tiny_model, monkeypatch, 
 
     audit = audit_result("full", tiny_model)
     train = train_result("full", audit, run_id=rid)
+    audit_rec, train_rec = AuditRecord.from_dict(audit), TrainRecord.from_dict(train)
     params_flat = {"train.lr": 1e-4, "train.batch_size": 16, "model.tokenizer": "packaged", "data.hub_token": TOKEN,
                    "model.source": f"https://bob:{PASSWORD}@example.org/m"}
     resolved = {"train": {"lr": 1e-4}, "hub": {"api_key": "abcdef123456", "note": f"uses {TOKEN}"}}
     t0 = time.perf_counter()
-    rec = tracking.log_variant_training(cfg, "full", audit_result=audit, train_result=train, model_dir=tiny_model,
+    rec = tracking.log_variant_training(cfg, "full", audit_result=audit_rec, train_result=train_rec, model_dir=tiny_model,
                                         params_flat=params_flat, resolved_config=resolved, run_id=rid, root=root)
     t_log = time.perf_counter() - t0
     assert rec["logged"], rec
     assert rec["run_id"] == rid and rec["model_uri"].startswith("models:/")
 
-    client = MlflowClient(tracking.tracking_uri(cfg))
+    client = MlflowClient(mlflow_store.tracking_uri(cfg))
     run = client.get_run(rid)
     m, p, tags = run.data.metrics, run.data.params, run.data.tags
     assert m["total_params"] == audit["total_params"] and m["trainable_fraction"] == 1.0
@@ -172,22 +178,22 @@ def test_log_variant_training_and_evaluation(tmp_path, tiny_model, monkeypatch, 
     assert [x.step for x in client.get_metric_history(rid, "val.accuracy")] == [3, 6]
     assert p["train.lr"] == "0.0001" and p["model.tokenizer"] == "packaged" and p["data.hub_token"] == "<redacted>"
     assert tags["depthtune.variant"] == "full" and tags["depthtune.depth"] == "2" and tags["depthtune.device"] == "cpu"
-    assert tags["depthtune.data_fingerprint"] == tracking.data_fingerprint(root)
+    assert tags["depthtune.data_fingerprint"] == mlflow_runs.data_fingerprint(root)
     assert "depthtune.git_commit" in tags and "depthtune.inputs_fingerprint" in tags
     assert json.loads(tags["depthtune.labels"]) == ["rotten", "fresh"]
     parent = client.get_run(tags["mlflow.parentRunId"])
-    assert parent.data.tags["depthtune.pipeline_key"] == tracking.pipeline_key(root)
+    assert parent.data.tags["depthtune.pipeline_key"] == mlflow_runs.pipeline_key(root)
     arts = {a.path for a in client.list_artifacts(rid, "config")} | {a.path for a in client.list_artifacts(rid, "audit")}
     assert arts == {"config/resolved_config.json", "audit/full.json"}
 
     # no secret anywhere: params, tags, artifacts
     cfg_json = Path(mlflow.artifacts.download_artifacts(run_id=rid, artifact_path="config/resolved_config.json",
-                                                        tracking_uri=tracking.tracking_uri(cfg))).read_text()
+                                                        tracking_uri=mlflow_store.tracking_uri(cfg))).read_text()
     blob = json.dumps([p, tags]) + cfg_json
     assert TOKEN not in blob and PASSWORD not in blob and "abcdef123456" not in blob
 
     # re-running the stage (resume, DVC re-run) re-attaches: same runs, no duplicated curve points, same model
-    rec2 = tracking.log_variant_training(cfg, "full", audit_result=audit, train_result=train, model_dir=tiny_model,
+    rec2 = tracking.log_variant_training(cfg, "full", audit_result=audit_rec, train_result=train_rec, model_dir=tiny_model,
                                          params_flat=params_flat, resolved_config=resolved, root=root)
     assert rec2["logged"] and rec2["run_id"] == rid and rec2["model_uri"] == rec["model_uri"]
     assert len(client.get_metric_history(rid, "train.loss")) == 6
@@ -197,7 +203,8 @@ def test_log_variant_training_and_evaluation(tmp_path, tiny_model, monkeypatch, 
     # evaluation lands in the same run
     confusion = tmp_path / "full.csv"
     confusion.write_text("actual,predicted\nfresh,fresh\nrotten,fresh\n")
-    rec3 = tracking.log_variant_evaluation(cfg, "full", eval_result=eval_result("full"), confusion_csv_path=confusion,
+    rec3 = tracking.log_variant_evaluation(cfg, "full", eval_result=EvalRecord.from_dict(eval_result("full")),
+                                           confusion_csv_path=confusion,
                                            run_id=rid, root=root)
     assert rec3["logged"] and rec3["run_id"] == rid
     run = client.get_run(rid)
@@ -230,7 +237,7 @@ def test_tracking_disabled_is_a_no_op(tiny_model, tmp_path):
 
     cfg = TrackingConfig(enabled=False, uri=f"sqlite:///{tmp_path / 'never.db'}")
     assert tracking.variant_run_id(cfg, "full") is None
-    rec = tracking.log_variant_evaluation(cfg, "full", eval_result=eval_result("full"))
+    rec = tracking.log_variant_evaluation(cfg, "full", eval_result=EvalRecord.from_dict(eval_result("full")))
     assert rec["enabled"] is False and rec["not_logged"] == []
     assert not (tmp_path / "never.db").exists()
 
@@ -278,10 +285,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 def test_server_goes_down_mid_way(tmp_path, tiny_model, capfd, monkeypatch):
     from mlflow import MlflowClient
 
-    from depthtune import tracking
+    from depthtune import mlflow_runs, tracking
 
-    monkeypatch.setenv(tracking.PIPELINE_KEY_ENV, "server-test")
-    tracking._reset_warning()
+    monkeypatch.setenv(mlflow_runs.PIPELINE_KEY_ENV, "server-test")
+    tracking.reset_warning()
     t0 = time.perf_counter()
     proc, url = start_mlflow_server(tmp_path)
     t_start = time.perf_counter() - t0
@@ -290,7 +297,8 @@ def test_server_goes_down_mid_way(tmp_path, tiny_model, capfd, monkeypatch):
         rid = tracking.variant_run_id(cfg, "full", root=tmp_path)
         assert rid
         audit = audit_result("full", tiny_model)
-        rec = tracking.log_variant_training(cfg, "full", audit_result=audit, train_result=train_result("full", audit, rid),
+        audit_rec, train_rec = AuditRecord.from_dict(audit), TrainRecord.from_dict(train_result("full", audit, rid))
+        rec = tracking.log_variant_training(cfg, "full", audit_result=audit_rec, train_result=train_rec,
                                             model_dir=tiny_model, params_flat={"train.lr": 1e-4},
                                             resolved_config={}, run_id=rid, root=tmp_path)
         assert rec["logged"], rec
@@ -302,8 +310,9 @@ def test_server_goes_down_mid_way(tmp_path, tiny_model, capfd, monkeypatch):
 
     # the server is gone: the stage-side calls warn once, return what was not logged, never raise, never hang
     t0 = time.perf_counter()
-    rec = tracking.log_variant_evaluation(cfg, "full", eval_result=eval_result("full"), run_id=rid, root=tmp_path)
-    rec2 = tracking.log_variant_training(cfg, "full", audit_result=audit, train_result=train_result("full", audit, rid),
+    rec = tracking.log_variant_evaluation(cfg, "full", eval_result=EvalRecord.from_dict(eval_result("full")), run_id=rid,
+                                          root=tmp_path)
+    rec2 = tracking.log_variant_training(cfg, "full", audit_result=audit_rec, train_result=train_rec,
                                          model_dir=tiny_model, params_flat={}, resolved_config={}, run_id=rid,
                                          root=tmp_path)
     assert tracking.variant_run_id(cfg, "full", root=tmp_path) is None
