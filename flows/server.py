@@ -234,7 +234,7 @@ if __name__ == "__main__":
         print(ensure_server())
     elif cmd == "prepare-db":  # one-time setup: migrated Prefect and MLflow databases to copy from
         from depthtune import runtime
-        from depthtune.tracking import prepare_store_template
+        from depthtune.mlflow_store import prepare_store_template
 
         runtime.configure_process()  # offline, telemetry off
         print(prepare_database())

@@ -9,7 +9,11 @@ import pytest
 
 from depthtune import runtime
 
-runtime.configure_process()  # the test session is an entry point: offline env before transformers is imported
+
+def pytest_configure(config):
+    """The test session is an entry point: offline, quiet, no HTTP retries, before any test module imports."""
+    runtime.configure_process()
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
