@@ -17,9 +17,6 @@ from typing import Any, Callable
 
 from depthtune.errors import DepthtuneError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -189,29 +186,3 @@ def run_main(fn: Callable[[], Any]) -> None:
         where = f" {exc.filename}:" if getattr(exc, "filename", None) else ""
         print(f"error:{where} {exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
-
-
-def sqlite_copy(src: str | Path, dst: str | Path) -> None:
-    """Consistent copy of a (possibly live) SQLite database through the backup API, written atomically."""
-    import sqlite3
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    a, b = sqlite3.connect(str(src)), sqlite3.connect(str(tmp))
-    try:
-        a.backup(b)
-    finally:
-        b.close()
-        a.close()
-    os.replace(tmp, dst)
-
-
-def database_template(package: str, filename: str) -> Path:
-    """Where an empty, migrated database of `package` (at its installed version) is kept for copying:
-    `$DEPTHTUNE_CACHE` or ~/.cache/depthtune, then <package>-db/<version>/<filename>."""
-    from importlib.metadata import version
-
-    from depthtune.builtin_data import cache_root
-
-    return cache_root() / f"{package}-db" / version(package) / filename

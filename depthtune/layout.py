@@ -48,32 +48,20 @@ PROMOTION = f"{REPORTS}/promotion.json"
 REPORT_FILES = ("comparison.md", "comparison.json", "variants.csv", "pareto.png", "depth.png")
 
 
-def audit_record(variant: str) -> str:
-    return f"{AUDIT}/{variant}.json"
+def _per_variant(template: str):
+    """A path function of the variant name, e.g. audit_record("top2") -> "audit/top2.json"."""
+    def path(variant: str) -> str:
+        return template.format(variant=variant)
+    return path
 
 
-def model_dir(variant: str) -> str:
-    return f"{MODELS}/{variant}"
-
-
-def checkpoint_dir(variant: str) -> str:
-    return f"{CHECKPOINTS}/{variant}"
-
-
-def train_record(variant: str) -> str:
-    return f"{TRAIN_METRICS}/{variant}.json"
-
-
-def eval_record(variant: str) -> str:
-    return f"{EVAL_METRICS}/{variant}.json"
-
-
-def loss_plot(variant: str) -> str:
-    return f"{LOSS_PLOTS}/{variant}.csv"
-
-
-def confusion_plot(variant: str) -> str:
-    return f"{CONFUSION_PLOTS}/{variant}.csv"
+audit_record = _per_variant(AUDIT + "/{variant}.json")
+model_dir = _per_variant(MODELS + "/{variant}")
+checkpoint_dir = _per_variant(CHECKPOINTS + "/{variant}")
+train_record = _per_variant(TRAIN_METRICS + "/{variant}.json")
+eval_record = _per_variant(EVAL_METRICS + "/{variant}.json")
+loss_plot = _per_variant(LOSS_PLOTS + "/{variant}.csv")
+confusion_plot = _per_variant(CONFUSION_PLOTS + "/{variant}.csv")
 
 
 def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:

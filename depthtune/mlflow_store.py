@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from depthtune.config import TrackingConfig, load_params
-from depthtune.files import database_template, sqlite_copy
+from depthtune.db_templates import database_template, sqlite_copy
 from depthtune.layout import PROJECT_ROOT
 
 DEFAULT_DB = "mlflow.db"  # under the project root when tracking.uri is not set

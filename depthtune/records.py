@@ -203,11 +203,25 @@ class AuditRecord(Record):
 
 
 @dataclass(kw_only=True)
-class TrainRecord(Record):
+class VariantResult(Record):
+    """A per-variant result: its variant, what produced it and what MLflow logging did with it."""
+    variant: str
+    versions: Optional[dict] = None
+    git_sha: Optional[str] = None
+    tracking: Optional[dict] = None  # the record tracking.log_variant_* returned
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for key in ("versions", "git_sha", "tracking"):  # after the variant's own fields
+            out[key] = out.pop(key)
+        return out
+
+
+@dataclass(kw_only=True)
+class TrainRecord(VariantResult):
     """metrics/train/<variant>.json: what training one variant did and cost."""
     SCHEMA: ClassVar[str] = "depthtune.train/1"
     WRITER: ClassVar[str] = "its finetune stage"
-    variant: str
     description: str = ""
     device: str
     total_params: int
@@ -236,9 +250,6 @@ class TrainRecord(Record):
     resumed_from_step: Optional[int] = None
     mlflow_run_id: Optional[str] = None
     config: dict = field(default_factory=dict)  # the effective train config
-    versions: Optional[dict] = None
-    git_sha: Optional[str] = None
-    tracking: Optional[dict] = None  # what MLflow logging did (tracking.LogRecord as a dict)
 
     def run_id(self) -> Optional[str]:
         """The variant's MLflow run: the one training used, or the one logging found later."""
@@ -246,11 +257,10 @@ class TrainRecord(Record):
 
 
 @dataclass(kw_only=True)
-class EvalRecord(Record):
+class EvalRecord(VariantResult):
     """metrics/eval/<variant>.json: test-split metrics and inference cost of one variant."""
     SCHEMA: ClassVar[str] = "depthtune.eval/1"
     WRITER: ClassVar[str] = "its evaluation stage"
-    variant: str
     split: str = "test"
     n: int
     labels: list
@@ -263,9 +273,6 @@ class EvalRecord(Record):
     confusion_matrix: list  # rows = true, cols = predicted
     latency_ms: dict = field(default_factory=dict)  # {p50, p95} at batch 1
     throughput_per_s: float = 0.0
-    versions: Optional[dict] = None
-    git_sha: Optional[str] = None
-    tracking: Optional[dict] = None
 
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)

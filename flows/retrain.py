@@ -30,7 +30,8 @@ from typing import Optional
 
 from depthtune import runtime
 from depthtune.errors import DepthtuneError
-from depthtune.files import PROJECT_ROOT, write_json_atomic
+from depthtune.files import write_json_atomic
+from depthtune.layout import PROJECT_ROOT
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 

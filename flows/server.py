@@ -22,7 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from depthtune.files import PROJECT_ROOT, database_template, sqlite_copy
+from depthtune.db_templates import database_template, sqlite_copy
+from depthtune.layout import PROJECT_ROOT
 
 STATE_DIR = Path(os.environ.get("DEPTHTUNE_PREFECT_DIR", PROJECT_ROOT / ".prefect"))
 STATE = STATE_DIR / "server.json"
