@@ -30,6 +30,7 @@ PROCESS_ENV = {
     # A dead tracking server must cost seconds, not minutes of urllib3 retries with backoff.
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # no "Validating input example ..." lines in stage logs
 }
 
 

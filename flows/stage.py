@@ -14,12 +14,15 @@ process_s - startup_s - work_s. `python -m flows.timings` turns them into the ta
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
+import logging
 import os
 import sys
 import threading
 import time
+import traceback
 
 from depthtune import layout, runtime, stopwatch
 from depthtune.errors import DepthtuneError
@@ -151,6 +154,40 @@ def main(args: list[str]) -> None:
                       prefect_ready_s=prefect_ready_s)
 
 
+def run_process(args: list[str]) -> int:
+    """main() as a process: its exit code, with a traceback only for a bug (errors of input are one line)."""
+    try:
+        main(args)
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except BaseException:  # noqa: BLE001  (a bug: show where)
+        traceback.print_exc()
+        return 1
+
+
+def exit_without_teardown(code: list[int]):
+    """An exit hook that ends the process once every other exit hook has run.
+
+    Registered first, it runs last (hooks run in reverse order): Prefect's hooks have sent their
+    last logs and events, logging is flushed, outputs are closed. Then os._exit skips the
+    interpreter's module-by-module teardown, which costs 1.3 s per stage process here after
+    torch, transformers, MLflow and Prefect were imported (0.03 s with this hook).
+    """
+    def hook():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code[0])
+    return hook
+
+
 if __name__ == "__main__":
+    exit_code = [1]
+    atexit.register(exit_without_teardown(exit_code))
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # stage prints reach the console and the run's logs
-    main(sys.argv[1:])
+    exit_code[0] = run_process(sys.argv[1:])
+    sys.exit(exit_code[0])

@@ -66,7 +66,8 @@ def main(argv=None) -> None:
         outcome = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
                         cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
                         num_labels=len(labels), checkpoint_dir=ck_dir, fingerprint=fingerprint,
-                        extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name))
+                        extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name),
+                        log=print)  # print as it is now: inside a Prefect task it also goes to the run's log
     if rank != 0:
         return  # only rank 0 writes outputs
     record = finetuning.train_record(name=name, spec=spec, cfg=cfg, device=device, built=built, outcome=outcome,
