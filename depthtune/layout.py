@@ -78,8 +78,7 @@ def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:
         "audit": ({"labels": LABELS, "token-report": TOKEN_REPORT}, {"out": AUDIT}),
         "finetune": ({"tokenized": TOKENIZED, "labels": LABELS, "audit": audit_record(v)},
                      {"model": model_dir(v), "metrics": train_record(v), "loss-plot": loss_plot(v)}),
-        # the train record names the MLflow run the evaluation logs into
-        "evaluation": ({"model": model_dir(v), "tokenized": TOKENIZED, "labels": LABELS, "train-record": train_record(v)},
+        "evaluation": ({"model": model_dir(v), "tokenized": TOKENIZED, "labels": LABELS},
                        {"metrics": eval_record(v), "confusion-plot": confusion_plot(v)}),
         "compare": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS}, {"out": REPORTS}),
         "promote": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS,

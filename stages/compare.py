@@ -6,11 +6,14 @@ Reads params sections `variants` (names, in order), `compare.tolerance` and
 atomically, under --out (reports/): comparison.md, comparison.json (also a DVC
 metrics file: its `variants` section), variants.csv (DVC scatter plot),
 pareto.png, depth.png. Everything is rendered in memory before the first write,
-so a failure leaves the previous report intact.
+so a failure leaves the previous report intact. Then it logs every variant's eval
+record (test metrics, confusion matrix) into that variant's MLflow run, the one its
+finetune stage recorded: one MLflow start-up for all variants instead of one per
+evaluation stage (params `tracking`; logging failures warn once and change no output).
 """
 from __future__ import annotations
 
-from depthtune import layout
+from depthtune import layout, stopwatch, tracking
 from depthtune.config import load_params
 from depthtune.files import run_main, write_bytes_atomic
 from depthtune.report import build_report, comparison_table, load_results, render_outputs
@@ -31,7 +34,20 @@ def main(argv: list | None = None) -> dict:
     print()
     print(report["verdict"]["sentence"].replace("**", ""))
     print(f"compare: {len(report['rows'])} variants -> {args.out}/ ({', '.join(outputs)})")
+    log_evaluations(params.tracking, results)
     return report
+
+
+def log_evaluations(cfg, results) -> None:
+    """Each variant's test metrics into its MLflow run (never raises: tracking records failures)."""
+    if not cfg.enabled:
+        return
+    with stopwatch.measure("mlflow"):
+        logged = [tracking.log_variant_evaluation(cfg, r.variant, eval_result=r.eval, run_id=r.train.run_id())
+                  for r in results]
+    ok = [r.variant for r, rec in zip(results, logged) if rec.get("logged")]
+    print(f"compare: test metrics of {len(ok)}/{len(results)} variants logged to MLflow "
+          f"({logged[0].get('tracking_uri') if logged else '-'})")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,22 @@
 """DVC stage `evaluation@<variant>`: test-split metrics and inference cost of one variant.
 
     python -m stages.evaluation --variant top2 [--params params.yaml] [--model models/top2]
-        [--tokenized data/tokenized] [--labels data/prepared/labels.json] [--train-record metrics/train/top2.json]
+        [--tokenized data/tokenized] [--labels data/prepared/labels.json]
         [--metrics metrics/eval/top2.json] [--confusion-plot plots/confusion/top2.csv]
 
-Reads params `evaluation`, `train.device`, `train.num_threads`, `tracking`. Writes the eval record
-(depthtune.records.EvalRecord) and the confusion CSV (DVC confusion plot); logs both into the
-variant's MLflow run (the one its finetune stage recorded).
+Reads params `evaluation`, `train.device`, `train.num_threads`. Writes the eval record
+(depthtune.records.EvalRecord) and the confusion CSV (DVC confusion plot). The compare stage logs
+every variant's eval record into its MLflow run (one MLflow start-up for all variants, not one each).
 """
 from __future__ import annotations
 
-from depthtune import layout, runtime, stopwatch, tracking
+from depthtune import layout, runtime
 from depthtune.batching import Examples
 from depthtune.config import load_params, variant_of
 from depthtune.evaluator import check_labels, confusion_csv, evaluate_model, load_saved_model
 from depthtune.files import write_text_atomic
 from depthtune.provenance import provenance
-from depthtune.records import LabelSet, TrainRecord, read_variant_record
+from depthtune.records import LabelSet
 from depthtune.tokenized import load_tokenized
 
 
@@ -34,11 +34,6 @@ def main(argv=None) -> None:
     record, preds = evaluate_model(model, test, name=name, labels=labels, ev=params.evaluation, device=device,
                                    provenance=provenance())
     write_text_atomic(args.confusion_plot, confusion_csv(test.labels, preds, labels))
-    # the MLflow run to log into; without a train record (run by hand) tracking finds the variant's run
-    run_id = read_variant_record(TrainRecord, args.train_record, name).run_id() if args.train_record.is_file() else None
-    with stopwatch.measure("mlflow"):
-        record.tracking = tracking.log_variant_evaluation(params.tracking, name, eval_result=record,
-                                                          confusion_csv_path=args.confusion_plot, run_id=run_id)
     record.write(args.metrics)
     print(f"evaluation {name}: accuracy {record.accuracy:.4f}, macro-F1 {record.macro_f1:.4f} on {record.n} "
           f"test texts; latency p50 {record.latency_ms['p50']:.1f} ms, {record.throughput_per_s:.0f} texts/s "
