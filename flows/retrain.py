@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from depthtune import runtime
-from depthtune.errors import DepthtuneError
+from depthtune.errors import DepthtuneError, first_line
 from depthtune.files import write_json_atomic
 from depthtune.layout import PROJECT_ROOT
 
@@ -223,7 +223,7 @@ def build_deployment(params_path: str | Path = PROJECT_ROOT / "params.yaml", nam
             description=f"depthtune retrain ({cfg.cron}, {cfg.timezone}): dvc repro + promote")
     except (ValueError, TypeError) as exc:
         msg = next((line.strip() for line in str(exc).splitlines() if "Value error" in line or "nvalid" in line),
-                   str(exc).splitlines()[0])
+                   first_line(exc))
         raise ConfigError(f"retrain: invalid cron {cfg.cron!r} / timezone {cfg.timezone!r} ({msg})") from None
 
 
