@@ -64,8 +64,8 @@ def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
     return on_step
 
 
-def train_record(*, name: str, spec: VariantSpec, cfg, device: str, built: BuiltVariant, outcome, wall_s: float,
-                 peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
+def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str, built: BuiltVariant, outcome,
+                 wall_s: float, peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
                  provenance: dict) -> TrainRecord:
     """What training this variant did and cost; samples/s and tokens/s over the optimizer loop only."""
     est = audit.memory_estimate()
@@ -76,13 +76,24 @@ def train_record(*, name: str, spec: VariantSpec, cfg, device: str, built: Built
         train_time_s=round(outcome.train_time_s, 3), samples_per_s=per_s(outcome.samples),
         tokens_per_s=per_s(outcome.real_tokens), steps=outcome.steps, epochs_run=outcome.epochs_run,
         best_epoch=outcome.best_epoch, best_step=outcome.best_step, best_val=outcome.best_val,
-        stopped_early=outcome.stopped_early, world_size=outcome.world_size,
+        stopped_early=outcome.stopped_early, not_converged=outcome.not_converged,
+        convergence_note=convergence_note(name, outcome, cfg, metric) if outcome.not_converged else "",
+        world_size=outcome.world_size,
         per_device_batch_size=cfg.batch_size // outcome.world_size,
         cached_prefix_layers=outcome.cached_prefix_layers, cache_bytes=outcome.cache_bytes,
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, estimated_memory_bytes=est,
         memory_ratio=peak_bytes / est if est else None, loss_curve=outcome.loss_curve,
         val_curve=outcome.val_curve, resumed_from_step=outcome.resumed_from_step, mlflow_run_id=run_id,
         config=to_dict(cfg), versions=provenance["versions"], git_sha=provenance["git_sha"])
+
+
+def convergence_note(name: str, outcome, cfg, metric: str) -> str:
+    """The suggestion for a variant whose validation metric was still improving when training ended."""
+    curve = outcome.val_curve
+    trend = " -> ".join(f"{p[metric]:.4f}" for p in curve[-3:])
+    return (f"not converged: validation {metric} still improving at the last of {outcome.epochs_run} epochs "
+            f"({trend}); raise variants.{name}.train.epochs (now {cfg.epochs}) and set train.patience so "
+            "early stopping ends it once it levels off, or raise its learning rate")
 
 
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,

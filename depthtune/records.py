@@ -10,7 +10,7 @@ describes the files; changing a field means changing it here.
     PreparedExample   data/prepared/<split>.jsonl         {"text": str, "label": int id} a line
     AuditRecord       audit/<variant>.json                depthtune.audit/1
     TrainRecord       metrics/train/<variant>.json        depthtune.train/1
-    EvalRecord        metrics/eval/<variant>.json         depthtune.eval/1
+    EvalRecord        metrics/eval/<variant>.json         depthtune.eval/2
 """
 from __future__ import annotations
 
@@ -237,6 +237,8 @@ class TrainRecord(VariantResult):
     best_step: int = 0
     best_val: dict
     stopped_early: bool = False
+    not_converged: bool = False  # the validation metric was still improving at the last evaluation
+    convergence_note: str = ""  # what to change when not converged
     world_size: int = 1
     per_device_batch_size: int = 0
     cached_prefix_layers: int = 0
@@ -258,8 +260,13 @@ class TrainRecord(VariantResult):
 
 @dataclass(kw_only=True)
 class EvalRecord(VariantResult):
-    """metrics/eval/<variant>.json: test-split metrics and inference cost of one variant."""
-    SCHEMA: ClassVar[str] = "depthtune.eval/1"
+    """metrics/eval/<variant>.json: test-split metrics, their 95% intervals, the predictions and inference cost.
+
+    `predictions` and `references` are label ids in test-split order: the references repeat the
+    test labels so that the report and the registry can pair two variants' predictions text by
+    text (McNemar, paired bootstrap) without reading the data. `<metric>_ci` is [low, high].
+    """
+    SCHEMA: ClassVar[str] = "depthtune.eval/2"
     WRITER: ClassVar[str] = "its evaluation stage"
     split: str = "test"
     n: int
@@ -267,18 +274,41 @@ class EvalRecord(VariantResult):
     device: str = "cpu"
     accuracy: float
     macro_f1: float
+    accuracy_ci: list  # [low, high], 95% percentile bootstrap over test texts (seeded)
+    macro_f1_ci: list
     macro_precision: float = 0.0
     macro_recall: float = 0.0
     per_class: dict = field(default_factory=dict)  # {label name: {precision, recall, f1, support}}
     confusion_matrix: list  # rows = true, cols = predicted
     latency_ms: dict = field(default_factory=dict)  # {p50, p95} at batch 1
     throughput_per_s: float = 0.0
+    predictions: list  # predicted label id per test text, in test-split order
+    references: list  # true label id per test text, same order
+
+    @classmethod
+    def from_dict(cls, doc, where: str = "record"):
+        rec = super().from_dict(doc, where)
+        if not len(rec.predictions) == len(rec.references) == rec.n:
+            raise DepthtuneError(f"{where}: {len(rec.predictions)} predictions and {len(rec.references)} "
+                                 f"references for n={rec.n} test texts (re-run {cls.WRITER})")
+        for key in ("accuracy_ci", "macro_f1_ci"):
+            ci = getattr(rec, key)
+            if len(ci) != 2 or not all(_is_type(x, float) for x in ci):
+                raise DepthtuneError(f"{where}: `{key}` is {ci!r:.80}, expected [low, high]")
+        return rec
 
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DepthtuneError(f"metrics/eval/{self.variant}.json: no numeric metric {name!r}")
         return float(value)
+
+    def interval(self, name: str) -> tuple[float, float]:
+        """The 95% interval of metric `name` (accuracy or macro_f1)."""
+        ci = getattr(self, f"{name}_ci", None)
+        if ci is None:
+            raise DepthtuneError(f"metrics/eval/{self.variant}.json: no interval for {name!r}")
+        return float(ci[0]), float(ci[1])
 
 
 def read_variant_record(cls, path: str | Path, variant: str):

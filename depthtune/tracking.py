@@ -218,6 +218,7 @@ def training_metrics(audit: AuditRecord, train: TrainRecord) -> tuple[dict, dict
     for k, v in train.best_val.items():
         m[f"best_val.{k}"] = v
     m["stopped_early"] = int(train.stopped_early)
+    m["not_converged"] = int(train.not_converged)
     curves = {"train.loss": [(p["step"], p.get("loss")) for p in train.loss_curve],
               "train.lr": [(p["step"], p.get("lr")) for p in train.loss_curve if p.get("lr") is not None],
               "val.accuracy": [(p["step"], p.get("accuracy")) for p in train.val_curve],
@@ -271,6 +272,7 @@ def training_tags(variant: str, audit: AuditRecord, train: TrainRecord, model_di
             "depthtune.dvc_lock_hash": dvc_lock_hash(f"finetune@{variant}", root),
             "depthtune.inputs_fingerprint": inputs_fp, "depthtune.data_fingerprint": data_fp,
             "depthtune.device": train.device, "depthtune.labels": json.dumps(labels) if labels else None,
+            "depthtune.convergence": train.convergence_note or "converged",
             "mlflow.note.content": f"{variant}: {audit.description}"}
 
 

@@ -171,6 +171,20 @@ class TrainOutcome:
     cached_prefix_layers: int = 0
     cache_bytes: int = 0
     world_size: int = 1
+    not_converged: bool = False  # the validation metric was still improving at the last evaluation
+
+
+def still_improving(val_curve: list, metric: str, stopped_early: bool) -> bool:
+    """True when the last evaluation set a new best: more epochs would likely have helped.
+
+    A run that early stopping ended has plateaued (patience evaluations without a new best); so has
+    one whose best came before its last evaluation. The first evaluation is always a new best, so a
+    one-evaluation run counts as still improving: nothing shows it had levelled off.
+    """
+    if stopped_early or not val_curve:
+        return False
+    last = val_curve[-1][metric]
+    return all(last > v[metric] for v in val_curve[:-1])
 
 
 # ----------------------------------------------------------------------------- setup
@@ -401,4 +415,5 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
                         train_time_s=state.train_time_s - state.eval_time_s, samples=state.samples,
                         real_tokens=state.real_tokens, loss_curve=state.loss_curve, val_curve=state.val_curve,
                         resumed_from_step=resumed, cached_prefix_layers=run.frozen if cache is not None else 0,
-                        cache_bytes=cache.nbytes if cache is not None else 0, world_size=run.world)
+                        cache_bytes=cache.nbytes if cache is not None else 0, world_size=run.world,
+                        not_converged=still_improving(state.val_curve, metric, state.stopped_early))

@@ -30,11 +30,23 @@ from depthtune.files import run_main
 
 
 def process_age() -> tuple[float, float]:
-    """(process start as epoch seconds, seconds since then): the interpreter start counts too."""
-    import psutil
+    """(process start as epoch seconds, seconds since then): the interpreter start counts too.
 
-    started = psutil.Process().create_time()
-    return started, time.time() - started
+    The age comes from the kernel's boot-time clock (/proc/self/stat start tick vs /proc/uptime),
+    not from psutil's create_time (boot time rounded to whole seconds + ticks): that one is shifted
+    by up to a second, and differently after the wall clock is adjusted.
+    """
+    try:
+        with open("/proc/self/stat") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        age = uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):  # not Linux
+        import psutil
+
+        age = time.time() - psutil.Process().create_time()
+    return time.time() - age, age
 
 
 def record_timing(run_name: str, *, startup_s: float, work_s: float, prefect_ready_s: float) -> None:

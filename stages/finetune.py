@@ -70,7 +70,8 @@ def main(argv=None) -> None:
                         log=print)  # print as it is now: inside a Prefect task it also goes to the run's log
     if rank != 0:
         return  # only rank 0 writes outputs
-    record = finetuning.train_record(name=name, spec=spec, cfg=cfg, device=device, built=built, outcome=outcome,
+    record = finetuning.train_record(name=name, spec=spec, cfg=cfg, metric=params.evaluation.metric, device=device,
+                                     built=built, outcome=outcome,
                                      wall_s=time.perf_counter() - t_wall, peak_bytes=mem.peak_growth,
                                      peak_kind=mem.kind, audit=audit, run_id=run_id, provenance=provenance())
     finetuning.save_model(built.model, tokenizer, args.model, variant=name, spec=spec, labels=labels, audit=audit,
@@ -91,6 +92,8 @@ def main(argv=None) -> None:
           f"best val {params.evaluation.metric} {best:.4f} at epoch {outcome.best_epoch}; peak memory "
           f"{mem.peak_growth / 2**20:.0f} MiB vs estimate {record.estimated_memory_bytes / 2**20:.0f} MiB "
           f"-> {args.model}/, {args.metrics}")
+    if record.not_converged:
+        print(f"warning: finetune {name}: {record.convergence_note}")
 
 
 if __name__ == "__main__":

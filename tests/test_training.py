@@ -254,3 +254,17 @@ def test_checkpoint_meta_gives_the_state_without_rng_and_refuses_a_garbled_file(
     (ck / "meta.json").write_text('{"step": 1')
     with pytest.raises(ModelError, match="unreadable checkpoint"):
         checkpoint_meta(ck)
+
+
+def test_still_improving_flags_only_a_curve_that_set_a_new_best_at_its_end():
+    from depthtune.training import still_improving
+
+    def curve(*accs):
+        return [{"step": i, "epoch": i, "accuracy": a} for i, a in enumerate(accs)]
+
+    assert still_improving(curve(0.70, 0.78), "accuracy", stopped_early=False)  # last eval is a new best
+    assert not still_improving(curve(0.70, 0.78, 0.77), "accuracy", stopped_early=False)  # levelled off
+    assert not still_improving(curve(0.70, 0.70), "accuracy", stopped_early=False)  # a tie is no improvement
+    assert not still_improving(curve(0.70, 0.78), "accuracy", stopped_early=True)  # patience ran out
+    assert still_improving(curve(0.70), "accuracy", stopped_early=False)  # one evaluation: nothing says it levelled
+    assert not still_improving([], "accuracy", stopped_early=False)
