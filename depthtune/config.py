@@ -172,6 +172,8 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class CompareConfig:
     tolerance: float = _f(0.01, lo=0.0, hi=1.0)
+    # significance level of the paired tests against the best variant (McNemar / paired bootstrap)
+    alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ class RegistryConfig:
     model_name: str = _f("depthtune-classifier")
     metric: str = _f("accuracy", choices=("accuracy", "macro_f1"))
     min_delta: float = _f(0.005, lo=0.0, hi=1.0)
+    # the candidate must beat the champion by a paired test at this level (and by min_delta)
+    alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     min_metric: float = _f(0.6, lo=0.0, hi=1.0)
     max_trainable_params: Optional[int] = _f(None, lo=1)
     max_latency_ms: Optional[float] = _f(None, lo=0.0, lo_open=True)

@@ -1,6 +1,10 @@
-"""Score one saved variant on the test split: metrics, confusion, latency (an EvalRecord).
+"""Score one saved variant on the test split: metrics with 95% intervals, predictions, confusion,
+latency (an EvalRecord).
 
-The model is loaded back from its saved folder, exactly as a user would serve it.
+The model is loaded back from its saved folder, exactly as a user would serve it. The intervals
+are percentile bootstraps over the test texts (depthtune/significance.py, 1,000 resamples,
+fixed seed: the same predictions always give the same interval); the predictions are kept in
+test order so that the report and the registry can run paired tests between variants.
 """
 from __future__ import annotations
 
@@ -17,6 +21,9 @@ from depthtune.config import EvaluationConfig
 from depthtune.errors import ModelError, first_line
 from depthtune.metric_modules import ClassificationReport
 from depthtune.records import EvalRecord
+from depthtune.significance import bootstrap_ci
+
+CI_RESAMPLES, CI_SEED, CI_LEVEL = 1000, 0, 0.95  # every variant: same resamples of the same texts
 
 
 def load_saved_model(model_dir: Path, device: str):
@@ -69,11 +76,16 @@ def evaluate_model(model, test: Examples, *, name: str, labels: list, ev: Evalua
     pad_id = model.config.pad_token_id or 0
     logits = predict_logits(model, test, ev.batch_size, device, pad_id)
     preds = logits.argmax(-1).tolist()
-    report = ClassificationReport().compute(predictions=preds, references=test.labels, num_labels=len(labels),
+    refs = [int(y) for y in test.labels]
+    report = ClassificationReport().compute(predictions=preds, references=refs, num_labels=len(labels),
                                             label_names=labels)
+    # macro-F1 over every label id, as the report above (a class absent from the test split scores 0)
+    intervals = {f"{m}_ci": list(bootstrap_ci(refs, preds, m, n=CI_RESAMPLES, seed=CI_SEED, level=CI_LEVEL,
+                                              num_labels=len(labels))) for m in ("accuracy", "macro_f1")}
     cost = latency(model, test, n=ev.latency_examples, batch_size=ev.batch_size, device=device, pad_id=pad_id)
     record = EvalRecord.from_dict({"schema": EvalRecord.SCHEMA, "variant": name, "split": "test", "n": len(test),
-                                   "labels": labels, "device": device, **report, **cost, **provenance},
+                                   "labels": labels, "device": device, **report, **intervals, **cost,
+                                   "predictions": preds, "references": refs, **provenance},
                                   f"evaluation of {name}")
     return record, preds
 

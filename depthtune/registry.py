@@ -7,7 +7,9 @@
                  their label mappings differ (from each other or from labels.json)
   4. rescore     BOTH on the same current test data: old metrics were measured on old data
   5. register    the candidate (once: a re-run reuses its version) with tags + a model card
-  6. decide      candidate beats champion by >= min_delta -> promoted, else challenger (pure)
+  6. decide      promoted only when the candidate is significantly better than the champion on
+                 those same texts (paired test: McNemar for accuracy, paired bootstrap for
+                 macro-F1, p < `alpha`) AND by at least `min_delta`; else challenger (pure)
   7. aliases     promoted: one `set_registered_model_alias(champion)`; challenger: the
                  `challenger` alias; the reason goes into a version tag and the report
 
@@ -34,6 +36,7 @@ from depthtune.provenance import provenance
 from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
                                read_variant_record)
 from depthtune.redaction import describe_error, safe_uri
+from depthtune.significance import TEST_NAME, accuracy, macro_f1, paired_test
 
 SCHEMA = "depthtune.promotion/1"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -221,17 +224,29 @@ def load_champion(client, name: str, labels: list, variant: str):
     return champ_mv, champ
 
 
+def label_ids(names: list[str], predicted: list[str]) -> list[int]:
+    ids = {n: i for i, n in enumerate(names)}
+    return [ids[p] for p in predicted]
+
+
 def score(predicted: list[str], gold: list[str], names: list[str]) -> dict:
-    from sklearn.metrics import f1_score
+    """{accuracy, macro_f1 (over every label, absent ones 0, as the evaluation stage), n}."""
+    refs, preds = label_ids(names, gold), label_ids(names, predicted)
+    return {"accuracy": accuracy(refs, preds), "macro_f1": macro_f1(refs, preds, num_labels=len(names)),
+            "n": len(gold)}
 
-    acc = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
-    f1 = f1_score(gold, predicted, labels=names, average="macro", zero_division=0)
-    return {"accuracy": float(acc), "macro_f1": float(f1), "n": len(gold)}
+
+def rescore(model, data: LabelledTexts) -> tuple[dict, list[str]]:
+    """({accuracy, macro_f1, n}, predicted label names) of a loaded model on the current test data."""
+    predicted = model.predict_names(data.texts)
+    return score(predicted, data.gold, data.names), predicted
 
 
-def rescore(model, data: LabelledTexts) -> dict:
-    """{accuracy, macro_f1, n} of a loaded model on the current test data."""
-    return score(model.predict_names(data.texts), data.gold, data.names)
+def paired_p_value(metric: str, data: LabelledTexts, cand_pred: list[str], champ_pred: list[str]) -> float:
+    """Two-sided p-value that candidate and champion differ in `metric` on the same texts
+    (TEST_NAME[metric]: McNemar for accuracy, seeded paired bootstrap for macro-F1)."""
+    return paired_test(label_ids(data.names, data.gold), label_ids(data.names, cand_pred),
+                       label_ids(data.names, champ_pred), metric, num_labels=len(data.names))
 
 
 def rescore_warning(metric: str, evaluated: float, rescored: float) -> str:
@@ -327,12 +342,17 @@ def register_candidate(client, reg: RegistryConfig, cand: Candidate, logged: Log
 # ----------------------------------------------------------------------------- 6. decide, 7. move the aliases
 
 
+def _fmt_p(p: float) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.3f}"
+
+
 def decide(reg: RegistryConfig, candidate_version: str, candidate_score: float, champion_version: Optional[str],
-           champion_score: Optional[float]) -> tuple[str, str]:
+           champion_score: Optional[float], p_value: Optional[float] = None) -> tuple[str, str]:
     """(decision, reason) from scores on the same test data; decision is promoted, unchanged or challenger.
 
     No champion yet -> promoted. The candidate IS the champion -> unchanged. Otherwise promoted
-    iff candidate - champion >= min_delta (min_delta 0: a tie promotes the newer model).
+    iff the candidate is better, significantly so (`p_value` of the paired test < alpha) AND by
+    at least min_delta. A tie is never significant: the champion stays.
     """
     m = reg.metric
     if champion_version is None:
@@ -340,12 +360,21 @@ def decide(reg: RegistryConfig, candidate_version: str, candidate_score: float, 
     if champion_version == candidate_version:
         return "unchanged", (f"v{candidate_version} is already the champion "
                              f"({m} {candidate_score:.4f} on the current test data)")
+    if p_value is None:
+        raise ValueError("decide: a candidate against a champion needs the paired test's p_value")
     gain = candidate_score - champion_score
     versus = (f"{m} {candidate_score:.4f} vs champion v{champion_version} {champion_score:.4f} "
-              "re-scored on the current test data")
-    if gain >= reg.min_delta:
-        return "promoted", f"{versus}: +{gain:.4f} >= min_delta {reg.min_delta}"
-    return "challenger", f"{versus}: {gain:+.4f} < min_delta {reg.min_delta}"
+              f"re-scored on the current test data: {gain:+.4f}, {TEST_NAME[m]} {_fmt_p(p_value)}")
+    significant = gain > 0 and p_value < reg.alpha
+    if significant and gain >= reg.min_delta:
+        return "promoted", (f"{versus}: significantly better at alpha {reg.alpha}, "
+                            f"+{gain:.4f} >= min_delta {reg.min_delta}")
+    if gain <= 0:
+        why = ["not better"]
+    else:
+        why = [] if significant else [f"not significantly better (p >= alpha {reg.alpha})"]
+        why += [f"+{gain:.4f} < min_delta {reg.min_delta}"] if gain < reg.min_delta else []
+    return "challenger", f"{versus}: " + "; ".join(why)
 
 
 def recheck_champion(client, name: str, champion_version: Optional[str]) -> None:
@@ -406,7 +435,7 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
     """
     root, clock = Path(root), _Clock()
     report: dict = {"schema": SCHEMA, "model_name": reg.model_name, "metric": reg.metric,
-                    "min_delta": reg.min_delta, "min_metric": reg.min_metric, **provenance(root)}
+                    "min_delta": reg.min_delta, "alpha": reg.alpha, "min_metric": reg.min_metric, **provenance(root)}
 
     def done(decision: str, reason: str) -> dict:
         return {**report, "decision": decision, "reason": reason, "timings_s": clock.rounded()}
@@ -437,14 +466,16 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
             champ_mv, champ = load_champion(client, reg.model_name, model.labels, cand.variant)
         champ_version = str(champ_mv.version) if champ_mv else None
         with clock("score_candidate"):
-            cand_score = rescore(model, data)
+            cand_score, cand_pred = rescore(model, data)
         report["candidate"]["rescored"] = cand_score
-        champ_score = None
+        champ_score = p_value = None
         if champ is not None:
             with clock("score_champion"):
-                champ_score = rescore(champ, data)
+                champ_score, champ_pred = rescore(champ, data)
+            p_value = paired_p_value(reg.metric, data, cand_pred, champ_pred)  # the same texts, paired
             report["champion_before"] = {"version": champ_version, "variant": (champ_mv.tags or {}).get(TAG_VARIANT),
                                          "rescored": champ_score}
+            report["paired_test"] = {"test": TEST_NAME[reg.metric], "p_value": p_value, "alpha": reg.alpha}
         if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE:  # other data or truncation?
             report["warning"] = rescore_warning(reg.metric, cand.metric, cand_score[reg.metric])
         with clock("register"):
@@ -453,7 +484,7 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
         report["candidate"].update(version=version, newly_registered=created)
         recheck_champion(client, reg.model_name, champ_version)
         decision, reason = decide(reg, version, cand_score[reg.metric], champ_version,
-                                  champ_score[reg.metric] if champ_score else None)
+                                  champ_score[reg.metric] if champ_score else None, p_value)
         with clock("alias"):
             report["aliases_after"] = move_aliases(client, reg.model_name, version, decision, reason, champ_version)
     return done(decision, reason)
@@ -469,8 +500,9 @@ def summary_lines(report: dict) -> list[str]:
                      f"candidate {cand.get('variant', '-')}")
     if cand.get("rescored"):
         champ = report.get("champion_before")
-        vs = (f" vs champion v{champ['version']} ({champ['variant']}) {champ['rescored'][report['metric']]:.4f}"
-              if champ else " (no champion yet)")
+        test = report.get("paired_test") or {}
+        vs = (f" vs champion v{champ['version']} ({champ['variant']}) {champ['rescored'][report['metric']]:.4f}, "
+              f"{test.get('test')} p={test.get('p_value', float('nan')):.3g}" if champ else " (no champion yet)")
         lines.append(f"promote: re-scored {report['metric']} {cand['rescored'][report['metric']]:.4f} on "
                      f"{cand['rescored']['n']} test texts{vs}")
     if report.get("warning"):

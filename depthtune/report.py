@@ -1,21 +1,26 @@
-"""The comparison report: one table, two Pareto fronts, a verdict, plots.
+"""The comparison report: one table with 95% intervals, paired tests against the best, two
+Pareto fronts, a verdict that calls a winner only when the data says so, plots.
 
 Pure functions over the per-variant records (depthtune/records.py, docs/results.md):
 AuditRecord `audit/<v>.json`, TrainRecord `metrics/train/<v>.json`, EvalRecord
-`metrics/eval/<v>.json`. Nothing is recomputed from models; this module imports
-neither torch nor the orchestrator.
+`metrics/eval/<v>.json` (which carries each variant's test predictions and intervals).
+No model is loaded; the paired tests run on the stored predictions (depthtune/significance.py).
+This module imports neither torch nor the orchestrator.
 
     results = load_results(variants, audit_dir=..., train_dir=..., eval_dir=...)  # [VariantResults]
-    report = build_report(results, metric="accuracy", tolerance=0.01)
+    report = build_report(results, metric="accuracy", tolerance=0.01, alpha=0.05)
     outputs = render_outputs(report)      # {file name: bytes}, written by stages/compare.py
 
 Outputs (names relative to the report folder):
-- `comparison.md`   header, table (Pareto members marked), fronts, verdict, per-layer table
-- `comparison.json` schema `depthtune.compare/1`: `metric`, `tolerance`, `variants`
-                    (flat, for `dvc metrics`), `best`, `cheapest`, and as lists (which
-                    `dvc metrics show` skips) `rows`, `layers`; `pareto` (name lists)
-- `variants.csv`    variant,depth,trainable_params,accuracy,macro_f1,train_time_s (`dvc plots`)
-- `pareto.png`      accuracy vs trainable params (log x) and vs train time, fronts drawn
+- `comparison.md`   header, verdict, table (intervals, p vs best, Pareto members, not-converged
+                    marks and notes), fronts, per-layer table
+- `comparison.json` schema `depthtune.compare/2`: `metric`, `tolerance`, `alpha`, `variants`
+                    (flat, for `dvc metrics`: metrics, `<metric>_ci_low/high`, `p_vs_best`),
+                    `best`, `cheapest`, `verdict`, and as lists (which `dvc metrics show` skips)
+                    `rows`, `layers`; `pareto` (name lists)
+- `variants.csv`    variant,depth,trainable_params,accuracy,accuracy_ci_low,accuracy_ci_high,macro_f1,
+                    train_time_s (`dvc plots`)
+- `pareto.png`      accuracy (with 95% intervals) vs trainable params (log x) and vs train time
 - `depth.png`       heatmap of trainable params per layer bucket per variant (log colour)
 """
 from __future__ import annotations
@@ -32,12 +37,16 @@ from depthtune import layout
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
+from depthtune.report_plots import depth_png, human, pareto_png
+from depthtune.significance import TEST_NAME, compare_to_best
 
-SCHEMA = "depthtune.compare/1"
+SCHEMA = "depthtune.compare/2"
 METRICS = ("accuracy", "macro_f1")
 FRONT_PARAMS = "accuracy_vs_trainable_params"
 FRONT_TIME = "accuracy_vs_train_time"
-CSV_COLUMNS = ("variant", "depth", "trainable_params", "accuracy", "macro_f1", "train_time_s")
+CSV_COLUMNS = ("variant", "depth", "trainable_params", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+               "macro_f1", "train_time_s")
+NOT_CONVERGED = "⚠"  # marks a variant whose validation metric was still improving when training stopped
 _EPS = 1e-12  # float slack for "within tolerance" and ties
 
 
@@ -133,7 +142,13 @@ def build_row(res: VariantResults) -> dict:
         "train_time_s": float(t.train_time_s),
         "samples_per_s": t.samples_per_s,
         "accuracy": float(e.accuracy),
+        "accuracy_ci": list(e.interval("accuracy")),
         "macro_f1": float(e.macro_f1),
+        "macro_f1_ci": list(e.interval("macro_f1")),
+        "n_test": e.n,
+        "p_vs_best": None,  # filled by build_report: the paired test against the best variant
+        "not_converged": bool(t.not_converged),
+        "convergence_note": t.convergence_note,
         "latency_p50_ms": _optional_number(e.latency_ms.get("p50"), res.paths["eval"], "latency_ms.p50"),
         "latency_p95_ms": _optional_number(e.latency_ms.get("p95"), res.paths["eval"], "latency_ms.p95"),
     }
@@ -168,37 +183,110 @@ def _fmt_metric(x: float) -> str:
     return f"{x:.4f}"
 
 
-def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance: float = 0.01) -> dict:
-    """Best variant by `metric` (ties: fewer trainable params, then params order) and the
-    cheapest (fewest trainable params; ties: higher metric) with metric >= best - tolerance."""
+def _fmt_ci(ci: Sequence[float]) -> str:
+    return f"{ci[0]:.3f}-{ci[1]:.3f}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+
+
+def _label(metric: str) -> str:
+    return {"macro_f1": "macro-F1"}.get(metric, metric)
+
+
+def pick_best(rows: Sequence[dict], metric: str = "accuracy") -> dict:
+    """The row with the highest `metric` (ties: fewer trainable params, then params order)."""
     if metric not in METRICS:
         raise DepthtuneError(f"evaluation.metric: {metric!r} is not one of {', '.join(METRICS)}")
     if not rows:
         raise DepthtuneError("compare: no variants to compare")
     order = {r["variant"]: i for i, r in enumerate(rows)}
-    best = min(rows, key=lambda r: (-r[metric], r["trainable_params"], order[r["variant"]]))
-    floor = best[metric] - tolerance
-    within = [r for r in rows if r[metric] >= floor - _EPS]
+    return min(rows, key=lambda r: (-r[metric], r["trainable_params"], order[r["variant"]]))
+
+
+def paired_p_values(results: Sequence[VariantResults], metric: str, best: str) -> dict[str, float]:
+    """{variant: p-value of the paired test (McNemar / paired bootstrap) against `best`}; 1.0 for `best`.
+
+    Pairs the stored test predictions text by text, so every variant must have been scored
+    on the same test texts (same references, same order).
+    """
+    ref = next(r for r in results if r.variant == best)
+    for r in results:
+        if r.eval.references != ref.eval.references:
+            raise DepthtuneError(f"{r.paths['eval']}: scored on other test texts than {ref.paths['eval']} "
+                                 "(re-run the evaluation stages on the current data)")
+    p = compare_to_best(ref.eval.references, {r.variant: r.eval.predictions for r in results}, metric, best,
+                        num_labels=len(ref.eval.labels))
+    return {v: 1.0 if x is None else x for v, x in p.items()}
+
+
+def _within(r: dict, best: dict, metric: str, tolerance: float, alpha: float) -> bool:
+    """The "within tolerance" rule: r's 95% interval reaches best - tolerance AND r is not
+    significantly worse than the best (p >= alpha). The best itself always qualifies."""
+    if r is best:
+        return True
+    reaches = r[f"{metric}_ci"][1] >= best[metric] - tolerance - _EPS
+    return reaches and (r["p_vs_best"] is None or r["p_vs_best"] >= alpha)
+
+
+def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance: float = 0.01,
+                      alpha: float = 0.05) -> dict:
+    """The verdict over rows that carry `<metric>_ci` and `p_vs_best` (see build_report).
+
+    Best: the highest point estimate (pick_best). It is *named* the best only when its paired
+    test against every other variant has p < alpha; otherwise the sentence lists the variants
+    statistically indistinguishable from it (p >= alpha), with their p-values.
+    Cheapest: the fewest trainable params (ties: higher metric, then params order) among the
+    variants within tolerance by the interval rule of `_within`: upper bound of the 95% interval
+    >= best - tolerance, and not significantly worse than the best at alpha.
+    """
+    best = pick_best(rows, metric)
+    order = {r["variant"]: i for i, r in enumerate(rows)}
+    others = [r for r in rows if r is not best]
+    tied = [r for r in others if r["p_vs_best"] is None or r["p_vs_best"] >= alpha]
+    within = [r for r in rows if _within(r, best, metric, tolerance, alpha)]
     cheap = min(within, key=lambda r: (r["trainable_params"], -r[metric], order[r["variant"]]))
-    label = {"macro_f1": "macro-F1"}.get(metric, metric)
-    sentence = (f"Best by {label}: **{best['variant']}** ({_fmt_metric(best[metric])}, "
-                f"{best['trainable_params']:,} trainable params). ")
-    if cheap["variant"] == best["variant"]:
-        sentence += f"No variant with fewer trainable params is within {tolerance:g} of it."
-    else:
-        factor = best["trainable_params"] / cheap["trainable_params"] if cheap["trainable_params"] else math.inf
-        sentence += (f"Cheapest within {tolerance:g} of it: **{cheap['variant']}** "
-                     f"({_fmt_metric(cheap[metric])}, {best[metric] - cheap[metric]:.4f} behind, "
-                     f"{cheap['trainable_params']:,} trainable params, "
-                     f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
-    return {
-        "metric": metric,
-        "tolerance": tolerance,
+    verdict = {
+        "metric": metric, "tolerance": tolerance, "alpha": alpha, "test": TEST_NAME[metric],
+        "n_test": best.get("n_test"),
         "best": {"variant": best["variant"], metric: best[metric], "trainable_params": best["trainable_params"]},
+        "significant": not tied,  # the best is significantly better than every other variant
+        "indistinguishable": [r["variant"] for r in tied],
         "cheapest": {"variant": cheap["variant"], metric: cheap[metric],
                      "trainable_params": cheap["trainable_params"], "gap": round(best[metric] - cheap[metric], 12)},
-        "sentence": sentence,
     }
+    verdict["sentence"] = verdict_sentence(verdict, best, cheap, others, tied)
+    return verdict
+
+
+def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list) -> str:
+    """The report's verdict in words (see best_and_cheapest)."""
+    m, alpha, tol, test = v["metric"], v["alpha"], v["tolerance"], v["test"]
+    on = f"at alpha {alpha:g} on {v['n_test']:,} test texts" if v.get("n_test") else f"at alpha {alpha:g}"
+    head = f"{_fmt_metric(best[m])}, 95% CI {_fmt_ci(best[f'{m}_ci'])}"
+    if not others:
+        sentence = f"Only variant: **{best['variant']}** ({_label(m)} {head}). "
+    elif not tied:
+        worst = max(r["p_vs_best"] for r in others)
+        every = "every p < 0.001" if worst < 0.001 else f"every p ≤ {_fmt_p(worst)}"
+        sentence = (f"Best by {_label(m)}: **{best['variant']}** ({head}, {best['trainable_params']:,} trainable "
+                    f"params), significantly better than every other variant {on} ({test}, {every}). ")
+    else:
+        names = ", ".join(f"{r['variant']} (p={_fmt_p(r['p_vs_best'])})" for r in tied)
+        verb = "is" if len(tied) == 1 else "are"
+        sentence = (f"No clear best: {best['variant']} has the highest {_label(m)} ({head}), but {names} {verb} "
+                    f"statistically indistinguishable from it {on} ({test} test). ")
+    if cheap is best:
+        return sentence + (f"No variant with fewer trainable params is within {tol:g} of it (95% interval "
+                           f"reaching {_fmt_metric(best[m] - tol)}, not significantly worse).")
+    factor = best["trainable_params"] / cheap["trainable_params"] if cheap["trainable_params"] else math.inf
+    return sentence + (f"Cheapest within {tol:g} of it: **{cheap['variant']}** ({_fmt_metric(cheap[m])}, "
+                       f"95% CI {_fmt_ci(cheap[f'{m}_ci'])}, {best[m] - cheap[m]:.4f} behind, "
+                       f"p={_fmt_p(cheap['p_vs_best'])}, {cheap['trainable_params']:,} trainable params, "
+                       f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
 
 
 # ----------------------------------------------------------------------------- per-layer
@@ -217,17 +305,34 @@ def per_layer(results: Sequence[VariantResults]) -> dict:
 # ----------------------------------------------------------------------------- the report
 
 
-def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy", tolerance: float = 0.01) -> dict:
-    """Rows, both Pareto fronts (marked on the rows), the verdict and the per-layer counts."""
+def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy", tolerance: float = 0.01,
+                 alpha: float = 0.05) -> dict:
+    """Rows (with p vs best), both Pareto fronts (marked on the rows), the verdict and the per-layer counts."""
     rows = [build_row(r) for r in results]
     fronts = pareto_fronts(rows)
     for r in rows:
         r["pareto_params"] = r["variant"] in fronts[FRONT_PARAMS]
         r["pareto_time"] = r["variant"] in fronts[FRONT_TIME]
-    verdict = best_and_cheapest(rows, metric, tolerance)
+    best = pick_best(rows, metric)["variant"]
+    p_values = paired_p_values(results, metric, best)
+    for r in rows:
+        r["p_vs_best"] = None if r["variant"] == best else p_values[r["variant"]]
+    verdict = best_and_cheapest(rows, metric, tolerance, alpha)
     kinds = sorted({r["peak_memory_kind"] for r in rows if r["peak_memory_kind"]})
     return {"rows": rows, "fronts": fronts, "verdict": verdict, "layers": per_layer(results),
-            "metric": metric, "tolerance": tolerance, "memory_kinds": kinds}
+            "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds}
+
+
+def _flat_metrics(r: dict) -> dict:
+    """One variant's numbers for `dvc metrics show` (numbers only: lists and nulls are skipped there)."""
+    out = {}
+    for m in METRICS:
+        out[m] = r[m]
+        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = r[f"{m}_ci"]
+    out["p_vs_best"] = 1.0 if r["p_vs_best"] is None else r["p_vs_best"]  # the best against itself: p = 1
+    out["trainable_params"] = r["trainable_params"]
+    out["train_time_s"] = r["train_time_s"]
+    return out
 
 
 def comparison_json(report: dict) -> dict:
@@ -236,11 +341,11 @@ def comparison_json(report: dict) -> dict:
         "schema": SCHEMA,
         "metric": report["metric"],
         "tolerance": report["tolerance"],
-        "variants": {r["variant"]: {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
-                                    "trainable_params": r["trainable_params"],
-                                    "train_time_s": r["train_time_s"]} for r in report["rows"]},
+        "alpha": report["alpha"],
+        "variants": {r["variant"]: _flat_metrics(r) for r in report["rows"]},
         "best": v["best"],
         "cheapest": v["cheapest"],
+        "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "sentence")},
         # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
         "pareto": dict(report["fronts"]),
         "rows": report["rows"],
@@ -266,37 +371,48 @@ def _num(x, fmt: str) -> str:
     return "—" if x is None else format(x, fmt)
 
 
-def human(n: float) -> str:
-    """12 -> '12', 74498 -> '74.5k', 22713986 -> '22.7M'."""
-    n = float(n)
-    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            s = f"{n / div:.1f}".rstrip("0").rstrip(".")
-            return s + suf
-    return f"{n:.0f}"
-
-
 TABLE_HEADER = ("| variant | description | depth | trainable | total | trainable % | est. mem MiB | "
-                "peak mem MiB | peak/est | train s | samples/s | accuracy | macro-F1 | p50 ms | p95 ms | "
-                "Pareto params | Pareto time |")
-TABLE_ALIGN = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|"
+                "peak mem MiB | peak/est | train s | samples/s | accuracy (95% CI) | macro-F1 (95% CI) | "
+                "p vs best | p50 ms | p95 ms | Pareto params | Pareto time |")
+TABLE_ALIGN = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|"
+
+
+def _top_tag(verdict: dict) -> str:
+    """"best" only when the paired tests say so; "top" (highest point estimate) otherwise."""
+    return "best" if verdict["significant"] else "top"
+
+
+def _with_ci(r: dict, metric: str) -> str:
+    lo, hi = r[f"{metric}_ci"]
+    return f"{_fmt_metric(r[metric])} [{lo:.3f}, {hi:.3f}]"
 
 
 def comparison_table(report: dict) -> str:
-    best = report["verdict"]["best"]["variant"]
-    cheap = report["verdict"]["cheapest"]["variant"]
+    v = report["verdict"]
+    best, cheap, top = v["best"]["variant"], v["cheapest"]["variant"], _top_tag(v)
     lines = [TABLE_HEADER, TABLE_ALIGN]
     for r in report["rows"]:
-        tags = (" (best)" if r["variant"] == best else "") + \
+        tags = (f" {NOT_CONVERGED}" if r["not_converged"] else "") + \
+               (f" ({top})" if r["variant"] == best else "") + \
                (" (cheapest)" if r["variant"] == cheap and cheap != best else "")
         lines.append(
             f"| {r['variant']}{tags} | {r['description']} | {r['depth']} | {_int(r['trainable_params'])} | "
             f"{_int(r['total_params'])} | {r['trainable_pct']:.2f} | {_mib(r['estimated_memory_bytes'])} | "
             f"{_mib(r['peak_memory_bytes'])} | {_num(r['memory_ratio'], '.2f')} | {r['train_time_s']:.1f} | "
-            f"{_num(r['samples_per_s'], '.1f')} | {_fmt_metric(r['accuracy'])} | {_fmt_metric(r['macro_f1'])} | "
-            f"{_num(r['latency_p50_ms'], '.2f')} | {_num(r['latency_p95_ms'], '.2f')} | "
+            f"{_num(r['samples_per_s'], '.1f')} | {_with_ci(r, 'accuracy')} | {_with_ci(r, 'macro_f1')} | "
+            f"{_fmt_p(r['p_vs_best'])} | {_num(r['latency_p50_ms'], '.2f')} | {_num(r['latency_p95_ms'], '.2f')} | "
             f"{'●' if r['pareto_params'] else ''} | {'●' if r['pareto_time'] else ''} |")
     return "\n".join(lines)
+
+
+def convergence_notes(rows: Sequence[dict]) -> list[str]:
+    """Markdown lines naming every not-converged variant with its note (empty when all converged)."""
+    flagged = [r for r in rows if r["not_converged"]]
+    if not flagged:
+        return []
+    return [f"{NOT_CONVERGED} **not converged**: the validation metric was still improving when training "
+            "stopped; its test score may understate what this variant can do.", ""] + \
+           [f"- **{r['variant']}**: {r['convergence_note'] or 'no note recorded'}" for r in flagged] + [""]
 
 
 def layer_table(layers: dict) -> str:
@@ -316,14 +432,20 @@ def comparison_markdown(report: dict) -> str:
                            for n in names)
         return f"- **{title}**: {chain}"
 
-    kinds = report["memory_kinds"]
+    kinds, v = report["memory_kinds"], report["verdict"]
+    n_test = f" on {v['n_test']:,} test texts" if v.get("n_test") else ""
     parts = [
         "# Variant comparison", "",
-        f"{len(rows)} variants; test-split metrics, selection metric **{metric}**, tolerance {tol:g}. "
-        "● marks Pareto-front members (accuracy up; trainable params or train time down).", "",
-        report["verdict"]["sentence"], "",
+        f"{len(rows)} variants; test-split metrics{n_test}, selection metric **{metric}**, tolerance {tol:g}, "
+        f"alpha {report['alpha']:g}. ● marks Pareto-front members (accuracy up; trainable params or train "
+        "time down).", "",
+        v["sentence"], "",
         "## Results", "",
         comparison_table(report), "",
+        f"Brackets: 95% percentile bootstrap interval over the test texts. *p vs best*: {v['test']} test "
+        f"of each variant's {_label(metric)} against {v['best']['variant']} on the same texts (paired); "
+        f"p < {report['alpha']:g} means the gap is unlikely to be noise.", "",
+        *convergence_notes(report["rows"]),
         "Memory: *est.* is the audit's training-memory estimate, *peak* the measured peak"
         + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "
         "latency is batch-1 inference.", "",
@@ -348,195 +470,9 @@ def variants_csv(report: dict) -> str:
     w.writerow(CSV_COLUMNS)
     for r in report["rows"]:
         w.writerow([r["variant"], r["depth"], r["trainable_params"], f"{r['accuracy']:.6g}",
-                    f"{r['macro_f1']:.6g}", f"{r['train_time_s']:.6g}"])
+                    f"{r['accuracy_ci'][0]:.6g}", f"{r['accuracy_ci'][1]:.6g}", f"{r['macro_f1']:.6g}",
+                    f"{r['train_time_s']:.6g}"])
     return buf.getvalue()
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _figure(w: float, h: float):
-    # The OO API with the Agg canvas: no pyplot global state, no display needed.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, facecolor="white")
-    return buf.getvalue()
-
-
-def _log_limits(values: Sequence[float]) -> tuple[float, float]:
-    pos = [v for v in values if v > 0]
-    lo, hi = (min(pos), max(pos)) if pos else (1.0, 10.0)
-    span = math.log10(hi) - math.log10(lo)
-    pad = max(0.3, 0.16 * span)  # room for a centred label over the outermost points
-    return 10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad)
-
-
-def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=None):
-    on = [r for r in rows if r["variant"] in front]
-    off = [r for r in rows if r["variant"] not in front]
-
-    def cost(r):  # a log axis cannot show 0: clamp to 1
-        return max(r[cost_key], 1) if log_x else r[cost_key]
-
-    if off:
-        ax.scatter([cost(r) for r in off], [r["accuracy"] for r in off], s=70, color="#9e9e9e",
-                   edgecolor="black", linewidth=0.6, zorder=3, label="dominated")
-    ax.scatter([cost(r) for r in on], [r["accuracy"] for r in on], s=110, marker="D", color="#d62728",
-               edgecolor="black", linewidth=0.6, zorder=4, label="Pareto front")
-    f_rows = sorted(on, key=lambda r: (cost(r), r["accuracy"]))
-    xs, ys = [cost(r) for r in f_rows], [r["accuracy"] for r in f_rows]
-    if len(xs) > 1:
-        ax.step(xs, ys, where="post", color="#d62728", linewidth=1.6, alpha=0.8, zorder=2)
-    if floor is not None:
-        ax.axhline(floor, color="#1f77b4", linestyle=":", linewidth=1.2, zorder=1,
-                   label=f"best − tolerance ({floor:.3f})")
-    if log_x:
-        ax.set_xscale("log")
-        ax.set_xlim(*_log_limits([cost(r) for r in rows]))
-    else:
-        hi = max(cost(r) for r in rows) or 1.0
-        ax.set_xlim(-0.06 * hi, 1.12 * hi)
-    accs = [r["accuracy"] for r in rows] + ([floor] if floor is not None else [])
-    span = max(max(accs) - min(accs), 0.02)
-    ax.set_ylim(min(accs) - 0.2 * span, max(accs) + 0.2 * span)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=11)
-    ax.grid(True, which="major", alpha=0.35)
-    ax.grid(True, which="minor", alpha=0.12)
-    ax.legend(loc="lower right", fontsize=8.5, framealpha=0.9)
-    return [(r, cost(r)) for r in rows]
-
-
-# label candidates around a marker, in points: (dx, dy, horizontal alignment)
-_NEAR = [(0, 10, "center"), (0, -19, "center"), (9, -4, "left"), (-9, -4, "right"),
-         (8, 8, "left"), (-8, 8, "right"), (8, -16, "left"), (-8, -16, "right")]
-_FAR = [(0, 26, "center"), (0, -35, "center"), (14, 22, "left"), (-14, 22, "right"),
-        (14, -30, "left"), (-14, -30, "right"), (0, 42, "center"), (0, -51, "center"),
-        (20, 36, "left"), (-20, 36, "right"), (20, -44, "left"), (-20, -44, "right")]
-
-
-def _label_points(ax, points, front, *, best=None, cheap=None, best_tag="best") -> None:
-    """Label every marker without overlaps: front members prefer above (away from the
-    dominated region), dominated ones below; then beside, then further out with a leader
-    line. Labels stay inside the axes and out of the layout (no squashed panels)."""
-    from matplotlib.transforms import Bbox
-
-    fig = ax.figure
-    renderer = fig.canvas.get_renderer()
-    axbox = ax.get_window_extent(renderer)
-    legend = ax.get_legend()
-    obstacles = [legend.get_window_extent(renderer)] if legend is not None else []
-    px = fig.dpi / 72.0
-    for _, (x, y) in [(r, ax.transData.transform((c, r["accuracy"]))) for r, c in points]:
-        obstacles.append(Bbox.from_extents(x - 6 * px, y - 6 * px, x + 6 * px, y + 6 * px))
-    front_set = set(front)
-    for r, x in sorted(points, key=lambda p: (p[0]["variant"] not in front_set, p[1])):
-        tag = r["variant"] + (f" ({best_tag})" if r["variant"] == best else "") + \
-              (" (cheapest)" if r["variant"] == cheap and cheap != best else "")
-        near = _NEAR if r["variant"] in front_set else [_NEAR[1], _NEAR[0], *_NEAR[2:]]
-        best_ann, best_score = None, None
-        for i, (dx, dy, ha) in enumerate(near + _FAR):
-            far = i >= len(near)
-            ann = ax.annotate(tag, (x, r["accuracy"]), xytext=(dx, dy), textcoords="offset points",
-                              ha=ha, va="bottom" if dy > 0 else "top" if dy < -12 else "center",
-                              fontsize=9.5, zorder=5, annotation_clip=False,
-                              bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
-                              arrowprops={"arrowstyle": "-", "color": "#888888", "linewidth": 0.6,
-                                          "shrinkA": 0, "shrinkB": 5} if far else None)
-            ann.set_in_layout(False)
-            box = ann.get_window_extent(renderer)
-            own = Bbox.from_extents(*ax.transData.transform((x, r["accuracy"])) - 6 * px,
-                                    *ax.transData.transform((x, r["accuracy"])) + 6 * px)
-            hits = sum(box.overlaps(b) for b in obstacles if not b.contains(*own.get_points().mean(axis=0)))
-            inside = axbox.contains(box.x0, box.y0) and axbox.contains(box.x1, box.y1)
-            score = hits * 10 + (0 if inside else 5) + i * 0.01
-            if best_score is None or score < best_score:
-                if best_ann is not None:
-                    best_ann.remove()
-                best_ann, best_score, best_box = ann, score, box
-            else:
-                ann.remove()
-            if hits == 0 and inside:
-                break
-        obstacles.append(best_box)
-
-
-def pareto_png(report: dict) -> bytes:
-    """Left: accuracy vs trainable params (log x); right: accuracy vs train time. Fronts drawn."""
-    rows = report["rows"]
-    v = report["verdict"]
-    floor = v["best"]["accuracy"] - v["tolerance"] if v["metric"] == "accuracy" else None
-    fig = _figure(12.5, 5.2)
-    ax1, ax2 = fig.subplots(1, 2)
-    p1 = _scatter_panel(ax1, rows, report["fronts"][FRONT_PARAMS], "trainable_params", log_x=True,
-                        xlabel="trainable parameters (log scale)", title="Accuracy vs trainable parameters",
-                        floor=floor)
-    p2 = _scatter_panel(ax2, rows, report["fronts"][FRONT_TIME], "train_time_s", log_x=False,
-                        xlabel="train time, optimizer loop (s)", title="Accuracy vs train time")
-    fig.suptitle(f"depthtune: {len(rows)} variants, Pareto fronts (accuracy up, cost down)", fontsize=12)
-    fig.draw_without_rendering()  # run the layout so label extents are final-ish
-    tag = "best" if v["metric"] == "accuracy" else "best F1"
-    _label_points(ax1, p1, report["fronts"][FRONT_PARAMS], best=v["best"]["variant"],
-                  cheap=v["cheapest"]["variant"], best_tag=tag)
-    _label_points(ax2, p2, report["fronts"][FRONT_TIME], best=v["best"]["variant"], best_tag=tag)
-    return _png(fig)
-
-
-def depth_png(report: dict) -> bytes:
-    """Heatmap: variants x layer buckets, colour = trainable params (log), each cell labelled."""
-    import matplotlib
-    import numpy as np
-    from matplotlib.colors import LogNorm
-
-    layers = report["layers"]
-    names, variants = layers["layers"], list(layers["trainable"])
-    data = np.full((len(variants), len(names)), np.nan)
-    for i, v in enumerate(variants):
-        for j, n in enumerate(names):
-            if n in layers["trainable"][v]:
-                data[i, j] = layers["trainable"][v][n]
-    positive = data[np.isfinite(data) & (data > 0)]
-    vmin, vmax = (positive.min(), positive.max()) if positive.size else (1.0, 10.0)
-    if vmin == vmax:
-        vmin, vmax = vmin / 10, vmax * 10
-    # zeros and absent layers: light grey (labelled in the cell)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#ececec")
-
-    fig = _figure(max(7.0, 1.05 * len(names) + 2.8), max(3.2, 0.62 * len(variants) + 2.0))
-    ax = fig.subplots()
-    shown = np.where(np.isfinite(data) & (data > 0), data, np.nan)
-    im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=LogNorm(vmin=vmin, vmax=vmax), aspect="auto")
-    norm = LogNorm(vmin=vmin, vmax=vmax)
-    for i in range(len(variants)):
-        for j in range(len(names)):
-            x = data[i, j]
-            if np.isnan(x):
-                txt, color = "—", "#777777"
-            elif x == 0:
-                txt, color = "0", "#777777"
-            else:
-                txt = human(x)
-                color = "white" if norm(x) < 0.6 else "black"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=9, color=color)
-    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=9.5)
-    depth = {r["variant"]: r["depth"] for r in report["rows"]}
-    ax.set_yticks(range(len(variants)), [f"{v} (depth {depth[v]})" for v in variants], fontsize=9.5)
-    ax.set_xticks(np.arange(-0.5, len(names)), minor=True)
-    ax.set_yticks(np.arange(-0.5, len(variants)), minor=True)
-    ax.grid(which="minor", color="white", linewidth=1.5)
-    ax.tick_params(which="minor", length=0)
-    cb = fig.colorbar(im, ax=ax, pad=0.02)
-    cb.set_label("trainable parameters (log scale)")
-    ax.set_title("Trainable parameters per layer  (0 = frozen, — = layer not kept)", fontsize=11)
-    return _png(fig)
 
 
 def render_outputs(report: dict) -> dict[str, bytes]:
@@ -545,6 +481,15 @@ def render_outputs(report: dict) -> dict[str, bytes]:
         "comparison.md": comparison_markdown(report).encode("utf-8"),
         "comparison.json": (json.dumps(comparison_json(report), indent=2) + "\n").encode("utf-8"),
         "variants.csv": variants_csv(report).encode("utf-8"),
-        "pareto.png": pareto_png(report),
-        "depth.png": depth_png(report),
+        "pareto.png": pareto_plot(report),
+        "depth.png": depth_png(report["layers"], {r["variant"]: r["depth"] for r in report["rows"]}),
     }
+
+
+def pareto_plot(report: dict) -> bytes:
+    """pareto.png: both fronts with every variant's 95% accuracy interval; best - tolerance dotted."""
+    v = report["verdict"]
+    floor = v["best"]["accuracy"] - v["tolerance"] if v["metric"] == "accuracy" else None
+    tag = _top_tag(v) if v["metric"] == "accuracy" else f"{_top_tag(v)} F1"
+    return pareto_png(report["rows"], report["fronts"][FRONT_PARAMS], report["fronts"][FRONT_TIME],
+                      best=v["best"]["variant"], cheapest=v["cheapest"]["variant"], floor=floor, best_tag=tag)

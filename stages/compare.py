@@ -1,11 +1,12 @@
 """DVC stage `compare`: one comparison report over every variant's records.
 
-Reads params sections `variants` (names, in order), `compare.tolerance` and
-`evaluation.metric`; reads every variant's audit record (--audit), train record
-(--train) and eval record (--eval); nothing is recomputed. Writes, each file
-atomically, under --out (reports/): comparison.md, comparison.json (also a DVC
-metrics file: its `variants` section), variants.csv (DVC scatter plot),
-pareto.png, depth.png. Everything is rendered in memory before the first write,
+Reads params sections `variants` (names, in order), `compare` (`tolerance`, `alpha`)
+and `evaluation.metric`; reads every variant's audit record (--audit), train record
+(--train) and eval record (--eval); no model is loaded: the intervals come from the
+eval records, the paired tests against the best variant run on their stored test
+predictions. Writes, each file atomically, under --out (reports/): comparison.md,
+comparison.json (also a DVC metrics file: its `variants` section), variants.csv (DVC
+scatter plot), pareto.png, depth.png. Everything is rendered in memory before the first write,
 so a failure leaves the previous report intact. Then it logs every variant's eval
 record (test metrics, confusion matrix) into that variant's MLflow run, the one its
 finetune stage recorded: one MLflow start-up for all variants instead of one per
@@ -26,7 +27,8 @@ def main(argv: list | None = None) -> dict:
     variants = list(params.variants)
     print(f"compare: {len(variants)} variants; records from {args.audit}/, {args.train}/, {args.eval}/")
     results = load_results(variants, audit_dir=args.audit, train_dir=args.train, eval_dir=args.eval)
-    report = build_report(results, metric=params.evaluation.metric, tolerance=params.compare.tolerance)
+    report = build_report(results, metric=params.evaluation.metric, tolerance=params.compare.tolerance,
+                          alpha=params.compare.alpha)
     outputs = render_outputs(report)
     for name, data in outputs.items():
         write_bytes_atomic(args.out / name, data)

@@ -6,7 +6,9 @@
 
 Reads params `registry` and `tracking`; the eval, train and audit records of every
 evaluated variant; the prepared test split + labels (candidate and champion are both
-re-scored on them now). Writes the promotion report. The steps are depthtune/registry.py.
+re-scored on them now, and their predictions paired: the candidate replaces the champion only
+when a paired test says it is better at `registry.alpha` and by `registry.min_delta`). Writes the
+promotion report. The steps are depthtune/registry.py.
 """
 from __future__ import annotations
 

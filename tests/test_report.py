@@ -13,24 +13,36 @@ from depthtune.errors import DepthtuneError
 from depthtune.layer_order import layer_order_key
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord
 from depthtune.report import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, comparison_json,
-                              load_results, pareto_front, render_outputs)
+                              load_results, pareto_front, pick_best, render_outputs)
+from depthtune.significance import bootstrap_ci, macro_f1
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EMB, LAYER, POOLER, HEAD = 11_918_592, 1_774_464, 147_840, 770
 
-# name -> (depth, per-layer trainable rule, accuracy, macro_f1, train_time_s), in params order.
+# name -> (depth, per-layer trainable rule, accuracy, train_time_s), in params order.
 # Hand-made so that the fronts are known:
 #   params front (acc up, params down): lora8 (74k, .85) < top2 (3.7M, .855) < full (22.7M, .86);
 #     probe (149k, .70) is dominated by lora8, depth3 (17.4M, .84) by top2.
 #   time front (acc up, time down): probe (10 s) < top2 (40 s) < full (100 s);
 #     depth3 (60 s, .84) and lora8 (80 s, .85) are dominated by top2 (40 s, .855).
+# Predictions on N = 1,000 texts: every variant is right on the first accuracy * N texts (nested), so
+# against full (860 right) the discordant texts are all one way: top2 5 (McNemar p = 2/32 = 0.0625),
+# lora8 10 (p = 2/1024), depth3 20, probe 160.
 VARIANTS = {
-    "full": (6, "all", 0.86, 0.858, 100.0),
-    "depth3": (3, "all", 0.84, 0.839, 60.0),
-    "top2": (6, "top2", 0.855, 0.851, 40.0),
-    "probe": (6, "probe", 0.70, 0.69, 10.0),
-    "lora8": (6, "lora", 0.85, 0.862, 80.0),
+    "full": (6, "all", 0.86, 100.0),
+    "depth3": (3, "all", 0.84, 60.0),
+    "top2": (6, "top2", 0.855, 40.0),
+    "probe": (6, "probe", 0.70, 10.0),
+    "lora8": (6, "lora", 0.85, 80.0),
 }
+N = 1000
+REFS = [i % 2 for i in range(N)]
+
+
+def predictions(acc: float, offset: int = 0) -> list:
+    """Right on the acc * N texts from `offset` on (cyclically), wrong elsewhere."""
+    k = round(acc * N)
+    return [r if (i - offset) % N < k else 1 - r for i, r in enumerate(REFS)]
 
 
 def _audit(name: str, depth: int, rule: str) -> dict:
@@ -53,19 +65,24 @@ def _audit(name: str, depth: int, rule: str) -> dict:
                        estimates={"memory_bytes": {"total": 100 * 2 ** 20 + trainable * 16}}).to_dict()
 
 
-def _train(name: str, audit: dict, depth: int, time_s: float) -> dict:
+def _train(name: str, audit: dict, depth: int, time_s: float, note: str = "") -> dict:
     est = audit["estimates"]["memory_bytes"]["total"]
     return TrainRecord(variant=name, device="cpu", total_params=audit["total_params"],
                        trainable_params=audit["trainable_params"], depth=depth, wall_time_s=time_s + 5,
                        train_time_s=time_s, samples_per_s=2000 / time_s, tokens_per_s=60000 / time_s, steps=100,
                        best_val={"accuracy": 0.8}, peak_memory_bytes=int(est * 1.2), peak_memory_kind="rss_growth",
-                       estimated_memory_bytes=est, memory_ratio=1.2).to_dict()
+                       estimated_memory_bytes=est, memory_ratio=1.2, not_converged=bool(note),
+                       convergence_note=note).to_dict()
 
 
-def _eval(name: str, acc: float, f1: float) -> dict:
-    return EvalRecord(variant=name, n=1000, labels=["neg", "pos"], accuracy=acc, macro_f1=f1,
+def _eval(name: str, preds: list) -> dict:
+    """An eval record whose metrics and intervals are those of `preds` against REFS."""
+    acc = sum(p == r for p, r in zip(preds, REFS)) / N
+    return EvalRecord(variant=name, n=N, labels=["neg", "pos"], accuracy=acc, macro_f1=macro_f1(REFS, preds, 2),
+                      accuracy_ci=list(bootstrap_ci(REFS, preds, "accuracy")),
+                      macro_f1_ci=list(bootstrap_ci(REFS, preds, "macro_f1", num_labels=2)),
                       confusion_matrix=[[450, 50], [90, 410]], latency_ms={"p50": 4.5, "p95": 6.25},
-                      throughput_per_s=300.0).to_dict()
+                      throughput_per_s=300.0, predictions=preds, references=REFS).to_dict()
 
 
 def _write(path: Path, obj) -> None:
@@ -73,14 +90,20 @@ def _write(path: Path, obj) -> None:
     path.write_text(json.dumps(obj), encoding="utf-8")
 
 
+def write_variants(root: Path, spec: dict, offsets: dict | None = None, notes: dict | None = None) -> Path:
+    """Audit, train and eval records of every variant in `spec` (see VARIANTS) under root."""
+    for name, (depth, rule, acc, time_s) in spec.items():
+        audit = _audit(name, depth, rule)
+        _write(root / "audit" / f"{name}.json", audit)
+        _write(root / "metrics" / "train" / f"{name}.json",
+               _train(name, audit, depth, time_s, (notes or {}).get(name, "")))
+        _write(root / "metrics" / "eval" / f"{name}.json", _eval(name, predictions(acc, (offsets or {}).get(name, 0))))
+    return root
+
+
 @pytest.fixture()
 def results_dir(tmp_path: Path) -> Path:
-    for name, (depth, rule, acc, f1, time_s) in VARIANTS.items():
-        audit = _audit(name, depth, rule)
-        _write(tmp_path / "audit" / f"{name}.json", audit)
-        _write(tmp_path / "metrics" / "train" / f"{name}.json", _train(name, audit, depth, time_s))
-        _write(tmp_path / "metrics" / "eval" / f"{name}.json", _eval(name, acc, f1))
-    return tmp_path
+    return write_variants(tmp_path, VARIANTS)
 
 
 def _dirs(root: Path) -> dict:
@@ -88,9 +111,9 @@ def _dirs(root: Path) -> dict:
             "eval_dir": root / "metrics" / "eval"}
 
 
-def _report(root: Path, metric="accuracy", tolerance=0.01, variants=None) -> dict:
+def _report(root: Path, metric="accuracy", tolerance=0.01, variants=None, alpha=0.05) -> dict:
     results = load_results(list(variants or VARIANTS), **_dirs(root))
-    return build_report(results, metric=metric, tolerance=tolerance)
+    return build_report(results, metric=metric, tolerance=tolerance, alpha=alpha)
 
 
 # ----------------------------------------------------------------------------- pareto
@@ -123,31 +146,107 @@ def test_fronts_and_marks(results_dir):
 # ----------------------------------------------------------------------------- verdict
 
 
-def test_best_and_cheapest_sentence(results_dir):
-    v = _report(results_dir)["verdict"]
-    assert v["best"]["variant"] == "full"
-    # lora8 (0.85) sits exactly at best - tolerance (0.86 - 0.01): inside, and the fewest params
-    assert v["cheapest"]["variant"] == "lora8"
-    assert "Best by accuracy: **full** (0.8600" in v["sentence"]
-    assert "Cheapest within 0.01 of it: **lora8** (0.8500" in v["sentence"]
-    assert "74,498 trainable params" in v["sentence"]
+def test_no_winner_when_the_gap_is_noise(results_dir):
+    rep = _report(results_dir)
+    v, rows = rep["verdict"], {r["variant"]: r for r in rep["rows"]}
+    assert rows["full"]["p_vs_best"] is None
+    assert rows["top2"]["p_vs_best"] == pytest.approx(2 / 32) and rows["lora8"]["p_vs_best"] == pytest.approx(2 / 1024)
+    assert v["best"]["variant"] == "full" and not v["significant"] and v["indistinguishable"] == ["top2"]
+    lo, hi = rows["full"]["accuracy_ci"]
+    assert lo < 0.86 < hi and hi - lo == pytest.approx(2 * 1.96 * (0.86 * 0.14 / N) ** 0.5, rel=0.2)
+    assert v["sentence"].startswith(
+        f"No clear best: full has the highest accuracy (0.8600, 95% CI {lo:.3f}-{hi:.3f}), but top2 (p=0.06) is "
+        "statistically indistinguishable from it at alpha 0.05 on 1,000 test texts (McNemar test). ")
+    assert "Best by" not in v["sentence"]
+    # lora8's point estimate sits exactly at best - 0.01 and its interval reaches above, but it is
+    # significantly worse (p=0.002): out. top2 (interval up to ~0.88, p=0.06) is in.
+    assert v["cheapest"]["variant"] == "top2"
+    assert "Cheapest within 0.01 of it: **top2** (0.8550, 95% CI " in v["sentence"]
+    assert "p=0.06, 3,697,538 trainable params, 6.1x fewer)." in v["sentence"]
 
 
-def test_tolerance_and_metric_change_the_verdict(results_dir):
-    v = _report(results_dir, tolerance=0.005)["verdict"]
-    assert (v["best"]["variant"], v["cheapest"]["variant"]) == ("full", "top2")
+def test_interval_rule_alpha_and_metric_change_the_verdict(results_dir):
     v = _report(results_dir, tolerance=0.0)["verdict"]
+    assert v["cheapest"]["variant"] == "top2"  # its interval reaches 0.86; its point estimate does not
+    v = _report(results_dir, alpha=0.1)["verdict"]  # top2's p=0.0625 < 0.1: every gap is now significant
+    assert v["significant"] and v["indistinguishable"] == []
+    assert v["sentence"].startswith("Best by accuracy: **full** (0.8600, 95% CI ")
+    assert ("significantly better than every other variant at alpha 0.1 on 1,000 test texts (McNemar, "
+            "every p ≤ 0.06).") in v["sentence"]
     assert v["cheapest"]["variant"] == "full"
-    assert "No variant with fewer trainable params is within 0 of it." in v["sentence"]
-    v = _report(results_dir, metric="macro_f1")["verdict"]  # lora8 has the best macro-F1 and fewest params
-    assert (v["best"]["variant"], v["cheapest"]["variant"]) == ("lora8", "lora8")
-    assert "Best by macro-F1: **lora8**" in v["sentence"]
+    assert "No variant with fewer trainable params is within 0.01 of it" in v["sentence"]
+    v = _report(results_dir, metric="macro_f1")["verdict"]
+    assert v["best"]["variant"] == "full" and v["test"] == "paired bootstrap"
+
+
+def test_identical_predictions_never_name_a_winner_in_either_order(tmp_path):
+    # a and b: the same predictions (and the same trainable params), so the params order picks the top one
+    spec = {"a": (6, "top2", 0.80, 40.0), "b": (6, "top2", 0.80, 50.0), "probe": (6, "probe", 0.70, 10.0)}
+    write_variants(tmp_path, spec)
+    for order, top, other in ((["a", "b", "probe"], "a", "b"), (["b", "a", "probe"], "b", "a")):
+        v = _report(tmp_path, variants=order)["verdict"]
+        assert v["best"]["variant"] == top and not v["significant"] and v["indistinguishable"] == [other]
+        assert v["sentence"].startswith(f"No clear best: {top} has the highest accuracy (0.8000, 95% CI ")
+        assert f"but {other} (p=1.00) is statistically indistinguishable from it" in v["sentence"]
+        assert "Best by" not in v["sentence"] and "probe (p=" not in v["sentence"]
+    for order in (["probe", "a"], ["a", "probe"]):  # a real gap: 100 texts apart, all one way
+        v = _report(tmp_path, variants=order)["verdict"]
+        assert v["significant"] and v["sentence"].startswith("Best by accuracy: **a** (0.8000, 95% CI ")
+        assert "(McNemar, every p < 0.001)." in v["sentence"]
+
+
+def test_not_converged_variants_are_marked_with_their_note(tmp_path):
+    note = "validation accuracy still rising at the last epoch (2/2): raise train.epochs"
+    write_variants(tmp_path, VARIANTS, notes={"lora8": note})
+    rep = _report(tmp_path)
+    assert [r["variant"] for r in rep["rows"] if r["not_converged"]] == ["lora8"]
+    md = render_outputs(rep)["comparison.md"].decode()
+    assert "| lora8 ⚠ | synthetic lora |" in md and "| full (top) |" in md
+    assert f"- **lora8**: {note}" in md and "not converged" in md
+    assert "not converged" not in render_outputs(_report(write_variants(tmp_path / "ok", VARIANTS)))[
+        "comparison.md"].decode()
 
 
 def test_best_ties_prefer_fewer_params():
     rows = [{"variant": "big", "accuracy": 0.9, "trainable_params": 100},
             {"variant": "small", "accuracy": 0.9, "trainable_params": 10}]
-    assert best_and_cheapest(rows, "accuracy", 0.0)["best"]["variant"] == "small"
+    assert pick_best(rows, "accuracy")["variant"] == "small"
+    with pytest.raises(DepthtuneError, match="not one of"):
+        best_and_cheapest(rows, "f2")
+
+
+# ----------------------------------------------------------------------------- eval records
+
+
+def test_eval_record_round_trip_and_an_old_file_refused_in_one_line(tmp_path):
+    doc = _eval("full", predictions(0.86, offset=7))
+    path = tmp_path / "full.json"
+    _write(path, doc)
+    rec = EvalRecord.read(path)
+    assert rec.predictions == predictions(0.86, offset=7) and rec.references == REFS and rec.n == N
+    assert rec.interval("accuracy") == tuple(rec.accuracy_ci) and rec.accuracy_ci[0] < 0.86 < rec.accuracy_ci[1]
+    assert rec.to_dict() == doc and doc["schema"] == "depthtune.eval/2"
+    old = {k: v for k, v in doc.items() if k not in ("predictions", "references", "accuracy_ci", "macro_f1_ci")}
+    _write(path, {**old, "schema": "depthtune.eval/1"})
+    with pytest.raises(DepthtuneError) as exc:
+        EvalRecord.read(path)
+    msg = str(exc.value)
+    assert "\n" not in msg and "depthtune.eval/1" in msg and "re-run its evaluation stage" in msg
+    _write(path, {**doc, "predictions": doc["predictions"][:-1]})
+    with pytest.raises(DepthtuneError, match="999 predictions and 1000 references for n=1000"):
+        EvalRecord.read(path)
+    _write(path, {**doc, "accuracy_ci": [0.8]})
+    with pytest.raises(DepthtuneError, match=r"`accuracy_ci` is \[0.8\], expected \[low, high\]"):
+        EvalRecord.read(path)
+
+
+def test_variants_scored_on_other_texts_are_refused(results_dir):
+    ev = results_dir / "metrics" / "eval" / "probe.json"
+    doc = json.loads(ev.read_text())
+    doc["references"] = doc["references"][1:] + doc["references"][:1]
+    ev.write_text(json.dumps(doc))
+    with pytest.raises(DepthtuneError, match=r"probe\.json: scored on other test texts than .*full\.json"):
+        _report(results_dir)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -215,13 +314,18 @@ def test_outputs(results_dir):
         assert len(out[name]) > 10_000, (name, len(out[name]))
 
     doc = json.loads(out["comparison.json"])
-    assert doc["schema"] == "depthtune.compare/1"
-    assert doc["variants"]["top2"] == {"accuracy": 0.855, "macro_f1": 0.851,
-                                       "trainable_params": 2 * LAYER + POOLER + HEAD, "train_time_s": 40.0}
+    assert doc["schema"] == "depthtune.compare/2" and doc["alpha"] == 0.05
+    top2 = doc["variants"]["top2"]
+    assert set(top2) == {"accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "macro_f1_ci_low",
+                         "macro_f1_ci_high", "p_vs_best", "trainable_params", "train_time_s"}
+    assert (top2["accuracy"], top2["trainable_params"], top2["train_time_s"]) == (0.855, 2 * LAYER + POOLER + HEAD, 40.0)
+    assert top2["accuracy_ci_low"] < 0.855 < top2["accuracy_ci_high"]
+    assert top2["p_vs_best"] == pytest.approx(2 / 32) and doc["variants"]["full"]["p_vs_best"] == 1.0
     assert list(doc["variants"]) == list(VARIANTS)
     assert all(isinstance(x, (int, float)) for v in doc["variants"].values() for x in v.values())
     assert doc["best"] == {"variant": "full", "accuracy": 0.86, "trainable_params": EMB + 6 * LAYER + POOLER + HEAD}
-    assert doc["cheapest"]["variant"] == "lora8"
+    assert doc["cheapest"]["variant"] == "top2"
+    assert doc["verdict"]["significant"] is False and doc["verdict"]["indistinguishable"] == ["top2"]
     assert doc["pareto"] == {FRONT_PARAMS: ["lora8", "top2", "full"], FRONT_TIME: ["probe", "top2", "full"]}
     assert [r["variant"] for r in doc["rows"]] == list(VARIANTS)
     assert doc["rows"][2]["pareto_params"] is True and doc["rows"][2]["depth"] == 6
@@ -231,15 +335,17 @@ def test_outputs(results_dir):
 
     md = out["comparison.md"].decode()
     assert md.startswith("# Variant comparison")
-    assert "| top2 | synthetic top2 | 6 | 3,697,538 |" in md
-    assert "| full (best) |" in md and "| lora8 (cheapest) |" in md
+    assert "| top2 (cheapest) | synthetic top2 | 6 | 3,697,538 |" in md
+    assert "| full (top) |" in md and "| 0.8550 [" in md and "| 0.06 |" in md  # metric [CI], p vs best
     assert "lora8 (0.8500, 74.5k params) → top2" in md
     assert "## Trainable parameters per layer" in md and "| layer.5 | 1,774,464 | — |" in md
 
     rows = list(csv.DictReader(io.StringIO(out["variants.csv"].decode())))
     assert [r["variant"] for r in rows] == list(VARIANTS)
-    assert rows[1] == {"variant": "depth3", "depth": "3", "trainable_params": str(EMB + 3 * LAYER + POOLER + HEAD),
-                       "accuracy": "0.84", "macro_f1": "0.839", "train_time_s": "60"}
+    assert {k: rows[1][k] for k in ("variant", "depth", "trainable_params", "accuracy", "train_time_s")} == {
+        "variant": "depth3", "depth": "3", "trainable_params": str(EMB + 3 * LAYER + POOLER + HEAD),
+        "accuracy": "0.84", "train_time_s": "60"}
+    assert float(rows[1]["accuracy_ci_low"]) < 0.84 < float(rows[1]["accuracy_ci_high"])
     assert comparison_json(_report(results_dir))["tolerance"] == 0.01
 
 

@@ -19,7 +19,8 @@ import pytest
 from depthtune.config import RegistryConfig, TrackingConfig
 from depthtune.errors import DepthtuneError
 from depthtune.records import AuditRecord, TrainRecord
-from tests.tracking.test_tracking import eval_result, make_model, train_result  # one builder each
+from tests.tracking.test_promotion_steps import eval_record  # one builder each
+from tests.tracking.test_tracking import make_model, train_result
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -54,7 +55,7 @@ def train_variant(root: Path, cfg: TrackingConfig, variant: str, favour: int, ac
                                         train_result=TrainRecord.from_dict(train), model_dir=model_dir,
                                         params_flat={"variant": variant}, resolved_config={}, run_id=run_id, root=root)
     assert rec["logged"], rec
-    ev = eval_result(variant, accuracy, labels)
+    ev = eval_record(variant, accuracy, labels)
     for sub, obj in (("audit", audit), ("metrics/train", train), ("metrics/eval", ev)):
         (root / sub).mkdir(parents=True, exist_ok=True)
         (root / sub / f"{variant}.json").write_text(json.dumps(obj))
@@ -83,7 +84,7 @@ def test_refusals_without_a_store(tmp_path):
     with pytest.raises(DepthtuneError, match="no candidate metrics"):
         promote(reg, TrackingConfig(), root=tmp_path)
     (tmp_path / "metrics" / "eval").mkdir(parents=True)
-    ev = eval_result("full")
+    ev = eval_record("full")
     del ev["accuracy"]
     (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps(ev))
     with pytest.raises(DepthtuneError, match="full.json: missing `accuracy`"):
@@ -118,17 +119,22 @@ def test_champion_challenger_promotion(env, monkeypatch, capsys):
     assert rep2["champion_before"]["version"] == "1" and rep2["champion_before"]["variant"] == "r1"
     assert rep2["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.7)
     assert rep2["aliases_after"] == {"champion": "1", "challenger": "2"}
-    assert "< min_delta" in rep2["reason"]
+    assert "-0.4000, McNemar p=" in rep2["reason"] and rep2["reason"].endswith("not better")
+    # all 10 texts discordant, 7 for the champion: p = 2 P(Bin(10, 1/2) <= 3) = 2 * 176 / 1024
+    assert rep2["paired_test"] == {"test": "McNemar", "p_value": pytest.approx(352 / 1024), "alpha": 0.05}
 
-    # run 3: the data changed (2 fresh / 8 rotten); r3 always says rotten -> 0.8, and v1 RE-SCORED now -> 0.2
+    # run 3: the data changed (2 fresh / 18 rotten); r3 always says rotten -> 0.9, and v1 RE-SCORED now -> 0.1;
+    # the 20 texts all discordant, 18 for r3: McNemar p = 2 (1 + 20 + 190) / 2^20 = 0.0004 < alpha
     monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "run-3")
-    write_test_data(root, n_fresh=2, n_rotten=8)
-    train_variant(root, cfg, "r3", ROTTEN, 0.8, seed=3)
+    write_test_data(root, n_fresh=2, n_rotten=18)
+    train_variant(root, cfg, "r3", ROTTEN, 0.9, seed=3)
     only_variant(root, "r3")
     rep3 = promote(reg, cfg, root=root)
     assert rep3["decision"] == "promoted", rep3
     assert rep3["champion_before"]["version"] == "1"
-    assert rep3["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.2)  # not its old 0.7
+    assert rep3["champion_before"]["rescored"]["accuracy"] == pytest.approx(0.1)  # not its old 0.7
+    assert rep3["paired_test"]["p_value"] == pytest.approx(2 * 211 / 2 ** 20)
+    assert "significantly better at alpha 0.05" in rep3["reason"]
     assert rep3["aliases_after"] == {"champion": "3", "challenger": "2"}
 
     # the DVC stage, again with nothing new: the same version is reused, nothing moves
@@ -222,7 +228,7 @@ def test_unreachable_store_is_refused(tmp_path):
         port = s.getsockname()[1]
     write_test_data(tmp_path, 5, 5)
     (tmp_path / "metrics" / "eval").mkdir(parents=True)
-    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps(eval_result("full", 0.9)))
+    (tmp_path / "metrics" / "eval" / "full.json").write_text(json.dumps(eval_record("full", 0.9)))
     (tmp_path / "metrics" / "train").mkdir(parents=True)
     train = train_result("full", {"total_params": 2000, "trainable_params": 2000}, run_id="x")
     (tmp_path / "metrics" / "train" / "full.json").write_text(json.dumps(train))
@@ -241,32 +247,33 @@ WORKER = textwrap.dedent("""
     while not Path(go).exists():
         time.sleep(0.05)
     cfg = TrackingConfig(uri=uri, artifact_root=art, experiment="reg")
-    rep = promote(RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.2), cfg, root=Path(root))
+    rep = promote(RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.05), cfg, root=Path(root))
     print("REPORT " + json.dumps({"decision": rep["decision"], "version": rep["candidate"]["version"]}))
 """)
 
 
 def test_two_concurrent_promotions_stay_consistent(env, monkeypatch):
-    """Champion v1 (0.4); two candidates (0.6 each) promote at once from two processes.
+    """Champion v1 (0.1); two candidates (0.9 each, significantly better: McNemar p = 0.02) promote
+    at once from two processes.
 
-    Serialised, the first is promoted and the second, now compared with it (0.6 vs 0.6),
+    Serialised, the first is promoted and the second, now compared with it (0.9 vs 0.9),
     becomes challenger. Unserialised, both would read v1 and both claim the champion.
     """
     from depthtune.registry import promote, registry_state
 
     tmp, cfg = env
-    reg = RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.2)
+    reg = RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.05)
     base = tmp / "race0"
     monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "race-0")
-    write_test_data(base, n_fresh=4, n_rotten=6)
-    train_variant(base, cfg, "c0", FRESH, 0.4)
+    write_test_data(base, n_fresh=1, n_rotten=9)
+    train_variant(base, cfg, "c0", FRESH, 0.1)
     assert promote(reg, cfg, root=base)["decision"] == "promoted"
     roots = []
     for i in (1, 2):
         root = tmp / f"race{i}"
         monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", f"race-{i}")
-        write_test_data(root, n_fresh=4, n_rotten=6)
-        train_variant(root, cfg, f"c{i}", ROTTEN, 0.6, seed=i)
+        write_test_data(root, n_fresh=1, n_rotten=9)
+        train_variant(root, cfg, f"c{i}", ROTTEN, 0.9, seed=i)
         roots.append(root)
     go = tmp / "go"
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(r), cfg.uri, cfg.artifact_root, str(go)],
