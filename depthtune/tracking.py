@@ -239,6 +239,9 @@ def evaluation_metrics(ev: EvalRecord) -> dict:
     for k, v in ev.latency_ms.items():
         m[f"latency_ms.{k}"] = v
     m["throughput_per_s"] = ev.throughput_per_s
+    for name in ("accuracy", "macro_f1"):  # the 95% bootstrap interval over test texts
+        low, high = getattr(ev, f"{name}_ci")
+        m[f"{ev.split}.{name}_ci_low"], m[f"{ev.split}.{name}_ci_high"] = low, high
     return {k: v for k, v in m.items() if _finite(v)}
 
 

@@ -87,12 +87,16 @@ def train_result(variant: str, audit: dict, run_id=None, steps: int = 6) -> dict
 
 
 def eval_result(variant: str, accuracy: float = 0.7, labels=("rotten", "fresh")) -> dict:
-    return {"schema": "depthtune.eval/1", "variant": variant, "split": "test", "n": 10, "labels": list(labels),
-            "device": "cpu", "accuracy": accuracy, "macro_f1": accuracy - 0.1, "macro_precision": 0.6,
+    n = 10
+    refs = [i % len(labels) for i in range(n)]
+    preds = [r if i < round(accuracy * n) else (r + 1) % len(labels) for i, r in enumerate(refs)]
+    return {"schema": EvalRecord.SCHEMA, "variant": variant, "split": "test", "n": n, "labels": list(labels),
+            "device": "cpu", "accuracy": accuracy, "macro_f1": accuracy - 0.1, "accuracy_ci": [accuracy - 0.2, accuracy],
+            "macro_f1_ci": [accuracy - 0.3, accuracy - 0.1], "macro_precision": 0.6,
             "macro_recall": 0.6, "per_class": {n: {"precision": 0.6, "recall": 0.6, "f1": 0.6, "support": 5}
                                                for n in labels},
             "confusion_matrix": [[3, 2], [1, 4]], "latency_ms": {"p50": 1.5, "p95": 2.5},
-            "throughput_per_s": 300.0, "versions": {}, "git_sha": None}
+            "throughput_per_s": 300.0, "predictions": preds, "references": refs, "versions": {}, "git_sha": None}
 
 
 def store(tmp_path: Path, experiment: str = "t") -> TrackingConfig:
