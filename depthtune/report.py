@@ -284,7 +284,8 @@ def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list)
                            f"reaching {_fmt_metric(best[m] - tol)}, not significantly worse).")
     factor = best["trainable_params"] / cheap["trainable_params"] if cheap["trainable_params"] else math.inf
     return sentence + (f"Cheapest within {tol:g} of it: **{cheap['variant']}** ({_fmt_metric(cheap[m])}, "
-                       f"95% CI {_fmt_ci(cheap[f'{m}_ci'])}, {best[m] - cheap[m]:.4f} behind, "
+                       f"95% CI {_fmt_ci(cheap[f'{m}_ci'])} reaching {_fmt_metric(best[m] - tol)}, "
+                       f"{best[m] - cheap[m]:.4f} behind, not significantly worse: "
                        f"p={_fmt_p(cheap['p_vs_best'])}, {cheap['trainable_params']:,} trainable params, "
                        f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
 
