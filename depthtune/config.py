@@ -135,6 +135,27 @@ class VariantSpec:
 
 
 @dataclass(frozen=True)
+class LrSearch:
+    """train.lr_search: choose each variant's learning rate on the validation split before training.
+
+    Candidates are the variant's own lr (its sensible default) times each factor: a log-spaced grid
+    around it. Each trains `steps` optimizer steps from the same initial weights, seed and batches,
+    and the best validation metric wins (ties: the smaller lr). Cost ~ len(factors) * steps steps.
+    """
+    enabled: bool = _f(False)
+    factors: list = _f([0.25, 0.5, 1.0, 2.0, 4.0])
+    steps: int = _f(60, lo=1)
+
+    def __post_init__(self):
+        bad = [f for f in self.factors if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0]
+        if not self.factors or bad:
+            raise ConfigError(f"train.lr_search.factors: {list(self.factors)} must be a non-empty list of numbers "
+                              "> 0 (the configured lr is multiplied by each)")
+        if len(set(self.factors)) != len(self.factors):
+            raise ConfigError(f"train.lr_search.factors: {list(self.factors)} has duplicates")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     seed: int = _f(42, lo=0)
@@ -152,6 +173,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, lo=1)
     cache_frozen_prefix: bool = _f(True)
     num_threads: int = _f(0, lo=0)  # torch threads on the CPU; 0 = all cores
+    lr_search: LrSearch = field(default_factory=LrSearch)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 The finetune stage (stages/finetune.py) parses its paths and calls these in order:
 
     built, tokenizer = build_checked(params, name, audit, labels)     # the audit's counts, asserted
+    cfg, lr_search, caches = choose_lr(built, ...)                    # train.lr_search (off: cfg as is)
     outcome, peak = train_built(built, ...)                          # depthtune.training, memory measured
     record = train_record(...)                                        # metrics/train/<variant>.json
     save_model(built.model, tokenizer, out_dir, ...)                  # models/<variant>/ (LoRA merged)
@@ -13,6 +14,7 @@ process SIGKILL itself right after optimizer step N (before that step's checkpoi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,7 +26,9 @@ from typing import Callable, Optional
 from depthtune.config import Params, VariantSpec, to_dict
 from depthtune.errors import ConfigError, ModelError
 from depthtune.files import atomic_dir
+from depthtune.lr_search import search_lr
 from depthtune.records import AuditRecord, TrainRecord
+from depthtune.training import prefix_caches
 from depthtune.variants import BuiltVariant, build_variant, merge_lora
 
 FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
@@ -41,6 +45,26 @@ def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, s
     if built.config.num_labels != len(labels):
         raise ModelError(f"variants.{name}: model has {built.config.num_labels} labels, data has {len(labels)}")
     return built
+
+
+def choose_lr(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_ex, metric: str, device: str,
+              pad_id: int, num_labels: int, checkpoint_dir: Optional[Path], log: Callable[[str], None] = print):
+    """(cfg to train with, the search's result or None, the prefix caches or None) for train.lr_search.
+
+    Off: cfg unchanged, nothing run (training builds its caches itself, as it always has).
+    On: the frozen prefix is cached once for the search and the training after it; the search
+    leaves built.model at its initial weights, and cfg.lr becomes the chosen lr. A resume after a
+    kill runs the search again: it is cheap and deterministic (same weights, seed and batches), so
+    it chooses the same lr, and the checkpoint fingerprint (made from the returned cfg) matches.
+    """
+    if not cfg.lr_search.enabled:
+        return cfg, None, None
+    caches = prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, cfg, device=device, pad_id=pad_id,
+                           checkpoint_dir=checkpoint_dir, log=log)
+    result = search_lr(lambda: built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex,
+                       val_ex=val_ex, cfg=cfg, metric=metric, device=device, pad_id=pad_id, num_labels=num_labels,
+                       log=log, caches=caches)
+    return dataclasses.replace(cfg, lr=result["chosen_lr"]), result, caches
 
 
 def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
@@ -66,7 +90,7 @@ def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
 
 def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str, built: BuiltVariant, outcome,
                  wall_s: float, peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
-                 provenance: dict) -> TrainRecord:
+                 provenance: dict, lr_search: Optional[dict] = None) -> TrainRecord:
     """What training this variant did and cost; samples/s and tokens/s over the optimizer loop only."""
     est = audit.memory_estimate()
     per_s = (lambda n: n / outcome.train_time_s) if outcome.train_time_s else (lambda n: 0.0)
@@ -84,7 +108,7 @@ def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str,
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, estimated_memory_bytes=est,
         memory_ratio=peak_bytes / est if est else None, loss_curve=outcome.loss_curve,
         val_curve=outcome.val_curve, resumed_from_step=outcome.resumed_from_step, mlflow_run_id=run_id,
-        config=to_dict(cfg), versions=provenance["versions"], git_sha=provenance["git_sha"])
+        config=to_dict(cfg), lr_search=lr_search, versions=provenance["versions"], git_sha=provenance["git_sha"])
 
 
 def convergence_note(name: str, outcome, cfg, metric: str) -> str:
@@ -126,5 +150,9 @@ def flat_params(name: str, spec: VariantSpec, cfg, params: Params) -> dict:
     flat = {"variant": name, "model.source": params.model.source, "data.source": params.data.source,
             "data.max_train_samples": params.data.max_train_samples}
     flat.update({f"spec.{k}": v for k, v in to_dict(spec).items() if k != "train"})
-    flat.update({f"train.{k}": v for k, v in to_dict(cfg).items()})
+    for k, v in to_dict(cfg).items():  # train.lr = the lr trained with (the chosen one after a search)
+        if isinstance(v, dict):  # train.lr_search.enabled, .factors, .steps
+            flat.update({f"train.{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            flat[f"train.{k}"] = v
     return flat

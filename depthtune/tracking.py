@@ -223,6 +223,12 @@ def training_metrics(audit: AuditRecord, train: TrainRecord) -> tuple[dict, dict
               "train.lr": [(p["step"], p.get("lr")) for p in train.loss_curve if p.get("lr") is not None],
               "val.accuracy": [(p["step"], p.get("accuracy")) for p in train.val_curve],
               "val.macro_f1": [(p["step"], p.get("macro_f1")) for p in train.val_curve]}
+    if train.lr_search:  # one run, no nested runs: the candidates are series over candidate index (smallest lr first)
+        search = train.lr_search
+        key = f"val_{search['metric']}"
+        m["lr_search.chosen_lr"], m["lr_search.seconds"] = search["chosen_lr"], search["seconds"]
+        curves["lr_search.lr"] = [(i, c["lr"]) for i, c in enumerate(search["candidates"])]
+        curves[f"lr_search.{key}"] = [(i, c[key]) for i, c in enumerate(search["candidates"])]
     return {k: v for k, v in m.items() if _finite(v)}, curves
 
 
@@ -303,6 +309,9 @@ def log_variant_training(cfg: TrackingConfig, variant: str, *, audit_result: Aud
     steps.step("config_artifact", lambda: log_json_artifact(client, rid, resolved_config, "resolved_config.json",
                                                             "config"))
     steps.step("audit_artifact", lambda: log_json_artifact(client, rid, audit.to_dict(), f"{variant}.json", "audit"))
+    if train.lr_search:
+        steps.step("lr_search_artifact", lambda: log_json_artifact(client, rid, train.lr_search, "lr_search.json",
+                                                                   "train"))
     if log_model:
         model_fp = tree_fingerprint(model_dir)
         rec["model_uri"] = steps.step("model", lambda: _log_model_once(client, rid, model_dir, model_fp))

@@ -7,6 +7,7 @@ forward pass, and this loop with its state is ~400 lines (see bench/ for the mea
 
 The phases (torchtune-recipe style), each a function:
   setup()            device, mixed precision, frozen-prefix caches, optimizer, scheduler -> TrainSetup
+                     (prefix_caches() builds the caches; a caller may build them once and pass them in)
   start_or_resume()  a fresh TrainState, or the newest checkpoint's (weights, optimizer, RNG restored)
   run_epoch()        the optimizer steps of one epoch; batch_logits() is the one training forward pass
   validate()         validation scores, best-weights bookkeeping, early stopping
@@ -214,6 +215,7 @@ class TrainSetup:
     eval_batch_size: int
     log: Callable[[str], None]
     timer: LapTimer = field(default_factory=LapTimer)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's budget)
 
 
 def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
@@ -229,11 +231,33 @@ def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, 
     return cache, val_cache
 
 
+def prefix_caches(model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Examples, val_ex: Examples,
+                  cfg: TrainConfig, *, device: str, pad_id: int, checkpoint_dir: Optional[Path] = None,
+                  log: Callable[[str], None] = print) -> tuple[Optional[PrefixCache], Optional[PrefixCache]]:
+    """(train cache, validation cache) of a train_top variant's frozen prefix, or (None, None) when not cached.
+
+    The prefix is frozen, so its outputs depend on neither the learning rate nor the step: one pair
+    serves every lr-search candidate and the real training (setup(caches=...)).
+    """
+    model.to(device)
+    k = frozen_prefix_layers(spec, num_layers)
+    if not (cfg.cache_frozen_prefix and k > 0 and supports_split_forward(model)):
+        return None, None
+    rank, _ = dist_info()
+    return build_prefix_caches(model, train_ex, val_ex, k, device=device, pad_id=pad_id, rank=rank,
+                               checkpoint_dir=checkpoint_dir, log=log)
+
+
 def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Examples, val_ex: Examples,
           cfg: TrainConfig, metric: str, device: str, pad_id: int, num_labels: int,
           checkpoint_dir: Optional[Path] = None, log: Callable[[str], None] = print,
-          eval_batch_size: int = 64) -> TrainSetup:
-    """Device, mixed precision, frozen-prefix caches, optimizer and schedule for one training run."""
+          eval_batch_size: int = 64, caches: Optional[tuple] = None,
+          max_steps: Optional[int] = None) -> TrainSetup:
+    """Device, mixed precision, frozen-prefix caches, optimizer and schedule for one training run.
+
+    `caches`: a pair from prefix_caches() for this model's variant and data (built here when None).
+    `max_steps`: the run stops after that many optimizer steps, and the schedule spans them.
+    """
     model.to(device)
     rank, world = dist_info()
     if world > 1 and cfg.batch_size % world:
@@ -243,18 +267,23 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     k = frozen_prefix_layers(spec, num_layers)
-    caches = (None, None)
-    if cfg.cache_frozen_prefix and k > 0 and supports_split_forward(model):
-        caches = build_prefix_caches(model, train_ex, val_ex, k, device=device, pad_id=pad_id, rank=rank,
-                                     checkpoint_dir=checkpoint_dir, log=log)
-    batches_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total_steps = math.ceil(batches_per_epoch / cfg.grad_accum) * cfg.epochs
+    if caches is None:
+        caches = prefix_caches(model, spec, num_layers, train_ex, val_ex, cfg, device=device, pad_id=pad_id,
+                               checkpoint_dir=checkpoint_dir, log=log)
+    total_steps = steps_per_epoch(len(train_ex), cfg) * cfg.epochs
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     return TrainSetup(model=model, cfg=cfg, train_ex=train_ex, val_ex=val_ex, device=device, pad_id=pad_id,
                       autocast_dtype=torch.bfloat16 if device == "cuda" else None, rank=rank, world=world,
                       frozen=k, train_cache=caches[0], val_cache=caches[1], optimizer=optimizer,
                       scheduler=scheduler, total_steps=total_steps, checkpoint_dir=checkpoint_dir, metric=metric,
-                      num_labels=num_labels, eval_batch_size=eval_batch_size, log=log)
+                      num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps)
+
+
+def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps in one epoch: a step every grad_accum batches, and one at the epoch's end."""
+    return math.ceil(math.ceil(num_examples / cfg.batch_size) / cfg.grad_accum)
 
 
 def start_or_resume(run: TrainSetup, fingerprint: str,
@@ -341,7 +370,7 @@ def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
             stop = validate(run, state, best)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not last:  # last: train() saves
             save(run, state, best)
-        if stop:
+        if stop or (run.max_steps is not None and state.step >= run.max_steps):
             return True
     return False
 
@@ -349,13 +378,7 @@ def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
 def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     """Score the validation split, keep the best weights; True when early stopping should end training."""
     t0 = time.perf_counter()
-    if run.val_cache is not None:
-        logits = predict_cached(run.model, run.val_cache, run.frozen, len(run.val_ex), run.eval_batch_size,
-                                run.device, run.autocast_dtype)
-    else:
-        logits = predict_logits(run.model, run.val_ex, run.eval_batch_size, run.device, run.pad_id,
-                                run.autocast_dtype)
-    scores = quick_scores(logits.argmax(-1).tolist(), run.val_ex.labels, run.num_labels)
+    scores = score_validation(run)
     state.val_curve.append({"step": state.step, "epoch": state.epoch, **scores})
     run.log(f"  step {state.step:5d} epoch {state.epoch}: val accuracy {scores['accuracy']:.4f} "
             f"macro-F1 {scores['macro_f1']:.4f}")
@@ -368,6 +391,17 @@ def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     set_train_mode(run.model, run.frozen)
     state.eval_time_s += time.perf_counter() - t0
     return run.cfg.patience > 0 and state.bad_evals >= run.cfg.patience
+
+
+def score_validation(run: TrainSetup) -> dict:
+    """{accuracy, macro_f1} of the model on the validation split (from the cache when there is one)."""
+    if run.val_cache is not None:
+        logits = predict_cached(run.model, run.val_cache, run.frozen, len(run.val_ex), run.eval_batch_size,
+                                run.device, run.autocast_dtype)
+    else:
+        logits = predict_logits(run.model, run.val_ex, run.eval_batch_size, run.device, run.pad_id,
+                                run.autocast_dtype)
+    return quick_scores(logits.argmax(-1).tolist(), run.val_ex.labels, run.num_labels)
 
 
 def save(run: TrainSetup, state: TrainState, best: BestWeights) -> None:
@@ -386,12 +420,15 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
           cfg: TrainConfig, metric: str, device: str, pad_id: int, num_labels: int,
           checkpoint_dir: Optional[Path] = None, fingerprint: str = "", extra_meta: Optional[dict] = None,
           on_step: Optional[Callable[[int, int], None]] = None, log: Callable[[str], None] = print,
-          eval_batch_size: int = 64) -> TrainOutcome:
-    """Train in place; at the end the model holds the best validation checkpoint's weights."""
+          eval_batch_size: int = 64, caches: Optional[tuple] = None) -> TrainOutcome:
+    """Train in place; at the end the model holds the best validation checkpoint's weights.
+
+    `caches`: the frozen prefix's (train, validation) caches from prefix_caches(), when already built.
+    """
     seed_everything(cfg.seed)
     run = setup(model=model, spec=spec, num_layers=num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,
                 metric=metric, device=device, pad_id=pad_id, num_labels=num_labels, checkpoint_dir=checkpoint_dir,
-                log=log, eval_batch_size=eval_batch_size)
+                log=log, eval_batch_size=eval_batch_size, caches=caches)
     state, best, resumed = start_or_resume(run, fingerprint, extra_meta or {})
     set_train_mode(model, run.frozen)
     run.timer.lap()  # the clock starts here: caching the prefix and resuming are not training time

@@ -5,6 +5,8 @@
         [--metrics metrics/train/top2.json] [--loss-plot plots/loss/top2.csv]
 
 Reads params `model`, `variants.<variant>`, `train`, `evaluation.metric`, `tracking`.
+With `train.lr_search.enabled` the variant's learning rate is first chosen on the validation
+split (depthtune.lr_search: a few short runs, one line each) and training uses the chosen one.
 Writes the model folder (a standard Hugging Face folder, LoRA merged, true depth), the
 train record (depthtune.records.TrainRecord) and the loss curve CSV. Checkpoints go to
 checkpoints/<variant>/ while training (resumed after a kill) and are removed on success.
@@ -61,19 +63,25 @@ def main(argv=None) -> None:
         print(f"finetune {name}: {spec.describe()}, {built.trainable_params:,} of {built.total_params:,} "
               f"parameters trainable ({100 * built.trainable_params / built.total_params:.2f}%), device {device}")
         check_vocab(ds["train"], built.config.vocab_size, args.tokenized)
+        # train.lr_search: cfg.lr becomes the chosen lr before the fingerprint is made (a resume re-runs
+        # the deterministic search, gets the same lr and so the same fingerprint); off: cfg as is
+        cfg, lr_search, caches = finetuning.choose_lr(
+            built, spec=spec, cfg=cfg, train_ex=train_ex, val_ex=val_ex, metric=params.evaluation.metric,
+            device=device, pad_id=pad_id, num_labels=len(labels), checkpoint_dir=ck_dir, log=print)
         fingerprint = fingerprint_of(name, to_dict(spec), to_dict(cfg), params.model.source,
                                      tree_fingerprint(args.tokenized / "train"), labels)
         outcome = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
                         cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
                         num_labels=len(labels), checkpoint_dir=ck_dir, fingerprint=fingerprint,
                         extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name),
-                        log=print)  # print as it is now: inside a Prefect task it also goes to the run's log
+                        log=print, caches=caches)  # print: inside a Prefect task it also goes to the run's log
     if rank != 0:
         return  # only rank 0 writes outputs
     record = finetuning.train_record(name=name, spec=spec, cfg=cfg, metric=params.evaluation.metric, device=device,
                                      built=built, outcome=outcome,
                                      wall_s=time.perf_counter() - t_wall, peak_bytes=mem.peak_growth,
-                                     peak_kind=mem.kind, audit=audit, run_id=run_id, provenance=provenance())
+                                     peak_kind=mem.kind, audit=audit, run_id=run_id, provenance=provenance(),
+                                     lr_search=lr_search)
     finetuning.save_model(built.model, tokenizer, args.model, variant=name, spec=spec, labels=labels, audit=audit,
                           base=params.model.source)
     write_text_atomic(args.loss_plot, finetuning.loss_csv(outcome.loss_curve))
