@@ -81,7 +81,7 @@ def search_lr(build_model: Callable[[], nn.Module], *, spec: VariantSpec, num_la
     candidate and at the end, so the caller may train the same model object next and get exactly
     what a fresh one would give. `caches`: the frozen prefix's pair from training.prefix_caches()
     (built here when None). Returns {"metric", "candidates": [{"lr", "val_<metric>", "steps",
-    "seconds"}] (smallest lr first), "chosen_lr", "seconds"}.
+    "seconds"}] (smallest lr first), "chosen_lr", "at_edge" (the smallest or largest won), "seconds"}.
     """
     t0 = time.perf_counter()
     model = build_model()
@@ -102,7 +102,11 @@ def search_lr(build_model: Callable[[], nn.Module], *, spec: VariantSpec, num_la
     load_trainable_state(model, initial)  # back to where every candidate started: the caller trains it next
     model.eval()
     chosen = pick_lr(candidates, key)
+    # the smallest or largest candidate won: the best lr may lie outside the grid
+    at_edge = len(candidates) > 1 and chosen in (candidates[0]["lr"], candidates[-1]["lr"])
     seconds = time.perf_counter() - t0
     log(f"lr search: chose lr {chosen:.3g} of {len(candidates)} candidates (configured {cfg.lr:.3g}) "
-        f"on validation {metric} in {seconds:.1f} s")
-    return {"metric": metric, "candidates": candidates, "chosen_lr": chosen, "seconds": round(seconds, 3)}
+        f"on validation {metric} in {seconds:.1f} s"
+        + ("; it is at the edge of the grid: consider wider train.lr_search.factors" if at_edge else ""))
+    return {"metric": metric, "candidates": candidates, "chosen_lr": chosen, "at_edge": at_edge,
+            "seconds": round(seconds, 3)}

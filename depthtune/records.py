@@ -252,7 +252,7 @@ class TrainRecord(VariantResult):
     resumed_from_step: Optional[int] = None
     mlflow_run_id: Optional[str] = None
     config: dict = field(default_factory=dict)  # the effective train config
-    # train.lr_search's result: {metric, candidates: [{lr, val_<metric>, steps, seconds}], chosen_lr, seconds};
+    # train.lr_search's result: {metric, candidates: [{lr, val_<metric>, steps, seconds}], chosen_lr, at_edge, seconds};
     # None when the search is off (config.lr is then the configured lr, else the chosen one)
     lr_search: Optional[dict] = None
 

@@ -80,6 +80,7 @@ def test_search_has_one_candidate_per_factor_is_deterministic_and_leaves_the_mod
     assert first["metric"] == "accuracy" and first["chosen_lr"] in [c["lr"] for c in first["candidates"]]
     best = max(c["val_accuracy"] for c in first["candidates"])
     assert first["chosen_lr"] == min(c["lr"] for c in first["candidates"] if c["val_accuracy"] == best)
+    assert first["at_edge"] == (first["chosen_lr"] in (2.5e-4, 4e-3))
     # the model is back at its initial weights: the caller's training starts where a fresh model would
     assert all(torch.equal(initial[n], p) for n, p in built.model.named_parameters())
     assert without_seconds(search(spec, built, data)) == without_seconds(first)
