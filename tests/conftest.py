@@ -43,6 +43,18 @@ def tokenizer():
     return load_tokenizer(ModelConfig())
 
 
+@pytest.fixture(scope="module")
+def data(shared_data, tokenizer):
+    """(96 training, 32 validation) SST-2 phrases as tokenized Examples: the tiny training tests' data."""
+    from depthtune.batching import Examples
+
+    def make(n, offset):
+        texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", n, offset)
+        enc = tokenizer(texts, truncation=True, max_length=48)
+        return Examples(input_ids=enc["input_ids"], labels=labels, token_type_ids=enc["token_type_ids"])
+    return make(96, 0), make(32, 5000)
+
+
 def read_sst2(path: Path, n: int, offset: int = 0) -> tuple[list[str], list[int]]:
     texts, labels = [], []
     with open(path, encoding="utf-8") as fh:

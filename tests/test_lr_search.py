@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from depthtune import training
-from depthtune.batching import Examples, predict_logits
+from depthtune.batching import predict_logits
 from depthtune.errors import ConfigError
 from depthtune.config import LrSearch, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.lr_search import candidate_lrs, pick_lr, search_lr, train_candidate
@@ -22,22 +22,13 @@ from depthtune.prefix_cache import PrefixCache
 from depthtune.records import AuditRecord, TrainRecord
 from depthtune.tracking import training_metrics
 from depthtune.variants import build_variant
-from tests.conftest import TINY_ARCH, read_sst2, tiny_params
+from tests.conftest import TINY_ARCH, tiny_params
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
 # 96 texts / batch 8 = 12 steps an epoch; 5 candidates x 6 steps
 CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=0, seed=7,
                   lr_search=LrSearch(enabled=True, steps=6))
 QUIET = dict(metric="accuracy", device="cpu", pad_id=0, num_labels=2, log=lambda s: None)
-
-
-@pytest.fixture(scope="module")
-def data(shared_data, tokenizer):
-    def make(n, offset):
-        texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", n, offset)
-        enc = tokenizer(texts, truncation=True, max_length=48)
-        return Examples(input_ids=enc["input_ids"], labels=labels, token_type_ids=enc["token_type_ids"])
-    return make(96, 0), make(32, 5000)
 
 
 def build(raw: dict):

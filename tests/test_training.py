@@ -11,14 +11,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depthtune.batching import Examples, collate, length_grouped_batches, predict_logits
+from depthtune.batching import collate, length_grouped_batches, predict_logits
 from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.errors import ModelError
 from depthtune.prefix_cache import PrefixCache, frozen_prefix_layers, set_train_mode, top_forward
 from depthtune.training import TrainState, batch_logits, setup, train
 from depthtune.variants import build_variant
-from tests.conftest import TINY_ARCH, read_sst2
+from tests.conftest import TINY_ARCH
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
 CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7)
@@ -31,15 +31,6 @@ VARIANTS = {
     "lora": {"lora": {"r": 4, "alpha": 8, "targets": ["query", "value"], "layers": [2, 3]}},
     "bitfit": {"bitfit": True},
 }
-
-
-@pytest.fixture(scope="module")
-def data(shared_data, tokenizer):
-    def make(n, offset):
-        texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", n, offset)
-        enc = tokenizer(texts, truncation=True, max_length=48)
-        return Examples(input_ids=enc["input_ids"], labels=labels, token_type_ids=enc["token_type_ids"])
-    return make(96, 0), make(32, 5000)
 
 
 def build(name):
