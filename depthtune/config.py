@@ -140,7 +140,7 @@ class LrSearch:
 
     Candidates are the variant's own lr (its sensible default) times each factor: a log-spaced grid
     around it. Each trains `steps` optimizer steps from the same initial weights, seed and batches,
-    and the best validation metric wins (ties: the smaller lr). Cost ~ len(factors) * steps steps.
+    and the best validation metric wins (ties: the configured lr, else the smaller). Cost ~ len(factors) * steps steps.
     """
     enabled: bool = _f(False)
     factors: list = _f([0.25, 0.5, 1.0, 2.0, 4.0])

@@ -56,10 +56,15 @@ def test_config_defaults_and_bad_factors_are_one_line_errors():
     assert candidate_lrs(8e-5, [4.0, 0.25, 1.0]) == [2e-05, 8e-05, 3.2e-04]
 
 
-def test_ties_go_to_the_smaller_lr():
+def test_ties_go_to_the_configured_lr_then_the_smaller():
     cands = [{"lr": 4e-3, "val_accuracy": 0.8}, {"lr": 1e-3, "val_accuracy": 0.8}, {"lr": 2e-3, "val_accuracy": 0.7}]
     assert pick_lr(cands, "val_accuracy") == 1e-3
-    assert pick_lr(cands + [{"lr": 8e-3, "val_accuracy": 0.81}], "val_accuracy") == 8e-3
+    assert pick_lr(cands, "val_accuracy", configured=4e-3) == 4e-3  # tied with the best: keep the default
+    assert pick_lr(cands, "val_accuracy", configured=2e-3) == 1e-3  # the default lost: the smaller tied one
+    assert pick_lr(cands + [{"lr": 8e-3, "val_accuracy": 0.81}], "val_accuracy", configured=1e-3) == 8e-3
+    # every candidate at the majority class (what 60 steps gave depth3 on the default data)
+    flat = [{"lr": lr, "val_accuracy": 0.578} for lr in (2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4)]
+    assert pick_lr(flat, "val_accuracy", configured=8e-5) == 8e-5
 
 
 def test_search_has_one_candidate_per_factor_is_deterministic_and_leaves_the_model_as_built(data):
@@ -70,7 +75,8 @@ def test_search_has_one_candidate_per_factor_is_deterministic_and_leaves_the_mod
     assert all(c["steps"] == 6 and c["seconds"] > 0 and 0 <= c["val_accuracy"] <= 1 for c in first["candidates"])
     assert first["metric"] == "accuracy" and first["chosen_lr"] in [c["lr"] for c in first["candidates"]]
     best = max(c["val_accuracy"] for c in first["candidates"])
-    assert first["chosen_lr"] == min(c["lr"] for c in first["candidates"] if c["val_accuracy"] == best)
+    tied = [c["lr"] for c in first["candidates"] if c["val_accuracy"] == best]
+    assert first["chosen_lr"] == (CFG.lr if CFG.lr in tied else min(tied))  # ties: the configured lr first
     assert first["at_edge"] == (first["chosen_lr"] in (2.5e-4, 4e-3))
     # the model is back at its initial weights: the caller's training starts where a fresh model would
     assert all(torch.equal(initial[n], p) for n, p in built.model.named_parameters())
