@@ -17,9 +17,8 @@ from torch import nn
 
 from depthtune.config import ModelConfig, Params, VariantSpec, to_dict
 from depthtune.errors import DepthtuneError
-from depthtune.files import read_json
 from depthtune.layer_order import ordered_layer_names
-from depthtune.records import AuditRecord, LabelSet
+from depthtune.records import AuditRecord, LabelSet, TokenReport
 from depthtune.variants import (BuiltVariant, build_variant, classify_param, coarse_bucket, load_base_config,
                                 num_layers_of)
 
@@ -308,13 +307,8 @@ def read_token_stats(report_path: Path) -> tuple[Optional[int], int]:
     the token count the size of the frozen-prefix cache."""
     if not report_path.exists():
         return None, 0
-    splits = read_json(report_path).get("splits", {})
-    try:
-        p95 = int(splits["train"]["p95"])
-    except (KeyError, TypeError, ValueError):
-        p95 = None
-    tokens = sum(int(splits.get(s, {}).get("tokens", 0)) for s in ("train", "validation"))
-    return p95, tokens
+    report = TokenReport.read(report_path)
+    return report.p95("train"), report.tokens("train", "validation")
 
 
 # ----------------------------------------------------------------------------- summary

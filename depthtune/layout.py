@@ -40,10 +40,8 @@ def prepared_split(split: str) -> str:
 
 
 LABELS = f"{PREPARED}/labels.json"
-PREPARED_REPORT = f"{PREPARED}/report.json"
 TOKEN_REPORT = f"{TOKENIZED}/report.json"
 AUDIT_SUMMARY = f"{AUDIT}/summary.md"
-COMPARISON_JSON = f"{REPORTS}/comparison.json"
 PROMOTION = f"{REPORTS}/promotion.json"
 REPORT_FILES = ("comparison.md", "comparison.json", "variants.csv", "pareto.png", "depth.png")
 
@@ -90,11 +88,6 @@ def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:
 
 STAGES = ("prepare", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 PER_VARIANT = ("finetune", "evaluation")
-
-
-def resolve(path: str | Path, root: str | Path | None = None) -> Path:
-    """A layout path under `root` (default: the current directory, where DVC runs the stage)."""
-    return Path(root) / path if root is not None else Path(path)
 
 
 def parse_stage_args(stage: str, argv: list | None, description: str | None = None):

@@ -8,6 +8,7 @@ describes the files; changing a field means changing it here.
 
     LabelSet          data/prepared/labels.json           {"names": [...]}
     PreparedExample   data/prepared/<split>.jsonl         {"text": str, "label": int id} a line
+    TokenReport       data/tokenized/report.json          token-length stats per split
     AuditRecord       audit/<variant>.json                depthtune.audit/1
     TrainRecord       metrics/train/<variant>.json        depthtune.train/1
     EvalRecord        metrics/eval/<variant>.json         depthtune.eval/2
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from depthtune.errors import DataError, DepthtuneError
-from depthtune.files import read_json, write_json_atomic, write_text_atomic
+from depthtune.files import read_json, write_json_atomic
 
 # ----------------------------------------------------------------------------- validation
 
@@ -170,8 +171,24 @@ def prepared_split_text(rows: list[PreparedExample]) -> str:
     return "".join(r.to_json() + "\n" for r in rows)
 
 
-def write_prepared_split(path: str | Path, rows: list[PreparedExample]) -> None:
-    write_text_atomic(path, prepared_split_text(rows))
+@dataclass(kw_only=True)
+class TokenReport(Record):
+    """data/tokenized/report.json: the tokenizer, max_length and token-length stats per split."""
+    WRITER: ClassVar[str] = "the tokenization stage"
+    splits: dict  # {split: {rows, tokens, p50, p95, max, fraction_truncated, ...}}
+    report_version: int = 1
+    max_length: int = 0
+    labels: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+    def p95(self, split: str) -> Optional[int]:
+        """The split's 95th-percentile token length (the typical batch shape), None when not recorded."""
+        value = self.splits.get(split, {}).get("p95")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def tokens(self, *splits: str) -> int:
+        """Real (non-pad) tokens in these splits."""
+        return sum(int(self.splits.get(s, {}).get("tokens", 0)) for s in splits)
 
 
 # ----------------------------------------------------------------------------- per-variant results

@@ -38,7 +38,6 @@ from depthtune.records import AuditRecord, EvalRecord, TrainRecord
 from depthtune.redaction import REDACTED, describe_error, is_secret_key, redact, redact_text, safe_uri
 
 MAX_PARAMS = 100  # the rest of the config is in the config/resolved_config.json artifact
-CURVE_KEYS = ("train.loss", "train.lr", "val.accuracy", "val.macro_f1")
 
 # ----------------------------------------------------------------------------- failures: warn once, keep a record
 
