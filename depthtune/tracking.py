@@ -8,12 +8,12 @@ Called from the stages:
   run_id = variant_run_id(cfg, variant, resume_run_id=...)              # finetune, before training
   rec = log_variant_training(cfg, variant, audit_result=AuditRecord, train_result=TrainRecord,
                              model_dir=..., params_flat=..., resolved_config=..., run_id=run_id)
-  rec = log_variant_evaluation(cfg, variant, eval_result=EvalRecord, confusion_csv_path=..., run_id=...)
+  rec = log_variant_evaluation(cfg, variant, eval_result=EvalRecord, run_id=...)   # compare, every variant
 
 Logging never loses outputs: when the store is down, every function warns ONCE on
 stderr and returns a record of what was not logged ({enabled, logged, run_id,
-tracking_uri, not_logged, errors, ...}); the stage keeps it in its result JSON and
-carries on. Secrets never reach MLflow: params, tags, artifacts and error messages
+tracking_uri, not_logged, errors, ...}); finetune keeps it in its train record, compare
+counts it in its log, and both carry on. Secrets never reach MLflow: params, tags, artifacts and error messages
 pass through depthtune.redaction.
 """
 from __future__ import annotations
