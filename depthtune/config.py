@@ -136,15 +136,15 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class LrSearch:
-    """train.lr_search: choose each variant's learning rate on the validation split before training.
+    """train.lr_search: choose each variant's learning rate on the validation split, by successive halving.
 
-    Candidates are the variant's own lr (its sensible default) times each factor: a log-spaced grid
-    around it. Each trains `steps` optimizer steps from the same initial weights, seed and batches,
-    and the best validation metric wins (ties: the configured lr, else the smaller). Cost ~ len(factors) * steps steps.
+    Candidates are the variant's own lr (its kind's default, or as set) times each factor: a log-spaced
+    grid around it. All train from the same weights, seed and batches to evaluation `first_rung`; the best
+    third goes on to evaluation 3 x first_rung, and so on; the last one left trains on (depthtune.lr_search).
     """
     enabled: bool = _f(False)
     factors: list = _f([0.25, 0.5, 1.0, 2.0, 4.0])
-    steps: int = _f(60, lo=1)
+    first_rung: int = _f(1, lo=1)  # evaluations every candidate trains before the first cut
 
     def __post_init__(self):
         bad = [f for f in self.factors if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0]
@@ -159,16 +159,17 @@ class LrSearch:
 class TrainConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     seed: int = _f(42, lo=0)
-    epochs: int = _f(2, lo=1, hi=1000)
+    epochs: int = _f(8, lo=1, hi=1000)  # a maximum: early stopping (patience) usually ends the run first
     batch_size: int = _f(16, lo=1)
     grad_accum: int = _f(1, lo=1)
     max_length: int = _f(128, lo=8, hi=8192)
-    lr: float = _f(8e-5, lo=0.0, hi=1.0, lo_open=True)
+    lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)  # None = by variant kind (DEFAULT_LR)
     weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
     warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
     max_grad_norm: float = _f(1.0, lo=0.0)
-    eval_every: int = _f(0, lo=0)  # optimizer steps between evaluations; 0 = each epoch
-    patience: int = _f(0, lo=0)  # evaluations without improvement before stopping; 0 = never
+    eval_every: int = _f(0, lo=0)  # optimizer steps between evaluations; 0 = evals_per_epoch an epoch
+    evals_per_epoch: int = _f(2, lo=1, hi=1000)  # evenly spaced, the last at the epoch's end
+    patience: int = _f(2, lo=0)  # evaluations without improvement before stopping; 0 = never
     checkpoint_every: int = _f(100, lo=0)  # optimizer steps; 0 = epoch ends only
     keep_checkpoints: int = _f(2, lo=1)
     cache_frozen_prefix: bool = _f(True)
@@ -422,10 +423,36 @@ def to_dict(obj) -> Any:
     return obj
 
 
+# The learning rate of each variant kind when neither variants.<v>.train.lr nor train.lr is set: AdamW,
+# batch 16, linear warmup and decay. The fewer and the newer the trained parameters, the higher:
+# - full / depth k: 8e-5. Every pretrained weight moves; BERT-family fine-tuning works at 2e-5..1e-4
+#   and MiniLM-L6 (small, 384 wide) at the upper end (measured: 8e-5 beat 3e-5 and 2e-4 on Rotten Tomatoes).
+# - train_top t >= 1: 2e-4. Only the top layers and the head move; the frozen bottom needs no protection.
+# - probe (train_top 0): 2e-3. Only the pooler and a freshly initialised head: a convex-ish problem.
+# - LoRA: 1e-3. The adapters start at zero (B = 0) and scale by alpha / r; 1e-4 barely moves them.
+# - BitFit: 1e-3. Biases only (Zaken et al. 2022 use 1e-4..1e-3 on BERT-base; small models want the top).
+# - scratch: 5e-4. Random weights: no pretrained features to protect; a small BERT's pretraining lr.
+DEFAULT_LR = {"full": 8e-5, "top": 2e-4, "probe": 2e-3, "lora": 1e-3, "bitfit": 1e-3, "scratch": 5e-4}
+
+
+def variant_kind(spec: VariantSpec) -> str:
+    """The key of DEFAULT_LR that describes the variant: what it trains decides, not its depth."""
+    if spec.init == "scratch":
+        return "scratch"
+    if spec.lora is not None:
+        return "lora"
+    if spec.bitfit:
+        return "bitfit"
+    if spec.train_top is not None:
+        return "probe" if spec.train_top == 0 else "top"
+    return "full"
+
+
 def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
-    """The train section with the variant's overrides applied."""
+    """The train section with the variant's overrides applied; lr: the variant's, train.lr, else its kind's."""
     overrides = {k: v for k, v in to_dict(variant.train).items() if v is not None}
-    return dataclasses.replace(params.train, **overrides)
+    cfg = dataclasses.replace(params.train, **overrides)
+    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=DEFAULT_LR[variant_kind(variant)])
 
 
 def variant_of(params: Params, name: str) -> VariantSpec:

@@ -2,9 +2,8 @@
 
 The finetune stage (stages/finetune.py) parses its paths and calls these in order:
 
-    built, tokenizer = build_checked(params, name, audit, labels)     # the audit's counts, asserted
-    cfg, lr_search, caches = choose_lr(built, ...)                    # train.lr_search (off: cfg as is)
-    outcome, peak = train_built(built, ...)                          # depthtune.training, memory measured
+    built = build_checked(params, name, audit, labels)                # the audit's counts, asserted
+    outcome, cfg, lr_search = train_variant(built, ...)               # train.lr_search or plain training
     record = train_record(...)                                        # metrics/train/<variant>.json
     save_model(built.model, tokenizer, out_dir, ...)                  # models/<variant>/ (LoRA merged)
 
@@ -26,9 +25,10 @@ from typing import Callable, Optional
 from depthtune.config import Params, VariantSpec, to_dict
 from depthtune.errors import ConfigError, ModelError
 from depthtune.files import atomic_dir
-from depthtune.lr_search import search_lr
+from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
+from depthtune.lr_search import search_and_train
 from depthtune.records import AuditRecord, TrainRecord
-from depthtune.training import prefix_caches
+from depthtune.training import prefix_caches, train
 from depthtune.variants import BuiltVariant, build_variant, merge_lora
 
 FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
@@ -47,24 +47,38 @@ def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, s
     return built
 
 
-def choose_lr(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_ex, metric: str, device: str,
-              pad_id: int, num_labels: int, checkpoint_dir: Optional[Path], log: Callable[[str], None] = print):
-    """(cfg to train with, the search's result or None, the prefix caches or None) for train.lr_search.
+def train_variant(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_ex, metric: str, device: str,
+                  pad_id: int, num_labels: int, checkpoint_dir: Optional[Path],
+                  fingerprint_for: Callable[[object], str], extra_meta: dict, on_step=None,
+                  log: Callable[[str], None] = print):
+    """Train the built variant in place: (outcome, the train config it trained with, the lr search's result or None).
 
-    Off: cfg unchanged, nothing run (training builds its caches itself, as it always has).
-    On: the frozen prefix is cached once for the search and the training after it; the search
-    leaves built.model at its initial weights, and cfg.lr becomes the chosen lr. A resume after a
-    kill runs the search again: it is cheap and deterministic (same weights, seed and batches), so
-    it chooses the same lr, and the checkpoint fingerprint (made from the returned cfg) matches.
+    train.lr_search off: depthtune.training.train at the configured lr (resuming a checkpoint if any).
+    On: depthtune.lr_search.search_and_train (the frozen prefix cached once for every candidate); the
+    winner's checkpoints carry the search's result, so a stage resumed after a kill skips the search
+    and resumes the winner at its lr. `fingerprint_for(cfg)`: what a checkpoint of that config must match.
     """
-    if not cfg.lr_search.enabled:
-        return cfg, None, None
-    caches = prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, cfg, device=device, pad_id=pad_id,
-                           checkpoint_dir=checkpoint_dir, log=log)
-    result = search_lr(lambda: built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex,
-                       val_ex=val_ex, cfg=cfg, metric=metric, device=device, pad_id=pad_id, num_labels=num_labels,
-                       log=log, caches=caches)
-    return dataclasses.replace(cfg, lr=result["chosen_lr"]), result, caches
+    resumed = searched_lr(checkpoint_dir) if cfg.lr_search.enabled else None
+    common = dict(spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, metric=metric,
+                  device=device, pad_id=pad_id, num_labels=num_labels, checkpoint_dir=checkpoint_dir, log=log,
+                  on_step=on_step)
+    if cfg.lr_search.enabled and resumed is None:
+        caches = prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, cfg, device=device,
+                               pad_id=pad_id, checkpoint_dir=checkpoint_dir, log=log)
+        outcome, cfg, result = search_and_train(built.model, cfg=cfg, caches=caches, fingerprint_for=fingerprint_for,
+                                                extra_meta=extra_meta, **common)
+        return outcome, cfg, result
+    if resumed is not None:
+        cfg = dataclasses.replace(cfg, lr=resumed["chosen_lr"])
+        extra_meta = {**extra_meta, "lr_search": resumed}
+    outcome = train(model=built.model, cfg=cfg, fingerprint=fingerprint_for(cfg), extra_meta=extra_meta, **common)
+    return outcome, cfg, resumed
+
+
+def searched_lr(checkpoint_dir: Optional[Path]) -> Optional[dict]:
+    """The lr search's result stored in the newest checkpoint (a resumed run), or None."""
+    ck = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
+    return checkpoint_meta(ck).get("lr_search") if ck is not None else None
 
 
 def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
@@ -115,9 +129,9 @@ def convergence_note(name: str, outcome, cfg, metric: str) -> str:
     """The suggestion for a variant whose validation metric was still improving when training ended."""
     curve = outcome.val_curve
     trend = " -> ".join(f"{p[metric]:.4f}" for p in curve[-3:])
-    return (f"not converged: validation {metric} still improving at the last of {outcome.epochs_run} epochs "
-            f"({trend}); raise variants.{name}.train.epochs (now {cfg.epochs}) and set train.patience so "
-            "early stopping ends it once it levels off, or raise its learning rate")
+    return (f"not converged: validation {metric} still improving at the last evaluation, after all "
+            f"{cfg.epochs} epochs ({trend}); raise variants.{name}.train.epochs (now {cfg.epochs}; early "
+            f"stopping, train.patience {cfg.patience}, ends it once it levels off) or its learning rate")
 
 
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,

@@ -161,11 +161,14 @@ def check_drop_fraction(clean: CleanSplit, *, max_drop_fraction: float) -> None:
 # ----------------------------------------------------------------------------- splitting
 
 
-def stratified_sample(labels: list, n: int, *, rng: random.Random) -> list:
+def stratified_sample(labels: list, n: int, *, rng: random.Random, one_each_from: Optional[int] = None) -> list:
     """Indices of `n` items whose class proportions match `labels`' as closely as possible.
 
     Per class, floor(n * share) items, then the remaining slots to the largest
     fractional remainders (ties by class name); items within a class at random.
+    `one_each_from`: every class with at least that many items gets at least one (taken from the
+    largest classes), so a rare class is not left out of a small split: TREC's ABBR is 1.6% of the
+    rows, and a 50-row split would get floor(0.8) = 0 of it by proportion alone.
     Returns sorted indices (the input order is kept).
     """
     total = len(labels)
@@ -186,6 +189,8 @@ def stratified_sample(labels: list, n: int, *, rng: random.Random) -> list:
         if take[c] < len(by_class[c]):
             take[c] += 1
             left -= 1
+    if one_each_from is not None:
+        ensure_one_each(take, {c: len(by_class[c]) for c in classes}, n, one_each_from)
     chosen = []
     for c in classes:
         idx = list(by_class[c])
@@ -194,10 +199,23 @@ def stratified_sample(labels: list, n: int, *, rng: random.Random) -> list:
     return sorted(chosen)
 
 
+def ensure_one_each(take: dict, sizes: dict, n: int, one_each_from: int) -> None:
+    """Raise to 1 the take of each class with >= one_each_from items; the slots come from the largest takes."""
+    short = sorted(c for c in take if take[c] == 0 and sizes[c] >= one_each_from)
+    for c in short[:n]:  # never more classes than slots
+        donor = max((d for d in take if take[d] > 1), key=lambda d: (take[d], d), default=None)
+        if donor is None:
+            return
+        take[donor] -= 1
+        take[c] = 1
+
+
 def split_off(examples: list, *, fractions: dict, seed: int) -> tuple[list, dict]:
     """Split `fractions` (name -> share of all rows) off `examples`, stratified by label.
 
-    Returns (what is left, {name: split}). Each split made gets at least one row.
+    Returns (what is left, {name: split}). Each split made gets at least one row, and one row of
+    every class that has enough rows to leave one for each split still to make (train included):
+    3 rows for the first split off (test), 2 for the next (validation).
     """
     rng = random.Random(f"{seed}:split")
     total = len(examples)
@@ -207,8 +225,10 @@ def split_off(examples: list, *, fractions: dict, seed: int) -> tuple[list, dict
         raise DataError(f"split: {total} train rows are too few to split off {wanted}; "
                         "provide more data or the splits as data.files")
     rest, made = list(examples), {}
-    for name in sorted(fractions, key=lambda n: SPLITS.index(n), reverse=True):  # test first, then validation
-        picked = set(stratified_sample([e[1] for e in rest], sizes[name], rng=rng))
+    order = sorted(fractions, key=lambda n: SPLITS.index(n), reverse=True)  # test first, then validation
+    for i, name in enumerate(order):
+        picked = set(stratified_sample([e[1] for e in rest], sizes[name], rng=rng,
+                                       one_each_from=len(order) - i + 1))
         made[name] = [e for i, e in enumerate(rest) if i in picked]
         rest = [e for i, e in enumerate(rest) if i not in picked]
     return rest, made
@@ -250,7 +270,7 @@ def cap_splits(splits: dict, *, max_train: Optional[int], max_eval: Optional[int
             removed[name] = 0
             continue
         rng = random.Random(f"{seed}:cap:{name}")
-        keep = stratified_sample([e[1] for e in examples], cap, rng=rng)
+        keep = stratified_sample([e[1] for e in examples], cap, rng=rng, one_each_from=1)  # every class stays
         splits[name] = [examples[i] for i in keep]
         removed[name] = len(examples) - cap
     return removed
@@ -349,11 +369,14 @@ def check_splits(splits: dict, *, cleaned: dict, leakage: dict) -> None:
 def split_warnings(splits: dict, *, names: list, cleaned: dict, leakage: dict) -> list:
     """What the user should know but that does not stop the stage: missing classes, conflicts, leakage."""
     warnings = []
+    rows = Counter(e[1] for split in splits.values() for e in split)
     for name in SPLITS:
         present = {e[1] for e in splits[name]}
         missing = [n for n in names if n not in present]
         if missing:
-            warnings.append(f"split {name} has no examples of {', '.join(map(repr, missing))}")
+            few = [f"{n!r} ({rows[n]} rows in all, fewer than one per split)" for n in missing if rows[n] < len(SPLITS)]
+            warnings.append(f"split {name} has no examples of {', '.join(map(repr, missing))}"
+                            + (f"; {', '.join(few)}" if few else ""))
     for clean in cleaned.values():
         if clean.stats["duplicate_label_conflicts"]:
             warnings.append(f"{clean.origin}: {clean.stats['duplicate_label_conflicts']} duplicate texts had "

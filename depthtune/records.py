@@ -249,8 +249,8 @@ class TrainRecord(VariantResult):
     samples_per_s: float
     tokens_per_s: float = 0.0
     steps: int
-    epochs_run: int = 0
-    best_epoch: int = -1
+    epochs_run: float = 0  # steps / steps per epoch: 2.5 = stopped halfway through the third
+    best_epoch: float = -1  # epochs done at the best validation
     best_step: int = 0
     best_val: dict
     stopped_early: bool = False

@@ -226,6 +226,7 @@ def training_metrics(audit: AuditRecord, train: TrainRecord) -> tuple[dict, dict
         search = train.lr_search
         key = f"val_{search['metric']}"
         m["lr_search.chosen_lr"], m["lr_search.seconds"] = search["chosen_lr"], search["seconds"]
+        m["lr_search.extra_steps"] = search.get("extra_steps", 0)  # what the losing candidates trained
         curves["lr_search.lr"] = [(i, c["lr"]) for i, c in enumerate(search["candidates"])]
         curves[f"lr_search.{key}"] = [(i, c[key]) for i, c in enumerate(search["candidates"])]
     return {k: v for k, v in m.items() if _finite(v)}, curves

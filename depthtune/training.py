@@ -90,15 +90,15 @@ class TrainState:
     Saved as the checkpoint's meta.json (to_meta), read back on resume (from_meta).
     """
     step: int = 0  # optimizer steps done
-    epoch: int = 0  # the epoch under way (= epochs completed)
+    epoch: int = 0  # the epoch under way (= epochs completed; a finished epoch counts at its last step)
     batch_in_epoch: int = 0  # batches of `epoch` already stepped over: a resume starts at the next one
     best: float = -1.0  # best validation `metric` so far (-1: none yet, so the first evaluation wins)
-    best_epoch: int = -1
+    best_epoch: float = -1  # epochs done at the best evaluation (1.5 = halfway through the second)
     best_step: int = 0
     best_val: dict = field(default_factory=dict)  # all scores of the best evaluation
     bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
     loss_curve: list = field(default_factory=list)  # {"step", "epoch", "loss", "lr"} per optimizer step
-    val_curve: list = field(default_factory=list)  # {"step", "epoch", "accuracy", "macro_f1"} per evaluation
+    val_curve: list = field(default_factory=list)  # {"step", "epoch" (step / steps per epoch), "accuracy", "macro_f1"}
     samples: int = 0  # examples processed over all ranks (incl. repeats over epochs)
     real_tokens: int = 0  # non-pad tokens processed over all ranks
     stopped_early: bool = False
@@ -158,8 +158,8 @@ class LapTimer:
 @dataclass
 class TrainOutcome:
     steps: int
-    epochs_run: int
-    best_epoch: int
+    epochs_run: float  # steps / steps per epoch (2.5 = stopped halfway through the third)
+    best_epoch: float
     best_step: int
     best_val: dict
     stopped_early: bool
@@ -214,8 +214,9 @@ class TrainSetup:
     num_labels: int
     eval_batch_size: int
     log: Callable[[str], None]
+    steps_per_epoch: int = 1
     timer: LapTimer = field(default_factory=LapTimer)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's budget)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's rungs)
 
 
 def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
@@ -256,7 +257,8 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     """Device, mixed precision, frozen-prefix caches, optimizer and schedule for one training run.
 
     `caches`: a pair from prefix_caches() for this model's variant and data (built here when None).
-    `max_steps`: the run stops after that many optimizer steps, and the schedule spans them.
+    `max_steps`: run_epoch() stops after that many optimizer steps (the schedule still spans train.epochs,
+    so a run continued later goes on exactly as one that never stopped).
     """
     model.to(device)
     rank, world = dist_info()
@@ -270,20 +272,39 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     if caches is None:
         caches = prefix_caches(model, spec, num_layers, train_ex, val_ex, cfg, device=device, pad_id=pad_id,
                                checkpoint_dir=checkpoint_dir, log=log)
+    # the schedule spans train.epochs (a maximum: early stopping may end the run before the decay does)
     total_steps = steps_per_epoch(len(train_ex), cfg) * cfg.epochs
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     return TrainSetup(model=model, cfg=cfg, train_ex=train_ex, val_ex=val_ex, device=device, pad_id=pad_id,
                       autocast_dtype=torch.bfloat16 if device == "cuda" else None, rank=rank, world=world,
                       frozen=k, train_cache=caches[0], val_cache=caches[1], optimizer=optimizer,
                       scheduler=scheduler, total_steps=total_steps, checkpoint_dir=checkpoint_dir, metric=metric,
-                      num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps)
+                      num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps,
+                      steps_per_epoch=steps_per_epoch(len(train_ex), cfg))
 
 
 def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
     """Optimizer steps in one epoch: a step every grad_accum batches, and one at the epoch's end."""
     return math.ceil(math.ceil(num_examples / cfg.batch_size) / cfg.grad_accum)
+
+
+def is_eval_step(cfg: TrainConfig, step: int, per_epoch: int) -> bool:
+    """Whether validation runs after optimizer step `step` (1-based).
+
+    train.eval_every > 0: every that many steps. 0: train.evals_per_epoch times an epoch, evenly
+    spaced, the last at the epoch's end: 125 steps an epoch and 2 evaluations -> after steps 63 and
+    125 of each epoch (early stopping then reacts within half an epoch, not a whole one).
+    """
+    if cfg.eval_every:
+        return step % cfg.eval_every == 0
+    n = min(cfg.evals_per_epoch, per_epoch)
+    in_epoch = (step - 1) % per_epoch + 1
+    return any(in_epoch == math.ceil(j * per_epoch / n) for j in range(1, n + 1))
+
+
+def patience_spent(cfg: TrainConfig, state: "TrainState") -> bool:
+    """Early stopping: train.patience evaluations in a row without a new best (0 = never stop)."""
+    return cfg.patience > 0 and state.bad_evals >= cfg.patience
 
 
 def start_or_resume(run: TrainSetup, fingerprint: str,
@@ -294,7 +315,7 @@ def start_or_resume(run: TrainSetup, fingerprint: str,
     # certain to run, the starting copy is never read: skip it (trainable params x 4 B, 87 MiB for
     # MiniLM full fine-tuning, held until the first evaluation). A checkpoint written before the first
     # evaluation stores the current weights as `best`; a resume replaces them at its first evaluation too.
-    evaluation_certain = cfg.epochs >= 1 and (not cfg.eval_every or run.total_steps >= cfg.eval_every)
+    evaluation_certain = not cfg.eval_every or run.total_steps >= cfg.eval_every
     best = BestWeights(None if evaluation_certain else trainable_state(run.model))
     ck = latest_checkpoint(run.checkpoint_dir) if run.checkpoint_dir is not None else None
     if ck is None:
@@ -340,7 +361,8 @@ def optimizer_step(run: TrainSetup) -> None:
 
 def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
               on_step: Optional[Callable[[int, int], None]] = None) -> bool:
-    """The optimizer steps left in epoch `state.epoch`; True when early stopping ends training."""
+    """The optimizer steps left in epoch `state.epoch`; True when it stopped inside the epoch's last step:
+    early stopping (patience_spent) or run.max_steps reached. A finished epoch is counted at its last step."""
     cfg = run.cfg
     batches = length_grouped_batches(run.train_ex.lengths, cfg.batch_size, cfg.seed, state.epoch)
     running, micro = 0.0, 0
@@ -359,14 +381,16 @@ def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
             continue  # accumulating: the step comes after grad_accum batches (or at the epoch's end)
         optimizer_step(run)
         state.step += 1
-        state.batch_in_epoch = bi + 1
         state.loss_curve.append({"step": state.step, "epoch": state.epoch, "loss": running / micro,
                                  "lr": run.scheduler.get_last_lr()[0]})
+        state.batch_in_epoch = bi + 1
+        if last:  # the epoch is done: a checkpoint from here on resumes at the next one
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         running, micro = 0.0, 0
         if on_step is not None:
             on_step(state.step, state.epoch)
         stop = False
-        if cfg.eval_every and state.step % cfg.eval_every == 0:
+        if is_eval_step(cfg, state.step, run.steps_per_epoch):
             stop = validate(run, state, best)
         if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and not last:  # last: train() saves
             save(run, state, best)
@@ -379,18 +403,19 @@ def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     """Score the validation split, keep the best weights; True when early stopping should end training."""
     t0 = time.perf_counter()
     scores = score_validation(run)
-    state.val_curve.append({"step": state.step, "epoch": state.epoch, **scores})
-    run.log(f"  step {state.step:5d} epoch {state.epoch}: val accuracy {scores['accuracy']:.4f} "
+    epochs = round(state.step / run.steps_per_epoch, 3)
+    state.val_curve.append({"step": state.step, "epoch": epochs, **scores})
+    run.log(f"  step {state.step:5d} epoch {epochs:g}: val accuracy {scores['accuracy']:.4f} "
             f"macro-F1 {scores['macro_f1']:.4f}")
     if scores[run.metric] > state.best:
-        state.best, state.best_epoch, state.best_step = scores[run.metric], state.epoch, state.step
+        state.best, state.best_epoch, state.best_step = scores[run.metric], epochs, state.step
         state.best_val, state.bad_evals = scores, 0
         best.keep(run.model)
     else:
         state.bad_evals += 1
     set_train_mode(run.model, run.frozen)
     state.eval_time_s += time.perf_counter() - t0
-    return run.cfg.patience > 0 and state.bad_evals >= run.cfg.patience
+    return patience_spent(run.cfg, state)
 
 
 def score_validation(run: TrainSetup) -> dict:
@@ -430,27 +455,33 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
                 metric=metric, device=device, pad_id=pad_id, num_labels=num_labels, checkpoint_dir=checkpoint_dir,
                 log=log, eval_batch_size=eval_batch_size, caches=caches)
     state, best, resumed = start_or_resume(run, fingerprint, extra_meta or {})
+    return finish(run, state, best, resumed_from=resumed, on_step=on_step)
+
+
+def finish(run: TrainSetup, state: TrainState, best: BestWeights, *, resumed_from: Optional[int] = None,
+           on_step: Optional[Callable[[int, int], None]] = None) -> TrainOutcome:
+    """Train from `state` until train.epochs are done or early stopping ends it; the model gets the best weights.
+
+    train() calls it on a fresh or resumed state; the lr search on its winning candidate's state.
+    """
+    model, cfg = run.model, run.cfg
+    run.max_steps = None
     set_train_mode(model, run.frozen)
     run.timer.lap()  # the clock starts here: caching the prefix and resuming are not training time
-    stop = False
-    while state.epoch < cfg.epochs and not stop:
-        stop = run_epoch(run, state, best, on_step)
-        if not stop:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            if not cfg.eval_every:
-                stop = validate(run, state, best)
-        state.stopped_early = stop
+    while state.epoch < cfg.epochs and not state.stopped_early:
+        run_epoch(run, state, best, on_step)
+        state.stopped_early = patience_spent(cfg, state)
         save(run, state, best)
     best.restore(model)
     model.eval()
     if not params_in_sync(model):
         raise ModelError("data-parallel ranks ended with different weights (gradient all-reduce failed)")
     cache = run.train_cache
-    return TrainOutcome(steps=state.step, epochs_run=state.epoch, best_epoch=state.best_epoch,
+    return TrainOutcome(steps=state.step, epochs_run=round(state.step / run.steps_per_epoch, 3),
+                        best_epoch=state.best_epoch,
                         best_step=state.best_step, best_val=state.best_val, stopped_early=state.stopped_early,
                         train_time_s=state.train_time_s - state.eval_time_s, samples=state.samples,
                         real_tokens=state.real_tokens, loss_curve=state.loss_curve, val_curve=state.val_curve,
-                        resumed_from_step=resumed, cached_prefix_layers=run.frozen if cache is not None else 0,
+                        resumed_from_step=resumed_from, cached_prefix_layers=run.frozen if cache is not None else 0,
                         cache_bytes=cache.nbytes if cache is not None else 0, world_size=run.world,
-                        not_converged=still_improving(state.val_curve, metric, state.stopped_early))
+                        not_converged=still_improving(state.val_curve, run.metric, state.stopped_early))

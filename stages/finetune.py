@@ -5,8 +5,8 @@
         [--metrics metrics/train/top2.json] [--loss-plot plots/loss/top2.csv]
 
 Reads params `model`, `variants.<variant>`, `train`, `evaluation.metric`, `tracking`.
-With `train.lr_search.enabled` the variant's learning rate is first chosen on the validation
-split (depthtune.lr_search: a few short runs, one line each) and training uses the chosen one.
+With `train.lr_search.enabled` the variant's learning rate is chosen on the validation split by
+successive halving (depthtune.lr_search: one line per rung) and the winning run trains on.
 Writes the model folder (a standard Hugging Face folder, LoRA merged, true depth), the
 train record (depthtune.records.TrainRecord) and the loss curve CSV. Checkpoints go to
 checkpoints/<variant>/ while training (resumed after a kill) and are removed on success.
@@ -29,7 +29,7 @@ from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.records import AuditRecord, LabelSet, read_variant_record
 from depthtune.sources import load_tokenizer
 from depthtune.tokenized import check_vocab, load_tokenized
-from depthtune.training import fingerprint_of, train
+from depthtune.training import fingerprint_of
 
 
 def main(argv=None) -> None:
@@ -63,18 +63,14 @@ def main(argv=None) -> None:
         print(f"finetune {name}: {spec.describe()}, {built.trainable_params:,} of {built.total_params:,} "
               f"parameters trainable ({100 * built.trainable_params / built.total_params:.2f}%), device {device}")
         check_vocab(ds["train"], built.config.vocab_size, args.tokenized)
-        # train.lr_search: cfg.lr becomes the chosen lr before the fingerprint is made (a resume re-runs
-        # the deterministic search, gets the same lr and so the same fingerprint); off: cfg as is
-        cfg, lr_search, caches = finetuning.choose_lr(
+        data_fp = tree_fingerprint(args.tokenized / "train")
+        outcome, cfg, lr_search = finetuning.train_variant(
             built, spec=spec, cfg=cfg, train_ex=train_ex, val_ex=val_ex, metric=params.evaluation.metric,
-            device=device, pad_id=pad_id, num_labels=len(labels), checkpoint_dir=ck_dir, log=print)
-        fingerprint = fingerprint_of(name, to_dict(spec), to_dict(cfg), params.model.source,
-                                     tree_fingerprint(args.tokenized / "train"), labels)
-        outcome = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
-                        cfg=cfg, metric=params.evaluation.metric, device=device, pad_id=pad_id,
-                        num_labels=len(labels), checkpoint_dir=ck_dir, fingerprint=fingerprint,
-                        extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name),
-                        log=print, caches=caches)  # print: inside a Prefect task it also goes to the run's log
+            device=device, pad_id=pad_id, num_labels=len(labels), checkpoint_dir=ck_dir,
+            fingerprint_for=lambda c: fingerprint_of(name, to_dict(spec), to_dict(c), params.model.source,
+                                                     data_fp, labels),
+            extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name),
+            log=print)  # print: inside a Prefect task it also goes to the run's log
     if rank != 0:
         return  # only rank 0 writes outputs
     record = finetuning.train_record(name=name, spec=spec, cfg=cfg, metric=params.evaluation.metric, device=device,
@@ -97,7 +93,7 @@ def main(argv=None) -> None:
     best = outcome.best_val.get(params.evaluation.metric, float("nan"))
     print(f"finetune {name}: {outcome.steps} steps in {outcome.train_time_s:.1f} s "
           f"({record.samples_per_s:.1f} samples/s, {record.tokens_per_s:.0f} tokens/s), "
-          f"best val {params.evaluation.metric} {best:.4f} at epoch {outcome.best_epoch}; peak memory "
+          f"best val {params.evaluation.metric} {best:.4f} at epoch {outcome.best_epoch:g}; peak memory "
           f"{mem.peak_growth / 2**20:.0f} MiB vs estimate {record.estimated_memory_bytes / 2**20:.0f} MiB "
           f"-> {args.model}/, {args.metrics}")
     if record.not_converged:

@@ -36,8 +36,27 @@ def test_config_objects_are_frozen_and_overrides_apply():
         p.train.lr = 1.0  # frozen
     probe = p.variants["probe"]
     eff = effective_train(p, probe)
-    assert eff.lr == probe.train.lr and eff.epochs == probe.train.epochs
-    assert eff.batch_size == p.train.batch_size
+    assert eff.epochs == p.train.epochs and eff.batch_size == p.train.batch_size
+
+
+def test_learning_rate_comes_from_the_variant_then_train_lr_then_the_variant_kind():
+    from depthtune.config import DEFAULT_LR, variant_kind
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["variants"] = {"full": {}, "d3": {"depth": 3}, "top2": {"train_top": 2}, "probe": {"train_top": 0},
+                       "lora": {"lora": {"r": 4}}, "bitfit": {"bitfit": True}, "scratch": {"init": "scratch"},
+                       "own": {"train_top": 0, "train": {"lr": 5e-3, "epochs": 3}}}
+    p = parse_params(raw)
+    kinds = {name: variant_kind(spec) for name, spec in p.variants.items()}
+    assert kinds == {"full": "full", "d3": "full", "top2": "top", "probe": "probe", "lora": "lora",
+                     "bitfit": "bitfit", "scratch": "scratch", "own": "probe"}
+    lrs = {name: effective_train(p, spec).lr for name, spec in p.variants.items()}
+    assert lrs == {**{n: DEFAULT_LR[k] for n, k in kinds.items()}, "own": 5e-3}
+    assert DEFAULT_LR["probe"] > DEFAULT_LR["lora"] > DEFAULT_LR["top"] > DEFAULT_LR["full"]
+    assert effective_train(p, p.variants["own"]).epochs == 3
+    raw["train"]["lr"] = 1e-4  # train.lr set: every variant without its own lr takes it
+    p = parse_params(raw)
+    assert {n: effective_train(p, s).lr for n, s in p.variants.items()} == {**{n: 1e-4 for n in lrs}, "own": 5e-3}
 
 
 def with_change(path: str, value):
@@ -84,7 +103,7 @@ BAD = [
     ("bad init", with_change("variants", {"s": {"init": "random"}}), r"variants\.s\.init: 'random' is not one of pretrained, scratch"),
     ("split fraction too big", with_change("data.split", {"validation": 0.7}), r"params\.data\.split\.validation: 0\.7 is out of range"),
     ("section not a mapping", with_change("train", 5), r"params\.train: expected a mapping"),
-    ("missing value", with_change("train.lr", None), r"params\.train\.lr: missing value"),
+    ("missing value", with_change("train.batch_size", None), r"params\.train\.batch_size: missing value"),
     ("names differ by case", with_change("variants", {"Full": {}, "full": {}}), r"variants: names differ only by case"),
 ]
 

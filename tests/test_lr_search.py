@@ -13,11 +13,9 @@ import torch
 import yaml
 
 from depthtune import training
-from depthtune.batching import predict_logits
 from depthtune.errors import ConfigError
 from depthtune.config import LrSearch, ModelConfig, TrainConfig, parse_section, parse_variant
-from depthtune.lr_search import candidate_lrs, pick_lr, search_lr, train_candidate
-from depthtune.metric_modules import quick_scores
+from depthtune.lr_search import KEEP, candidate_lrs, ranked, rung_steps, search_and_train
 from depthtune.prefix_cache import PrefixCache
 from depthtune.records import AuditRecord, TrainRecord
 from depthtune.tracking import training_metrics
@@ -25,9 +23,10 @@ from depthtune.variants import build_variant
 from tests.conftest import TINY_ARCH, tiny_params
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
-# 96 texts / batch 8 = 12 steps an epoch; 5 candidates x 6 steps
-CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=0, seed=7,
-                  lr_search=LrSearch(enabled=True, steps=6))
+# 96 texts / batch 8 = 12 steps an epoch, validated after steps 6, 12, 18, 24 (2 an epoch, 2 epochs):
+# rung 0 ends at the 1st evaluation (step 6, 5 candidates), rung 1 at the 3rd (step 18, the best 2)
+CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=0, seed=7, evals_per_epoch=2, patience=0,
+                  lr_search=LrSearch(enabled=True, first_rung=1))
 QUIET = dict(metric="accuracy", device="cpu", pad_id=0, num_labels=2, log=lambda s: None)
 
 
@@ -36,19 +35,20 @@ def build(raw: dict):
     return spec, build_variant(MODEL, spec, 2, device="cpu", seed=0)
 
 
-def search(spec, built, data, cfg=CFG, **kw):
+def search(spec, built, data, cfg=CFG, caches=(None, None), **kw):
     train_ex, val_ex = data
-    return search_lr(lambda: built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
-                     cfg=cfg, **QUIET, **kw)
+    return search_and_train(built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
+                            cfg=cfg, caches=caches, fingerprint_for=lambda c: f"fp-{c.lr}", extra_meta={},
+                            **QUIET, **kw)
 
 
 def without_seconds(result: dict) -> dict:
-    return {"chosen_lr": result["chosen_lr"],
+    return {**result, "seconds": None,
             "candidates": [{k: v for k, v in c.items() if k != "seconds"} for c in result["candidates"]]}
 
 
 def test_config_defaults_and_bad_factors_are_one_line_errors():
-    assert TrainConfig().lr_search == LrSearch(enabled=False, factors=[0.25, 0.5, 1.0, 2.0, 4.0], steps=60)
+    assert TrainConfig().lr_search == LrSearch(enabled=False, factors=[0.25, 0.5, 1.0, 2.0, 4.0], first_rung=1)
     assert parse_section(TrainConfig, {"lr_search": {"factors": [1, 3]}}, "train").lr_search.factors == (1, 3)
     for bad in ([], [0.5, 0], [1, 1], ["x"]):
         with pytest.raises(ConfigError, match=r"^train\.lr_search\.factors"):
@@ -56,53 +56,60 @@ def test_config_defaults_and_bad_factors_are_one_line_errors():
     assert candidate_lrs(8e-5, [4.0, 0.25, 1.0]) == [2e-05, 8e-05, 3.2e-04]
 
 
-def test_ties_go_to_the_configured_lr_then_the_smaller():
-    cands = [{"lr": 4e-3, "val_accuracy": 0.8}, {"lr": 1e-3, "val_accuracy": 0.8}, {"lr": 2e-3, "val_accuracy": 0.7}]
-    assert pick_lr(cands, "val_accuracy") == 1e-3
-    assert pick_lr(cands, "val_accuracy", configured=4e-3) == 4e-3  # tied with the best: keep the default
-    assert pick_lr(cands, "val_accuracy", configured=2e-3) == 1e-3  # the default lost: the smaller tied one
-    assert pick_lr(cands + [{"lr": 8e-3, "val_accuracy": 0.81}], "val_accuracy", configured=1e-3) == 8e-3
-    # every candidate at the majority class (what 60 steps gave depth3 on the default data)
-    flat = [{"lr": lr, "val_accuracy": 0.578} for lr in (2e-5, 4e-5, 8e-5, 1.6e-4, 3.2e-4)]
-    assert pick_lr(flat, "val_accuracy", configured=8e-5) == 8e-5
+def test_rungs_end_at_evaluations_that_triple():
+    assert rung_steps(CFG, 96) == [6, 18]
+    # the default run: 2,000 texts / 16 = 125 steps an epoch, 8 epochs at most -> evaluations 1, 3, 9
+    default = TrainConfig(lr=8e-5)
+    assert rung_steps(default, 2000) == [63, 188, 563]
+    assert rung_steps(dataclasses.replace(CFG, lr_search=LrSearch(first_rung=2)), 96) == [12]
+    assert rung_steps(dataclasses.replace(CFG, epochs=1, evals_per_epoch=1), 96) == [12]
 
 
-def test_search_has_one_candidate_per_factor_is_deterministic_and_leaves_the_model_as_built(data):
+def test_ranking_is_by_best_validation_then_the_configured_lr_then_the_smaller():
+    class Run:  # what ranked() reads of a candidate: its lr and its best validation score
+        def __init__(self, lr, best):
+            self.lr, self.best = lr, best
+
+        def score(self):
+            return self.best
+
+    runs = [Run(4e-3, 0.8), Run(1e-3, 0.8), Run(2e-3, 0.7), Run(8e-3, 0.6)]
+    assert [r.lr for r in ranked(runs, configured=2e-3)] == [1e-3, 4e-3, 2e-3, 8e-3]
+    assert [r.lr for r in ranked(runs, configured=4e-3)][:2] == [4e-3, 1e-3]  # tied with the best: the default
+    assert KEEP == 3
+
+
+def test_successive_halving_then_the_winner_trains_on_exactly_as_a_plain_run_at_its_lr(data):
     spec, built = build({})
-    initial = {n: p.detach().clone() for n, p in built.model.named_parameters()}
-    first = search(spec, built, data)
-    assert [c["lr"] for c in first["candidates"]] == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
-    assert all(c["steps"] == 6 and c["seconds"] > 0 and 0 <= c["val_accuracy"] <= 1 for c in first["candidates"])
-    assert first["metric"] == "accuracy" and first["chosen_lr"] in [c["lr"] for c in first["candidates"]]
-    best = max(c["val_accuracy"] for c in first["candidates"])
-    tied = [c["lr"] for c in first["candidates"] if c["val_accuracy"] == best]
-    assert first["chosen_lr"] == (CFG.lr if CFG.lr in tied else min(tied))  # ties: the configured lr first
-    assert first["at_edge"] == (first["chosen_lr"] in (2.5e-4, 4e-3))
-    # the model is back at its initial weights: the caller's training starts where a fresh model would
-    assert all(torch.equal(initial[n], p) for n, p in built.model.named_parameters())
-    assert without_seconds(search(spec, built, data)) == without_seconds(first)
-    # training the searched model at the chosen lr == training a fresh one: bit for bit
+    out, cfg, result = search(spec, built, data)
+    cands = result["candidates"]
+    assert [c["lr"] for c in cands] == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3] and result["rungs"] == [6, 18]
+    assert sorted(c["rung"] for c in cands) == [0, 0, 0, 1, 1]  # 5 -> the best 2 -> 1
+    assert sorted(c["steps"] for c in cands) == [6, 6, 6, 18, 18] and out.steps == 24  # the winner trained on
+    assert result["chosen_lr"] == cfg.lr and result["extra_steps"] == 6 * 3 + 18
+    second = [c for c in cands if c["rung"] == 1]
+    winner = max(second, key=lambda c: (c["val_accuracy"], c["lr"] == CFG.lr, -c["lr"]))
+    assert winner["lr"] == result["chosen_lr"]
+    assert result["at_edge"] == (result["chosen_lr"] in (2.5e-4, 4e-3))
+    # the winner's run is the real run: a plain train() at the chosen lr gives the same curves, bit for bit
     train_ex, val_ex = data
-    cfg = dataclasses.replace(CFG, lr=first["chosen_lr"], epochs=1)
-    fresh_spec, fresh = build({})
-    outs = [training.train(model=m.model, spec=spec, num_layers=m.num_layers, train_ex=train_ex, val_ex=val_ex,
-                           cfg=cfg, **QUIET) for m in (built, fresh)]
-    assert outs[0].loss_curve == outs[1].loss_curve and outs[0].best_val == outs[1].best_val
+    _, fresh = build({})
+    plain = training.train(model=fresh.model, spec=spec, num_layers=fresh.num_layers, train_ex=train_ex,
+                           val_ex=val_ex, cfg=cfg, **QUIET)
+    assert out.loss_curve == plain.loss_curve and out.val_curve == plain.val_curve and out.steps == plain.steps
+    assert all(torch.equal(a, b) for a, b in zip(built.model.state_dict().values(), fresh.model.state_dict().values()))
+    # deterministic
+    _, again = build({})
+    assert without_seconds(search(spec, again, data)[2]) == without_seconds(result)
 
 
 def test_only_the_validation_split_is_scored(data):
-    """search_lr cannot be given a test split, and a candidate's score is a plain evaluation on validation."""
-    assert not any("test" in name for name in inspect.signature(search_lr).parameters)
+    """search_and_train cannot be given a test split; a candidate's score is its run's validation curve."""
+    assert not any("test" in name for name in inspect.signature(search_and_train).parameters)
     spec, built = build({"depth": 2})
-    result = search(spec, built, data, cfg=dataclasses.replace(CFG, lr_search=LrSearch(factors=[1.0, 4.0], steps=6)))
-    train_ex, val_ex = data
-    _, again = build({"depth": 2})
-    train_candidate(again.model, 4e-3, 6, spec=spec, num_layers=again.num_layers, train_ex=train_ex, val_ex=val_ex,
-                    cfg=CFG, metric="accuracy", device="cpu", pad_id=0, num_labels=2, caches=(None, None),
-                    eval_batch_size=64)
-    logits = predict_logits(again.model, val_ex, 64, "cpu", 0)
-    direct = quick_scores(logits.argmax(-1).tolist(), val_ex.labels, 2)["accuracy"]
-    assert result["candidates"][1]["val_accuracy"] == direct
+    out, _, result = search(spec, built, data, cfg=dataclasses.replace(CFG, lr_search=LrSearch(factors=[1.0, 4.0])))
+    assert len(result["candidates"]) == 2 and result["rungs"] == [6]  # 2 candidates: one cut, after rung 0
+    assert max(p["accuracy"] for p in out.val_curve) == out.best_val["accuracy"]
 
 
 def test_a_train_top_variant_caches_its_prefix_once_for_every_candidate_and_the_training(data, monkeypatch):
@@ -116,16 +123,11 @@ def test_a_train_top_variant_caches_its_prefix_once_for_every_candidate_and_the_
     monkeypatch.setattr(training, "PrefixCache", CountingCache)
     spec, built = build({"train_top": 1})
     train_ex, val_ex = data
-    result = search(spec, built, data)
-    assert len(result["candidates"]) == 5 and len(built_caches) == 2  # train + validation, once
-    # the stage's way: one pair for the search and the training after it
-    built_caches.clear()
     caches = training.prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, CFG, device="cpu",
                                     pad_id=0, log=lambda s: None)
-    search(spec, built, data, caches=caches)
-    out = training.train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
-                         cfg=dataclasses.replace(CFG, lr=result["chosen_lr"]), caches=caches, **QUIET)
-    assert len(built_caches) == 2 and out.cached_prefix_layers == 3
+    out, _, result = search(spec, built, data, caches=caches)
+    assert len(result["candidates"]) == 5 and len(built_caches) == 2  # train + validation, once
+    assert out.cached_prefix_layers == 3
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,8 @@ def stage_runs(shared_data, tmp_path_factory):
     params = tiny_params(shared_data, variants={"probe": {"train_top": 0, "train": {"lr": 5e-3}}},
                          tracking={"enabled": False})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    params["train"]["lr_search"] = {"enabled": True, "factors": [0.5, 1.0, 2.0], "steps": 5}
+    # 240 texts / 16 = 15 steps an epoch, validated at each end: 3 candidates to step 15, the winner on to 30
+    params["train"]["lr_search"] = {"enabled": True, "factors": [0.5, 1.0, 2.0], "first_rung": 1}
     (project / "params-on.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = {"off": io.StringIO(), "on": io.StringIO()}
     with pytest.MonkeyPatch.context() as mp:
@@ -163,12 +166,13 @@ def test_finetune_stage_records_the_search_only_when_enabled(stage_runs):
     off = json.loads((stage_runs / "metrics/train/probe.json").read_text())
     assert "lr search" not in (stage_runs / "off.log").read_text()
     log = (stage_runs / "on.log").read_text()
-    assert log.count("lr search: lr ") == 3 and log.count("lr search: chose lr") == 1
+    assert log.count("lr search, rung 0 (to step 15): lr ") == 1 and log.count("lr search: chose lr") == 1
     assert log.count("cached frozen prefix") == 1  # one cache for the search and the training
     assert off["lr_search"] is None and off["config"]["lr"] == 5e-3
     on = TrainRecord.read(stage_runs / "on.json")
     assert [c["lr"] for c in on.lr_search["candidates"]] == [2.5e-3, 5e-3, 1e-2]
-    assert on.config["lr"] == on.lr_search["chosen_lr"] and on.steps == off["steps"]
+    assert on.config["lr"] == on.lr_search["chosen_lr"] and on.steps == off["steps"] == 30
+    assert on.lr_search["extra_steps"] == 2 * 15 and on.lr_search["rungs"] == [15]
     audit = AuditRecord.read(stage_runs / "audit/probe.json")
     scalars, curves = training_metrics(audit, on)
     assert scalars["lr_search.chosen_lr"] == on.lr_search["chosen_lr"]
@@ -201,3 +205,28 @@ def test_mlflow_gets_the_search_in_the_variant_run(stage_runs, tmp_path, monkeyp
     assert {a.path for a in client.list_artifacts(rid, "train")} == {"train/lr_search.json"}
     runs = client.search_runs([client.get_run(rid).info.experiment_id])
     assert sorted(r.data.tags.get("depthtune.role") for r in runs) == ["pipeline", "variant"]  # no nested runs
+
+
+def test_a_stage_killed_after_the_search_resumes_the_winner_without_searching_again(stage_runs):
+    """SIGKILL in the winner's run (step 20, after the checkpoint at 18); the re-run resumes it at its lr."""
+    import os
+    import subprocess
+    import sys
+
+    from depthtune.layout import PROJECT_ROOT
+
+    params = yaml.safe_load((stage_runs / "params-on.yaml").read_text())
+    params["train"]["checkpoint_every"] = 6
+    (stage_runs / "params-kill.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cmd = [sys.executable, "-m", "stages.finetune", "--variant", "probe", "--params", "params-kill.yaml",
+           "--metrics", "kill.json", "--model", "models/probe-kill", "--loss-plot", "kill.csv"]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "DEPTHTUNE_FAULT_KILL_AT_STEP": "probe:20"}
+    killed = subprocess.run(cmd, cwd=stage_runs, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9 and "lr search: chose lr" in killed.stdout
+    env.pop("DEPTHTUNE_FAULT_KILL_AT_STEP")
+    resumed = subprocess.run(cmd, cwd=stage_runs, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "lr search" not in resumed.stdout and "(step 18, " in resumed.stdout
+    on, kill = TrainRecord.read(stage_runs / "on.json"), TrainRecord.read(stage_runs / "kill.json")
+    assert kill.lr_search["chosen_lr"] == on.lr_search["chosen_lr"] == kill.config["lr"]
+    assert kill.resumed_from_step == 18 and [p["accuracy"] for p in kill.val_curve] == [p["accuracy"] for p in on.val_curve]

@@ -21,7 +21,8 @@ from depthtune.variants import build_variant
 from tests.conftest import TINY_ARCH
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
-CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7)
+CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7,
+                  patience=0, evals_per_epoch=1)  # a fixed 2 epochs, validated at each end
 
 VARIANTS = {
     "full": {},
@@ -259,3 +260,34 @@ def test_still_improving_flags_only_a_curve_that_set_a_new_best_at_its_end():
     assert not still_improving(curve(0.70, 0.78), "accuracy", stopped_early=True)  # patience ran out
     assert still_improving(curve(0.70), "accuracy", stopped_early=False)  # one evaluation: nothing says it levelled
     assert not still_improving([], "accuracy", stopped_early=False)
+
+
+def test_evaluations_per_epoch_are_evenly_spaced_and_the_last_is_at_the_epoch_end():
+    from depthtune.training import is_eval_step
+
+    cfg = TrainConfig(evals_per_epoch=2)
+    # 125 steps an epoch (2,000 texts / 16): after steps 63 and 125, then 188 and 250
+    assert [s for s in range(1, 251) if is_eval_step(cfg, s, 125)] == [63, 125, 188, 250]
+    assert [s for s in range(1, 25) if is_eval_step(TrainConfig(evals_per_epoch=3), s, 12)] == [4, 8, 12, 16, 20, 24]
+    assert [s for s in range(1, 5) if is_eval_step(TrainConfig(evals_per_epoch=9), s, 2)] == [1, 2, 3, 4]  # capped
+    assert [s for s in range(1, 30) if is_eval_step(TrainConfig(eval_every=10), s, 12)] == [10, 20]  # steps win
+
+
+def test_early_stopping_ends_a_run_after_patience_evaluations_and_a_resume_does_not_train_on(data, tmp_path):
+    """epochs is a maximum: validation twice an epoch, stop after `patience` evaluations without a new best."""
+    train_ex, val_ex = data
+    spec, built = build("probe")
+    # lr 0: the weights never move, so every evaluation after the first ties the first (no new best)
+    cfg = dataclasses.replace(CFG, lr=1e-12, epochs=8, evals_per_epoch=2, patience=2, checkpoint_every=0)
+    out = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,
+                metric="accuracy", device="cpu", pad_id=0, num_labels=2, checkpoint_dir=tmp_path, fingerprint="fp",
+                log=lambda s: None)
+    # 12 steps an epoch: evaluations after steps 6, 12, 18; the best stays the first; stop at step 18
+    assert [p["step"] for p in out.val_curve] == [6, 12, 18] and [p["epoch"] for p in out.val_curve] == [0.5, 1, 1.5]
+    assert out.steps == 18 and out.epochs_run == 1.5 and out.stopped_early and not out.not_converged
+    assert out.best_step == 6 and out.best_epoch == 0.5
+    # the stage killed after the last checkpoint and run again: nothing more to train
+    again = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,
+                  metric="accuracy", device="cpu", pad_id=0, num_labels=2, checkpoint_dir=tmp_path, fingerprint="fp",
+                  log=lambda s: None)
+    assert again.resumed_from_step == 18 and again.steps == 18 and again.val_curve == out.val_curve

@@ -275,6 +275,31 @@ def test_stratified_sample_largest_remainder():
     assert Counter(labels[i] for i in idx) == {"a": 14, "b": 5, "c": 1}
 
 
+def test_many_classes_every_class_reaches_validation_and_test_and_a_tiny_class_is_reported(tmp_path):
+    """20 classes: 15 of 95 rows, 4 of 3 rows, 1 of 2 rows; 10% validation and test (~14 rows each)."""
+    import random
+
+    # by proportion alone a 3-row class would get round(14 * 3/1437) = 0 rows of a 14-row split
+    labels = ["big"] * 50 + ["c"] * 10 + ["d"] * 3 + ["e"] * 2
+    idx = stratified_sample(labels, 6, rng=random.Random(0), one_each_from=3)
+    assert Counter(labels[i] for i in idx) == {"big": 4, "c": 1, "d": 1}  # e (2 rows) has none to spare
+    assert len(stratified_sample(labels, 2, rng=random.Random(0), one_each_from=1)) == 2  # never above n
+    rows = [(f"text {c} {i}", f"k{c:02d}") for c in range(20) for i in range(95 if c < 15 else 3 if c < 19 else 2)]
+    random.Random(1).shuffle(rows)
+    f = write(tmp_path / "many.tsv", "text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    p = prepare(cfg(source=str(f), split={"validation": 0.1, "test": 0.1}, max_eval_samples=14))
+    by_split = {name: Counter(p.names[e.label] for e in p.splits[name]) for name in ("train", "validation", "test")}
+    assert len(by_split["train"]) == 20 and len(p.splits["test"]) == 14
+    assert len(by_split["test"]) == 14 and len(by_split["validation"]) == 14  # 14 classes: one row each
+    # uncapped: every class with 3 rows reaches validation and test; k19 (2 rows) only train and validation
+    p = prepare(cfg(source=str(f), split={"validation": 0.1, "test": 0.1}))
+    by_split = {name: Counter(p.names[e.label] for e in p.splits[name]) for name in ("train", "validation", "test")}
+    assert all(by_split[s][f"k{c:02d}"] >= 1 for c in range(19) for s in by_split)
+    assert by_split["test"]["k19"] == 0 and by_split["train"]["k19"] == 1
+    assert any("split test has no examples of 'k19'; 'k19' (2 rows in all, fewer than one per split)" in w
+               for w in p.report["warnings"]), p.report["warnings"]
+
+
 # ----------------------------------------------------------------------------- errors
 
 
