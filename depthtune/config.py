@@ -159,6 +159,7 @@ class LrSearch:
 class TrainConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     seed: int = _f(42, lo=0)
+    seeds: int = _f(1, lo=1, hi=100)  # N > 1: train each variant N times (seed, seed+1, ...) for the spread
     epochs: int = _f(8, lo=1, hi=1000)  # a maximum: early stopping (patience) usually ends the run first
     batch_size: int = _f(16, lo=1)
     grad_accum: int = _f(1, lo=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from depthtune.batching import Examples, collate, predict_logits
 from depthtune.config import EvaluationConfig
 from depthtune.errors import ModelError, first_line
-from depthtune.metric_modules import ClassificationReport
+from depthtune.metric_modules import ClassificationReport, quick_scores
 from depthtune.records import EvalRecord
 from depthtune.significance import bootstrap_ci
 
@@ -88,6 +89,32 @@ def evaluate_model(model, test: Examples, *, name: str, labels: list, ev: Evalua
                                    "predictions": preds, "references": refs, **provenance},
                                   f"evaluation of {name}")
     return record, preds
+
+
+def seed_models(seed_dir: Path) -> list[tuple[int, Path]]:
+    """(seed, folder) of each extra seed's model in seed_models/<variant>/, seed order ([] with one seed)."""
+    if not seed_dir.is_dir():
+        return []
+    found = [(int(p.name.split("-", 1)[1]), p) for p in seed_dir.glob("seed-*")
+             if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted(found)
+
+
+def seed_scores(model_dir: Path, seed_dir: Path, test: Examples, *, accuracy: float, macro_f1: float, labels: list,
+                device: str, batch_size: int) -> list[dict]:
+    """train.seeds > 1: [{seed, accuracy, macro_f1}] on the test texts, the evaluated model's seed first."""
+    others = seed_models(seed_dir)
+    if not others:
+        return []
+    meta_path = model_dir / "depthtune.json"
+    seed = json.loads(meta_path.read_text()).get("seed") if meta_path.is_file() else None
+    scores = [{"seed": seed, "accuracy": accuracy, "macro_f1": macro_f1}]
+    for s, folder in others:
+        model = load_saved_model(folder, device)
+        check_labels(model, labels, folder, folder / "config.json")
+        preds = predict_logits(model, test, batch_size, device, model.config.pad_token_id or 0).argmax(-1).tolist()
+        scores.append({"seed": s, **quick_scores(preds, [int(y) for y in test.labels], len(labels))})
+    return scores
 
 
 def confusion_csv(gold: list, preds: list, labels: list) -> str:

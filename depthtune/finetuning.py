@@ -12,6 +12,7 @@ process SIGKILL itself right after optimizer step N (before that step's checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -75,6 +76,46 @@ def train_variant(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_
     return outcome, cfg, resumed
 
 
+def seed_summary(seed: int, outcome, metric: str) -> dict:
+    """One seed's run in the train record's `seed_runs`."""
+    return {"seed": seed, "steps": outcome.steps, "epochs_run": outcome.epochs_run,
+            f"best_val_{metric}": outcome.best_val.get(metric), "not_converged": outcome.not_converged,
+            "train_time_s": round(outcome.train_time_s, 3)}
+
+
+def train_other_seeds(params: Params, name: str, audit: AuditRecord, labels: list, *, spec: VariantSpec, cfg,
+                      train_ex, val_ex, device: str, pad_id: int, tokenizer, out_dir: Optional[Path],
+                      checkpoint_dir: Path, fingerprint_for: Callable[[object], str],
+                      log: Callable[[str], None] = print) -> list[dict]:
+    """train.seeds = N > 1: the variant trained again with seeds seed+1 .. seed+N-1, one summary each.
+
+    Same data, same lr (cfg.lr: the searched one when the search ran; it is not searched again, so
+    the spread is that of training randomness: head initialisation, dropout, batch order). Each
+    model goes to out_dir/seed-<s>/ (evaluated on the test split by the evaluation stage);
+    out_dir/seeds.json lists them. With N = 1 out_dir holds only seeds.json (DVC tracks the folder).
+    out_dir None: train, write nothing (the other ranks of a data-parallel run).
+    """
+    metric, runs = params.evaluation.metric, []
+    with (atomic_dir(out_dir) if out_dir is not None else contextlib.nullcontext(None)) as tmp:
+        for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
+            c = dataclasses.replace(cfg, seed=seed, lr_search=dataclasses.replace(cfg.lr_search, enabled=False))
+            built = build_checked(params, name, audit, labels, seed=seed)
+            log(f"finetune {name}: seed {seed} ({seed - cfg.seed + 1} of {cfg.seeds}) at lr {c.lr:.3g}")
+            outcome = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex,
+                            val_ex=val_ex, cfg=c, metric=metric, device=device, pad_id=pad_id,
+                            num_labels=len(labels), checkpoint_dir=checkpoint_dir / f"seed-{seed}",
+                            fingerprint=fingerprint_for(c), log=lambda _: None)
+            if tmp is not None:
+                save_model(built.model, tokenizer, tmp / f"seed-{seed}", variant=name, spec=spec, labels=labels,
+                           audit=audit, base=params.model.source, seed=seed)
+            runs.append(seed_summary(seed, outcome, metric))
+            log(f"finetune {name}: seed {seed}: best val {metric} {outcome.best_val.get(metric, float('nan')):.4f} "
+                f"after {outcome.steps} steps")
+        if tmp is not None:
+            (tmp / "seeds.json").write_text(json.dumps({"variant": name, "lr": cfg.lr, "runs": runs}, indent=2) + "\n")
+    return runs
+
+
 def searched_lr(checkpoint_dir: Optional[Path]) -> Optional[dict]:
     """The lr search's result stored in the newest checkpoint (a resumed run), or None."""
     ck = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
@@ -104,7 +145,7 @@ def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
 
 def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str, built: BuiltVariant, outcome,
                  wall_s: float, peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
-                 provenance: dict, lr_search: Optional[dict] = None) -> TrainRecord:
+                 provenance: dict, lr_search: Optional[dict] = None, seed_runs: Optional[list] = None) -> TrainRecord:
     """What training this variant did and cost; samples/s and tokens/s over the optimizer loop only."""
     est = audit.memory_estimate()
     per_s = (lambda n: n / outcome.train_time_s) if outcome.train_time_s else (lambda n: 0.0)
@@ -122,7 +163,8 @@ def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str,
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, estimated_memory_bytes=est,
         memory_ratio=peak_bytes / est if est else None, loss_curve=outcome.loss_curve,
         val_curve=outcome.val_curve, resumed_from_step=outcome.resumed_from_step, mlflow_run_id=run_id,
-        config=to_dict(cfg), lr_search=lr_search, versions=provenance["versions"], git_sha=provenance["git_sha"])
+        config=to_dict(cfg), lr_search=lr_search, seed_runs=seed_runs or [],
+        versions=provenance["versions"], git_sha=provenance["git_sha"])
 
 
 def convergence_note(name: str, outcome, cfg, metric: str) -> str:
@@ -135,7 +177,7 @@ def convergence_note(name: str, outcome, cfg, metric: str) -> str:
 
 
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,
-               audit: AuditRecord, base: str) -> None:
+               audit: AuditRecord, base: str, seed: Optional[int] = None) -> None:
     """Standard HF folder: safetensors weights, config with labels and true depth, tokenizer."""
     model = merge_lora(model)
     model.config.id2label = {i: n for i, n in enumerate(labels)}
@@ -144,7 +186,7 @@ def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSp
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "depthtune.json").write_text(json.dumps({
-            "variant": variant, "spec": to_dict(spec), "labels": labels, "base_model": base,
+            "variant": variant, "spec": to_dict(spec), "labels": labels, "base_model": base, "seed": seed,
             "audit_trainable_params": audit.trainable_params, "audit_total_params": audit.total_params,
         }, indent=2) + "\n")
 

@@ -26,6 +26,7 @@ PREPARED = "data/prepared"
 TOKENIZED = "data/tokenized"
 AUDIT = "audit"
 MODELS = "models"
+SEED_MODELS = "seed_models"  # train.seeds > 1: the other seeds' models, evaluated for the spread
 CHECKPOINTS = "checkpoints"
 TRAIN_METRICS = "metrics/train"
 EVAL_METRICS = "metrics/eval"
@@ -55,6 +56,7 @@ def _per_variant(template: str):
 
 audit_record = _per_variant(AUDIT + "/{variant}.json")
 model_dir = _per_variant(MODELS + "/{variant}")
+seed_models_dir = _per_variant(SEED_MODELS + "/{variant}")  # seed-<s>/ per extra seed, and seeds.json
 checkpoint_dir = _per_variant(CHECKPOINTS + "/{variant}")
 train_record = _per_variant(TRAIN_METRICS + "/{variant}.json")
 eval_record = _per_variant(EVAL_METRICS + "/{variant}.json")
@@ -75,8 +77,10 @@ def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:
         "tokenization": ({"prepared": PREPARED}, {"out": TOKENIZED}),
         "audit": ({"labels": LABELS, "token-report": TOKEN_REPORT}, {"out": AUDIT}),
         "finetune": ({"tokenized": TOKENIZED, "labels": LABELS, "audit": audit_record(v)},
-                     {"model": model_dir(v), "metrics": train_record(v), "loss-plot": loss_plot(v)}),
-        "evaluation": ({"model": model_dir(v), "tokenized": TOKENIZED, "labels": LABELS},
+                     {"model": model_dir(v), "seed-models": seed_models_dir(v), "metrics": train_record(v),
+                      "loss-plot": loss_plot(v)}),
+        "evaluation": ({"model": model_dir(v), "seed-models": seed_models_dir(v), "tokenized": TOKENIZED,
+                        "labels": LABELS},
                        {"metrics": eval_record(v), "confusion-plot": confusion_plot(v)}),
         "compare": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS}, {"out": REPORTS}),
         "promote": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS,

@@ -272,6 +272,9 @@ class TrainRecord(VariantResult):
     # train.lr_search's result: {metric, candidates: [{lr, val_<metric>, steps, seconds}], chosen_lr, at_edge, seconds};
     # None when the search is off (config.lr is then the configured lr, else the chosen one)
     lr_search: Optional[dict] = None
+    # train.seeds > 1: [{seed, steps, epochs_run, best_val_<metric>, not_converged, train_time_s}], this
+    # run's seed first, then the others (their models in seed_models/<variant>/); [] with one seed
+    seed_runs: list = field(default_factory=list)
 
     def run_id(self) -> Optional[str]:
         """The variant's MLflow run: the one training used, or the one logging found later."""
@@ -304,6 +307,8 @@ class EvalRecord(VariantResult):
     throughput_per_s: float = 0.0
     predictions: list  # predicted label id per test text, in test-split order
     references: list  # true label id per test text, same order
+    # train.seeds > 1: [{seed, accuracy, macro_f1}] on the same test texts, this model's seed first; [] with one
+    seed_scores: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, doc, where: str = "record"):

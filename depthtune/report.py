@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -149,9 +150,27 @@ def build_row(res: VariantResults) -> dict:
         "p_vs_best": None,  # filled by build_report: the paired test against the best variant
         "not_converged": bool(t.not_converged),
         "convergence_note": t.convergence_note,
+        "lr": (t.config or {}).get("lr"),
+        "lr_searched": bool(t.lr_search),
+        "lr_at_edge": bool((t.lr_search or {}).get("at_edge")),
+        "epochs_run": t.epochs_run,
+        "best_epoch": t.best_epoch,
+        "stopped_early": bool(t.stopped_early),
+        **seed_spread(e.seed_scores, res.paths["eval"]),
         "latency_p50_ms": _optional_number(e.latency_ms.get("p50"), res.paths["eval"], "latency_ms.p50"),
         "latency_p95_ms": _optional_number(e.latency_ms.get("p95"), res.paths["eval"], "latency_ms.p95"),
     }
+
+
+def seed_spread(scores: list, path) -> dict:
+    """train.seeds > 1: accuracy over the seeds' models on the same test texts (mean, sd, min, max, n)."""
+    accs = [s.get("accuracy") for s in scores]
+    if len(accs) < 2:
+        return {"seeds": len(accs) or 1, "seed_accuracy": None}
+    if not all(isinstance(a, (int, float)) for a in accs):
+        raise DepthtuneError(f"{path}: seed_scores has an entry without a numeric accuracy (re-run the evaluation)")
+    return {"seeds": len(accs), "seed_accuracy": {"mean": statistics.mean(accs), "sd": statistics.stdev(accs),
+                                                  "min": min(accs), "max": max(accs)}}
 
 
 # ----------------------------------------------------------------------------- pareto & verdict
@@ -406,6 +425,29 @@ def comparison_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def training_table(rows: Sequence[dict]) -> list[str]:
+    """How each variant was trained: its lr (searched or not), epochs, where the best was, convergence;
+    and, with train.seeds > 1, the accuracy across seeds."""
+    seeded = any(r.get("seed_accuracy") for r in rows)
+    head = "| variant | lr | epochs run | best at epoch | stopped | converged |" + \
+        (" seeds | accuracy across seeds: mean ± sd (min-max) |" if seeded else "")
+    lines = ["## Training", "", head, "|---|---:|---:|---:|---|---|" + ("---:|---|" if seeded else "")]
+    for r in rows:
+        lr = "—" if r.get("lr") is None else f"{r['lr']:.3g}"
+        lr += (" (searched, grid edge)" if r.get("lr_at_edge") else " (searched)") if r.get("lr_searched") else ""
+        stopped = "early stopping" if r.get("stopped_early") else "epoch limit"
+        line = (f"| {r['variant']} | {lr} | {_num(r.get('epochs_run'), 'g')} | {_num(r.get('best_epoch'), 'g')} | "
+                f"{stopped} | {'**no** ' + NOT_CONVERGED if r['not_converged'] else 'yes'} |")
+        if seeded:
+            s = r.get("seed_accuracy")
+            line += (f" {r['seeds']} | {s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f}-{s['max']:.4f}) |" if s
+                     else " 1 | — |")
+        lines.append(line)
+    note = ("Seeds: the same variant trained with seeds seed, seed+1, ... at the same lr, each model scored on "
+            "the same test texts; the paired tests above use the first seed's model.") if seeded else ""
+    return lines + [""] + ([note, ""] if note else [])
+
+
 def convergence_notes(rows: Sequence[dict]) -> list[str]:
     """Markdown lines naming every not-converged variant with its note (empty when all converged)."""
     flagged = [r for r in rows if r["not_converged"]]
@@ -447,6 +489,7 @@ def comparison_markdown(report: dict) -> str:
         f"of each variant's {_label(metric)} against {v['best']['variant']} on the same texts (paired); "
         f"p < {report['alpha']:g} means the gap is unlikely to be noise.", "",
         *convergence_notes(report["rows"]),
+        *training_table(report["rows"]),
         "Memory: *est.* is the audit's training-memory estimate, *peak* the measured peak"
         + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "
         "latency is batch-1 inference.", "",

@@ -248,6 +248,11 @@ def evaluation_metrics(ev: EvalRecord) -> dict:
     for name in ("accuracy", "macro_f1"):  # the 95% bootstrap interval over test texts
         low, high = getattr(ev, f"{name}_ci")
         m[f"{ev.split}.{name}_ci_low"], m[f"{ev.split}.{name}_ci_high"] = low, high
+    if len(ev.seed_scores) > 1:  # train.seeds > 1: the spread across seeds' models on the same texts
+        accs = [s["accuracy"] for s in ev.seed_scores]
+        mean = sum(accs) / len(accs)
+        m[f"{ev.split}.accuracy_seed_mean"], m[f"{ev.split}.accuracy_seed_n"] = mean, len(accs)
+        m[f"{ev.split}.accuracy_seed_sd"] = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
     return {k: v for k, v in m.items() if _finite(v)}
 
 

@@ -4,16 +4,19 @@
         [--tokenized data/tokenized] [--labels data/prepared/labels.json]
         [--metrics metrics/eval/top2.json] [--confusion-plot plots/confusion/top2.csv]
 
-Reads params `evaluation`, `train.device`, `train.num_threads`. Writes the eval record
+Reads params `evaluation`, `train.device`, `train.num_threads`. With train.seeds > 1 the other
+seeds' models (seed_models/<variant>/seed-<s>/) are scored on the same texts too. Writes the eval record
 (depthtune.records.EvalRecord) and the confusion CSV (DVC confusion plot). The compare stage logs
 every variant's eval record into its MLflow run (one MLflow start-up for all variants, not one each).
 """
 from __future__ import annotations
 
+import statistics
+
 from depthtune import layout, runtime
 from depthtune.batching import Examples
 from depthtune.config import load_params, variant_of
-from depthtune.evaluator import check_labels, confusion_csv, evaluate_model, load_saved_model
+from depthtune.evaluator import check_labels, confusion_csv, evaluate_model, load_saved_model, seed_scores
 from depthtune.files import write_text_atomic
 from depthtune.provenance import provenance
 from depthtune.records import LabelSet
@@ -33,11 +36,19 @@ def main(argv=None) -> None:
     test = Examples.from_dataset(load_tokenized(args.tokenized)["test"])
     record, preds = evaluate_model(model, test, name=name, labels=labels, ev=params.evaluation, device=device,
                                    provenance=provenance())
+    # train.seeds > 1: the other seeds' models on the same texts (the spread of training randomness)
+    record.seed_scores = seed_scores(args.model, args.seed_models, test, accuracy=record.accuracy,
+                                     macro_f1=record.macro_f1, labels=labels, device=device,
+                                     batch_size=params.evaluation.batch_size)
     write_text_atomic(args.confusion_plot, confusion_csv(test.labels, preds, labels))
     record.write(args.metrics)
     print(f"evaluation {name}: accuracy {record.accuracy:.4f}, macro-F1 {record.macro_f1:.4f} on {record.n} "
           f"test texts; latency p50 {record.latency_ms['p50']:.1f} ms, {record.throughput_per_s:.0f} texts/s "
           f"-> {args.metrics}")
+    if record.seed_scores:
+        accs = [s["accuracy"] for s in record.seed_scores]
+        print(f"evaluation {name}: accuracy over {len(accs)} seeds {statistics.mean(accs):.4f} "
+              f"(sd {statistics.stdev(accs):.4f}, {min(accs):.4f}-{max(accs):.4f})")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ def main(argv=None) -> None:
             run_id = tracking.variant_run_id(params.tracking, name,
                                              resume_run_id=checkpoint_meta(ck).get("mlflow_run_id") if ck else None)
     train_ex, val_ex = Examples.from_dataset(ds["train"]), Examples.from_dataset(ds["validation"])
+    data_fp = tree_fingerprint(args.tokenized / "train")
+
+    def fingerprint_for(c) -> str:  # what a checkpoint of train config `c` must match to be resumed
+        return fingerprint_of(name, to_dict(spec), to_dict(c), params.model.source, data_fp, labels)
 
     # Peak memory counts from here: model, gradients, optimizer, activations, prefix cache
     # (imports, MLflow and the data above are outside, as in the audit's estimate).
@@ -63,23 +67,27 @@ def main(argv=None) -> None:
         print(f"finetune {name}: {spec.describe()}, {built.trainable_params:,} of {built.total_params:,} "
               f"parameters trainable ({100 * built.trainable_params / built.total_params:.2f}%), device {device}")
         check_vocab(ds["train"], built.config.vocab_size, args.tokenized)
-        data_fp = tree_fingerprint(args.tokenized / "train")
         outcome, cfg, lr_search = finetuning.train_variant(
             built, spec=spec, cfg=cfg, train_ex=train_ex, val_ex=val_ex, metric=params.evaluation.metric,
             device=device, pad_id=pad_id, num_labels=len(labels), checkpoint_dir=ck_dir,
-            fingerprint_for=lambda c: fingerprint_of(name, to_dict(spec), to_dict(c), params.model.source,
-                                                     data_fp, labels),
+            fingerprint_for=fingerprint_for,
             extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name),
             log=print)  # print: inside a Prefect task it also goes to the run's log
+    # train.seeds > 1: the other seeds, at the same lr (every rank trains; rank 0 writes seed_models/<v>/)
+    seed_runs = [finetuning.seed_summary(cfg.seed, outcome, params.evaluation.metric)] if cfg.seeds > 1 else []
+    seed_runs += finetuning.train_other_seeds(
+        params, name, audit, labels, spec=spec, cfg=cfg, train_ex=train_ex, val_ex=val_ex, device=device,
+        pad_id=pad_id, tokenizer=tokenizer, out_dir=args.seed_models if rank == 0 else None,
+        checkpoint_dir=ck_dir, fingerprint_for=fingerprint_for, log=print)
     if rank != 0:
         return  # only rank 0 writes outputs
     record = finetuning.train_record(name=name, spec=spec, cfg=cfg, metric=params.evaluation.metric, device=device,
                                      built=built, outcome=outcome,
                                      wall_s=time.perf_counter() - t_wall, peak_bytes=mem.peak_growth,
                                      peak_kind=mem.kind, audit=audit, run_id=run_id, provenance=provenance(),
-                                     lr_search=lr_search)
+                                     lr_search=lr_search, seed_runs=seed_runs)
     finetuning.save_model(built.model, tokenizer, args.model, variant=name, spec=spec, labels=labels, audit=audit,
-                          base=params.model.source)
+                          base=params.model.source, seed=cfg.seed)
     write_text_atomic(args.loss_plot, finetuning.loss_csv(outcome.loss_curve))
     with stopwatch.measure("mlflow"):
         logged = tracking.log_variant_training(
