@@ -207,6 +207,21 @@ def test_not_converged_variants_are_marked_with_their_note(tmp_path):
         "comparison.md"].decode()
 
 
+def test_training_table_says_how_each_variant_was_trained(tmp_path):
+    root = write_variants(tmp_path, VARIANTS)
+    path = root / "metrics" / "train" / "lora8.json"
+    rec = json.loads(path.read_text())
+    rec.update(config={"lr": 4e-3}, epochs_run=3.5, best_epoch=2.5, stopped_early=True,
+               lr_search={"chosen_lr": 4e-3, "at_edge": True, "candidates": []})
+    path.write_text(json.dumps(rec))
+    rows = {r["variant"]: r for r in _report(root)["rows"]}
+    assert (rows["lora8"]["lr"], rows["lora8"]["lr_searched"], rows["lora8"]["epochs_run"]) == (4e-3, True, 3.5)
+    md = render_outputs(_report(root))["comparison.md"].decode()
+    assert "| lora8 | 0.004 (searched, grid edge) | 3.5 | 2.5 | early stopping | yes |" in md
+    assert "| full | — | 0 | -1 | epoch limit | yes |" in md  # a record without config or epochs: dashes
+    assert "accuracy across seeds" not in md  # one seed: no spread column
+
+
 def test_best_ties_prefer_fewer_params():
     rows = [{"variant": "big", "accuracy": 0.9, "trainable_params": 100},
             {"variant": "small", "accuracy": 0.9, "trainable_params": 10}]
