@@ -103,7 +103,7 @@ def variant_row(project: Path, name: str, spec: dict, defaults: dict) -> dict:
     train = json.loads((project / "metrics" / "train" / f"{name}.json").read_text())
     ev = json.loads((project / "metrics" / "eval" / f"{name}.json").read_text())
     search = train.get("lr_search") or {}
-    lr = search.get("chosen_lr") or (spec.get("train") or {}).get("lr") or defaults["lr"]
+    lr = train["config"]["lr"]  # what it trained with: its own, train.lr, its kind's default or the searched one
     return {"variant": name, "trainable_params": train.get("trainable_params"),
             "accuracy": ev["accuracy"], "accuracy_ci": ev.get("accuracy_ci"), "macro_f1": ev.get("macro_f1"),
             "lr": lr, "lr_searched": bool(search), "lr_search_s": search.get("seconds"),
@@ -138,7 +138,7 @@ def markdown(result: dict) -> str:
             conv = "**no**" if r["not_converged"] else ("yes (stopped early)" if r["stopped_early"] else "yes")
             lr = f"{r['lr']:.3g}" + (" (searched" + (", at edge)" if r["lr_at_edge"] else ")") if r["lr_searched"] else "")
             lines.append(f"| {r['variant']} | {r['trainable_params']:,} | {fmt_ci(r)} | {r['macro_f1']:.3f} | {lr} | "
-                         f"{r['epochs_run']} | {r['best_epoch']} | {conv} | {r['train_time_s']:.1f} | "
+                         f"{r['epochs_run']:.3g} | {r['best_epoch']:.3g} | {conv} | {r['train_time_s']:.1f} | "
                          f"{r['lr_search_s'] if r['lr_search_s'] is not None else '-'} |")
         lines += ["", f"Report: {ds['sentence']}", ""]
     return "\n".join(lines) + "\n"
@@ -150,6 +150,7 @@ def main(argv=None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--tag", default="")
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (printed)")
+    ap.add_argument("--collect", metavar="DIR", help="read an already-run project (one dataset) instead of running")
     args = ap.parse_args(argv)
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
@@ -160,15 +161,19 @@ def main(argv=None) -> None:
     out = RESULTS / f"fair-cpu-{result['date']}{suffix}"
     for name in args.datasets:
         params = make_params(base, name, args.overrides)
-        project = Path(tempfile.mkdtemp(prefix=f"fair-{name}-"))
-        shutil.rmtree(project)
-        print(f"{name}: dvc repro in {project} ...", flush=True)
-        wall = run_pipeline(project, params)
+        if args.collect:
+            project, wall = Path(args.collect), float("nan")
+            params = yaml.safe_load((project / "params.yaml").read_text())
+        else:
+            project = Path(tempfile.mkdtemp(prefix=f"fair-{name}-"))
+            shutil.rmtree(project)
+            print(f"{name}: dvc repro in {project} ...", flush=True)
+            wall = run_pipeline(project, params)
         result["datasets"][name] = {"wall_s": round(wall, 1), **collect(project, params)}
         out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         out.with_suffix(".md").write_text(markdown(result))
         print(markdown({**result, "datasets": {name: result["datasets"][name]}}), flush=True)
-        if not args.keep:
+        if not (args.keep or args.collect):
             shutil.rmtree(project, ignore_errors=True)
     print(f"wrote {out}.md and .json")
 
