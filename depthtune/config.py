@@ -140,7 +140,8 @@ class LrSearch:
 
     Candidates are the variant's own lr (its kind's default, or as set) times each factor: a log-spaced
     grid around it. All train from the same weights, seed and batches to evaluation `first_rung`; the best
-    third goes on to evaluation 3 x first_rung, and so on; the last one left trains on (depthtune.lr_search).
+    third and the configured lr go on to evaluation 3 x first_rung, and so on; the last one left trains on
+    (depthtune.lr_search).
     """
     enabled: bool = _f(False)
     factors: list = _f([0.25, 0.5, 1.0, 2.0, 4.0])

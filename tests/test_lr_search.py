@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import io
 import json
+import time
 
 import pytest
 import torch
@@ -65,6 +66,20 @@ def test_rungs_end_at_evaluations_that_triple():
     assert rung_steps(dataclasses.replace(CFG, epochs=1, evals_per_epoch=1), 96) == [12]
 
 
+def test_the_configured_lr_survives_every_rung_but_the_last():
+    from depthtune.lr_search import survivors
+
+    class Run:
+        def __init__(self, lr):
+            self.lr = lr
+
+    runs = [Run(lr) for lr in (1.6e-4, 3.2e-4, 2e-5, 4e-5, 8e-5)]  # ranked: the configured 8e-5 last
+    assert [r.lr for r in survivors(runs, 8e-5, last_rung=False)] == [1.6e-4, 3.2e-4, 8e-5]
+    assert [r.lr for r in survivors(runs, 8e-5, last_rung=True)] == [1.6e-4, 3.2e-4]
+    assert [r.lr for r in survivors(runs[:2], 3.2e-4, last_rung=False)] == [1.6e-4, 3.2e-4]
+    assert [r.lr for r in survivors(runs[:3], 1.6e-4, last_rung=False)] == [1.6e-4]  # already kept: not twice
+
+
 def test_ranking_is_by_best_validation_then_the_configured_lr_then_the_smaller():
     class Run:  # what ranked() reads of a candidate: its lr and its best validation score
         def __init__(self, lr, best):
@@ -84,9 +99,11 @@ def test_successive_halving_then_the_winner_trains_on_exactly_as_a_plain_run_at_
     out, cfg, result = search(spec, built, data)
     cands = result["candidates"]
     assert [c["lr"] for c in cands] == [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3] and result["rungs"] == [6, 18]
-    assert sorted(c["rung"] for c in cands) == [0, 0, 0, 1, 1]  # 5 -> the best 2 -> 1
-    assert sorted(c["steps"] for c in cands) == [6, 6, 6, 18, 18] and out.steps == 24  # the winner trained on
-    assert result["chosen_lr"] == cfg.lr and result["extra_steps"] == 6 * 3 + 18
+    # 5 -> the best 2 and the configured lr (1e-3) -> 1
+    rung1 = [c["lr"] for c in cands if c["rung"] == 1]
+    assert 1e-3 in rung1 and len(rung1) in (2, 3) and sorted(c["rung"] for c in cands).count(0) == 5 - len(rung1)
+    assert sorted(c["steps"] for c in cands) == [6] * (5 - len(rung1)) + [18] * len(rung1) and out.steps == 24
+    assert result["chosen_lr"] == cfg.lr and result["extra_steps"] == 6 * (5 - len(rung1)) + 18 * (len(rung1) - 1)
     second = [c for c in cands if c["rung"] == 1]
     winner = max(second, key=lambda c: (c["val_accuracy"], c["lr"] == CFG.lr, -c["lr"]))
     assert winner["lr"] == result["chosen_lr"]
@@ -98,6 +115,13 @@ def test_successive_halving_then_the_winner_trains_on_exactly_as_a_plain_run_at_
                            val_ex=val_ex, cfg=cfg, **QUIET)
     assert out.loss_curve == plain.loss_curve and out.val_curve == plain.val_curve and out.steps == plain.steps
     assert all(torch.equal(a, b) for a, b in zip(built.model.state_dict().values(), fresh.model.state_dict().values()))
+    # the winner's training time is its own: its rungs and its run on, not the other candidates' time
+    _, timed = build({})
+    t0 = time.perf_counter()
+    timed_out, _, timed_result = search(spec, timed, data, cfg=dataclasses.replace(CFG, checkpoint_every=5))
+    finish_s = time.perf_counter() - t0 - timed_result["seconds"]
+    own = next(c["seconds"] for c in timed_result["candidates"] if c["lr"] == timed_result["chosen_lr"])
+    assert timed_out.train_time_s <= own + finish_s
     # deterministic
     _, again = build({})
     assert without_seconds(search(spec, again, data)[2]) == without_seconds(result)
