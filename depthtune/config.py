@@ -41,17 +41,47 @@ def _f(default, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, do
 # ----------------------------------------------------------------------------- sections
 
 
+ENCODER_TYPES = ("bert", "roberta", "distilbert")
+DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+GQA_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # grouped-query attention: fewer key/value heads
+
+
 @dataclass(frozen=True)
 class ScratchArch:
-    """Architecture for `model.source: scratch` (random init, the from-zero baseline)."""
-    model_type: str = _f("bert", choices=("bert", "roberta", "distilbert"))
+    """Architecture for `model.source: scratch` (random init, the from-zero baseline).
+
+    One set of names for every family; depthtune.variants.scratch_config maps them to each
+    family's own (gpt2: n_embd, n_layer, n_head, n_inner, n_positions).
+    """
+    model_type: str = _f("bert", choices=ENCODER_TYPES + DECODER_TYPES)
     vocab_size: int = _f(30522, lo=2)
     hidden_size: int = _f(384, lo=1)
     num_hidden_layers: int = _f(6, lo=1)
     num_attention_heads: int = _f(12, lo=1)
     intermediate_size: int = _f(1536, lo=1)
     max_position_embeddings: int = _f(512, lo=2)
-    type_vocab_size: int = _f(2, lo=1)
+    type_vocab_size: int = _f(2, lo=1)  # bert and roberta only
+    num_key_value_heads: Optional[int] = _f(None, lo=1)  # llama/qwen2/qwen3/mistral; None = num_attention_heads
+    head_dim: Optional[int] = _f(None, lo=1)  # llama/qwen2/qwen3/mistral; None = hidden_size / num_attention_heads
+    tie_word_embeddings: Optional[bool] = _f(None)  # decoders' lm_head = the input embeddings; None = family default
+
+    def __post_init__(self):
+        path = "model.scratch"
+        if self.model_type not in GQA_TYPES:
+            for key in ("num_key_value_heads", "head_dim"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{path}.{key}: {self.model_type} has no such setting "
+                                      f"(only {', '.join(GQA_TYPES)}); set it to null")
+        if self.model_type in ENCODER_TYPES and self.tie_word_embeddings is not None:
+            raise ConfigError(f"{path}.tie_word_embeddings: only decoders ({', '.join(DECODER_TYPES)}) take it; "
+                              "set it to null")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{path}.hidden_size: {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
+        kv = self.num_key_value_heads
+        if kv is not None and self.num_attention_heads % kv:
+            raise ConfigError(f"{path}.num_key_value_heads: num_attention_heads {self.num_attention_heads} is not "
+                              f"divisible by {kv} (each key/value head serves a whole group of query heads)")
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ unless `model.allow_pickle` is set; remote code never runs unless
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
+from typing import Optional
 
-from depthtune.config import ModelConfig
+from depthtune.config import DECODER_TYPES, ModelConfig
 from depthtune.errors import ModelError, first_line
 from depthtune.runtime import is_offline
 
@@ -85,11 +87,57 @@ def tokenizer_source(model: ModelConfig) -> str:
     return resolve_source(model.source)
 
 
+def model_type_of(model: ModelConfig) -> Optional[str]:
+    """The family of model.source without loading it: scratch's model_type, a folder's config.json;
+    None for a Hub id (its config is not on disk)."""
+    if model.source == "scratch":
+        return model.scratch.model_type
+    if model.source.startswith("packaged:"):
+        return "bert"
+    cfg = Path(model.source).expanduser() / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_pad_token(tokenizer, src: str) -> None:
+    """Decoder tokenizers (Llama, GPT-2, Mistral) often have no pad token, and batches need one.
+
+    eos pads (else unk): the batches are right-padded with it and masked, causal attention keeps the
+    pads out of every real token's state, and the classifier reads the last token that is not the pad
+    id (config.pad_token_id, set to this id by the builder). A text that itself ends in eos is read at
+    the token before it, padded or not: the same logits either way.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    fill = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if fill is None:
+        raise ModelError(f"model.tokenizer: the tokenizer of {src} has no pad, eos or unk token to pad batches "
+                         "with; set model.tokenizer to one that has")
+    tokenizer.pad_token = fill
+
+
 def load_tokenizer(model: ModelConfig):
+    """The model's fast tokenizer, with a pad token; decoders' makes no token_type_ids."""
     from transformers import AutoTokenizer
 
     src = tokenizer_source(model)
+    kwargs = {}
+    if model_type_of(model) in DECODER_TYPES:
+        # a scratch decoder uses MiniLM's BERT tokenizer: its token_type_ids mean nothing to a decoder
+        # (GPT-2 would even add them to its inputs as word embeddings)
+        kwargs["model_input_names"] = ["input_ids", "attention_mask"]
     try:
-        return AutoTokenizer.from_pretrained(src, use_fast=True, trust_remote_code=model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(src, use_fast=True, trust_remote_code=model.trust_remote_code,
+                                                  **kwargs)
     except OSError as exc:
         raise ModelError(f"model.tokenizer: cannot load a tokenizer from {src} ({first_line(exc)})") from None
+    ensure_pad_token(tokenizer, src)
+    return tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_pad_id(model: ModelConfig) -> int:
+    """The id load_tokenizer's batches are padded with (the builder writes it into the model's config)."""
+    return load_tokenizer(model).pad_token_id

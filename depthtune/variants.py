@@ -17,7 +17,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from depthtune.config import ModelConfig, ScratchArch, VariantSpec, check_variant_against_model, to_dict
+from depthtune.config import (DECODER_TYPES, GQA_TYPES, ModelConfig, ScratchArch, VariantSpec,
+                              check_variant_against_model)
 from depthtune.errors import ConfigError, ModelError, first_line
 from depthtune.runtime import seed_everything
 from depthtune import sources
@@ -95,6 +96,12 @@ def num_layers_of(config) -> int:
 
 
 def set_num_layers(config, k: int) -> None:
+    """Keep the first k blocks: the layer count, and every per-layer list with it (qwen2/qwen3's
+    `layer_types`, full or sliding attention per layer: transformers refuses a config whose list
+    and layer count differ, so a saved depth-k model would not load again)."""
+    for per_layer in ("layer_types", "mlp_layer_types"):
+        if isinstance(getattr(config, per_layer, None), list):
+            setattr(config, per_layer, getattr(config, per_layer)[:k])
     for attr in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
         if hasattr(config, attr):
             setattr(config, attr, k)
@@ -102,19 +109,40 @@ def set_num_layers(config, k: int) -> None:
     raise ModelError(f"cannot truncate a {type(config).__name__}: no layer-count attribute")
 
 
+def family_kwargs(arch: ScratchArch) -> dict:
+    """model.scratch (one set of names) -> the keyword arguments of the family's config class."""
+    mt, H, A = arch.model_type, arch.hidden_size, arch.num_attention_heads
+    if mt == "distilbert":
+        return {"vocab_size": arch.vocab_size, "dim": H, "n_layers": arch.num_hidden_layers, "n_heads": A,
+                "hidden_dim": arch.intermediate_size, "max_position_embeddings": arch.max_position_embeddings}
+    if mt == "gpt2":
+        kw = {"vocab_size": arch.vocab_size, "n_embd": H, "n_layer": arch.num_hidden_layers, "n_head": A,
+              "n_inner": arch.intermediate_size, "n_positions": arch.max_position_embeddings}
+        if arch.vocab_size <= 50256:  # gpt2's bos/eos 50256 lie outside a smaller vocabulary (MiniLM's 30,522)
+            kw.update(bos_token_id=None, eos_token_id=None)
+    else:
+        kw = {"vocab_size": arch.vocab_size, "hidden_size": H, "num_hidden_layers": arch.num_hidden_layers,
+              "num_attention_heads": A, "intermediate_size": arch.intermediate_size,
+              "max_position_embeddings": arch.max_position_embeddings}
+    if mt in ("bert", "roberta"):
+        kw["type_vocab_size"] = arch.type_vocab_size
+    if mt in GQA_TYPES:
+        kw["num_key_value_heads"] = arch.num_key_value_heads or A
+        if arch.head_dim is not None or mt != "qwen2":  # qwen3's own default is 128 whatever H: always say it
+            kw["head_dim"] = arch.head_dim or H // A
+    if mt in DECODER_TYPES and arch.tie_word_embeddings is not None:
+        kw["tie_word_embeddings"] = arch.tie_word_embeddings
+    return kw
+
+
 def scratch_config(arch: ScratchArch):
+    """The family's transformers config for `model.source: scratch` (shapes already validated by ScratchArch)."""
     from transformers import AutoConfig
 
-    kw = to_dict(arch)
-    model_type = kw.pop("model_type")
-    if model_type == "distilbert":
-        kw = {"vocab_size": kw["vocab_size"], "dim": kw["hidden_size"], "n_layers": kw["num_hidden_layers"],
-              "n_heads": kw["num_attention_heads"], "hidden_dim": kw["intermediate_size"],
-              "max_position_embeddings": kw["max_position_embeddings"]}
-    if model_type != "distilbert" and kw["hidden_size"] % kw["num_attention_heads"]:
-        raise ConfigError(f"model.scratch.hidden_size: {kw['hidden_size']} is not divisible by "
-                          f"num_attention_heads {kw['num_attention_heads']}")
-    return AutoConfig.for_model(model_type, **kw)
+    try:
+        return AutoConfig.for_model(arch.model_type, **family_kwargs(arch))
+    except ValueError as exc:  # a shape transformers refuses that ScratchArch let through
+        raise ConfigError(f"model.scratch: {first_line(exc)}") from None
 
 
 def load_base_config(model: ModelConfig):
@@ -131,15 +159,23 @@ def load_base_config(model: ModelConfig):
         raise ModelError(f"model.source: cannot load a config from {src} ({first_line(exc)})") from None
 
 
-def variant_config(base_config, spec: VariantSpec, num_labels: int, path: str = "variant"):
-    """Copy of the base config with the variant's depth and the label count applied."""
+def variant_config(base_config, spec: VariantSpec, num_labels: int, path: str = "variant",
+                   pad_token_id: Optional[int] = None):
+    """Copy of the base config with the variant's depth, the label count and the batches' pad id applied.
+
+    Decoders' sequence classifiers pool the logits of the last token that is not `config.pad_token_id`
+    (transformers' GenericForSequenceClassification, GPT2ForSequenceClassification): it must be the id
+    the batches are padded with, the tokenizer's (`pad_token_id`; None keeps the config's, else its eos).
+    """
     cfg = base_config.__class__.from_dict(base_config.to_dict())
     check_variant_against_model(spec, num_layers_of(cfg), path)
     if spec.depth is not None:
         set_num_layers(cfg, spec.depth)
     if num_labels:
         cfg.num_labels = num_labels
-    if getattr(cfg, "pad_token_id", None) is None and getattr(cfg, "eos_token_id", None) is not None:
+    if pad_token_id is not None:
+        cfg.pad_token_id = pad_token_id
+    elif getattr(cfg, "pad_token_id", None) is None and getattr(cfg, "eos_token_id", None) is not None:
         cfg.pad_token_id = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else cfg.eos_token_id[0]
     return cfg
 
@@ -172,6 +208,20 @@ def set_trainable(model: nn.Module, spec: VariantSpec, num_layers: int) -> int:
     return count
 
 
+def refuse_head_only(model: nn.Module, spec: VariantSpec, model_type: str, path: str) -> None:
+    """A BitFit or LoRA variant whose only trainable parameters are the head's is a mistake, not a
+    variant: BitFit on a model without biases (Llama, Mistral, Qwen3) would silently be a linear probe."""
+    if not (spec.bitfit or spec.lora is not None):
+        return
+    if any(p.requires_grad and coarse_bucket(classify_param(n)) != "head" for n, p in model.named_parameters()):
+        return
+    if spec.bitfit:
+        kind, why = "bitfit", "it has no bias parameters outside the head; use lora or train_top"
+    else:
+        kind, why = "lora", "no adapter sits in a kept layer"
+    raise ConfigError(f"{path}: {kind} on this {model_type} would train only the head: {why}")
+
+
 def count_params(model: nn.Module) -> tuple[int, int]:
     """(total, trainable); named_parameters() yields tied weights once, buffers excluded."""
     total = trainable = 0
@@ -184,25 +234,34 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- LoRA
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
+def block_linear_names(model: nn.Module, layers: Optional[list] = None) -> list[str]:
+    """Leaf names of the linear modules inside the blocks (only blocks `layers` when given):
+    query, value, dense... (BERT), q_proj ... down_proj (Llama family), c_attn, c_proj, c_fc (GPT-2)."""
     names = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+        if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
+            continue
+        idx = layer_index(name + ".")
+        if idx is not None and (layers is None or idx in layers):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 
 
 def add_lora(model: nn.Module, spec: VariantSpec, path: str = "variant") -> nn.Module:
+    """Adapters on `lora.targets` in the kept blocks (`lora.layers` of them). A target found in no such
+    block (the head, the pooler, a name of another family) would leave LoRA training only the head: refused."""
     from peft import LoraConfig, get_peft_model
 
     lora = spec.lora
-    available = linear_module_names(model)
+    available = block_linear_names(model, list(lora.layers) if lora.layers is not None else None)
     missing = [t for t in lora.targets if t not in available]
     if missing:
-        raise ConfigError(f"{path}.lora.targets: {missing} match no module; linear modules are: {', '.join(available)}")
+        where = "the kept layers" if lora.layers is None else f"layers {list(lora.layers)}"
+        raise ConfigError(f"{path}.lora.targets: {missing} match no module; linear modules are: "
+                          f"{', '.join(available)} (in {where})")
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
                      layers_to_transform=list(lora.layers) if lora.layers is not None else None,
-                     fan_in_fan_out=type(model).__name__.startswith("GPT2"))
+                     fan_in_fan_out=type(model).__name__.startswith("GPT2"))  # GPT-2's Conv1D stores W as in x out
     return get_peft_model(model, cfg)
 
 
@@ -220,7 +279,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 class BuiltVariant:
     model: nn.Module
     config: object  # the variant's transformers config (true depth, labels)
-    num_layers: int  # encoder layers kept
+    num_layers: int  # blocks kept (encoder layers, decoder blocks)
     total_params: int
     trainable_params: int
 
@@ -231,13 +290,21 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
 
     device="meta" builds the structure without weights (the audit); otherwise
     pretrained weights are loaded from safetensors (or random init for scratch).
-    num_labels=0 builds the bare encoder (AutoModel); N builds a sequence classifier.
+    num_labels=0 builds the bare model (AutoModel); N builds a sequence classifier (decoders:
+    the head `score` reads the last non-pad token).
+    Refused with a one-line ConfigError: a variant that would train only the head by accident
+    (BitFit without biases, LoRA targets in no kept layer).
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     base_config = base_config if base_config is not None else load_base_config(model_cfg)
-    cfg = variant_config(base_config, spec, num_labels, path)
+    # A decoder's classifier reads the last token that is not the pad id: it must be the tokenizer's,
+    # the batches' (encoders read the first token: their config's pad id stays). The audit's meta build
+    # needs no tokenizer (`depthtune audit --config` has none): the pad id changes no parameter count.
+    decoder = getattr(base_config, "model_type", None) in DECODER_TYPES
+    pad_id = sources.tokenizer_pad_id(model_cfg) if decoder and device != "meta" else None
+    cfg = variant_config(base_config, spec, num_labels, path, pad_token_id=pad_id)
     auto = AutoModelForSequenceClassification if num_labels else AutoModel
     scratch = model_cfg.source == "scratch" or spec.init == "scratch"
     try:
@@ -265,6 +332,7 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
         model = add_lora(model, spec, path)
     k = num_layers_of(cfg)
     trainable = set_trainable(model, spec, k)
+    refuse_head_only(model, spec, cfg.model_type, path)
     total, counted = count_params(model)
     assert counted == trainable
     if device not in ("meta", "cpu"):
