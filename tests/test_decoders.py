@@ -220,13 +220,11 @@ def test_a_text_alone_and_right_padded_in_a_batch_gets_the_same_logits(family):
     assert padding_gap(model_cfg(family), family) < 1e-5
 
 
-def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
-    """Like Llama's or GPT-2's: no pad token, an eos. It pads with eos, and the model's pad id says so;
-    MiniLM's texts end in [SEP], here the eos, so the classifier reads the token before it, padded or not."""
-    src = packaged_path("packaged:minilm-l6")
-    folder = tmp_path / "tok"
+def save_tokenizer_without_pad(folder) -> None:
+    """MiniLM's tokenizer made like Llama's or GPT-2's: no pad token, an eos ([SEP])."""
     load_tokenizer(ModelConfig()).save_pretrained(folder)
-    shutil.copy(src / "config.json", folder / "config.json")
+    if not (folder / "config.json").exists():
+        shutil.copy(packaged_path("packaged:minilm-l6") / "config.json", folder / "config.json")
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     tok_cfg["pad_token"] = None  # BertTokenizer would fall back to its class default [PAD] if it were absent
     tok_cfg["eos_token"] = "[SEP]"
@@ -236,6 +234,13 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
         data = json.loads(special.read_text())
         data.pop("pad_token", None)
         special.write_text(json.dumps(data))
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
+    """It pads with eos, and the model's pad id says so. MiniLM's texts end in [SEP], here the eos,
+    so the classifier reads the token before it, padded or not."""
+    folder = tmp_path / "tok"
+    save_tokenizer_without_pad(folder)
     mc = dataclasses.replace(model_cfg("llama"), tokenizer=str(folder))
     tokenizer = load_tokenizer(mc)
     assert tokenizer.pad_token == "[SEP]" == tokenizer.eos_token
@@ -262,6 +267,38 @@ def test_a_depth2_decoder_saves_at_its_true_depth_and_reloads_with_the_same_logi
     assert max(layer_index(n) for n, _ in reloaded.named_parameters() if layer_index(n) is not None) == 1
     got = predict_logits(reloaded, val_ex, 4, "cpu", reloaded.config.pad_token_id)
     assert abs(got - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_a_pretrained_decoder_folder_keeps_its_first_blocks_and_pads_with_its_eos(family, tmp_path):
+    """A local folder as a user brings it: a *ForCausalLM checkpoint and a tokenizer without a pad token.
+    depth 2 loads the first two blocks' weights (the lm_head is dropped, `score` is new), the config's
+    pad id is the tokenizer's eos, and the saved variant reloads (qwen2's per-layer `layer_types`
+    truncated with the blocks)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from depthtune.finetuning import save_model
+    from depthtune.variants import scratch_config
+
+    folder = tmp_path / "pretrained"
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(scratch_config(model_cfg(family).scratch))
+    lm.save_pretrained(folder)
+    save_tokenizer_without_pad(folder)
+    mc = ModelConfig(source=str(folder))
+    tokenizer = load_tokenizer(mc)
+    spec, built = build(family, "depth2", model=mc)
+    assert built.config.pad_token_id == tokenizer.pad_token_id == tokenizer.eos_token_id
+    ours = dict(built.model.base_model.named_parameters())
+    theirs = dict(lm.base_model.named_parameters())
+    assert ours and all(torch.equal(p, theirs[n]) for n, p in ours.items())  # every kept weight, loaded
+    save_model(built.model, tokenizer, tmp_path / "m", variant="depth2", spec=spec, labels=["neg", "pos"],
+               audit=SimpleNamespace(trainable_params=1, total_params=1), base=str(folder))
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", use_safetensors=True)
+    assert num_layers_of(reloaded.config) == 2 and reloaded.config.pad_token_id == tokenizer.eos_token_id
+    saved_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")  # what serving and `depthtune predict` load
+    assert saved_tokenizer.pad_token_id == tokenizer.eos_token_id and "token_type_ids" not in saved_tokenizer("a b")
+    assert padding_gap(mc, family) < 1e-5
 
 
 # ----------------------------------------------------------------------------- the stages, end to end
