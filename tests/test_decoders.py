@@ -116,6 +116,18 @@ def test_audit_total_equals_named_parameters_and_the_closed_form(family, name):
         assert r.architecture["num_layers"] == (2 if name == "depth2" else 4)
 
 
+@pytest.mark.parametrize("family, block", [
+    # head_dim 16 with 4 query heads: q 32x64, k and v 32x32 (2 kv heads), o 64x32 = 6,144; mlp 6,144; norms 64
+    ("llama", 12352),
+    ("qwen3", 12352 + 2 * 16),  # + q_norm, k_norm over the 16-wide heads
+])
+def test_head_dim_apart_from_hidden_over_heads(family, block):
+    """Qwen3-0.6B's shape: 16 heads of 128 on a hidden size of 1,024 (not 1,024 / 16 = 64)."""
+    spec, built = build(family, "full", model=model_cfg(family, head_dim=16), device="meta")
+    r = audit_built(built, variant_name="full", spec=spec, num_labels=2, batch_size=8, seq_len=48)
+    assert r.total_params == EMB[family] + 4 * block + TOP[family] + HEAD and r.closed_form["matches"]
+
+
 def test_tied_embeddings_are_counted_once():
     spec, built = build("qwen2", "full", model=model_cfg("qwen2", tie_word_embeddings=True))
     assert built.config.tie_word_embeddings is True
@@ -162,6 +174,27 @@ def test_bitfit_trains_biases_where_the_family_has_them(family):
 # ----------------------------------------------------------------------------- refusals
 
 
+def test_the_audit_stage_refuses_a_head_only_variant_in_one_line(tmp_path, capsys):
+    """What a user sees: `bitfit: true` on a scratch Llama stops the audit stage, one line, nothing written."""
+    import yaml
+
+    from depthtune.files import run_main
+    from stages import audit
+
+    params = {"model": {"source": "scratch", "scratch": {**TINY, "model_type": "llama"}},
+              "variants": {"full": {}, "bf": {"bitfit": True}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: audit.main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "audit"),
+                                     "--labels", str(tmp_path / "labels.json"),
+                                     "--token-report", str(tmp_path / "report.json")]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2
+    assert err == ["error: variants.bf: bitfit on this llama would train only the head: it has no bias parameters "
+                   "outside the head; use lora or train_top"]
+    assert not (tmp_path / "audit").exists()
+
+
 @pytest.mark.parametrize("family, targets, listed", [
     ("llama", ["query", "value"], "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
     ("qwen3", ["q_proj", "score"], "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
@@ -169,12 +202,13 @@ def test_bitfit_trains_biases_where_the_family_has_them(family):
 ])
 def test_lora_targets_in_no_kept_layer_are_refused_with_the_names_that_exist(family, targets, listed):
     spec = parse_variant("l", {"lora": {"targets": targets, "layers": [3]}}, "variants.l")
-    with pytest.raises(ConfigError) as err:
-        build_variant(model_cfg(family), spec, 2, device="meta", path="variants.l")
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert msg.startswith("variants.l.lora.targets: ") and "match no module" in msg
-    assert f"linear modules are: {listed} (in layers [3])" in msg
+    for device in ("meta", "cpu"):
+        with pytest.raises(ConfigError) as err:
+            build_variant(model_cfg(family), spec, 2, device=device, path="variants.l")
+        msg = str(err.value)
+        assert "\n" not in msg
+        assert msg.startswith("variants.l.lora.targets: ") and "match no module" in msg
+        assert f"linear modules are: {listed} (in layers [3])" in msg
 
 
 @pytest.mark.parametrize("scratch, message", [
@@ -245,6 +279,18 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     tokenizer = load_tokenizer(mc)
     assert tokenizer.pad_token == "[SEP]" == tokenizer.eos_token
     assert padding_gap(mc, "llama") < 1e-5
+
+
+def test_a_tokenizer_with_nothing_to_pad_with_is_refused():
+    from depthtune.errors import ModelError
+    from depthtune.sources import ensure_pad_token
+
+    bare = SimpleNamespace(pad_token=None, eos_token=None, unk_token=None)
+    with pytest.raises(ModelError, match=r"^model\.tokenizer: the tokenizer of src has no pad, eos or unk token"):
+        ensure_pad_token(bare, "src")
+    only_unk = SimpleNamespace(pad_token=None, eos_token=None, unk_token="<unk>")
+    ensure_pad_token(only_unk, "src")
+    assert only_unk.pad_token == "<unk>"
 
 
 # ----------------------------------------------------------------------------- saving
