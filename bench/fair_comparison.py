@@ -5,7 +5,7 @@
     python -m bench.fair_comparison --set train.lr_search.enabled=true --tag search
 
 For each dataset: a clean clone of this repository's HEAD in a temporary folder (the venv linked),
-params.yaml's `data` section pointed at the dataset (every other key as committed, plus --set
+HEAD's params.yaml with its `data` section pointed at the dataset (every other key as committed, plus --set
 overrides), a cold `dvc repro` of the whole pipeline, then one table row per variant read from the
 records the pipeline wrote (metrics/train/<v>.json, metrics/eval/<v>.json) and the report's
 sentence from reports/comparison.json. Writes bench/results/fair-<device>-<date>[-tag].{json,md}.
@@ -152,7 +152,9 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary projects (printed)")
     ap.add_argument("--collect", metavar="DIR", help="read an already-run project (one dataset) instead of running")
     args = ap.parse_args(argv)
-    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    # params.yaml as committed: the clone runs HEAD, so uncommitted edits in the working tree must not leak in
+    base = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True,
+                                         text=True, check=True).stdout)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=True).stdout.strip()
     result = {"date": date.today().isoformat(), "device": "cpu", "tag": args.tag, "commit": commit,
