@@ -166,8 +166,8 @@ MODEL_CASES = [
     ("lora layer out of range", _scratch(), {"l": {"lora": {"layers": [7]}}},
      "error: variants.l.lora.layers: [7] out of range, the variant has layers 0..3"),
     ("lora target that matches no module", _scratch(), {"l": {"lora": {"targets": ["q_proj", "value"]}}},
-     "error: variants.l.lora.targets: ['q_proj'] match no module; linear modules are: classifier, dense, key, "
-     "query, value"),
+     "error: variants.l.lora.targets: ['q_proj'] match no module; linear modules are: dense, key, query, value "
+     "(in the kept layers)"),
     ("scratch hidden size not divisible by heads", _scratch(hidden_size=30, num_attention_heads=4), {"full": {}},
      "error: model.scratch.hidden_size: 30 is not divisible by num_attention_heads 4"),
     ("unknown packaged model", {"source": "packaged:bogus"}, {"full": {}},
