@@ -1,8 +1,16 @@
-"""The frozen prefix of a train_top variant (embeddings + bottom layers), run once and cached.
+"""The frozen prefix of a train_top variant (embeddings + bottom blocks), run once and cached.
 
-A train_top=k' variant of an L-layer encoder freezes the embeddings and layers [0, k), k = L - k'.
+A train_top=k' variant of an L-block model freezes the embeddings and blocks [0, k), k = L - k'.
 Their outputs never change, so they are computed once per example (`PrefixCache`) and every
-training step runs only layers [k, L), the pooler and the head (`top_forward`).
+training step runs only blocks [k, L) and the head (`top_forward`).
+
+Two kinds of model split this way:
+- encoders (bert, roberta): embeddings -> layers -> pooler/[CLS] -> classifier, bidirectional mask;
+- decoders (llama, qwen2, qwen3, mistral, gpt2): token embeddings (+ gpt2's learned positions) ->
+  blocks -> final norm -> `score` at the last non-pad token, causal mask (sliding-window where the
+  model's own forward uses one) and, for the rotary families, the same rotary position embeddings.
+  A decoder's hidden state at position p depends only on tokens <= p, so a text's prefix outputs
+  are the same alone or right-padded in any batch: they cache per text like an encoder's.
 """
 from __future__ import annotations
 
@@ -16,18 +24,33 @@ from torch import nn
 from depthtune.batching import Examples, autocast, collate
 from depthtune.config import VariantSpec
 
+ENCODERS = ("bert", "roberta")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+
 
 def frozen_prefix_layers(spec: VariantSpec, num_layers: int) -> int:
-    """How many bottom encoder layers (plus the embeddings) are frozen: train_top variants only."""
+    """How many bottom layers/blocks (plus the embeddings) are frozen: train_top variants only."""
     if spec.train_top is None:
         return 0
     return num_layers - spec.train_top
 
 
+def is_decoder(model: nn.Module) -> bool:
+    return getattr(model.config, "model_type", None) in DECODERS
+
+
 def supports_split_forward(model: nn.Module) -> bool:
+    """True when prefix_forward/top_forward can run this model in two halves."""
+    model_type = getattr(model.config, "model_type", None)
     base = getattr(model, "base_model", None)
-    return (getattr(model.config, "model_type", None) in ("bert", "roberta")
-            and hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer"))
+    if model_type in ENCODERS:
+        return hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer")
+    if model_type in DECODERS:
+        return decoder_blocks(base) is not None and isinstance(getattr(model, "score", None), nn.Linear)
+    return False
+
+
+# ----------------------------------------------------------------------------- encoders
 
 
 def _bidirectional_mask(model, hidden, attention_mask):
@@ -37,8 +60,7 @@ def _bidirectional_mask(model, hidden, attention_mask):
                                      attention_mask=attention_mask)
 
 
-def prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
-    """Embeddings + encoder layers [0, k): the frozen part (run in eval mode, no autograd)."""
+def encoder_prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
     base = model.base_model
     h = base.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
     mask = _bidirectional_mask(model, h, batch["attention_mask"])
@@ -47,8 +69,7 @@ def prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
     return h
 
 
-def top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Encoder layers [k, L), pooler and head on given hidden states -> logits."""
+def encoder_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
     base = model.base_model
     mask = _bidirectional_mask(model, hidden, attention_mask)
     for layer in base.encoder.layer[k:]:
@@ -59,17 +80,144 @@ def top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: in
     return model.classifier(model.dropout(pooled))
 
 
+# ----------------------------------------------------------------------------- decoders
+
+
+def decoder_blocks(base) -> Optional[nn.ModuleList]:
+    """The block list of a decoder's base model: `h` for gpt2, `layers` for the llama-like families."""
+    blocks = getattr(base, "h", None) if base.config.model_type == "gpt2" else getattr(base, "layers", None)
+    return blocks if isinstance(blocks, nn.ModuleList) else None
+
+
+def decoder_embedding_modules(base) -> list[nn.Module]:
+    """What runs before block 0: gpt2's word + position tables and its embedding dropout; else embed_tokens."""
+    if base.config.model_type == "gpt2":
+        return [base.wte, base.wpe, base.drop]
+    return [base.embed_tokens]
+
+
+def mask_kinds(config) -> list[str]:
+    """The attention pattern of each block, chosen as the model's own forward chooses it (transformers 5):
+    qwen2/qwen3 per block from config.layer_types (sliding on some blocks when use_sliding_window),
+    mistral sliding on every block when config.sliding_window is set (its default is 4,096),
+    llama and gpt2 plain causal."""
+    n = config.num_hidden_layers
+    if config.model_type in ("qwen2", "qwen3") and getattr(config, "layer_types", None):
+        return list(config.layer_types)
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
+def decoder_masks(config, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                  kinds: set) -> dict:
+    """{kind: mask} for the attention kinds used: causal AND padding, built by transformers' public mask
+    builders from the same arguments the model's forward passes them (no past key values)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask  # ~1 s import
+
+    build = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    return {kind: build[kind](config=config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids) for kind in kinds}
+
+
+def decoder_blocks_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                           stop: int) -> torch.Tensor:
+    """Blocks [start, stop) of a decoder on hidden states of right-padded texts.
+
+    Positions are 0..T-1 in every row, as the uncached forward numbers them (no position_ids given):
+    right padding leaves each text's real tokens at 0..len-1 either way. The rotary tables
+    (cos, sin) are computed once for all blocks, as the model does; gpt2 added its positions
+    at the embeddings and has no rotary table.
+    """
+    base = model.base_model
+    config = base.config
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    kinds = mask_kinds(config)[start:stop]
+    masks = decoder_masks(config, hidden, attention_mask, position_ids, set(kinds))
+    blocks = decoder_blocks(base)
+    if config.model_type == "gpt2":
+        for block, kind in zip(blocks[start:stop], kinds):
+            hidden = block(hidden, attention_mask=masks[kind], position_ids=position_ids)
+        return hidden
+    rotary = base.rotary_emb(hidden, position_ids)
+    for block, kind in zip(blocks[start:stop], kinds):
+        hidden = block(hidden, attention_mask=masks[kind], position_ids=position_ids, position_embeddings=rotary)
+    return hidden
+
+
+def decoder_embed(model, batch: dict) -> torch.Tensor:
+    """Token embeddings of a batch, as the base model's forward computes them before block 0."""
+    base = model.base_model
+    ids = batch["input_ids"]
+    if base.config.model_type != "gpt2":
+        return base.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    h = base.wte(ids) + base.wpe(positions)
+    if batch.get("token_type_ids") is not None:  # GPT2Model adds them as word embeddings (decoder tokenizers make none)
+        h = h + base.wte(batch["token_type_ids"])
+    return base.drop(h)
+
+
+def decoder_prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
+    h = decoder_embed(model, batch)
+    return decoder_blocks_forward(model, h, batch["attention_mask"], 0, k)
+
+
+def decoder_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Blocks [k, L), the final norm and `score` at each row's last position -> [B, num_labels].
+
+    The classifier reads the last token of each row's mask (the cache keeps each text up to the
+    token the uncached classifier pools, see pooled_lengths). The final norm and `score` act on
+    each position alone, so they run only on the pooled rows: B x H instead of B x T x H.
+    """
+    base = model.base_model
+    hidden = decoder_blocks_forward(model, hidden, attention_mask, k, len(decoder_blocks(base)))
+    last = attention_mask.sum(dim=1) - 1
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    final_norm = base.ln_f if base.config.model_type == "gpt2" else base.norm
+    return model.score(final_norm(pooled))
+
+
+def pooled_lengths(model, ex: Examples) -> list[int]:
+    """Tokens of each text the cache keeps: all of them for encoders; for decoders up to and including
+    the token the classifier pools, which *ForSequenceClassification finds as the rightmost token that
+    is not the pad id (index 0 when every token is). A tokenizer padding with eos pads texts that end in
+    eos: the classifier reads the token before, and tokens after the pooled one never reach it (causal)."""
+    pad = model.config.pad_token_id
+    if not is_decoder(model) or pad is None:
+        return list(ex.lengths)
+    return [1 + max((j for j, t in enumerate(ids) if t != pad), default=0) for ids in ex.input_ids]
+
+
+# ----------------------------------------------------------------------------- either kind
+
+
+def prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
+    """Embeddings + layers/blocks [0, k): the frozen part (run in eval mode, no autograd)."""
+    if is_decoder(model):
+        return decoder_prefix_forward(model, batch, k)
+    return encoder_prefix_forward(model, batch, k)
+
+
+def top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Layers/blocks [k, L) and the head on given hidden states (right-padded, `attention_mask`) -> logits."""
+    if is_decoder(model):
+        return decoder_top_forward(model, hidden, attention_mask, k)
+    return encoder_top_forward(model, hidden, attention_mask, k)
+
+
 class PrefixCache:
     """Outputs of the frozen prefix for every example, computed once.
 
     Stored unpadded as one [total_tokens, H] fp32 tensor plus offsets:
     2,000 texts * ~30 tokens * 384 * 4 B = ~92 MB. Above `disk_threshold` bytes
-    the tensor lives in a memory-mapped file instead of RAM.
+    the tensor lives in a memory-mapped file instead of RAM. Decoders keep each text
+    up to the token their classifier pools (pooled_lengths); encoders keep every token.
     """
 
     def __init__(self, model, ex: Examples, k: int, device: str, batch_size: int, pad_id: int,
                  disk_dir: Optional[Path] = None, disk_threshold: int = 2 << 30):
-        lengths = ex.lengths
+        lengths = pooled_lengths(model, ex)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         H = model.config.hidden_size
         nbytes = int(self.offsets[-1]) * H * 4
@@ -101,14 +249,21 @@ class PrefixCache:
         return hidden.to(device), mask.to(device)
 
 
+def frozen_prefix_modules(model: nn.Module, k: int) -> list[nn.Module]:
+    """The embeddings and the first k layers/blocks: what a train_top variant freezes ([] when unsplittable)."""
+    if k <= 0 or not supports_split_forward(model):
+        return []
+    base = model.base_model
+    if is_decoder(model):
+        return decoder_embedding_modules(base) + list(decoder_blocks(base)[:k])
+    return [base.embeddings] + list(base.encoder.layer[:k])
+
+
 def set_train_mode(model: nn.Module, k: int) -> None:
-    """Train mode for the trainable part; the frozen prefix runs without dropout (eval)."""
+    """Train mode for the trainable part; the frozen prefix runs without dropout (eval), cached or not."""
     model.train()
-    if k > 0 and supports_split_forward(model):
-        base = model.base_model
-        base.embeddings.eval()
-        for layer in base.encoder.layer[:k]:
-            layer.eval()
+    for module in frozen_prefix_modules(model, k):
+        module.eval()
 
 
 @torch.no_grad()
