@@ -176,6 +176,9 @@ class LrSearch:
     enabled: bool = _f(False)
     factors: list = _f([0.25, 0.5, 1.0, 2.0, 4.0])
     first_rung: int = _f(1, lo=1)  # evaluations every candidate trains before the first cut
+    # the winner replaces the configured lr only when its paired test against it on the validation split
+    # (McNemar for accuracy, paired bootstrap for macro-F1) has p < alpha; 1.0 = the best score always wins
+    alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True)
 
     def __post_init__(self):
         bad = [f for f in self.factors if isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0]

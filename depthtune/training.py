@@ -418,15 +418,20 @@ def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     return patience_spent(run.cfg, state)
 
 
-def score_validation(run: TrainSetup) -> dict:
-    """{accuracy, macro_f1} of the model on the validation split (from the cache when there is one)."""
+def validation_predictions(run: TrainSetup) -> list[int]:
+    """The model's predicted label per validation text (from the cache when there is one)."""
     if run.val_cache is not None:
         logits = predict_cached(run.model, run.val_cache, run.frozen, len(run.val_ex), run.eval_batch_size,
                                 run.device, run.autocast_dtype)
     else:
         logits = predict_logits(run.model, run.val_ex, run.eval_batch_size, run.device, run.pad_id,
                                 run.autocast_dtype)
-    return quick_scores(logits.argmax(-1).tolist(), run.val_ex.labels, run.num_labels)
+    return logits.argmax(-1).tolist()
+
+
+def score_validation(run: TrainSetup) -> dict:
+    """{accuracy, macro_f1} of the model on the validation split."""
+    return quick_scores(validation_predictions(run), run.val_ex.labels, run.num_labels)
 
 
 def save(run: TrainSetup, state: TrainState, best: BestWeights) -> None:

@@ -105,8 +105,12 @@ def test_successive_halving_then_the_winner_trains_on_exactly_as_a_plain_run_at_
     assert sorted(c["steps"] for c in cands) == [6] * (5 - len(rung1)) + [18] * len(rung1) and out.steps == 24
     assert result["chosen_lr"] == cfg.lr and result["extra_steps"] == 6 * (5 - len(rung1)) + 18 * (len(rung1) - 1)
     second = [c for c in cands if c["rung"] == 1]
-    winner = max(second, key=lambda c: (c["val_accuracy"], c["lr"] == CFG.lr, -c["lr"]))
-    assert winner["lr"] == result["chosen_lr"]
+    leader = max(second, key=lambda c: (c["val_accuracy"], c["lr"] == CFG.lr, -c["lr"]))
+    assert leader["lr"] == result["best_on_validation"]
+    # the leader replaces the configured lr only when significantly better on the validation texts
+    p = result["p_vs_configured"]
+    assert (p is None) == (leader["lr"] == CFG.lr)
+    assert result["chosen_lr"] == (leader["lr"] if p is not None and p < 0.05 else CFG.lr)
     assert result["at_edge"] == (result["chosen_lr"] in (2.5e-4, 4e-3))
     # the winner's run is the real run: a plain train() at the chosen lr gives the same curves, bit for bit
     train_ex, val_ex = data
@@ -125,6 +129,19 @@ def test_successive_halving_then_the_winner_trains_on_exactly_as_a_plain_run_at_
     # deterministic
     _, again = build({})
     assert without_seconds(search(spec, again, data)[2]) == without_seconds(result)
+
+
+def test_without_the_gate_the_validation_leader_wins_and_with_it_a_small_lead_keeps_the_prior(data):
+    spec, built = build({})
+    open_cfg = dataclasses.replace(CFG, lr_search=LrSearch(enabled=True, alpha=1.0))
+    _, cfg, result = search(spec, built, data, cfg=open_cfg)
+    assert result["chosen_lr"] == result["best_on_validation"] == cfg.lr and result["p_vs_configured"] is None
+    # 32 validation texts: no lead is significant at a tiny alpha, so the configured lr stays
+    _, strict = build({})
+    _, cfg, gated = search(spec, strict, data, cfg=dataclasses.replace(CFG, lr_search=LrSearch(enabled=True,
+                                                                                             alpha=1e-9)))
+    assert gated["best_on_validation"] == result["best_on_validation"] and gated["chosen_lr"] == CFG.lr == cfg.lr
+    assert (gated["p_vs_configured"] is None) == (result["best_on_validation"] == CFG.lr)
 
 
 def test_only_the_validation_split_is_scored(data):
