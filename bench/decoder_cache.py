@@ -1,6 +1,7 @@
 """A decoder's train_top variant with and without the frozen-prefix cache: same steps, one run (issue 14).
 
-    python -m bench.decoder_cache                  # ~3-6 min on 2 busy cores
+    python -m bench.decoder_cache                  # ~20 s on 2 idle cores (minutes on shared ones)
+    python -m bench.decoder_cache --threads 1      # one torch thread: steadier when other jobs share the cores
     python -m bench.decoder_cache --repeats 1 --n-train 64 --n-val 16 --tag quick   # a smoke run
 
 The job: a random-init Llama classifier (hidden 256, 8 blocks, 4 query heads and 2 key/value heads of
