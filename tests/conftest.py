@@ -1,6 +1,7 @@
 """Shared fixtures: offline settings, the shared datasets, a tiny random-init BERT."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -98,6 +99,33 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
     for key, value in overrides.items():
         params[key] = {**params.get(key, {}), **value}
     return params
+
+
+@contextlib.contextmanager
+def in_project(project: Path):
+    """Run stage mains in `project` (cwd) in this process; the cwd and torch's thread count come back after."""
+    import torch
+
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(project)
+    try:
+        yield project
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+
+
+def run_stages(project: Path, variants, *, evaluate: bool = True) -> None:
+    """prepare, tokenization and audit, then finetune (and evaluation) of each variant, in-process."""
+    from stages import audit, evaluation, finetune, prepare, tokenization
+
+    with in_project(project):
+        for stage in (prepare, tokenization, audit):
+            stage.main([])
+        for v in variants:
+            finetune.main(["--variant", v])
+            if evaluate:
+                evaluation.main(["--variant", v])
 
 
 def make_project(dest: Path, params: dict, git: bool = True) -> Path:

@@ -350,31 +350,21 @@ def test_a_pretrained_decoder_folder_keeps_its_first_blocks_and_pads_with_its_eo
 # ----------------------------------------------------------------------------- the stages, end to end
 
 
-def test_a_scratch_llama_classifier_runs_through_the_stages(shared_data, tmp_path, monkeypatch):
+def test_a_scratch_llama_classifier_runs_through_the_stages(shared_data, tmp_path):
     """prepare -> tokenization -> audit -> finetune -> evaluation in process (tracking off), like a user's
     params.yaml with `model.scratch.model_type: llama`: the audit's counts are the trained model's
     (build_checked asserts them), and the evaluation scores the saved decoder."""
     import yaml
 
     from depthtune.records import AuditRecord, EvalRecord, TrainRecord
-    from stages import audit, evaluation, finetune, prepare, tokenization
-    from tests.conftest import tiny_params
+    from tests.conftest import run_stages, tiny_params
 
     scratch = {**TINY, "model_type": "llama", "num_key_value_heads": 2}
     lora = {"lora": {"r": 4, "targets": ["q_proj", "v_proj", "down_proj"], "layers": [3]}}
     params = tiny_params(shared_data, variants={"top1": {"train_top": 1}, "lora": lora},
                          model={"scratch": scratch}, tracking={"enabled": False}, train={"epochs": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    try:
-        for stage in (prepare, tokenization, audit):
-            stage.main([])
-        for v in ("top1", "lora"):
-            finetune.main(["--variant", v])
-            evaluation.main(["--variant", v])
-    finally:
-        torch.set_num_threads(threads)
+    run_stages(tmp_path, ["top1", "lora"])
     for v in ("top1", "lora"):
         a = AuditRecord.read(tmp_path / f"audit/{v}.json")
         assert a.architecture["model_type"] == "llama" and a.closed_form["matches"]

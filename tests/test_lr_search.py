@@ -21,7 +21,7 @@ from depthtune.prefix_cache import PrefixCache
 from depthtune.records import AuditRecord, TrainRecord
 from depthtune.tracking import training_metrics
 from depthtune.variants import build_variant
-from tests.conftest import TINY_ARCH, tiny_params
+from tests.conftest import TINY_ARCH, in_project, run_stages, tiny_params
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
 # 96 texts / batch 8 = 12 steps an epoch, validated after steps 6, 12, 18, 24 (2 an epoch, 2 epochs):
@@ -174,7 +174,7 @@ def test_a_train_top_variant_caches_its_prefix_once_for_every_candidate_and_the_
 @pytest.fixture(scope="module")
 def stage_runs(shared_data, tmp_path_factory):
     """The finetune stage of a tiny probe project, run with the search off and on (tracking off)."""
-    from stages import audit, finetune, prepare, tokenization
+    from stages import finetune
 
     project = tmp_path_factory.mktemp("project")
     params = tiny_params(shared_data, variants={"probe": {"train_top": 0, "train": {"lr": 5e-3}}},
@@ -184,20 +184,11 @@ def stage_runs(shared_data, tmp_path_factory):
     params["train"]["lr_search"] = {"enabled": True, "factors": [0.5, 1.0, 2.0], "first_rung": 1}
     (project / "params-on.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = {"off": io.StringIO(), "on": io.StringIO()}
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(project)
-        threads = torch.get_num_threads()
-        try:
-            prepare.main([])
-            tokenization.main([])
-            audit.main([])
-            with contextlib.redirect_stdout(out["off"]):
-                finetune.main(["--variant", "probe"])
-            with contextlib.redirect_stdout(out["on"]):
-                finetune.main(["--variant", "probe", "--params", "params-on.yaml", "--metrics", "on.json",
-                               "--model", "models/probe-on", "--loss-plot", "on.csv"])
-        finally:
-            torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(out["off"]):
+        run_stages(project, ["probe"], evaluate=False)
+    with in_project(project), contextlib.redirect_stdout(out["on"]):
+        finetune.main(["--variant", "probe", "--params", "params-on.yaml", "--metrics", "on.json",
+                       "--model", "models/probe-on", "--loss-plot", "on.csv"])
     project.joinpath("off.log").write_text(out["off"].getvalue())
     project.joinpath("on.log").write_text(out["on"].getvalue())
     return project

@@ -14,30 +14,20 @@ from depthtune.evaluator import load_saved_model
 from depthtune.metric_modules import quick_scores
 from depthtune.records import EvalRecord, TrainRecord
 from depthtune.tokenized import load_tokenized
-from tests.conftest import tiny_params
+from tests.conftest import in_project, run_stages, tiny_params
 
 
 @pytest.fixture(scope="module")
 def seeded(shared_data, tmp_path_factory):
-    from stages import audit, compare, evaluation, finetune, prepare, tokenization
+    from stages import compare
 
     project = tmp_path_factory.mktemp("seeds")
     params = tiny_params(shared_data, variants={"probe": {"train_top": 0, "train": {"lr": 5e-3}}, "full": {}},
                          tracking={"enabled": False}, train={"seeds": 3})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(project)
-        threads = torch.get_num_threads()
-        try:
-            prepare.main([])
-            tokenization.main([])
-            audit.main([])
-            for v in ("probe", "full"):
-                finetune.main(["--variant", v])
-                evaluation.main(["--variant", v])
-            compare.main([])
-        finally:
-            torch.set_num_threads(threads)
+    run_stages(project, ["probe", "full"])
+    with in_project(project):
+        compare.main([])
     return project
 
 
@@ -71,21 +61,11 @@ def test_evaluation_scores_every_seed_on_the_same_texts_and_the_report_shows_the
     assert f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f} ({min(accs):.4f}-{max(accs):.4f})" in md
 
 
-def test_one_seed_writes_an_empty_seed_folder_and_no_spread(shared_data, tmp_path, monkeypatch):
-    from stages import audit, evaluation, finetune, prepare, tokenization
-
+def test_one_seed_writes_an_empty_seed_folder_and_no_spread(shared_data, tmp_path):
     params = tiny_params(shared_data, variants={"probe": {"train_top": 0, "train": {"lr": 5e-3}}},
                          tracking={"enabled": False}, train={"epochs": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    try:
-        for stage in (prepare, tokenization, audit):
-            stage.main([])
-        finetune.main(["--variant", "probe"])
-        evaluation.main(["--variant", "probe"])
-    finally:
-        torch.set_num_threads(threads)
+    run_stages(tmp_path, ["probe"])
     assert [p.name for p in (tmp_path / "seed_models/probe").iterdir()] == ["seeds.json"]
     assert TrainRecord.read(tmp_path / "metrics/train/probe.json").seed_runs == []
     assert EvalRecord.read(tmp_path / "metrics/eval/probe.json").seed_scores == []
