@@ -98,7 +98,7 @@ def run_pipeline(project: Path, params: dict) -> float:
     return wall
 
 
-def variant_row(project: Path, name: str, spec: dict, defaults: dict) -> dict:
+def variant_row(project: Path, name: str) -> dict:
     """One variant's figures from its train and eval records."""
     train = json.loads((project / "metrics" / "train" / f"{name}.json").read_text())
     ev = json.loads((project / "metrics" / "eval" / f"{name}.json").read_text())
@@ -115,7 +115,7 @@ def variant_row(project: Path, name: str, spec: dict, defaults: dict) -> dict:
 
 def collect(project: Path, params: dict) -> dict:
     comparison = json.loads((project / "reports" / "comparison.json").read_text())
-    rows = [variant_row(project, name, spec or {}, params["train"]) for name, spec in params["variants"].items()]
+    rows = [variant_row(project, name) for name in params["variants"]]
     labels = json.loads((project / "data" / "prepared" / "labels.json").read_text())
     return {"rows": rows, "sentence": comparison["verdict"]["sentence"], "num_labels": len(labels["names"])}
 
