@@ -45,6 +45,18 @@ ENCODER_TYPES = ("bert", "roberta", "distilbert")
 DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 GQA_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # grouped-query attention: fewer key/value heads
 
+# What the variants are trained to do. classification: one label per text (encoders read the first token,
+# decoders the last non-pad one). causal_lm: next-token prediction on the texts (decoders only).
+TASKS = ("classification", "causal_lm")
+CLASSIFICATION_METRICS = ("accuracy", "macro_f1")  # higher is better
+LM_METRICS = ("perplexity", "bits_per_byte")  # lower is better
+METRICS_OF_TASK = {"classification": CLASSIFICATION_METRICS, "causal_lm": LM_METRICS}
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of a metric: early stopping, the comparison and the registry's gate all ask here."""
+    return metric not in LM_METRICS
+
 
 @dataclass(frozen=True)
 class ScratchArch:
@@ -209,14 +221,21 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, lo=1)
     cache_frozen_prefix: bool = _f(True)
     num_threads: int = _f(0, lo=0)  # torch threads on the CPU; 0 = all cores
+    # auto = bf16 autocast on a GPU, fp32 on the CPU; fp32; bf16-autocast (fp32 weights, bf16 matmuls);
+    # bf16 (the weights themselves in bf16: half the memory of weights, gradients and optimizer state)
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16-autocast", "bf16"))
+    gradient_checkpointing: bool = _f(False)  # recompute block activations in backward: less memory, ~1.3x time
     lr_search: LrSearch = field(default_factory=LrSearch)
 
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    metric: str = _f("accuracy", choices=("accuracy", "macro_f1"))
+    # classification: accuracy | macro_f1; causal_lm: perplexity | bits_per_byte (lower is better)
+    metric: str = _f("accuracy", choices=CLASSIFICATION_METRICS + LM_METRICS)
     batch_size: int = _f(32, lo=1)
     latency_examples: int = _f(50, lo=1)  # batch-1 forward passes timed for p50/p95
+    generations: int = _f(3, lo=0, hi=100)  # causal_lm: test texts continued by greedy decoding (result JSON)
+    max_new_tokens: int = _f(24, lo=1, hi=1024)  # causal_lm: tokens generated per continuation
 
 
 @dataclass(frozen=True)
@@ -237,11 +256,12 @@ class CompareConfig:
 @dataclass(frozen=True)
 class RegistryConfig:
     model_name: str = _f("depthtune-classifier")
-    metric: str = _f("accuracy", choices=("accuracy", "macro_f1"))
+    metric: str = _f("accuracy", choices=CLASSIFICATION_METRICS + LM_METRICS)
     min_delta: float = _f(0.005, lo=0.0, hi=1.0)
     # the candidate must beat the champion by a paired test at this level (and by min_delta)
     alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
-    min_metric: float = _f(0.6, lo=0.0, hi=1.0)
+    min_metric: float = _f(0.6, lo=0.0, hi=1.0)  # accuracy / macro_f1: at least this to be registered
+    max_metric: Optional[float] = _f(None, lo=0.0, lo_open=True)  # perplexity / bits_per_byte: at most this
     max_trainable_params: Optional[int] = _f(None, lo=1)
     max_latency_ms: Optional[float] = _f(None, lo=0.0, lo_open=True)
 
@@ -254,6 +274,7 @@ class RetrainConfig:
 
 @dataclass(frozen=True)
 class Params:
+    task: str = _f("classification", choices=TASKS)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     variants: dict = _f({})  # name -> VariantSpec
@@ -402,7 +423,16 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         variants[name] = parse_variant(name, spec, f"variants.{name}")
     if len({n.lower() for n in variants}) != len(variants):
         raise ConfigError("variants: names differ only by case; DVC outputs would collide on some filesystems")
+    check_task_metrics(params)
     return dataclasses.replace(params, variants=variants)
+
+
+def check_task_metrics(params: Params) -> None:
+    """evaluation.metric and registry.metric must be metrics of the task (perplexity ranks no classifier)."""
+    allowed = METRICS_OF_TASK[params.task]
+    for key, metric in (("evaluation.metric", params.evaluation.metric), ("registry.metric", params.registry.metric)):
+        if metric not in allowed:
+            raise ConfigError(f"{key}: {metric} is not a {params.task} metric; expected one of {', '.join(allowed)}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
