@@ -183,14 +183,20 @@ def variant_config(base_config, spec: VariantSpec, num_labels: int, path: str = 
 # ----------------------------------------------------------------------------- trainability
 
 
-def is_trainable(name: str, spec: VariantSpec, num_layers: int) -> bool:
-    """The freezing rule of every variant kind, for one parameter name."""
+def is_trainable(name: str, spec: VariantSpec, num_layers: int, task: str = "classification") -> bool:
+    """The freezing rule of every variant kind, for one parameter name.
+
+    A classifier's head is new (random init): every variant trains it. A causal LM's `lm_head` is
+    pretrained: LoRA and BitFit leave it frozen (an untied Llama-7B head alone is 131M parameters);
+    train_top trains it with the top blocks (when tied, it is the input embeddings and stays frozen).
+    """
     fine = classify_param(name)
     coarse = coarse_bucket(fine)
+    new_head = coarse == "head" and task == "classification"
     if spec.lora is not None:
-        return coarse == "head" or "adapter" in fine
+        return new_head or "adapter" in fine
     if spec.bitfit:
-        return coarse == "head" or name.endswith(".bias")
+        return new_head or name.endswith(".bias")
     if spec.train_top is not None:
         if coarse in ("head", "pooler", "final_norm"):
             return True
@@ -199,11 +205,11 @@ def is_trainable(name: str, spec: VariantSpec, num_layers: int) -> bool:
     return True  # full fine-tuning (pretrained or scratch)
 
 
-def set_trainable(model: nn.Module, spec: VariantSpec, num_layers: int) -> int:
+def set_trainable(model: nn.Module, spec: VariantSpec, num_layers: int, task: str = "classification") -> int:
     """The one freezing function: sets requires_grad on every parameter, returns the trainable count."""
     count = 0
     for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable(name, spec, num_layers))
+        p.requires_grad_(is_trainable(name, spec, num_layers, task))
         count += p.numel() if p.requires_grad else 0
     return count
 
@@ -217,9 +223,12 @@ def refuse_head_only(model: nn.Module, spec: VariantSpec, model_type: str, path:
         return
     if spec.bitfit:
         kind, why = "bitfit", "it has no bias parameters outside the head; use lora or train_top"
+        if not any(p.requires_grad for p in model.parameters()):
+            why = "it has no bias parameters; use lora or train_top"  # causal_lm: the lm_head stays frozen
     else:
         kind, why = "lora", "no adapter sits in a kept layer"
-    raise ConfigError(f"{path}: {kind} on this {model_type} would train only the head: {why}")
+    what = "only the head" if any(p.requires_grad for p in model.parameters()) else "nothing"
+    raise ConfigError(f"{path}: {kind} on this {model_type} would train {what}: {why}")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -284,18 +293,31 @@ class BuiltVariant:
     trainable_params: int
 
 
+def model_class(task: str, num_labels: int, model_type: str, path: str = "variant"):
+    """The transformers auto class of the task: a sequence classifier, a causal LM, or the bare model."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "causal_lm":
+        if model_type not in DECODER_TYPES:
+            raise ConfigError(f"{path}: task causal_lm needs a decoder ({', '.join(DECODER_TYPES)}); "
+                              f"the model is a {model_type}")
+        return AutoModelForCausalLM
+    return AutoModelForSequenceClassification if num_labels else AutoModel
+
+
 def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, device: str = "cpu",
-                  base_config=None, path: str = "variant", seed: int = 0) -> BuiltVariant:
+                  base_config=None, path: str = "variant", seed: int = 0,
+                  task: str = "classification") -> BuiltVariant:
     """Build the variant with exactly the intended parameters trainable.
 
     device="meta" builds the structure without weights (the audit); otherwise
     pretrained weights are loaded from safetensors (or random init for scratch).
-    num_labels=0 builds the bare model (AutoModel); N builds a sequence classifier (decoders:
-    the head `score` reads the last non-pad token).
+    task classification: num_labels=0 builds the bare model (AutoModel); N builds a sequence classifier
+    (decoders: the head `score` reads the last non-pad token). task causal_lm: the decoder with its
+    language-model head `lm_head` (tied to the input embeddings when the config says so; num_labels unused).
     Refused with a one-line ConfigError: a variant that would train only the head by accident
     (BitFit without biases, LoRA targets in no kept layer).
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     base_config = base_config if base_config is not None else load_base_config(model_cfg)
@@ -304,8 +326,9 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     # needs no tokenizer (`depthtune audit --config` has none): the pad id changes no parameter count.
     decoder = getattr(base_config, "model_type", None) in DECODER_TYPES
     pad_id = sources.tokenizer_pad_id(model_cfg) if decoder and device != "meta" else None
-    cfg = variant_config(base_config, spec, num_labels, path, pad_token_id=pad_id)
-    auto = AutoModelForSequenceClassification if num_labels else AutoModel
+    auto = model_class(task, num_labels, getattr(base_config, "model_type", None), path)
+    cfg = variant_config(base_config, spec, num_labels if task == "classification" else 0, path,
+                         pad_token_id=pad_id)
     scratch = model_cfg.source == "scratch" or spec.init == "scratch"
     try:
         if device == "meta" or scratch:
@@ -331,7 +354,7 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     if spec.lora is not None:
         model = add_lora(model, spec, path)
     k = num_layers_of(cfg)
-    trainable = set_trainable(model, spec, k)
+    trainable = set_trainable(model, spec, k, task)
     refuse_head_only(model, spec, cfg.model_type, path)
     total, counted = count_params(model)
     assert counted == trainable
