@@ -38,6 +38,9 @@ from depthtune.layout import SPLITS
 from depthtune.runtime import is_offline
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "labeltext")
+# task causal_lm reads texts only (label_column None): every row gets this one label, so cleaning,
+# deduplication, splitting and leakage checks run unchanged (a split stratified on one class is a random one)
+TEXT_ONLY_LABEL = "text"
 EXTENSIONS = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -219,7 +222,7 @@ def read_labeltext(path: str | Path, *, encoding: str = "utf-8", name: str = "tr
     return out
 
 
-def read_delimited(path: str | Path, *, text_column: str, label_column: str, delimiter: Optional[str] = None,
+def read_delimited(path: str | Path, *, text_column: str, label_column: Optional[str], delimiter: Optional[str] = None,
                    quoting: bool = True, encoding: str = "utf-8", fmt: str = "csv",
                    name: str = "train") -> RawSplit:
     """CSV/TSV with a header row. A row with another number of fields than the header is an error."""
@@ -244,9 +247,9 @@ def read_delimited(path: str | Path, *, text_column: str, label_column: str, del
                 out.columns = header
                 if text_column not in header:
                     raise _missing_column(path, "text", text_column, header, "text_column")
-                if label_column not in header:
+                if label_column is not None and label_column not in header:
                     raise _missing_column(path, "label", label_column, header, "label_column")
-                ti, li = header.index(text_column), header.index(label_column)
+                ti, li = header.index(text_column), header.index(label_column) if label_column else None
                 continue
             data_row += 1
             if len(record) != len(header):
@@ -254,7 +257,7 @@ def read_delimited(path: str | Path, *, text_column: str, label_column: str, del
                         "set data.quoting: false if texts contain quote characters")
                 raise DataError(f"{path}: row {data_row} (line {reader.line_num}) has {len(record)} fields, "
                                 f"expected {len(header)} like the header ({', '.join(header)}); {hint}")
-            body, label = record[ti], record[li]
+            body, label = record[ti], record[li] if li is not None else TEXT_ONLY_LABEL
             if _has_undecodable(body, label):
                 out.undecodable.append(reader.line_num)
             else:
@@ -266,7 +269,7 @@ def read_delimited(path: str | Path, *, text_column: str, label_column: str, del
     return out
 
 
-def read_jsonl(path: str | Path, *, text_column: str, label_column: str, encoding: str = "utf-8",
+def read_jsonl(path: str | Path, *, text_column: str, label_column: Optional[str], encoding: str = "utf-8",
                name: str = "train") -> RawSplit:
     """JSON Lines (one object a line), or a .json file holding one array of objects."""
     path = Path(path)
@@ -300,10 +303,11 @@ def read_jsonl(path: str | Path, *, text_column: str, label_column: str, encodin
     if records:
         if text_column not in columns:
             raise _missing_column(path, "text", text_column, list(columns), "text_column")
-        if label_column not in columns:
+        if label_column is not None and label_column not in columns:
             raise _missing_column(path, "label", label_column, list(columns), "label_column")
     for number, obj in records:
-        body, label = obj.get(text_column), obj.get(label_column)
+        body = obj.get(text_column)
+        label = obj.get(label_column) if label_column is not None else TEXT_ONLY_LABEL
         if _has_undecodable(body, label):
             out.undecodable.append(number)
         else:
@@ -311,7 +315,7 @@ def read_jsonl(path: str | Path, *, text_column: str, label_column: str, encodin
     return out
 
 
-def read_parquet(path: str | Path, *, text_column: str, label_column: str, name: str = "train") -> RawSplit:
+def read_parquet(path: str | Path, *, text_column: str, label_column: Optional[str], name: str = "train") -> RawSplit:
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -328,21 +332,22 @@ def read_parquet(path: str | Path, *, text_column: str, label_column: str, name:
         columns = list(pf.schema_arrow.names)
         if text_column not in columns:
             raise _missing_column(path, "text", text_column, columns, "text_column")
-        if label_column not in columns:
+        if label_column is not None and label_column not in columns:
             raise _missing_column(path, "label", label_column, columns, "label_column")
-        table = pf.read(columns=list(dict.fromkeys([text_column, label_column])))
+        table = pf.read(columns=list(dict.fromkeys([c for c in (text_column, label_column) if c])))
     except DataError:
         raise
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DataError(f"{path}: not a readable Parquet file ({first_line(exc)})") from None
     texts = table.column(text_column).to_pylist()
-    labels = table.column(label_column).to_pylist()
+    labels = table.column(label_column).to_pylist() if label_column else [TEXT_ONLY_LABEL] * len(texts)
     out = RawSplit(name=name, origin=str(path), format="parquet", columns=columns)
     out.rows = [(i, _normalize_text(t), lab) for i, (t, lab) in enumerate(zip(texts, labels), start=1)]
     return out
 
 
-def read_file(path: str | Path, *, format: str = "auto", text_column: str = "text", label_column: str = "label",
+def read_file(path: str | Path, *, format: str = "auto", text_column: str = "text",
+              label_column: Optional[str] = "label",
               delimiter: Optional[str] = None, quoting: bool = True, encoding: str = "utf-8",
               name: str = "train") -> RawSplit:
     """Read one local file of labelled text in any supported format."""
@@ -352,7 +357,10 @@ def read_file(path: str | Path, *, format: str = "auto", text_column: str = "tex
     except LookupError:
         raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
     if fmt == "labeltext":
-        return read_labeltext(path, encoding=encoding, name=name)
+        raw = read_labeltext(path, encoding=encoding, name=name)
+        if label_column is None:  # texts only: the first token is still the file's label, dropped here
+            raw.rows = [(row, text, TEXT_ONLY_LABEL) for row, text, _ in raw.rows]
+        return raw
     if fmt in ("csv", "tsv"):
         return read_delimited(path, text_column=text_column, label_column=label_column, delimiter=delimiter,
                               quoting=quoting, encoding=encoding, fmt=fmt, name=name)
@@ -366,7 +374,7 @@ _HUB_SPLITS = {"train": "train", "validation": "validation", "valid": "validatio
 
 
 def read_hub(dataset_id: str, *, config_name: Optional[str] = None, text_column: str = "text",
-             label_column: str = "label") -> SourceData:
+             label_column: Optional[str] = "label") -> SourceData:
     """`datasets.load_dataset(dataset_id, config_name)`; refused at once when the Hub is offline."""
     spec = f"hub:{dataset_id}"
     if not dataset_id:
@@ -392,11 +400,11 @@ def read_hub(dataset_id: str, *, config_name: Optional[str] = None, text_column:
         where = f"{spec} split {hub_split}"
         if text_column not in ds.column_names:
             raise _missing_column(where, "text", text_column, ds.column_names, "text_column")
-        if label_column not in ds.column_names:
+        if label_column is not None and label_column not in ds.column_names:
             raise _missing_column(where, "label", label_column, ds.column_names, "label_column")
-        feature = ds.features[label_column]
+        feature = ds.features[label_column] if label_column else None
         names = getattr(feature, "names", None)  # ClassLabel
-        labels = ds[label_column]
+        labels = ds[label_column] if label_column else [TEXT_ONLY_LABEL] * len(ds)
         if names:
             label_order = tuple(str(n) for n in names)
             labels = [names[v] if isinstance(v, int) and 0 <= v < len(names) else None for v in labels]
@@ -422,9 +430,22 @@ def read_builtin(name: str, *, cache_dir: str | Path | None = None) -> SourceDat
     return SourceData(inputs={"train": raw}, label_order=builtin_data.LABELS, info=info)
 
 
-def read_source(cfg: DataConfig, *, cache_dir: str | Path | None = None) -> SourceData:
-    """The configured data as raw inputs: `data.files` if given, else `data.source`."""
-    opts = dict(format=cfg.format, text_column=cfg.text_column, label_column=cfg.label_column,
+def read_source(cfg: DataConfig, *, cache_dir: str | Path | None = None, labelled: bool = True) -> SourceData:
+    """The configured data as raw inputs: `data.files` if given, else `data.source`.
+
+    labelled=False (task causal_lm): only the text column is read; every row is labelled TEXT_ONLY_LABEL.
+    """
+    source = read_labelled_source(cfg, cache_dir=cache_dir, label_column=cfg.label_column if labelled else None)
+    if not labelled:
+        for raw in source.inputs.values():  # the builtin data comes labelled: its labels are not the task's
+            raw.rows = [(row, text, TEXT_ONLY_LABEL) for row, text, _ in raw.rows]
+        source.label_order = None
+    return source
+
+
+def read_labelled_source(cfg: DataConfig, *, cache_dir: str | Path | None, label_column: Optional[str]) -> SourceData:
+    """read_source's reading: each kind of source with the label column given (None: texts only)."""
+    opts = dict(format=cfg.format, text_column=cfg.text_column, label_column=label_column,
                 delimiter=cfg.delimiter, quoting=cfg.quoting, encoding=cfg.encoding)
     if cfg.files:
         unknown = [k for k in cfg.files if k not in SPLITS]
@@ -448,6 +469,6 @@ def read_source(cfg: DataConfig, *, cache_dir: str | Path | None = None) -> Sour
         return read_builtin(source[len("builtin:"):], cache_dir=cache_dir)
     if source.startswith("hub:"):
         return read_hub(source[len("hub:"):].strip(), config_name=cfg.hub_config,
-                        text_column=cfg.text_column, label_column=cfg.label_column)
+                        text_column=cfg.text_column, label_column=label_column)
     raw = read_file(Path(source).expanduser(), name="train", **opts)
     return SourceData(inputs={"train": raw}, info={"kind": "file", "spec": source})

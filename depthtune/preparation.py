@@ -353,7 +353,7 @@ def clean_inputs(source: SourceData, *, declared: Optional[list], max_drop_fract
     return cleaned
 
 
-def check_splits(splits: dict, *, cleaned: dict, leakage: dict) -> None:
+def check_splits(splits: dict, *, cleaned: dict, leakage: dict, labelled: bool = True) -> None:
     """Every split has rows and train has at least 2 classes; the error names the file the rows came from."""
     where = {n: (cleaned[n].origin if n in cleaned else f"{cleaned['train'].origin} (split {n})") for n in SPLITS}
     for name in SPLITS:
@@ -361,7 +361,7 @@ def check_splits(splits: dict, *, cleaned: dict, leakage: dict) -> None:
             why = f", {leakage[name]} rows removed as also in an earlier split" if leakage[name] else ""
             raise DataError(f"{where[name]}: split {name} is empty{why}")
     train_classes = sorted({e[1] for e in splits["train"]})
-    if len(train_classes) < 2:
+    if len(train_classes) < 2 and labelled:  # texts only (causal_lm): one class, TEXT_ONLY_LABEL
         raise DataError(f"{where['train']}: fewer than 2 classes remain in train after cleaning "
                         f"(found: {', '.join(map(repr, train_classes)) or 'none'})")
 
@@ -387,10 +387,14 @@ def split_warnings(splits: dict, *, names: list, cleaned: dict, leakage: dict) -
     return warnings
 
 
-def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Optional[SourceData] = None) -> Prepared:
-    """The whole prepare stage in memory: DataConfig -> label names, id-labelled splits, report."""
-    declared = declared_labels(cfg.labels)
-    source = source if source is not None else read_source(cfg, cache_dir=cache_dir)
+def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Optional[SourceData] = None,
+            labelled: bool = True) -> Prepared:
+    """The whole prepare stage in memory: DataConfig -> label names, id-labelled splits, report.
+
+    labelled=False (task causal_lm): texts only; every row carries the one label TEXT_ONLY_LABEL.
+    """
+    declared = declared_labels(cfg.labels) if labelled else None
+    source = source if source is not None else read_source(cfg, cache_dir=cache_dir, labelled=labelled)
     cleaned = clean_inputs(source, declared=declared, max_drop_fraction=cfg.max_drop_fraction)
     try:
         splits, origin = make_splits({n: c.examples for n, c in cleaned.items()},
@@ -400,7 +404,7 @@ def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Opt
     leakage = remove_leakage(splits)
     capped = cap_splits(splits, max_train=cfg.max_train_samples, max_eval=cfg.max_eval_samples, seed=cfg.seed)
     names, order = label_names(splits, declared=declared, source_order=source.label_order)
-    check_splits(splits, cleaned=cleaned, leakage=leakage)
+    check_splits(splits, cleaned=cleaned, leakage=leakage, labelled=labelled)
     warnings = split_warnings(splits, names=names, cleaned=cleaned, leakage=leakage)
     report = build_report(source=source, cleaned=cleaned, origin=origin, leakage=leakage, capped=capped,
                           splits=splits, names=names, label_order=order, cfg=cfg, warnings=warnings)

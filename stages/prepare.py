@@ -22,12 +22,13 @@ from depthtune.preparation import prepare, summary_lines, write_prepared
 def main(argv: list | None = None) -> None:
     args = layout.parse_stage_args("prepare", argv, __doc__)
     start = time.perf_counter()
-    cfg = load_params(args.params).data
-    source = read_source(cfg)
+    params = load_params(args.params)
+    cfg, labelled = params.data, params.task == "classification"  # causal_lm: texts only
+    source = read_source(cfg, labelled=labelled)
     if source.info.get("cache_path"):
         state = "cached" if source.info.get("from_cache") else "downloaded to"
         print(f"{source.info['spec']}: {state} {source.info['cache_path']}", file=sys.stderr)
-    prepared = prepare(cfg, source=source)
+    prepared = prepare(cfg, source=source, labelled=labelled)
     write_prepared(prepared, args.out)
     for line in summary_lines(prepared.report):
         print(line)
