@@ -16,6 +16,8 @@ class Examples:
     input_ids: list
     labels: list
     token_type_ids: Optional[list] = None
+    n_bytes: Optional[list] = None  # UTF-8 bytes of each text's tokenized part (bits per byte)
+    loss_start: Optional[list] = None  # causal_lm with prompts: first position whose token is trained on
 
     @classmethod
     def from_dataset(cls, ds) -> "Examples":
@@ -24,8 +26,10 @@ class Examples:
         # through it cost 25 s per validation pass before this.
         def column(name):
             return ds.data.column(name).to_pylist()
-        return cls(input_ids=column("input_ids"), labels=column("labels"),
-                   token_type_ids=column("token_type_ids") if "token_type_ids" in ds.column_names else None)
+        def optional(name):
+            return column(name) if name in ds.column_names else None
+        return cls(input_ids=column("input_ids"), labels=column("labels"), token_type_ids=optional("token_type_ids"),
+                   n_bytes=optional("n_bytes"), loss_start=optional("loss_start"))
 
     def __len__(self) -> int:
         return len(self.input_ids)

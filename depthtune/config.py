@@ -433,6 +433,9 @@ def check_task_metrics(params: Params) -> None:
     for key, metric in (("evaluation.metric", params.evaluation.metric), ("registry.metric", params.registry.metric)):
         if metric not in allowed:
             raise ConfigError(f"{key}: {metric} is not a {params.task} metric; expected one of {', '.join(allowed)}")
+    if params.task == "causal_lm" and params.train.lr_search.enabled:
+        raise ConfigError("train.lr_search.enabled: the learning-rate search is built for classification "
+                          "(its paired gate compares predictions); set it to false for causal_lm")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

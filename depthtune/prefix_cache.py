@@ -47,8 +47,14 @@ def supports_split_forward(model: nn.Module) -> bool:
     if model_type in ENCODERS:
         return hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer")
     if model_type in DECODERS:
-        return decoder_blocks(base) is not None and isinstance(getattr(model, "score", None), nn.Linear)
+        return decoder_blocks(base) is not None and (isinstance(getattr(model, "score", None), nn.Linear)
+                                                     or is_causal_lm(model))
     return False
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A decoder with its language-model head (task causal_lm): every position's logits are trained."""
+    return is_decoder(model) and isinstance(getattr(model, "lm_head", None), nn.Linear)
 
 
 # ----------------------------------------------------------------------------- encoders
@@ -193,6 +199,18 @@ def decoder_prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
     return h
 
 
+def decoder_lm_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """causal_lm: blocks [k, L), the final norm and `lm_head` at every position -> [B, T, vocab]."""
+    blocks = decoder_blocks(model.base_model)
+    L = len(blocks)
+    if k < L:
+        inputs = block_inputs(model, hidden, attention_mask, k, L)
+        for block, mask in zip(blocks[k:], inputs.masks):
+            hidden = run_block(block, hidden, inputs, mask)
+    final_norm = model.base_model.ln_f if model.config.model_type == "gpt2" else model.base_model.norm
+    return model.lm_head(final_norm(hidden))
+
+
 def decoder_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
     """Blocks [k, L), the final norm and `score` at each row's last position -> [B, num_labels].
 
@@ -220,7 +238,7 @@ def pooled_lengths(model, ex: Examples) -> list[int]:
     is not the pad id (index 0 when every token is). A tokenizer padding with eos pads texts that end in
     eos: the classifier reads the token before, and tokens after the pooled one never reach it (causal)."""
     pad = model.config.pad_token_id
-    if not is_decoder(model) or pad is None:
+    if not is_decoder(model) or pad is None or is_causal_lm(model):  # a causal LM is trained at every position
         return list(ex.lengths)
     return [1 + max((j for j, t in enumerate(ids) if t != pad), default=0) for ids in ex.input_ids]
 
@@ -236,7 +254,10 @@ def prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
 
 
 def top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Layers/blocks [k, L) and the head on given hidden states (right-padded, `attention_mask`) -> logits."""
+    """Layers/blocks [k, L) and the head on given hidden states (right-padded, `attention_mask`) -> logits
+    ([B, num_labels]; a causal LM's [B, T, vocab])."""
+    if is_causal_lm(model):
+        return decoder_lm_top_forward(model, hidden, attention_mask, k)
     if is_decoder(model):
         return decoder_top_forward(model, hidden, attention_mask, k)
     return encoder_top_forward(model, hidden, attention_mask, k)

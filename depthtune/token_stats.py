@@ -78,12 +78,15 @@ def _encode(batch, tokenizer, max_length, keys):
     full = [len(ids) for ids in enc["input_ids"]]
     long = [i for i, n in enumerate(full) if n > max_length]
     out = {k: list(enc[k]) for k in keys}
+    # bits per byte (causal_lm) divides by the UTF-8 bytes a model saw: a truncated text's are those of its kept tokens
+    out["n_bytes"] = [len(t.encode("utf-8")) for t in texts]
     if long:
         cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length, padding=False,
                         verbose=False)
         for j, i in enumerate(long):
             for k in keys:
                 out[k][i] = cut[k][j]
+            out["n_bytes"][i] = len(tokenizer.decode(cut["input_ids"][j], skip_special_tokens=True).encode("utf-8"))
     out["labels"] = batch["label"]
     out["length"] = [len(ids) for ids in out["input_ids"]]
     out[_UNTRUNCATED] = full
@@ -136,7 +139,7 @@ def tokenize_splits(dsd, tokenizer, *, max_length: int, fingerprints: dict, num_
     feats = {"input_ids": datasets.List(datasets.Value("int32"))}
     for k in keys[1:]:
         feats[k] = datasets.List(datasets.Value("int8"))
-    feats.update({"labels": label_feature, "length": datasets.Value("int32"),
+    feats.update({"labels": label_feature, "length": datasets.Value("int32"), "n_bytes": datasets.Value("int32"),
                   _UNTRUNCATED: datasets.Value("int32")})
     features = datasets.Features(feats)
     tok_id = f"{getattr(tokenizer, 'name_or_path', '')}|{type(tokenizer).__name__}|{len(tokenizer)}|{max_length}"

@@ -32,9 +32,10 @@ from torch import nn
 from depthtune.batching import Examples, autocast, collate, length_grouped_batches, predict_logits
 from depthtune.checkpoints import (latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint,
                                    trainable_state)
-from depthtune.config import TrainConfig, VariantSpec
+from depthtune.config import TrainConfig, VariantSpec, higher_is_better
 from depthtune.data_parallel import all_reduce_grads, dist_info, params_in_sync
 from depthtune.errors import ModelError
+from depthtune.lm_scoring import lm_metrics, loss_starts, mean_loss, score_texts, token_nll
 from depthtune.metric_modules import quick_scores
 from depthtune.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, set_train_mode,
                                     supports_split_forward, top_forward)
@@ -92,13 +93,13 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # the epoch under way (= epochs completed; a finished epoch counts at its last step)
     batch_in_epoch: int = 0  # batches of `epoch` already stepped over: a resume starts at the next one
-    best: float = -1.0  # best validation `metric` so far (-1: none yet, so the first evaluation wins)
+    best: Optional[float] = None  # best validation `metric` so far (None: no evaluation yet, the first one wins)
     best_epoch: float = -1  # epochs done at the best evaluation (1.5 = halfway through the second)
     best_step: int = 0
     best_val: dict = field(default_factory=dict)  # all scores of the best evaluation
     bad_evals: int = 0  # evaluations in a row without improvement (early stopping)
     loss_curve: list = field(default_factory=list)  # {"step", "epoch", "loss", "lr"} per optimizer step
-    val_curve: list = field(default_factory=list)  # {"step", "epoch" (step / steps per epoch), "accuracy", "macro_f1"}
+    val_curve: list = field(default_factory=list)  # {"step", "epoch" (step / steps per epoch), the scores}
     samples: int = 0  # examples processed over all ranks (incl. repeats over epochs)
     real_tokens: int = 0  # non-pad tokens processed over all ranks
     stopped_early: bool = False
@@ -175,6 +176,13 @@ class TrainOutcome:
     not_converged: bool = False  # the validation metric was still improving at the last evaluation
 
 
+def improves(score: float, best: Optional[float], metric: str) -> bool:
+    """Whether a validation score beats the best so far, in the metric's direction (perplexity: lower)."""
+    if best is None or best < 0:  # no evaluation yet (-1: the marker of checkpoints before the direction)
+        return True
+    return score > best if higher_is_better(metric) else score < best
+
+
 def still_improving(val_curve: list, metric: str, stopped_early: bool) -> bool:
     """True when the last evaluation set a new best: more epochs would likely have helped.
 
@@ -185,7 +193,7 @@ def still_improving(val_curve: list, metric: str, stopped_early: bool) -> bool:
     if stopped_early or not val_curve:
         return False
     last = val_curve[-1][metric]
-    return all(last > v[metric] for v in val_curve[:-1])
+    return all(improves(last, v[metric], metric) for v in val_curve[:-1])
 
 
 # ----------------------------------------------------------------------------- setup
@@ -217,6 +225,7 @@ class TrainSetup:
     steps_per_epoch: int = 1
     timer: LapTimer = field(default_factory=LapTimer)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's rungs)
+    task: str = "classification"  # or causal_lm: next-token loss on the texts
 
 
 def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
@@ -253,7 +262,7 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
           cfg: TrainConfig, metric: str, device: str, pad_id: int, num_labels: int,
           checkpoint_dir: Optional[Path] = None, log: Callable[[str], None] = print,
           eval_batch_size: int = 64, caches: Optional[tuple] = None,
-          max_steps: Optional[int] = None) -> TrainSetup:
+          max_steps: Optional[int] = None, task: str = "classification") -> TrainSetup:
     """Device, mixed precision, frozen-prefix caches, optimizer and schedule for one training run.
 
     `caches`: a pair from prefix_caches() for this model's variant and data (built here when None).
@@ -280,7 +289,7 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
                       frozen=k, train_cache=caches[0], val_cache=caches[1], optimizer=optimizer,
                       scheduler=scheduler, total_steps=total_steps, checkpoint_dir=checkpoint_dir, metric=metric,
                       num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps,
-                      steps_per_epoch=steps_per_epoch(len(train_ex), cfg))
+                      steps_per_epoch=steps_per_epoch(len(train_ex), cfg), task=task)
 
 
 def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
@@ -348,6 +357,28 @@ def batch_logits(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, torch
     return logits, labels, int(mask.sum())
 
 
+def batch_lm_loss(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, int]:
+    """causal_lm's training forward: (nats per predicted token, non-pad tokens) for training examples `index`."""
+    batch = {k: v.to(run.device) for k, v in collate(run.train_ex, index, run.pad_id).items() if k != "labels"}
+    with autocast(run.device, run.autocast_dtype):
+        if run.train_cache is not None:  # the trainable top on the cached prefix: every position's logits
+            hidden, mask = run.train_cache.batch(index, run.device)
+            logits = top_forward(run.model, hidden, mask, run.frozen)
+        else:
+            logits = run.model(**batch).logits
+    nll, tokens = token_nll(logits, batch["input_ids"], batch["attention_mask"],
+                            loss_starts(run.train_ex, index, run.device))
+    return mean_loss(nll, tokens), int(batch["attention_mask"].sum())
+
+
+def batch_loss(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, int]:
+    """The one training forward and loss of the task: (loss, non-pad tokens)."""
+    if run.task == "causal_lm":
+        return batch_lm_loss(run, index)
+    logits, labels, real = batch_logits(run, index)
+    return nn.functional.cross_entropy(logits.float(), labels), real
+
+
 def optimizer_step(run: TrainSetup) -> None:
     """Average gradients over processes, clip, step the optimizer and the schedule, clear gradients."""
     if run.world > 1:
@@ -369,8 +400,7 @@ def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
     for bi in range(state.batch_in_epoch, len(batches)):
         # the global batch is unchanged: each of the N processes takes every N-th example of it
         index = batches[bi][run.rank::run.world] if run.world > 1 else batches[bi]
-        logits, labels, real = batch_logits(run, index)
-        loss = nn.functional.cross_entropy(logits.float(), labels)
+        loss, real = batch_loss(run, index)
         (loss / cfg.grad_accum).backward()
         running += loss.item()
         micro += 1
@@ -405,9 +435,9 @@ def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     scores = score_validation(run)
     epochs = round(state.step / run.steps_per_epoch, 3)
     state.val_curve.append({"step": state.step, "epoch": epochs, **scores})
-    run.log(f"  step {state.step:5d} epoch {epochs:g}: val accuracy {scores['accuracy']:.4f} "
-            f"macro-F1 {scores['macro_f1']:.4f}")
-    if scores[run.metric] > state.best:
+    run.log(f"  step {state.step:5d} epoch {epochs:g}: val " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()
+                                                                        if isinstance(v, float)))
+    if improves(scores[run.metric], state.best, run.metric):
         state.best, state.best_epoch, state.best_step = scores[run.metric], epochs, state.step
         state.best_val, state.bad_evals = scores, 0
         best.keep(run.model)
@@ -429,8 +459,23 @@ def validation_predictions(run: TrainSetup) -> list[int]:
     return logits.argmax(-1).tolist()
 
 
+def validation_nll(run: TrainSetup):
+    """causal_lm: (summed nll, predicted tokens) per validation text (through the cache when there is one)."""
+    top = None
+    if run.val_cache is not None:
+        def top(index):
+            hidden, mask = run.val_cache.batch(index, run.device)
+            return top_forward(run.model, hidden, mask, run.frozen)
+    return score_texts(run.model, run.val_ex, batch_size=run.eval_batch_size, device=run.device, pad_id=run.pad_id,
+                       autocast_dtype=run.autocast_dtype, top=top)
+
+
 def score_validation(run: TrainSetup) -> dict:
-    """{accuracy, macro_f1} of the model on the validation split."""
+    """The validation scores: {accuracy, macro_f1} (classification) or {loss, perplexity, bits_per_byte}."""
+    if run.task == "causal_lm":
+        nll, tokens = validation_nll(run)
+        scores = lm_metrics(nll, tokens, run.val_ex.n_bytes)
+        return {k: v for k, v in scores.items() if k != "tokens"}
     return quick_scores(validation_predictions(run), run.val_ex.labels, run.num_labels)
 
 
@@ -450,7 +495,7 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
           cfg: TrainConfig, metric: str, device: str, pad_id: int, num_labels: int,
           checkpoint_dir: Optional[Path] = None, fingerprint: str = "", extra_meta: Optional[dict] = None,
           on_step: Optional[Callable[[int, int], None]] = None, log: Callable[[str], None] = print,
-          eval_batch_size: int = 64, caches: Optional[tuple] = None) -> TrainOutcome:
+          eval_batch_size: int = 64, caches: Optional[tuple] = None, task: str = "classification") -> TrainOutcome:
     """Train in place; at the end the model holds the best validation checkpoint's weights.
 
     `caches`: the frozen prefix's (train, validation) caches from prefix_caches(), when already built.
@@ -458,7 +503,7 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     seed_everything(cfg.seed)
     run = setup(model=model, spec=spec, num_layers=num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,
                 metric=metric, device=device, pad_id=pad_id, num_labels=num_labels, checkpoint_dir=checkpoint_dir,
-                log=log, eval_batch_size=eval_batch_size, caches=caches)
+                log=log, eval_batch_size=eval_batch_size, caches=caches, task=task)
     state, best, resumed = start_or_resume(run, fingerprint, extra_meta or {})
     return finish(run, state, best, resumed_from=resumed, on_step=on_step)
 

@@ -1,0 +1,121 @@
+"""Scoring a causal language model: next-token loss, perplexity, bits per byte, continuations.
+
+Position t's logits predict token t+1, so a text of n tokens gives n - 1 predictions (its first
+token, BOS or [CLS], is never predicted). Pad positions predict nothing. Per text we keep the summed
+negative log-likelihood (nats) and the number of predicted tokens; every corpus figure is a ratio
+of sums, so texts weigh by their tokens, and a bootstrap over texts resamples (nll, tokens, bytes):
+    loss          = sum nll / sum tokens                         (nats per token)
+    perplexity    = exp(loss)
+    bits_per_byte = sum nll / ln 2 / sum bytes                   (UTF-8 bytes of the texts: comparable
+                                                                  across tokenizers, unlike perplexity)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from depthtune.batching import Examples, autocast, collate
+
+# logits of one scoring batch kept under ~2^26 floats (256 MiB in fp32): 8 texts x 128 tokens x 30,522 vocab
+# = 31M floats; a batch of 32 would hold 125M (500 MiB) just for the logits
+MAX_LOGIT_FLOATS = 1 << 26
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              loss_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed nll per row [B], predicted tokens per row [B]) of next-token prediction, in fp32.
+
+    `loss_start` [B]: the first target position that counts per row (prompt tokens before it are
+    context only); None = every real token after the first.
+    """
+    targets = input_ids[:, 1:]
+    counted = attention_mask[:, 1:].bool()
+    if loss_start is not None:
+        pos = torch.arange(1, input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        counted = counted & (pos >= loss_start.unsqueeze(1))
+    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
+    nll = nll * counted
+    return nll.sum(dim=1), counted.sum(dim=1)
+
+
+def mean_loss(nll: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The training loss of a batch: nats per predicted token (a batch without one scores 0, no NaN)."""
+    return nll.sum() / tokens.sum().clamp(min=1)
+
+
+def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:
+    """{loss, perplexity, bits_per_byte (when bytes are known), tokens} of per-text sums."""
+    total_nll, total_tokens = float(np.sum(nll)), int(np.sum(tokens))
+    loss = total_nll / max(1, total_tokens)
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens}
+    if n_bytes is not None:
+        out["bits_per_byte"] = total_nll / math.log(2) / max(1, int(np.sum(n_bytes)))
+    return out
+
+
+def scoring_batch_size(vocab_size: int, longest: int, requested: int) -> int:
+    """A batch size whose logits fit MAX_LOGIT_FLOATS (at least 1)."""
+    return max(1, min(requested, MAX_LOGIT_FLOATS // max(1, vocab_size * longest)))
+
+
+@torch.no_grad()
+def score_texts(model: nn.Module, ex: Examples, *, batch_size: int, device: str, pad_id: int,
+                autocast_dtype: Optional[torch.dtype] = None,
+                top: Optional[Callable[[list], torch.Tensor]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(summed nll, predicted tokens) per text, in the split's order.
+
+    `top(index) -> logits`: the cached path (only the trainable top runs on the frozen prefix's
+    outputs); None runs the whole model.
+    """
+    was_training = model.training
+    model.eval()
+    nll, tokens = np.zeros(len(ex), dtype=np.float64), np.zeros(len(ex), dtype=np.int64)
+    order = sorted(range(len(ex)), key=ex.lengths.__getitem__)
+    size = scoring_batch_size(model.config.vocab_size, max(ex.lengths, default=1), batch_size)
+    for s in range(0, len(order), size):
+        idx = order[s:s + size]
+        batch = {k: v.to(device) for k, v in collate(ex, idx, pad_id).items() if k != "labels"}
+        with autocast(device, autocast_dtype):
+            logits = top(idx) if top is not None else model(**batch).logits
+        row_nll, row_tokens = token_nll(logits, batch["input_ids"], batch["attention_mask"],
+                                        loss_starts(ex, idx, device))
+        nll[idx], tokens[idx] = row_nll.double().cpu().numpy(), row_tokens.cpu().numpy()
+    model.train(was_training)
+    return nll, tokens
+
+
+def loss_starts(ex: Examples, index: list[int], device: str) -> Optional[torch.Tensor]:
+    """Per row, the first position whose token counts (prompt/completion data), or None."""
+    if ex.loss_start is None:
+        return None
+    return torch.tensor([ex.loss_start[i] for i in index], device=device)
+
+
+@torch.no_grad()
+def continuations(model: nn.Module, tokenizer, texts: list[str], *, max_new_tokens: int, device: str,
+                  prompt_tokens: int = 16) -> list[dict]:
+    """Greedy continuations of the first `prompt_tokens` tokens of each text: [{prompt, continuation, reference}].
+
+    Greedy (no sampling): the same model gives the same text, so results stay reproducible.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=prompt_tokens * 4, return_tensors="pt")["input_ids"]
+        special = set(tokenizer.all_special_ids)
+        keep = prompt_tokens if ids.shape[1] > prompt_tokens else max(1, ids.shape[1] - 1)
+        if ids.shape[1] > 1 and int(ids[0, -1]) in special:  # a trailing [SEP]/eos ends the text, not the prompt
+            keep = min(keep, ids.shape[1] - 1)
+        prompt = ids[:, :keep].to(device)
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=model.config.pad_token_id)
+        out.append({"prompt": tokenizer.decode(prompt[0], skip_special_tokens=True),
+                    "continuation": tokenizer.decode(generated[0, keep:], skip_special_tokens=True),
+                    "reference": tokenizer.decode(ids[0, keep:], skip_special_tokens=True)})
+    model.train(was_training)
+    return out
