@@ -15,10 +15,12 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from depthtune.config import ModelConfig, Params, VariantSpec, to_dict
+from depthtune.config import GQA_TYPES, ModelConfig, Params, VariantSpec, to_dict
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
+from depthtune.precision import resolve_precision
 from depthtune.records import AuditRecord, LabelSet, TokenReport
+from depthtune.runtime import pick_device
 from depthtune.variants import (BuiltVariant, build_variant, classify_param, coarse_bucket, load_base_config,
                                 num_layers_of)
 
@@ -33,17 +35,31 @@ class AuditMismatch(DepthtuneError):
 
 
 def bucket_counts(model: nn.Module) -> list[dict]:
-    """Fine buckets in model order: [{name, total, trainable}]."""
+    """Fine buckets in model order: [{name, total, trainable}].
+
+    A parameter shared by two modules (a causal LM's lm_head tied to the input embeddings) is counted
+    once, in the bucket of its first name; the second bucket gets a row {name, total 0, trainable 0,
+    tied_to: <the first bucket>} so the audit shows the tie."""
     buckets: "OrderedDict[str, list[int]]" = OrderedDict()
-    for name, p in model.named_parameters():
-        b = buckets.setdefault(classify_param(name), [0, 0])
+    first_bucket: dict[int, str] = {}
+    tied: "OrderedDict[str, str]" = OrderedDict()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        bucket = classify_param(name)
+        if id(p) in first_bucket:
+            if first_bucket[id(p)] != bucket:
+                tied.setdefault(bucket, first_bucket[id(p)])
+            continue
+        first_bucket[id(p)] = bucket
+        b = buckets.setdefault(bucket, [0, 0])
         b[0] += p.numel()
         b[1] += p.numel() if p.requires_grad else 0
-    return [{"name": k, "total": v[0], "trainable": v[1]} for k, v in buckets.items()]
+    rows = [{"name": k, "total": v[0], "trainable": v[1]} for k, v in buckets.items()]
+    rows += [{"name": k, "total": 0, "trainable": 0, "tied_to": to} for k, to in tied.items() if k not in buckets]
+    return rows
 
 
 def coarse_counts(buckets: list[dict]) -> list[dict]:
-    """Embeddings, layer.0 .. layer.k-1 (adapters included), pooler, final_norm, head."""
+    """Embeddings, layer.0 .. layer.k-1 (adapters included), pooler, final_norm, head (`tied_to` kept)."""
     out: "OrderedDict[str, dict]" = OrderedDict()
     for b in buckets:
         c = coarse_bucket(b["name"])
@@ -52,6 +68,8 @@ def coarse_counts(buckets: list[dict]) -> list[dict]:
         row["trainable"] += b["trainable"]
         if b["name"].endswith("adapter"):
             row["adapter"] += b["total"]
+        if "tied_to" in b:
+            row["tied_to"] = b["tied_to"]
     return list(out.values())
 
 
@@ -66,13 +84,20 @@ def _g(cfg, *names, default=None):
     return default
 
 
-def closed_form_total(cfg, num_labels: int) -> Optional[tuple[int, str]]:
+def is_tied(cfg) -> bool:
+    """A causal LM's lm_head shares the input embedding matrix (GPT-2 by default; Llama-family configs say)."""
+    return bool(getattr(cfg, "tie_word_embeddings", False))
+
+
+def closed_form_total(cfg, num_labels: int, task: str = "classification") -> Optional[tuple[int, str]]:
     """Total parameters from the config alone (no model built), or None for unknown architectures.
 
-    num_labels=0: the bare model as AutoModel builds it; N: AutoModelForSequenceClassification.
+    task classification: num_labels=0 the bare model as AutoModel builds it; N AutoModelForSequenceClassification.
+    task causal_lm (decoders): AutoModelForCausalLM, the lm_head V*H counted only when untied.
     """
     mt = cfg.model_type
-    N = num_labels
+    N = 0 if task == "causal_lm" else num_labels
+    lm_head = task == "causal_lm" and not is_tied(cfg)  # a tied lm_head is the embedding matrix: no own params
     if mt in ("bert", "roberta"):
         V, H, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
         I, P, T = cfg.intermediate_size, cfg.max_position_embeddings, cfg.type_vocab_size
@@ -97,8 +122,9 @@ def closed_form_total(cfg, num_labels: int) -> Optional[tuple[int, str]]:
         I = cfg.n_inner or 4 * D
         emb = V * D + P * D
         layer = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * I + I) + (I * D + D)
-        rest = 2 * D + (D * N if N else 0)  # ln_f + score (no bias)
-        return emb + L * layer + rest, f"(V+P)*D + L*(4D + 3D^2+3D + D^2+D + 2DI+I+D) + 2D + D*N; D={D} I={I} L={L}"
+        rest = 2 * D + (D * N if N else 0) + (V * D if lm_head else 0)  # ln_f + score (no bias) | lm_head untied
+        return emb + L * layer + rest, (f"(V+P)*D + L*(4D + 3D^2+3D + D^2+D + 2DI+I+D) + 2D + "
+                                        f"{'V*D' if lm_head else 'D*N'}; D={D} I={I} L={L}")
     if mt in ("llama", "mistral", "qwen2", "qwen3"):
         V, H, L, I = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
         nh = cfg.num_attention_heads
@@ -112,8 +138,9 @@ def closed_form_total(cfg, num_labels: int) -> Optional[tuple[int, str]]:
         mlp = 3 * H * I + ((2 * I + H) if getattr(cfg, "mlp_bias", False) else 0)
         layer = attn + mlp + 2 * H  # input + post-attention RMSNorm
         emb = V * H
-        rest = H + (H * N if N else 0)  # final norm + score (no bias)
-        return emb + L * layer + rest, (f"V*H + L*(H*nh*hd + 2H*nkv*hd + nh*hd*H + 3HI + 2H) + H + H*N; "
+        rest = H + (H * N if N else 0) + (V * H if lm_head else 0)  # final norm + score (no bias) | lm_head untied
+        head = "V*H untied lm_head" if lm_head else ("tied lm_head" if task == "causal_lm" else "H*N")
+        return emb + L * layer + rest, (f"V*H + L*(H*nh*hd + 2H*nkv*hd + nh*hd*H + 3HI + 2H) + H + {head}; "
                                         f"V={V} H={H} L={L} I={I} nh={nh} nkv={nkv} hd={hd}")
     return None
 
@@ -133,11 +160,17 @@ def closed_form_adapters(model: nn.Module) -> int:
 
 
 def _dims(cfg) -> dict:
+    H = _g(cfg, "hidden_size", "dim", "n_embd")
+    A = _g(cfg, "num_attention_heads", "n_heads", "n_head")
+    hd = _g(cfg, "head_dim", default=H // A)
     return {
-        "H": _g(cfg, "hidden_size", "dim", "n_embd"),
-        "I": _g(cfg, "intermediate_size", "hidden_dim", "n_inner") or 4 * _g(cfg, "hidden_size", "dim", "n_embd"),
-        "A": _g(cfg, "num_attention_heads", "n_heads", "n_head"),
+        "H": H,
+        "I": _g(cfg, "intermediate_size", "hidden_dim", "n_inner") or 4 * H,
+        "A": A,
         "L": num_layers_of(cfg),
+        "V": _g(cfg, "vocab_size"),
+        "q": A * hd,  # query width: heads x head_dim (= H unless head_dim says otherwise, qwen3)
+        "kv": _g(cfg, "num_key_value_heads", default=A) * hd,  # grouped-query attention: fewer k/v heads
     }
 
 
@@ -156,45 +189,64 @@ def lowest_trainable_layer(buckets: list[dict]) -> Optional[int]:
     return lowest
 
 
-def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
-             bytes_per_weight: int = FP32, cache_tokens: int = 0) -> dict:
-    """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
+def block_activation_bytes(cfg, precision: str, seq_len: int) -> float:
+    """Bytes autograd keeps per token for one block that backward passes through.
 
-    memory = weights + grads + AdamW states + activations + prefix cache
-      weights     = total * bytes_per_weight
-      grads       = trainable * 4
-      adamw       = trainable * 8                   (exp_avg + exp_avg_sq, fp32)
-      activations = B*S * n_bp * (8.5*H + 2*I + 1.25*A*S) * 4
-        per token and layer that backward passes through: inputs of q/k/v/out and
-        the ffn (~6H), residual + LayerNorm inputs (~2H), dropout masks (~0.5H),
-        ffn pre/post-GELU (2I), softmax probs + dropout mask (1.25*A*S);
-        n_bp = layers from the lowest trainable one to the top (frozen layers run
-        without autograd and store nothing).
-      prefix cache = cache_tokens * H * 4       (frozen-prefix outputs kept for every
-                                                 train + validation token, train_top variants)
-    flops/token (S = seq_len):
-      forward  = 2 * M + 4*S*H*L               (M = matmul weights outside the embeddings;
-                                                 4SH per layer for QK^T and AV)
-      backward = 2 * M_bp + 8*S*H*n_bp + 2 * M_trainable
-                  (grads w.r.t. activations through the backpropagated span,
-                   grads w.r.t. weights only for trainable matmul weights)
+    Llama family (llama, mistral, qwen2, qwen3: pre-RMSNorm, GQA, SwiGLU, SDPA, no dropout), elements:
+      2 RMSNorms x (input x, x*rstd, w*x*rstd = the next matmuls' input)       6H
+      attention: q, k, v after rotary (SDPA's inputs), SDPA out (= o_proj in)  2q + 2kv   (q = nh*hd, kv = nkv*hd)
+      SwiGLU: gate, silu(gate), up, silu(gate)*up (down_proj's input)          4I
+      SDPA (flash / memory-efficient) keeps a logsumexp per head and token, no S x S matrix; no dropout mask
+      qwen3's q_norm/k_norm keep q and k once more, before the norm            q + kv
+      bytes: fp32 4 * all; bf16 weights: RMSNorm upcasts its input (4H per norm) and keeps x*rstd and
+      its output in bf16 (2H + 2H), the rest 2 each; bf16 autocast: RMSNorm runs in fp32 (4H + 4H) and
+      the matmul's bf16 copy of its output is what is kept (2H), the fp32 cos/sin promote q and k to
+      fp32 after rotary (4q + 4kv kept), the rest bf16 (2 each). Checked against the tensors autograd
+      saves (torch 2.13, transformers 5, llama H 256, I 688, 4 heads, 2 k/v heads): exact for fp32 and bf16.
+    GPT-2 (pre-LayerNorm, gelu_new, dropout 0.1), elements, measured with the same saved-tensor count:
+      10H (LayerNorm inputs, c_attn out, attention out, c_proj in, dropout masks) + 5I (c_fc out, gelu_new's
+      tanh-approximation intermediates, c_proj in) + 3*A*S (attention dropout sends SDPA down its math path:
+      probabilities, mask and dropped probabilities)
+    Encoders (BERT family, post-LayerNorm, GELU, dropout), elements:
+      8.5H + 2I + 1.25*A*S: inputs of q/k/v/out and the ffn (~6H), residual + LayerNorm inputs (~2H),
+      dropout masks (~0.5H), ffn pre/post-GELU (2I), softmax probs + dropout mask (1.25*A*S)
+      GPT-2 and encoders in bf16: 2 bytes each; bf16 autocast: the residual stream and LayerNorm inputs
+      (4H) fp32, the rest bf16.
     """
     d = _dims(cfg)
-    H, I, A, L = d["H"], d["I"], d["A"], d["L"]
-    low = lowest_trainable_layer(buckets)
-    n_bp = 0 if low is None else L - max(low, 0)
-    tokens = batch_size * seq_len
-    per_token_layer = 8.5 * H + 2 * I + 1.25 * A * seq_len
-    activations = int(tokens * n_bp * per_token_layer * FP32)
-    # top of the network (pooler/head) + embeddings output when they train: small, counted as 2H/token
-    activations += int(tokens * (2 * H if low == -1 else 0) * FP32) + int(batch_size * 2 * H * FP32)
+    H, I, A, q, kv = d["H"], d["I"], d["A"], d["q"], d["kv"]
+    mt = cfg.model_type
+    if mt in GQA_TYPES:
+        extra = (q + kv) if mt == "qwen3" else 0
+        rest = 2 * q + 2 * kv + 4 * I + extra  # attention + SwiGLU (+ qwen3's q/k norms)
+        if precision == "fp32":
+            return 4 * (6 * H + rest)
+        if precision == "bf16":
+            return 2 * (4 * H + 2 * H + 2 * H) + 2 * rest  # per norm: fp32 input 4H + bf16 x*rstd 2H + output 2H
+        return 2 * (4 * H + 4 * H + 2 * H) + 4 * (q + kv) + 2 * rest  # fp32 norms, bf16 matmul copy, fp32 rotary
+    if mt == "gpt2":
+        elements = 10 * H + 5 * I + 3 * A * seq_len
+    else:
+        elements = 8.5 * H + 2 * I + 1.25 * A * seq_len
+    if precision == "fp32":
+        return 4 * elements
+    if precision == "bf16":
+        return 2 * elements
+    return 4 * 4 * H + 2 * (elements - 4 * H)  # autocast: residual + LayerNorm inputs fp32, the rest bf16
 
-    def is_matmul(b):  # 2-D weights that do matmuls: everything but embeddings and norms
-        return not b["name"].startswith("embeddings") and not b["name"].endswith("norm")
 
-    M = sum(b["total"] for b in buckets if is_matmul(b))
-    M_train = sum(b["trainable"] for b in buckets if is_matmul(b))
-    M_bp = 0
+def is_matmul(b: dict) -> bool:
+    """2-D weights that do matmuls: everything but embeddings and norms."""
+    return not b["name"].startswith("embeddings") and not b["name"].endswith("norm")
+
+
+def matmul_params(buckets: list[dict], low: Optional[int], tied_head: int) -> tuple[int, int, int]:
+    """(M, M_bp, M_train): matmul weights in all, in the span backward passes through, trainable.
+    tied_head = V*H when a causal LM's lm_head is the embedding matrix: it still does a V x H matmul
+    per token (not counted under `head`, whose weight is the embeddings'); trainable when they train."""
+    M = sum(b["total"] for b in buckets if is_matmul(b)) + tied_head
+    M_train = sum(b["trainable"] for b in buckets if is_matmul(b)) + (tied_head if low == -1 else 0)
+    M_bp = tied_head if low is not None else 0
     for b in buckets:
         if not is_matmul(b):
             continue
@@ -204,19 +256,91 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
                 M_bp += b["total"]
         elif b["trainable"] or low is not None:  # pooler / head sit above every layer
             M_bp += b["total"]
+    return M, M_bp, M_train
+
+
+def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_len: int, *, task: str,
+                     precision: str, gradient_checkpointing: bool, any_trainable: bool) -> int:
+    """Activations kept for backward at the start of backward (their peak), with the head's."""
+    d = _dims(cfg)
+    H, V = d["H"], d["V"]
+    tokens = batch_size * seq_len
+    per_block = block_activation_bytes(cfg, precision, seq_len)
+    if gradient_checkpointing and n_bp:
+        # each backpropagated block keeps only its input, B*S*H (fp32 residual stream, bf16 with bf16
+        # weights), and one block's full activations exist at a time while backward recomputes it
+        residual = 2 if precision == "bf16" else 4
+        acts = tokens * (n_bp * H * residual + per_block)
+    else:
+        acts = tokens * n_bp * per_block
+    # embeddings output when they train (2H/token) and the pooler/classifier head: B * 2H, all in fp32 bytes
+    acts += tokens * (2 * H if low == -1 else 0) * FP32 + batch_size * 2 * H * FP32
+    if task == "causal_lm" and any_trainable:
+        # the LM head's logits, B*S*V, cast to fp32 for the loss in every precision (transformers' loss
+        # upcasts): the log-softmax kept for backward (4 B), then in backward its gradient (4 B) and the
+        # logits' gradient (4 B) exist together: 12 B per token per vocabulary entry
+        acts += tokens * V * 3 * FP32
+    return int(acts)
+
+
+def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
+             cache_tokens: int = 0, *, task: str = "classification", precision: str = "fp32",
+             gradient_checkpointing: bool = False) -> dict:
+    """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
+
+    memory = weights + grads + AdamW states + activations + autocast weight copies + prefix cache
+      wb          = 2 for bf16 weights, else 4 (fp32 and bf16 autocast keep fp32 weights)
+      weights     = total * wb                      (tied embeddings / lm_head counted once)
+      grads       = trainable * wb                  (grads have the params' dtype)
+      adamw       = trainable * 2 * wb              (exp_avg + exp_avg_sq: torch keeps them in the params' dtype)
+      activations = B*S * n_bp * block_activation_bytes   (see there; per family and precision)
+        n_bp = layers from the lowest trainable one to the top (frozen layers run without autograd and
+        store nothing); with gradient checkpointing B*S * (n_bp * H * 4 + one block's activations);
+        causal_lm adds the logits: B*S*V*12 (activation_bytes)
+      autocast weight copies = 2 * M_bp             (bf16 copy of every matmul weight backward needs;
+                                                     checkpointing: only the trainable ones, 2 * M_train,
+                                                     autocast's cache of the weights that require grad)
+      prefix cache = cache_tokens * H * 4       (frozen-prefix outputs kept for every
+                                                 train + validation token, train_top variants)
+    flops/token (S = seq_len):
+      forward  = 2 * M + 4*S*H*L               (M = matmul weights outside the embeddings, a tied lm_head's
+                                                 V*H included; 4SH per layer for QK^T and AV)
+      backward = 2 * M_bp + 8*S*H*n_bp + 2 * M_trainable
+                  (grads w.r.t. activations through the backpropagated span,
+                   grads w.r.t. weights only for trainable matmul weights)
+      checkpointing adds one more forward of the backpropagated blocks: + 2 * M_bp(blocks) + 4*S*H*n_bp
+    """
+    d = _dims(cfg)
+    H, L = d["H"], d["L"]
+    low = lowest_trainable_layer(buckets)
+    n_bp = 0 if low is None else L - max(low, 0)
+    tied_head = d["V"] * H if task == "causal_lm" and is_tied(cfg) else 0
+    M, M_bp, M_train = matmul_params(buckets, low, tied_head)
     fwd = 2 * M + 4 * seq_len * H * L
     bwd = 2 * M_bp + 8 * seq_len * H * n_bp + 2 * M_train
-    weights = total * bytes_per_weight
-    grads = trainable * FP32
-    adamw = trainable * 2 * FP32
+    if gradient_checkpointing and n_bp:
+        M_blocks = sum(b["total"] for b in buckets if is_matmul(b) and b["name"].startswith("layer.")
+                       and int(b["name"].split(".")[1]) >= max(low, 0))
+        bwd += 2 * M_blocks + 4 * seq_len * H * n_bp  # the recompute: one more forward of those blocks
+    wb = 2 if precision == "bf16" else FP32
+    weights = total * wb
+    grads = trainable * wb
+    adamw = trainable * 2 * wb
+    activations = activation_bytes(cfg, low, n_bp, batch_size, seq_len, task=task, precision=precision,
+                                   gradient_checkpointing=gradient_checkpointing, any_trainable=trainable > 0)
+    copies = 0
+    if precision == "bf16-autocast":
+        copies = 2 * (M_train if gradient_checkpointing else M_bp)
     cache = cache_tokens * H * FP32
     return {
         "memory_bytes": {"weights": weights, "gradients": grads, "adamw_states": adamw,
-                         "activations": activations, "prefix_cache": cache,
-                         "total": weights + grads + adamw + activations + cache},
+                         "activations": activations, "autocast_weight_copies": copies, "prefix_cache": cache,
+                         "total": weights + grads + adamw + activations + copies + cache},
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
-        "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "weights_bytes_per_param": bytes_per_weight,
-                        "optimizer": "AdamW fp32", "backprop_layers": n_bp, "lowest_trainable_layer": low},
+        "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
+                        "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
+                        "optimizer": f"AdamW, states {'bf16' if wb == 2 else 'fp32'}",
+                        "backprop_layers": n_bp, "lowest_trainable_layer": low},
     }
 
 
@@ -225,18 +349,20 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
 
 def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, num_labels: int,
                 batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, check: bool = True,
-                cache_tokens: int = 0) -> AuditRecord:
+                cache_tokens: int = 0, task: str = "classification", precision: str = "fp32",
+                gradient_checkpointing: bool = False) -> AuditRecord:
     """Count a built variant (meta device is enough), check the closed form, estimate its cost.
 
     check=True raises AuditMismatch when counted != closed form; typical_seq_len adds the
-    estimates at the typical batch shape (the tokenized train split's p95 length).
+    estimates at the typical batch shape (the tokenized train split's p95 length). precision is
+    the resolved one (fp32 | bf16-autocast | bf16, depthtune.precision.resolve_precision).
     """
     model, cfg = built.model, built.config
     buckets = bucket_counts(model)
     total = sum(b["total"] for b in buckets)
     trainable = sum(b["trainable"] for b in buckets)
     adapters = sum(b["total"] for b in buckets if b["name"].endswith("adapter"))
-    cf = closed_form_total(cfg, num_labels)
+    cf = closed_form_total(cfg, num_labels, task=task)
     closed = None
     if cf is not None:
         base, formula = cf
@@ -246,15 +372,20 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
             raise AuditMismatch(f"variant {variant_name}: counted {total:,} parameters but the closed form from "
                                 f"the config gives {expected:,} ({formula})")
     cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
+    settings = {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing}
     typical = None
     if typical_seq_len:
-        typical = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len, cache_tokens=cache_tokens)
+        typical = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len, cache_tokens, **settings)
+    architecture = {"model_type": cfg.model_type, "num_layers": built.num_layers, "hidden_size": _dims(cfg)["H"],
+                    "num_labels": num_labels if task == "classification" else 0}
+    if task == "causal_lm":
+        architecture["task"] = task
+        architecture["tied_lm_head"] = is_tied(cfg)
     return AuditRecord(
         variant=variant_name,
         spec=to_dict(spec),
         description=spec.describe(),
-        architecture={"model_type": cfg.model_type, "num_layers": built.num_layers,
-                      "hidden_size": _dims(cfg)["H"], "num_labels": num_labels},
+        architecture=architecture,
         total_params=total,
         trainable_params=trainable,
         trainable_fraction=trainable / total if total else 0.0,
@@ -262,33 +393,47 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
         closed_form=closed,
         layers=coarse_counts(buckets),
         buckets=buckets,
-        estimates=estimate(cfg, buckets, total, trainable, batch_size, seq_len, cache_tokens=cache_tokens),
+        estimates=estimate(cfg, buckets, total, trainable, batch_size, seq_len, cache_tokens, **settings),
         estimates_typical=typical,
     )
 
 
 def audit_specs(model_cfg: ModelConfig, base_config, specs: Iterable[tuple[str, VariantSpec]], *, num_labels: int,
                 batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, cache_tokens: int = 0,
-                where: str = "variants.{name}") -> list[AuditRecord]:
+                where: str = "variants.{name}", task: str = "classification", precision: str = "fp32",
+                gradient_checkpointing: bool = False) -> list[AuditRecord]:
     """Audit each (name, spec) of one model on the meta device; `where` names a spec in errors."""
     records = []
     for name, spec in specs:
         built = build_variant(model_cfg, spec, num_labels, device="meta", base_config=base_config,
-                              path=where.format(name=name))
+                              path=where.format(name=name), task=task)
         records.append(audit_built(built, variant_name=name, spec=spec, num_labels=num_labels,
                                    batch_size=batch_size, seq_len=seq_len, typical_seq_len=typical_seq_len,
-                                   cache_tokens=cache_tokens))
+                                   cache_tokens=cache_tokens, task=task, precision=precision,
+                                   gradient_checkpointing=gradient_checkpointing))
     return records
 
 
+def planned_precision(params: Params) -> str:
+    """The precision finetune will train in: train.precision resolved for the device it will use
+    (auto: bf16 autocast on cuda, fp32 on the CPU). An explicit `train.device: cuda` counts as cuda
+    even where the audit runs without one (the audit plans; finetune refuses a missing GPU)."""
+    device = params.train.device if params.train.device != "auto" else pick_device("auto")
+    return resolve_precision(params.train.precision, device)
+
+
 def audit_variants(params: Params, num_labels: int, typical_seq_len: Optional[int] = None,
-                   cache_tokens: int = 0) -> list[AuditRecord]:
+                   cache_tokens: int = 0, precision: Optional[str] = None) -> list[AuditRecord]:
     """Every variant of params.yaml, in params order, at the training batch shape
-    (train.batch_size x train.max_length). cache_tokens counts only when the frozen prefix is cached."""
+    (train.batch_size x train.max_length), for params.task and train.gradient_checkpointing.
+    precision: the resolved one (None: planned_precision(params)). cache_tokens counts only when
+    the frozen prefix is cached."""
     return audit_specs(params.model, load_base_config(params.model), params.variants.items(),
                        num_labels=num_labels, batch_size=params.train.batch_size,
                        seq_len=params.train.max_length, typical_seq_len=typical_seq_len,
-                       cache_tokens=cache_tokens if params.train.cache_frozen_prefix else 0)
+                       cache_tokens=cache_tokens if params.train.cache_frozen_prefix else 0, task=params.task,
+                       precision=precision or planned_precision(params),
+                       gradient_checkpointing=params.train.gradient_checkpointing)
 
 
 # ----------------------------------------------------------------------------- inputs of the audit stage
@@ -352,9 +497,16 @@ def summary_markdown(records: list[AuditRecord]) -> str:
         cells = []
         for r in records:
             row = next((x for x in r.layers if x["name"] == name), None)
-            cells.append("—" if row is None else f"{fmt_int(row['trainable'])} / {fmt_int(row['total'])}")
+            if row is None:
+                cells.append("—")
+            elif "tied_to" in row:  # a tied lm_head: its weight is counted once, under the row it is tied to
+                cells.append(f"tied to {row['tied_to']}")
+            else:
+                cells.append(f"{fmt_int(row['trainable'])} / {fmt_int(row['total'])}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     shape = records[0].estimates["assumptions"] if records else {}
-    lines += ["", f"Estimates assume batch {shape.get('batch_size')} x {shape.get('seq_len')} tokens, fp32 weights, "
+    ckpt = "gradient checkpointing" if shape.get("gradient_checkpointing") else "no gradient checkpointing"
+    lines += ["", f"Estimates assume batch {shape.get('batch_size')} x {shape.get('seq_len')} tokens, "
+              f"{shape.get('task', 'classification')}, precision {shape.get('precision', 'fp32')}, {ckpt}, "
               "AdamW; formulas in depthtune/audit.py (`estimate`).", ""]
     return "\n".join(lines)

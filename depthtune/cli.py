@@ -1,7 +1,8 @@
 """`depthtune` for people at a terminal: quick audits and predictions.
 
   depthtune audit --config PATH/config.json --variant train_top=2 --variant depth=3,lora.r=8 --labels 2
-  depthtune audit --params params.yaml            # every variant in params.yaml
+  depthtune audit --config PATH --task causal_lm --precision bf16 --gradient-checkpointing --variant lora.r=8
+  depthtune audit --params params.yaml            # every variant in params.yaml (its task and train settings)
   depthtune predict --model models/full "a great film"
   depthtune predict --model models:/depthtune-classifier@champion "a great film"
 """
@@ -83,7 +84,8 @@ def cmd_audit(args) -> int:
         specs = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}")) for s in args.variant or ["full"]]
         records = audit_specs(ModelConfig(source=str(args.config)), load_config_file(args.config), specs,
                               num_labels=args.labels, batch_size=args.batch_size, seq_len=args.seq_len,
-                              where="variant {name}")
+                              where="variant {name}", task=args.task, precision=args.precision,
+                              gradient_checkpointing=args.gradient_checkpointing)
     else:
         raise ConfigError("audit: give --config PATH/config.json (or --params params.yaml)")
     if args.json:
@@ -120,6 +122,11 @@ def main(argv=None) -> int:
     a.add_argument("--labels", type=int, default=2, help="0 = bare AutoModel; N = sequence classifier with N labels")
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--seq-len", type=int, default=128)
+    a.add_argument("--task", choices=("classification", "causal_lm"), default="classification",
+                   help="causal_lm: a decoder with its language-model head (--labels unused)")
+    a.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"), default="fp32",
+                   help="training precision the memory estimate assumes")
+    a.add_argument("--gradient-checkpointing", action="store_true", help="estimate with gradient checkpointing")
     a.add_argument("--json", action="store_true", help="one JSON object per variant per line")
     a.set_defaults(fn=cmd_audit)
     p = sub.add_parser("predict", help="label texts with a saved model folder or an MLflow model URI")

@@ -38,12 +38,13 @@ FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
 def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, seed: int) -> BuiltVariant:
     """Build the variant with real weights and assert it is the model the audit counted."""
     spec = params.variants[name]
-    built = build_variant(params.model, spec, len(labels), device="cpu", path=f"variants.{name}", seed=seed)
+    built = build_variant(params.model, spec, len(labels), device="cpu", path=f"variants.{name}", seed=seed,
+                          task=params.task)
     if built.trainable_params != audit.trainable_params or built.total_params != audit.total_params:
         raise ModelError(f"variants.{name}: built model has {built.trainable_params:,} trainable / "
                          f"{built.total_params:,} total parameters but the audit says "
                          f"{audit.trainable_params:,} / {audit.total_params:,} (re-run the audit stage)")
-    if built.config.num_labels != len(labels):
+    if params.task == "classification" and built.config.num_labels != len(labels):
         raise ModelError(f"variants.{name}: model has {built.config.num_labels} labels, data has {len(labels)}")
     return built
 
@@ -51,7 +52,7 @@ def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, s
 def train_variant(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_ex, metric: str, device: str,
                   pad_id: int, num_labels: int, checkpoint_dir: Optional[Path],
                   fingerprint_for: Callable[[object], str], extra_meta: dict, on_step=None,
-                  log: Callable[[str], None] = print):
+                  log: Callable[[str], None] = print, task: str = "classification"):
     """Train the built variant in place: (outcome, the train config it trained with, the lr search's result or None).
 
     train.lr_search off: depthtune.training.train at the configured lr (resuming a checkpoint if any).
@@ -63,6 +64,8 @@ def train_variant(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_
     common = dict(spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, metric=metric,
                   device=device, pad_id=pad_id, num_labels=num_labels, checkpoint_dir=checkpoint_dir, log=log,
                   on_step=on_step)
+    if task != "classification":  # the lr search is classification's (config refuses it for causal_lm)
+        common["task"] = task
     if cfg.lr_search.enabled and resumed is None:
         caches = prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, cfg, device=device,
                                pad_id=pad_id, checkpoint_dir=checkpoint_dir, log=log)
@@ -104,10 +107,10 @@ def train_other_seeds(params: Params, name: str, audit: AuditRecord, labels: lis
             outcome = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex,
                             val_ex=val_ex, cfg=c, metric=metric, device=device, pad_id=pad_id,
                             num_labels=len(labels), checkpoint_dir=checkpoint_dir / f"seed-{seed}",
-                            fingerprint=fingerprint_for(c), log=lambda _: None)
+                            fingerprint=fingerprint_for(c), log=lambda _: None, task=params.task)
             if tmp is not None:
                 save_model(built.model, tokenizer, tmp / f"seed-{seed}", variant=name, spec=spec, labels=labels,
-                           audit=audit, base=params.model.source, seed=seed)
+                           audit=audit, base=params.model.source, seed=seed, task=params.task)
             runs.append(seed_summary(seed, outcome, metric))
             log(f"finetune {name}: seed {seed}: best val {metric} {outcome.best_val.get(metric, float('nan')):.4f} "
                 f"after {outcome.steps} steps")
@@ -177,16 +180,20 @@ def convergence_note(name: str, outcome, cfg, metric: str) -> str:
 
 
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,
-               audit: AuditRecord, base: str, seed: Optional[int] = None) -> None:
-    """Standard HF folder: safetensors weights, config with labels and true depth, tokenizer."""
+               audit: AuditRecord, base: str, seed: Optional[int] = None, task: str = "classification") -> None:
+    """Standard HF folder: safetensors weights, config with labels (classification) and true depth, tokenizer."""
     model = merge_lora(model)
-    model.config.id2label = {i: n for i, n in enumerate(labels)}
-    model.config.label2id = {n: i for i, n in enumerate(labels)}
+    if task == "classification":
+        model.config.id2label = {i: n for i, n in enumerate(labels)}
+        model.config.label2id = {n: i for i, n in enumerate(labels)}
+    else:
+        labels = []  # a causal LM has no labels (the prepared data's one pseudo-class is not the model's)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "depthtune.json").write_text(json.dumps({
-            "variant": variant, "spec": to_dict(spec), "labels": labels, "base_model": base, "seed": seed,
+            "variant": variant, "task": task, "spec": to_dict(spec), "labels": labels, "base_model": base,
+            "seed": seed,
             "audit_trainable_params": audit.trainable_params, "audit_total_params": audit.total_params,
         }, indent=2) + "\n")
 

@@ -96,26 +96,22 @@ def loss_starts(ex: Examples, index: list[int], device: str) -> Optional[torch.T
 
 
 @torch.no_grad()
-def continuations(model: nn.Module, tokenizer, texts: list[str], *, max_new_tokens: int, device: str,
+def continuations(model: nn.Module, tokenizer, texts_ids: list[list[int]], *, max_new_tokens: int, device: str,
                   prompt_tokens: int = 16) -> list[dict]:
-    """Greedy continuations of the first `prompt_tokens` tokens of each text: [{prompt, continuation, reference}].
-
-    Greedy (no sampling): the same model gives the same text, so results stay reproducible.
+    """Greedy continuations of the first `prompt_tokens` tokens of each tokenized text (fewer for a short
+    one: all but its last token): [{prompt, continuation, reference}] as text, the reference being the
+    rest of the text. Greedy (no sampling): the same model gives the same text, so results reproduce.
     """
     was_training = model.training
     model.eval()
     out = []
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=prompt_tokens * 4, return_tensors="pt")["input_ids"]
-        special = set(tokenizer.all_special_ids)
-        keep = prompt_tokens if ids.shape[1] > prompt_tokens else max(1, ids.shape[1] - 1)
-        if ids.shape[1] > 1 and int(ids[0, -1]) in special:  # a trailing [SEP]/eos ends the text, not the prompt
-            keep = min(keep, ids.shape[1] - 1)
-        prompt = ids[:, :keep].to(device)
+    for ids in texts_ids:
+        keep = max(1, min(prompt_tokens, len(ids) - 1))
+        prompt = torch.tensor([ids[:keep]], device=device)
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=model.config.pad_token_id)
-        out.append({"prompt": tokenizer.decode(prompt[0], skip_special_tokens=True),
-                    "continuation": tokenizer.decode(generated[0, keep:], skip_special_tokens=True),
-                    "reference": tokenizer.decode(ids[0, keep:], skip_special_tokens=True)})
+        out.append({"prompt": tokenizer.decode(ids[:keep], skip_special_tokens=True),
+                    "continuation": tokenizer.decode(generated[0, keep:].tolist(), skip_special_tokens=True),
+                    "reference": tokenizer.decode(ids[keep:], skip_special_tokens=True)})
     model.train(was_training)
     return out

@@ -283,44 +283,78 @@ class TrainRecord(VariantResult):
 
 @dataclass(kw_only=True)
 class EvalRecord(VariantResult):
-    """metrics/eval/<variant>.json: test-split metrics, their 95% intervals, the predictions and inference cost.
+    """metrics/eval/<variant>.json: test-split metrics, their 95% intervals, what pairs two variants, inference cost.
 
-    `predictions` and `references` are label ids in test-split order: the references repeat the
-    test labels so that the report and the registry can pair two variants' predictions text by
-    text (McNemar, paired bootstrap) without reading the data. `<metric>_ci` is [low, high].
+    classification: `predictions` and `references` are label ids in test-split order: the references
+    repeat the test labels so that the report and the registry can pair two variants' predictions text
+    by text (McNemar, paired bootstrap) without reading the data. causal_lm: `nll` (summed nats),
+    `tokens` (predicted tokens) and `n_bytes` per test text pair them (paired bootstrap over texts),
+    and `generations` holds a few greedy continuations. `<metric>_ci` is [low, high].
+    The JSON holds only the fields of its task.
     """
     SCHEMA: ClassVar[str] = "depthtune.eval/2"
     WRITER: ClassVar[str] = "its evaluation stage"
     split: str = "test"
+    task: str = "classification"
     n: int
     labels: list
     device: str = "cpu"
-    accuracy: float
-    macro_f1: float
-    accuracy_ci: list  # [low, high], 95% percentile bootstrap over test texts (seeded)
-    macro_f1_ci: list
+    latency_ms: dict = field(default_factory=dict)  # {p50, p95} at batch 1
+    throughput_per_s: float = 0.0
+    # classification
+    accuracy: Optional[float] = None
+    macro_f1: Optional[float] = None
+    accuracy_ci: Optional[list] = None  # [low, high], 95% percentile bootstrap over test texts (seeded)
+    macro_f1_ci: Optional[list] = None
     macro_precision: float = 0.0
     macro_recall: float = 0.0
     per_class: dict = field(default_factory=dict)  # {label name: {precision, recall, f1, support}}
-    confusion_matrix: list  # rows = true, cols = predicted
-    latency_ms: dict = field(default_factory=dict)  # {p50, p95} at batch 1
-    throughput_per_s: float = 0.0
-    predictions: list  # predicted label id per test text, in test-split order
-    references: list  # true label id per test text, same order
-    # train.seeds > 1: [{seed, accuracy, macro_f1}] on the same test texts, this model's seed first; [] with one
+    confusion_matrix: list = field(default_factory=list)  # rows = true, cols = predicted
+    predictions: list = field(default_factory=list)  # predicted label id per test text, in test-split order
+    references: list = field(default_factory=list)  # true label id per test text, same order
+    # causal_lm (lower is better)
+    loss: Optional[float] = None  # nats per predicted token
+    perplexity: Optional[float] = None
+    bits_per_byte: Optional[float] = None
+    perplexity_ci: Optional[list] = None
+    bits_per_byte_ci: Optional[list] = None
+    nll: list = field(default_factory=list)  # summed nll per test text (nats), test-split order
+    tokens: list = field(default_factory=list)  # predicted tokens per test text
+    n_bytes: list = field(default_factory=list)  # UTF-8 bytes per test text
+    tokens_per_s: float = 0.0  # scoring throughput at evaluation.batch_size
+    generations: list = field(default_factory=list)  # [{prompt, continuation, reference}]
+    # train.seeds > 1: [{seed, <metrics>}] on the same test texts, this model's seed first; [] with one
     seed_scores: list = field(default_factory=list)
+
+    TASK_FIELDS: ClassVar[dict] = {
+        "classification": ("accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci", "macro_precision", "macro_recall",
+                           "per_class", "confusion_matrix", "predictions", "references"),
+        "causal_lm": ("loss", "perplexity", "bits_per_byte", "perplexity_ci", "bits_per_byte_ci", "nll", "tokens",
+                      "n_bytes", "tokens_per_s", "generations"),
+    }
 
     @classmethod
     def from_dict(cls, doc, where: str = "record"):
         rec = super().from_dict(doc, where)
-        if not len(rec.predictions) == len(rec.references) == rec.n:
-            raise DepthtuneError(f"{where}: {len(rec.predictions)} predictions and {len(rec.references)} "
-                                 f"references for n={rec.n} test texts (re-run {cls.WRITER})")
-        for key in ("accuracy_ci", "macro_f1_ci"):
-            ci = getattr(rec, key)
-            if len(ci) != 2 or not all(_is_type(x, float) for x in ci):
-                raise DepthtuneError(f"{where}: `{key}` is {ci!r:.80}, expected [low, high]")
+        if rec.task not in cls.TASK_FIELDS:
+            raise DepthtuneError(f"{where}: task {rec.task!r}, expected one of {', '.join(cls.TASK_FIELDS)}")
+        metrics = ("accuracy", "macro_f1") if rec.task == "classification" else ("perplexity", "bits_per_byte")
+        for m in metrics:
+            if not _is_type(getattr(rec, m), float) or not math.isfinite(getattr(rec, m)):
+                raise DepthtuneError(f"{where}: missing `{m}` for task {rec.task} (re-run {cls.WRITER})")
+            ci = getattr(rec, f"{m}_ci")
+            if not isinstance(ci, list) or len(ci) != 2 or not all(_is_type(x, float) for x in ci):
+                raise DepthtuneError(f"{where}: `{m}_ci` is {ci!r:.80}, expected [low, high]")
+        paired = (rec.predictions, rec.references) if rec.task == "classification" else (rec.nll, rec.tokens)
+        if not len(paired[0]) == len(paired[1]) == rec.n:
+            what = "predictions and references" if rec.task == "classification" else "nll and tokens"
+            raise DepthtuneError(f"{where}: {len(paired[0])} and {len(paired[1])} {what} for n={rec.n} test texts "
+                                 f"(re-run {cls.WRITER})")
         return rec
+
+    def to_dict(self) -> dict:
+        other = [f for task, names in self.TASK_FIELDS.items() if task != self.task for f in names]
+        return {k: v for k, v in super().to_dict().items() if k not in other}
 
     def metric(self, name: str) -> float:
         value = getattr(self, name, None)
@@ -329,7 +363,7 @@ class EvalRecord(VariantResult):
         return float(value)
 
     def interval(self, name: str) -> tuple[float, float]:
-        """The 95% interval of metric `name` (accuracy or macro_f1)."""
+        """The 95% interval of metric `name` (accuracy, macro_f1, perplexity or bits_per_byte)."""
         ci = getattr(self, f"{name}_ci", None)
         if ci is None:
             raise DepthtuneError(f"metrics/eval/{self.variant}.json: no interval for {name!r}")

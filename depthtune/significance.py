@@ -27,7 +27,9 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 METRICS = ("accuracy", "macro_f1")
-TEST_NAME = {"accuracy": "McNemar", "macro_f1": "paired bootstrap"}  # the paired test used per metric
+# the paired test used per metric; a language model's per-text (nll, tokens, bytes) by the paired bootstrap
+TEST_NAME = {"accuracy": "McNemar", "macro_f1": "paired bootstrap", "perplexity": "paired bootstrap",
+             "bits_per_byte": "paired bootstrap"}
 _CHUNK = 4_000_000  # resample weights held at once (resamples x texts): ~32 MB of float64
 
 
@@ -182,3 +184,41 @@ def compare_to_best(references: Sequence[int], predictions: Mapping[str, Sequenc
     return {name: None if name == best else
             paired_test(references, predictions[best], preds, metric, n=n, seed=seed, num_labels=num_labels)
             for name, preds in predictions.items()}
+
+
+# ----------------------------------------------------------------------------- language models: ratios of sums
+
+
+def _lm_stat(metric: str, weights: np.ndarray, nll: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Perplexity exp(sum w*nll / sum w*tokens) or bits per byte sum w*nll / ln 2 / sum w*bytes, per weight row."""
+    ratio = (weights @ nll) / np.maximum(weights @ denominator, 1.0)
+    if metric == "perplexity":
+        return np.exp(np.minimum(ratio, 700.0))
+    if metric == "bits_per_byte":
+        return ratio / math.log(2)
+    raise ValueError(f"metric {metric!r} is not perplexity or bits_per_byte")
+
+
+def lm_bootstrap_ci(nll: Sequence[float], denominator: Sequence[float], metric: str, *, n: int = 1000,
+                    seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of perplexity (denominator = tokens per text) or bits per byte
+    (bytes per text) over test texts: the texts are resampled, the ratio of sums recomputed."""
+    x, d = np.asarray(nll, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    stats = np.concatenate([_lm_stat(metric, w, x, d) for w in _resample_weights(len(x), n, seed)])
+    lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def lm_paired_bootstrap(nll_a: Sequence[float], nll_b: Sequence[float], denominator: Sequence[float], metric: str, *,
+                        n: int = 1000, seed: int = 0) -> float:
+    """Two-sided paired bootstrap p-value for metric(A) != metric(B) on the same test texts (as paired_bootstrap)."""
+    a, b = np.asarray(nll_a, dtype=np.float64), np.asarray(nll_b, dtype=np.float64)
+    d_ = np.asarray(denominator, dtype=np.float64)
+    if not len(a) == len(b) == len(d_):
+        raise ValueError(f"paired texts differ: {len(a)}, {len(b)} and {len(d_)} values")
+    ones = np.ones((1, len(a)))
+    d = float(_lm_stat(metric, ones, a, d_)[0] - _lm_stat(metric, ones, b, d_)[0])
+    deltas = np.concatenate([_lm_stat(metric, w, a, d_) - _lm_stat(metric, w, b, d_)
+                             for w in _resample_weights(len(a), n, seed)])
+    far = int(np.sum(np.abs(deltas - d) >= abs(d) - 1e-12))
+    return min(1.0, (1 + far) / (n + 1))

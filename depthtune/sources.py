@@ -141,3 +141,13 @@ def load_tokenizer(model: ModelConfig):
 def tokenizer_pad_id(model: ModelConfig) -> int:
     """The id load_tokenizer's batches are padded with (the builder writes it into the model's config)."""
     return load_tokenizer(model).pad_token_id
+
+
+def load_tokenizer_folder(path: str | Path):
+    """The tokenizer saved beside a fine-tuned model (its own code never runs)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), use_fast=True, trust_remote_code=False)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot load the saved tokenizer ({first_line(exc)})") from None

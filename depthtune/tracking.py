@@ -220,8 +220,8 @@ def training_metrics(audit: AuditRecord, train: TrainRecord) -> tuple[dict, dict
     m["not_converged"] = int(train.not_converged)
     curves = {"train.loss": [(p["step"], p.get("loss")) for p in train.loss_curve],
               "train.lr": [(p["step"], p.get("lr")) for p in train.loss_curve if p.get("lr") is not None],
-              "val.accuracy": [(p["step"], p.get("accuracy")) for p in train.val_curve],
-              "val.macro_f1": [(p["step"], p.get("macro_f1")) for p in train.val_curve]}
+              **{f"val.{k}": [(p["step"], p.get(k)) for p in train.val_curve]
+                 for k in dict.fromkeys(k for p in train.val_curve for k in p if k not in ("step", "epoch"))}}
     if train.lr_search:  # one run, no nested runs: the candidates are series over candidate index (smallest lr first)
         search = train.lr_search
         key = f"val_{search['metric']}"
@@ -237,22 +237,28 @@ def _metric_name(text: str) -> str:
 
 
 def evaluation_metrics(ev: EvalRecord) -> dict:
-    """<split>.accuracy/macro_*/n, <split>.class.<label>.<metric>, latency_ms.<p>, throughput_per_s."""
-    m = {f"{ev.split}.{k}": getattr(ev, k) for k in ("accuracy", "macro_f1", "macro_precision", "macro_recall", "n")}
+    """<split>.accuracy/macro_*/n (causal_lm: loss/perplexity/bits_per_byte/tokens_per_s),
+    <split>.class.<label>.<metric>, latency_ms.<p>, throughput_per_s, the intervals, the seeds' spread."""
+    if ev.task == "causal_lm":
+        names, scored = ("loss", "perplexity", "bits_per_byte", "tokens_per_s", "n"), ("perplexity", "bits_per_byte")
+    else:
+        names, scored = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "n"), ("accuracy", "macro_f1")
+    m = {f"{ev.split}.{k}": getattr(ev, k) for k in names}
     for name, row in ev.per_class.items():
         for k, v in row.items():
             m[f"{ev.split}.class.{_metric_name(name)}.{k}"] = v
     for k, v in ev.latency_ms.items():
         m[f"latency_ms.{k}"] = v
     m["throughput_per_s"] = ev.throughput_per_s
-    for name in ("accuracy", "macro_f1"):  # the 95% bootstrap interval over test texts
+    for name in scored:  # the 95% bootstrap interval over test texts
         low, high = getattr(ev, f"{name}_ci")
         m[f"{ev.split}.{name}_ci_low"], m[f"{ev.split}.{name}_ci_high"] = low, high
     if len(ev.seed_scores) > 1:  # train.seeds > 1: the spread across seeds' models on the same texts
-        accs = [s["accuracy"] for s in ev.seed_scores]
-        mean = sum(accs) / len(accs)
-        m[f"{ev.split}.accuracy_seed_mean"], m[f"{ev.split}.accuracy_seed_n"] = mean, len(accs)
-        m[f"{ev.split}.accuracy_seed_sd"] = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5
+        key = scored[0]
+        vals = [s[key] for s in ev.seed_scores]
+        mean = sum(vals) / len(vals)
+        m[f"{ev.split}.{key}_seed_mean"], m[f"{ev.split}.{key}_seed_n"] = mean, len(vals)
+        m[f"{ev.split}.{key}_seed_sd"] = (sum((a - mean) ** 2 for a in vals) / (len(vals) - 1)) ** 0.5
     return {k: v for k, v in m.items() if _finite(v)}
 
 
@@ -370,7 +376,8 @@ def log_variant_evaluation(cfg: TrackingConfig, variant: str, *, eval_result: Ev
     client, rid = steps.open_run(cfg, variant, run_id, root)
     steps.step("metrics", lambda: log_metrics(client, rid, evaluation_metrics(ev), {}))
     steps.step("eval_artifact", lambda: log_json_artifact(client, rid, ev.to_dict(), f"{variant}.json", "eval"))
-    steps.step("confusion_matrix", lambda: _log_confusion(client, rid, ev))
+    if ev.task == "classification":
+        steps.step("confusion_matrix", lambda: _log_confusion(client, rid, ev))
     if confusion_csv_path is not None and Path(confusion_csv_path).is_file():
         steps.step("confusion_csv", lambda: client.log_artifact(rid, str(confusion_csv_path), artifact_path="eval"))
     return steps.finish()

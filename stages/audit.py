@@ -1,7 +1,7 @@
 """DVC stage `audit`: exact parameter buckets and cost estimates for every variant.
 
-Reads params sections `model`, `variants`, `train` (batch_size, max_length,
-cache_frozen_prefix), the label count from --labels (data/prepared/labels.json)
+Reads params `task` and sections `model`, `variants`, `train` (batch_size, max_length,
+cache_frozen_prefix, precision resolved for the device finetune will use, gradient_checkpointing), the label count from --labels (data/prepared/labels.json)
 and the train split's p95 token length and the train + validation token count
 from --token-report (data/tokenized/report.json); both are optional for a quick
 audit (2 labels, no typical-shape estimate). Builds every variant on the meta
@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from depthtune import layout
-from depthtune.audit import audit_variants, read_num_labels, read_token_stats, summary_markdown, summary_table
+from depthtune.audit import (audit_variants, planned_precision, read_num_labels, read_token_stats, summary_markdown,
+                             summary_table)
 from depthtune.config import load_params
 from depthtune.files import atomic_dir, run_main, write_text_atomic
 from depthtune.provenance import provenance
@@ -31,7 +32,10 @@ def main(argv: list | None = None) -> None:
     print(f"audit: {len(params.variants)} variants of {params.model.source}; {num_labels} labels ({labels_from}); "
           f"train p95 {p95 if p95 is not None else 'unknown'} tokens, {tokens:,} train + validation tokens "
           f"({args.token_report})")
-    records = audit_variants(params, num_labels, typical_seq_len=p95, cache_tokens=tokens)
+    precision = planned_precision(params)
+    print(f"audit: task {params.task}, precision {precision} (train.precision {params.train.precision}), "
+          f"gradient checkpointing {'on' if params.train.gradient_checkpointing else 'off'}")
+    records = audit_variants(params, num_labels, typical_seq_len=p95, cache_tokens=tokens, precision=precision)
     # versions only: a git commit alone must not change every audit file and re-run every finetune
     versions = provenance()["versions"]
     summary = summary_markdown(records)

@@ -16,10 +16,11 @@ import statistics
 from depthtune import layout, runtime
 from depthtune.batching import Examples
 from depthtune.config import load_params, variant_of
-from depthtune.evaluator import check_labels, confusion_csv, evaluate_model, load_saved_model, seed_scores
+from depthtune.evaluator import check_labels, confusion_csv, evaluate_lm, evaluate_model, load_saved_model, seed_scores
 from depthtune.files import write_text_atomic
 from depthtune.provenance import provenance
-from depthtune.records import LabelSet
+from depthtune.records import EvalRecord, LabelSet
+from depthtune.sources import load_tokenizer_folder
 from depthtune.tokenized import load_tokenized
 
 
@@ -31,24 +32,43 @@ def main(argv=None) -> None:
     device = runtime.pick_device(params.train.device)
     runtime.set_threads(params.train.num_threads)
     labels = LabelSet.read(args.labels).names
-    model = load_saved_model(args.model, device)
-    check_labels(model, labels, args.model, args.labels)
+    model = load_saved_model(args.model, device, params.task)
     test = Examples.from_dataset(load_tokenized(args.tokenized)["test"])
-    record, preds = evaluate_model(model, test, name=name, labels=labels, ev=params.evaluation, device=device,
-                                   provenance=provenance())
+    if params.task == "causal_lm":
+        record = evaluate_lm(model, load_tokenizer_folder(args.model), test, name=name, ev=params.evaluation,
+                             device=device, provenance=provenance())
+        preds = []
+    else:
+        check_labels(model, labels, args.model, args.labels)
+        record, preds = evaluate_model(model, test, name=name, labels=labels, ev=params.evaluation, device=device,
+                                       provenance=provenance())
     # train.seeds > 1: the other seeds' models on the same texts (the spread of training randomness)
-    record.seed_scores = seed_scores(args.model, args.seed_models, test, accuracy=record.accuracy,
-                                     macro_f1=record.macro_f1, labels=labels, device=device,
-                                     batch_size=params.evaluation.batch_size)
-    write_text_atomic(args.confusion_plot, confusion_csv(test.labels, preds, labels))
+    record.seed_scores = seed_scores(args.model, args.seed_models, test, record=record, labels=labels,
+                                     device=device, batch_size=params.evaluation.batch_size)
+    # the confusion plot (classification); a causal LM's file holds only the header (DVC tracks it either way)
+    write_text_atomic(args.confusion_plot, confusion_csv(test.labels if preds else [], preds, labels))
     record.write(args.metrics)
-    print(f"evaluation {name}: accuracy {record.accuracy:.4f}, macro-F1 {record.macro_f1:.4f} on {record.n} "
-          f"test texts; latency p50 {record.latency_ms['p50']:.1f} ms, {record.throughput_per_s:.0f} texts/s "
-          f"-> {args.metrics}")
+    for line in summary_lines(record, params.evaluation.metric):
+        print(line)
+    print(f"-> {args.metrics}")
+
+
+def summary_lines(record: EvalRecord, metric: str) -> list[str]:
+    """What the stage prints: the test scores, their cost, the spread over seeds, the continuations."""
+    if record.task == "causal_lm":
+        lines = [f"evaluation {record.variant}: perplexity {record.perplexity:.3f}, bits/byte {record.bits_per_byte:.4f}, "
+                 f"loss {record.loss:.4f} on {record.n} test texts ({sum(record.tokens):,} tokens); "
+                 f"{record.tokens_per_s:,.0f} tokens/s, latency p50 {record.latency_ms['p50']:.1f} ms"]
+        lines += [f"  {g['prompt']!r} -> {g['continuation']!r}" for g in record.generations]
+    else:
+        lines = [f"evaluation {record.variant}: accuracy {record.accuracy:.4f}, macro-F1 {record.macro_f1:.4f} on "
+                 f"{record.n} test texts; latency p50 {record.latency_ms['p50']:.1f} ms, "
+                 f"{record.throughput_per_s:.0f} texts/s"]
     if record.seed_scores:
-        accs = [s["accuracy"] for s in record.seed_scores]
-        print(f"evaluation {name}: accuracy over {len(accs)} seeds {statistics.mean(accs):.4f} "
-              f"(sd {statistics.stdev(accs):.4f}, {min(accs):.4f}-{max(accs):.4f})")
+        vals = [s[metric] for s in record.seed_scores]
+        lines.append(f"evaluation {record.variant}: {metric} over {len(vals)} seeds {statistics.mean(vals):.4f} "
+                     f"(sd {statistics.stdev(vals):.4f}, {min(vals):.4f}-{max(vals):.4f})")
+    return lines
 
 
 if __name__ == "__main__":

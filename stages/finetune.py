@@ -72,7 +72,7 @@ def main(argv=None) -> None:
             device=device, pad_id=pad_id, num_labels=len(labels), checkpoint_dir=ck_dir,
             fingerprint_for=fingerprint_for,
             extra_meta={"mlflow_run_id": run_id}, on_step=finetuning.fault_kill_hook(name),
-            log=print)  # print: inside a Prefect task it also goes to the run's log
+            log=print, task=params.task)  # print: inside a Prefect task it also goes to the run's log
     # train.seeds > 1: the other seeds, at the same lr (every rank trains; rank 0 writes seed_models/<v>/)
     seed_runs = [finetuning.seed_summary(cfg.seed, outcome, params.evaluation.metric)] if cfg.seeds > 1 else []
     seed_runs += finetuning.train_other_seeds(
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
                                      peak_kind=mem.kind, audit=audit, run_id=run_id, provenance=provenance(),
                                      lr_search=lr_search, seed_runs=seed_runs)
     finetuning.save_model(built.model, tokenizer, args.model, variant=name, spec=spec, labels=labels, audit=audit,
-                          base=params.model.source, seed=cfg.seed)
+                          base=params.model.source, seed=cfg.seed, task=params.task)
     write_text_atomic(args.loss_plot, finetuning.loss_csv(outcome.loss_curve))
     with stopwatch.measure("mlflow"):
         logged = tracking.log_variant_training(

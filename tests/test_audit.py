@@ -99,7 +99,7 @@ def test_closed_form_check_catches_a_wrong_formula(monkeypatch):
     spec = parse_variant("full", {}, "variants.full")
     built = build_variant(ModelConfig(), spec, 2, device="meta")
     real = closed_form_total
-    monkeypatch.setattr(audit_mod, "closed_form_total", lambda cfg, n: (real(cfg, n)[0] + 384, "H too many"))
+    monkeypatch.setattr(audit_mod, "closed_form_total", lambda cfg, n, task="classification": (real(cfg, n, task)[0] + 384, "H too many"))
     with pytest.raises(audit_mod.AuditMismatch, match=r"counted 22,713,986 parameters but the closed form"):
         audit_built(built, variant_name="full", spec=spec, num_labels=2, batch_size=16, seq_len=128)
 

@@ -166,10 +166,12 @@ def test_training_lowers_validation_perplexity_and_is_reproducible(raw, lm_data,
 
 
 def test_continuations_are_greedy_and_deterministic(lm_data, decoder_tokenizer):
-    _, (_, texts) = lm_data
+    _, (val_ex, texts) = lm_data
     _, built = build_lm("qwen2", {})
-    a = continuations(built.model, decoder_tokenizer, texts[:2], max_new_tokens=5, device="cpu", prompt_tokens=4)
-    b = continuations(built.model, decoder_tokenizer, texts[:2], max_new_tokens=5, device="cpu", prompt_tokens=4)
+    ids = val_ex.input_ids[:2]
+    a = continuations(built.model, decoder_tokenizer, ids, max_new_tokens=5, device="cpu", prompt_tokens=2)
+    b = continuations(built.model, decoder_tokenizer, ids, max_new_tokens=5, device="cpu", prompt_tokens=2)
     assert a == b and len(a) == 2
-    assert all(g["prompt"] and texts[i].lower().startswith(g["prompt"].split()[0]) for i, g in enumerate(a))
-    assert all(g["continuation"] for g in a)
+    for text, g in zip(texts, a):  # the prompt is the text's first tokens ([CLS] + 1), the reference the rest
+        assert g["prompt"] and text.lower().startswith(g["prompt"].split()[0])
+        assert g["continuation"] and g["reference"]
