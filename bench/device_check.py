@@ -205,6 +205,8 @@ class PeakCounter:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        # what earlier jobs left allocated (should be ~0): it is inside the CUDA peak too
+        self.at_start = torch.cuda.memory_allocated() if self.inner.device == "cuda" else 0
         self.inner.__enter__()
         return self
 
@@ -286,7 +288,7 @@ def rates(plan: Plan, seconds: float, steps: int, flops_per_token: int, peak: fl
     tokens = samples * plan.seq_len  # no padding: every token is real
     tps = tokens / seconds
     return {"seconds": round(seconds, 4), "steps": steps, "samples_per_s": round(samples / seconds, 2),
-            "tokens_per_s": round(tps, 1), "mfu": round(flops_per_token * tps / peak, 4)}
+            "tokens_per_s": round(tps, 1), "mfu": float(f"{flops_per_token * tps / peak:.4g}")}
 
 
 def run_depthtune(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
@@ -328,7 +330,8 @@ def run_depthtune(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
            "cached_prefix_layers": run.frozen if run.train_cache is not None else 0,
            "cache_mib": round(((run.train_cache.nbytes if run.train_cache else 0) +
                                (run.val_cache.nbytes if run.val_cache else 0)) / 2**20, 1),
-           "peak_memory_bytes": mem.bytes, "memory_kind": mem.kind, "first_loss": losses[0], "last_loss": losses[-1],
+           "peak_memory_bytes": mem.bytes, "memory_kind": mem.kind, "memory_at_start_bytes": mem.at_start,
+           "first_loss": losses[0], "last_loss": losses[-1],
            "log": lines, **audit}
     del run, built, state, best
     return row
@@ -379,7 +382,8 @@ def run_trainer(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
     row = {"recipe": "trainer", "optimizer": str(args.optim),
            "timed": rates(plan, timed_s, total - plan.warmup, fpt, peak),
            "whole": rates(plan, t_end - t_start, res.global_step, fpt, peak),
-           "peak_memory_bytes": mem.bytes, "memory_kind": mem.kind, "train_loss": res.training_loss, **audit}
+           "peak_memory_bytes": mem.bytes, "memory_kind": mem.kind, "memory_at_start_bytes": mem.at_start,
+           "train_loss": res.training_loss, **audit}
     del trainer, built
     return row
 
