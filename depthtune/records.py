@@ -345,10 +345,10 @@ class EvalRecord(VariantResult):
             ci = getattr(rec, f"{m}_ci")
             if not isinstance(ci, list) or len(ci) != 2 or not all(_is_type(x, float) for x in ci):
                 raise DepthtuneError(f"{where}: `{m}_ci` is {ci!r:.80}, expected [low, high]")
-        paired = (rec.predictions, rec.references) if rec.task == "classification" else (rec.nll, rec.tokens)
-        if not len(paired[0]) == len(paired[1]) == rec.n:
-            what = "predictions and references" if rec.task == "classification" else "nll and tokens"
-            raise DepthtuneError(f"{where}: {len(paired[0])} and {len(paired[1])} {what} for n={rec.n} test texts "
+        names = ("predictions", "references") if rec.task == "classification" else ("nll", "tokens")
+        a, b = (getattr(rec, k) for k in names)
+        if not len(a) == len(b) == rec.n:
+            raise DepthtuneError(f"{where}: {len(a)} {names[0]} and {len(b)} {names[1]} for n={rec.n} test texts "
                                  f"(re-run {cls.WRITER})")
         return rec
 

@@ -35,15 +35,16 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from depthtune import layout
+from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
 from depthtune.report_plots import depth_png, human, pareto_png
-from depthtune.significance import TEST_NAME, compare_to_best
+from depthtune.significance import TEST_NAME, compare_to_best, lm_paired_bootstrap
 
 SCHEMA = "depthtune.compare/2"
-METRICS = ("accuracy", "macro_f1")
-FRONT_PARAMS = "accuracy_vs_trainable_params"
+METRICS = tuple(m for ms in METRICS_OF_TASK.values() for m in ms)
+FRONT_PARAMS = "accuracy_vs_trainable_params"  # classification's fronts; a causal LM's: perplexity_vs_...
 FRONT_TIME = "accuracy_vs_train_time"
 CSV_COLUMNS = ("variant", "depth", "trainable_params", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
                "macro_f1", "train_time_s")
@@ -142,10 +143,8 @@ def build_row(res: VariantResults) -> dict:
         "memory_ratio": ratio,
         "train_time_s": float(t.train_time_s),
         "samples_per_s": t.samples_per_s,
-        "accuracy": float(e.accuracy),
-        "accuracy_ci": list(e.interval("accuracy")),
-        "macro_f1": float(e.macro_f1),
-        "macro_f1_ci": list(e.interval("macro_f1")),
+        "task": e.task,
+        **{k: v for m in METRICS_OF_TASK[e.task] for k, v in ((m, e.metric(m)), (f"{m}_ci", list(e.interval(m))))},
         "n_test": e.n,
         "p_vs_best": None,  # filled by build_report: the paired test against the best variant
         "not_converged": bool(t.not_converged),
@@ -156,21 +155,22 @@ def build_row(res: VariantResults) -> dict:
         "epochs_run": t.epochs_run,
         "best_epoch": t.best_epoch,
         "stopped_early": bool(t.stopped_early),
-        **seed_spread(e.seed_scores, res.paths["eval"]),
+        **seed_spread(e.seed_scores, res.paths["eval"], METRICS_OF_TASK[e.task][0]),
         "latency_p50_ms": _optional_number(e.latency_ms.get("p50"), res.paths["eval"], "latency_ms.p50"),
         "latency_p95_ms": _optional_number(e.latency_ms.get("p95"), res.paths["eval"], "latency_ms.p95"),
     }
 
 
-def seed_spread(scores: list, path) -> dict:
-    """train.seeds > 1: accuracy over the seeds' models on the same test texts (mean, sd, min, max, n)."""
-    accs = [s.get("accuracy") for s in scores]
+def seed_spread(scores: list, path, metric: str = "accuracy") -> dict:
+    """train.seeds > 1: `metric` (accuracy; a causal LM's perplexity) over the seeds' models on the same test
+    texts (mean, sd, min, max), as `seed_<metric>`."""
+    accs = [s.get(metric) for s in scores]
     if len(accs) < 2:
-        return {"seeds": len(accs) or 1, "seed_accuracy": None}
+        return {"seeds": len(accs) or 1, f"seed_{metric}": None}
     if not all(isinstance(a, (int, float)) for a in accs):
-        raise DepthtuneError(f"{path}: seed_scores has an entry without a numeric accuracy (re-run the evaluation)")
-    return {"seeds": len(accs), "seed_accuracy": {"mean": statistics.mean(accs), "sd": statistics.stdev(accs),
-                                                  "min": min(accs), "max": max(accs)}}
+        raise DepthtuneError(f"{path}: seed_scores has an entry without a numeric {metric} (re-run the evaluation)")
+    return {"seeds": len(accs), f"seed_{metric}": {"mean": statistics.mean(accs), "sd": statistics.stdev(accs),
+                                                   "min": min(accs), "max": max(accs)}}
 
 
 # ----------------------------------------------------------------------------- pareto & verdict
@@ -193,9 +193,23 @@ def pareto_front(points: Iterable[tuple[str, float, float]]) -> list[str]:
     return [n for *_, n in sorted(front)]
 
 
+def quality_metric(rows: Sequence[dict]) -> str:
+    """What the Pareto fronts and plots trade against cost: accuracy (classification), perplexity (causal_lm)."""
+    return "perplexity" if rows and rows[0].get("task") == "causal_lm" else "accuracy"
+
+
+def front_names(quality: str) -> tuple[str, str]:
+    return (FRONT_PARAMS, FRONT_TIME) if quality == "accuracy" else \
+        (f"{quality}_vs_trainable_params", f"{quality}_vs_train_time")
+
+
 def pareto_fronts(rows: Sequence[dict]) -> dict[str, list[str]]:
-    return {FRONT_PARAMS: pareto_front((r["variant"], r["accuracy"], r["trainable_params"]) for r in rows),
-            FRONT_TIME: pareto_front((r["variant"], r["accuracy"], r["train_time_s"]) for r in rows)}
+    """Both fronts; the value goes up (a lower-is-better metric is negated)."""
+    q = quality_metric(rows)
+    sign = 1 if higher_is_better(q) else -1
+    params_front, time_front = front_names(q)
+    return {params_front: pareto_front((r["variant"], sign * r[q], r["trainable_params"]) for r in rows),
+            time_front: pareto_front((r["variant"], sign * r[q], r["train_time_s"]) for r in rows)}
 
 
 def _fmt_metric(x: float) -> str:
@@ -213,17 +227,25 @@ def _fmt_p(p: float | None) -> str:
 
 
 def _label(metric: str) -> str:
-    return {"macro_f1": "macro-F1"}.get(metric, metric)
+    return {"macro_f1": "macro-F1", "bits_per_byte": "bits/byte"}.get(metric, metric)
+
+
+def _sign(metric: str) -> int:
+    """+1 when higher is better, -1 when lower is (perplexity, bits per byte): `sign * value` goes up."""
+    return 1 if higher_is_better(metric) else -1
 
 
 def pick_best(rows: Sequence[dict], metric: str = "accuracy") -> dict:
-    """The row with the highest `metric` (ties: fewer trainable params, then params order)."""
+    """The row with the best `metric`, the highest (the lowest for perplexity, bits per byte)
+    (ties: fewer trainable params, then params order)."""
     if metric not in METRICS:
         raise DepthtuneError(f"evaluation.metric: {metric!r} is not one of {', '.join(METRICS)}")
     if not rows:
         raise DepthtuneError("compare: no variants to compare")
     order = {r["variant"]: i for i, r in enumerate(rows)}
-    return min(rows, key=lambda r: (-r[metric], r["trainable_params"], order[r["variant"]]))
+    if metric not in rows[0]:
+        raise DepthtuneError(f"evaluation.metric: {metric} is not a metric of these {rows[0].get('task')} results")
+    return min(rows, key=lambda r: (-_sign(metric) * r[metric], r["trainable_params"], order[r["variant"]]))
 
 
 def paired_p_values(results: Sequence[VariantResults], metric: str, best: str) -> dict[str, float]:
@@ -233,6 +255,8 @@ def paired_p_values(results: Sequence[VariantResults], metric: str, best: str) -
     on the same test texts (same references, same order).
     """
     ref = next(r for r in results if r.variant == best)
+    if ref.eval.task == "causal_lm":
+        return lm_p_values(results, metric, ref)
     for r in results:
         if r.eval.references != ref.eval.references:
             raise DepthtuneError(f"{r.paths['eval']}: scored on other test texts than {ref.paths['eval']} "
@@ -242,12 +266,27 @@ def paired_p_values(results: Sequence[VariantResults], metric: str, best: str) -
     return {v: 1.0 if x is None else x for v, x in p.items()}
 
 
+def lm_p_values(results: Sequence[VariantResults], metric: str, ref: VariantResults) -> dict[str, float]:
+    """Causal LMs: the paired bootstrap over test texts of each variant's perplexity / bits per byte vs `ref`'s
+    (the same texts: same predicted tokens and bytes per text)."""
+    for r in results:
+        if r.eval.tokens != ref.eval.tokens or r.eval.n_bytes != ref.eval.n_bytes:
+            raise DepthtuneError(f"{r.paths['eval']}: scored on other test texts than {ref.paths['eval']} "
+                                 "(re-run the evaluation stages on the current data)")
+    denominator = ref.eval.tokens if metric == "perplexity" else ref.eval.n_bytes
+    return {r.variant: 1.0 if r is ref else lm_paired_bootstrap(ref.eval.nll, r.eval.nll, denominator, metric)
+            for r in results}
+
+
 def _within(r: dict, best: dict, metric: str, tolerance: float, alpha: float) -> bool:
-    """The "within tolerance" rule: r's 95% interval reaches best - tolerance AND r is not
-    significantly worse than the best (p >= alpha). The best itself always qualifies."""
+    """The "within tolerance" rule: r's 95% interval reaches best - tolerance (best + tolerance when lower
+    is better) AND r is not significantly worse than the best (p >= alpha). The best itself always qualifies."""
     if r is best:
         return True
-    reaches = r[f"{metric}_ci"][1] >= best[metric] - tolerance - _EPS
+    if higher_is_better(metric):
+        reaches = r[f"{metric}_ci"][1] >= best[metric] - tolerance - _EPS
+    else:
+        reaches = r[f"{metric}_ci"][0] <= best[metric] + tolerance + _EPS
     return reaches and (r["p_vs_best"] is None or r["p_vs_best"] >= alpha)
 
 
@@ -267,7 +306,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
     others = [r for r in rows if r is not best]
     tied = [r for r in others if r["p_vs_best"] is None or r["p_vs_best"] >= alpha]
     within = [r for r in rows if _within(r, best, metric, tolerance, alpha)]
-    cheap = min(within, key=lambda r: (r["trainable_params"], -r[metric], order[r["variant"]]))
+    cheap = min(within, key=lambda r: (r["trainable_params"], -_sign(metric) * r[metric], order[r["variant"]]))
     verdict = {
         "metric": metric, "tolerance": tolerance, "alpha": alpha, "test": TEST_NAME[metric],
         "n_test": best.get("n_test"),
@@ -275,7 +314,8 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
         "significant": not tied,  # the best is significantly better than every other variant
         "indistinguishable": [r["variant"] for r in tied],
         "cheapest": {"variant": cheap["variant"], metric: cheap[metric],
-                     "trainable_params": cheap["trainable_params"], "gap": round(best[metric] - cheap[metric], 12)},
+                     "trainable_params": cheap["trainable_params"],
+                     "gap": round(_sign(metric) * (best[metric] - cheap[metric]), 12)},
     }
     verdict["sentence"] = verdict_sentence(verdict, best, cheap, others, tied)
     return verdict
@@ -284,6 +324,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
 def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list) -> str:
     """The report's verdict in words (see best_and_cheapest)."""
     m, alpha, tol, test = v["metric"], v["alpha"], v["tolerance"], v["test"]
+    edge = best[m] - _sign(m) * tol  # the worst score still "within tolerance" of the best
     on = f"at alpha {alpha:g} on {v['n_test']:,} test texts" if v.get("n_test") else f"at alpha {alpha:g}"
     head = f"{_fmt_metric(best[m])}, 95% CI {_fmt_ci(best[f'{m}_ci'])}"
     if not others:
@@ -296,15 +337,16 @@ def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list)
     else:
         names = ", ".join(f"{r['variant']} (p={_fmt_p(r['p_vs_best'])})" for r in tied)
         verb = "is" if len(tied) == 1 else "are"
-        sentence = (f"No clear best: {best['variant']} has the highest {_label(m)} ({head}), but {names} {verb} "
+        sentence = (f"No clear best: {best['variant']} has the {'highest' if _sign(m) > 0 else 'lowest'} "
+                    f"{_label(m)} ({head}), but {names} {verb} "
                     f"statistically indistinguishable from it {on} ({test} test). ")
     if cheap is best:
         return sentence + (f"No variant with fewer trainable params is within {tol:g} of it (95% interval "
-                           f"reaching {_fmt_metric(best[m] - tol)}, not significantly worse).")
+                           f"reaching {_fmt_metric(edge)}, not significantly worse).")
     factor = best["trainable_params"] / cheap["trainable_params"] if cheap["trainable_params"] else math.inf
     return sentence + (f"Cheapest within {tol:g} of it: **{cheap['variant']}** ({_fmt_metric(cheap[m])}, "
-                       f"95% CI {_fmt_ci(cheap[f'{m}_ci'])} reaching {_fmt_metric(best[m] - tol)}, "
-                       f"{best[m] - cheap[m]:.4f} behind, not significantly worse: "
+                       f"95% CI {_fmt_ci(cheap[f'{m}_ci'])} reaching {_fmt_metric(edge)}, "
+                       f"{_sign(m) * (best[m] - cheap[m]):.4f} behind, not significantly worse: "
                        f"p={_fmt_p(cheap['p_vs_best'])}, {cheap['trainable_params']:,} trainable params, "
                        f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
 
@@ -346,7 +388,7 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
 def _flat_metrics(r: dict) -> dict:
     """One variant's numbers for `dvc metrics show` (numbers only: lists and nulls are skipped there)."""
     out = {}
-    for m in METRICS:
+    for m in METRICS_OF_TASK[r.get("task", "classification")]:
         out[m] = r[m]
         out[f"{m}_ci_low"], out[f"{m}_ci_high"] = r[f"{m}_ci"]
     out["p_vs_best"] = 1.0 if r["p_vs_best"] is None else r["p_vs_best"]  # the best against itself: p = 1
@@ -392,7 +434,7 @@ def _num(x, fmt: str) -> str:
 
 
 TABLE_HEADER = ("| variant | description | depth | trainable | total | trainable % | est. mem MiB | "
-                "peak mem MiB | peak/est | train s | samples/s | accuracy (95% CI) | macro-F1 (95% CI) | "
+                "peak mem MiB | peak/est | train s | samples/s | {m1} (95% CI) | {m2} (95% CI) | "
                 "p vs best | p50 ms | p95 ms | Pareto params | Pareto time |")
 TABLE_ALIGN = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|"
 
@@ -407,10 +449,16 @@ def _with_ci(r: dict, metric: str) -> str:
     return f"{_fmt_metric(r[metric])} [{lo:.3f}, {hi:.3f}]"
 
 
+def task_metrics(report: dict) -> tuple[str, str]:
+    """The two test metrics of the rows' task: (accuracy, macro_f1) or (perplexity, bits_per_byte)."""
+    return METRICS_OF_TASK[report["rows"][0].get("task", "classification")]
+
+
 def comparison_table(report: dict) -> str:
     v = report["verdict"]
     best, cheap, top = v["best"]["variant"], v["cheapest"]["variant"], _top_tag(v)
-    lines = [TABLE_HEADER, TABLE_ALIGN]
+    m1, m2 = task_metrics(report)
+    lines = [TABLE_HEADER.format(m1=_label(m1), m2=_label(m2)), TABLE_ALIGN]
     for r in report["rows"]:
         tags = (f" {NOT_CONVERGED}" if r["not_converged"] else "") + \
                (f" ({top})" if r["variant"] == best else "") + \
@@ -419,7 +467,7 @@ def comparison_table(report: dict) -> str:
             f"| {r['variant']}{tags} | {r['description']} | {r['depth']} | {_int(r['trainable_params'])} | "
             f"{_int(r['total_params'])} | {r['trainable_pct']:.2f} | {_mib(r['estimated_memory_bytes'])} | "
             f"{_mib(r['peak_memory_bytes'])} | {_num(r['memory_ratio'], '.2f')} | {r['train_time_s']:.1f} | "
-            f"{_num(r['samples_per_s'], '.1f')} | {_with_ci(r, 'accuracy')} | {_with_ci(r, 'macro_f1')} | "
+            f"{_num(r['samples_per_s'], '.1f')} | {_with_ci(r, m1)} | {_with_ci(r, m2)} | "
             f"{_fmt_p(r['p_vs_best'])} | {_num(r['latency_p50_ms'], '.2f')} | {_num(r['latency_p95_ms'], '.2f')} | "
             f"{'●' if r['pareto_params'] else ''} | {'●' if r['pareto_time'] else ''} |")
     return "\n".join(lines)
@@ -427,10 +475,11 @@ def comparison_table(report: dict) -> str:
 
 def training_table(rows: Sequence[dict]) -> list[str]:
     """How each variant was trained: its lr (searched or not), epochs, where the best was, convergence;
-    and, with train.seeds > 1, the accuracy across seeds."""
-    seeded = any(r.get("seed_accuracy") for r in rows)
+    and, with train.seeds > 1, the accuracy (a causal LM's perplexity) across seeds."""
+    q = quality_metric(rows)
+    seeded = any(r.get(f"seed_{q}") for r in rows)
     head = "| variant | lr | epochs run | best at epoch | stopped | converged |" + \
-        (" seeds | accuracy across seeds: mean ± sd (min-max) |" if seeded else "")
+        (f" seeds | {q} across seeds: mean ± sd (min-max) |" if seeded else "")
     lines = ["## Training", "", head, "|---|---:|---:|---:|---|---|" + ("---:|---|" if seeded else "")]
     for r in rows:
         lr = "—" if r.get("lr") is None else f"{r['lr']:.3g}"
@@ -439,7 +488,7 @@ def training_table(rows: Sequence[dict]) -> list[str]:
         line = (f"| {r['variant']} | {lr} | {_num(r.get('epochs_run'), 'g')} | {_num(r.get('best_epoch'), 'g')} | "
                 f"{stopped} | {'**no** ' + NOT_CONVERGED if r['not_converged'] else 'yes'} |")
         if seeded:
-            s = r.get("seed_accuracy")
+            s = r.get(f"seed_{q}")
             line += (f" {r['seeds']} | {s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f}-{s['max']:.4f}) |" if s
                      else " 1 | — |")
         lines.append(line)
@@ -469,9 +518,12 @@ def layer_table(layers: dict) -> str:
 def comparison_markdown(report: dict) -> str:
     rows = {r["variant"]: r for r in report["rows"]}
     metric, tol = report["metric"], report["tolerance"]
+    q = quality_metric(report["rows"])
+    up = f"{q} {'up' if higher_is_better(q) else 'down'}"
+    front_params, front_time = front_names(q)
 
     def front_line(title: str, names: list[str], cost_key: str, cost_fmt) -> str:
-        chain = " → ".join(f"{n} ({_fmt_metric(rows[n]['accuracy'])}, {cost_fmt(rows[n][cost_key])})"
+        chain = " → ".join(f"{n} ({_fmt_metric(rows[n][q])}, {cost_fmt(rows[n][cost_key])})"
                            for n in names)
         return f"- **{title}**: {chain}"
 
@@ -480,7 +532,7 @@ def comparison_markdown(report: dict) -> str:
     parts = [
         "# Variant comparison", "",
         f"{len(rows)} variants; test-split metrics{n_test}, selection metric **{metric}**, tolerance {tol:g}, "
-        f"alpha {report['alpha']:g}. ● marks Pareto-front members (accuracy up; trainable params or train "
+        f"alpha {report['alpha']:g}. ● marks Pareto-front members ({up}; trainable params or train "
         "time down).", "",
         v["sentence"], "",
         "## Results", "",
@@ -494,10 +546,10 @@ def comparison_markdown(report: dict) -> str:
         + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "
         "latency is batch-1 inference.", "",
         "## Pareto fronts", "",
-        "Cheapest first; each member buys accuracy with more cost.", "",
-        front_line("accuracy vs trainable params", report["fronts"][FRONT_PARAMS], "trainable_params",
+        f"Cheapest first; each member buys {q} with more cost.", "",
+        front_line(f"{q} vs trainable params", report["fronts"][front_params], "trainable_params",
                    lambda x: f"{human(x)} params"),
-        front_line("accuracy vs train time", report["fronts"][FRONT_TIME], "train_time_s",
+        front_line(f"{q} vs train time", report["fronts"][front_time], "train_time_s",
                    lambda x: f"{x:.1f} s"), "",
         "![Pareto fronts](pareto.png)", "",
         "## Trainable parameters per layer", "",
@@ -509,12 +561,14 @@ def comparison_markdown(report: dict) -> str:
 
 
 def variants_csv(report: dict) -> str:
+    """variant,depth,trainable_params,<m1>,<m1>_ci_low,<m1>_ci_high,<m2>,train_time_s (m1, m2: the task's metrics)."""
+    m1, m2 = task_metrics(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow([c.replace("macro_f1", m2).replace("accuracy", m1) for c in CSV_COLUMNS])
     for r in report["rows"]:
-        w.writerow([r["variant"], r["depth"], r["trainable_params"], f"{r['accuracy']:.6g}",
-                    f"{r['accuracy_ci'][0]:.6g}", f"{r['accuracy_ci'][1]:.6g}", f"{r['macro_f1']:.6g}",
+        w.writerow([r["variant"], r["depth"], r["trainable_params"], f"{r[m1]:.6g}",
+                    f"{r[f'{m1}_ci'][0]:.6g}", f"{r[f'{m1}_ci'][1]:.6g}", f"{r[m2]:.6g}",
                     f"{r['train_time_s']:.6g}"])
     return buf.getvalue()
 
@@ -532,8 +586,11 @@ def render_outputs(report: dict) -> dict[str, bytes]:
 
 def pareto_plot(report: dict) -> bytes:
     """pareto.png: both fronts with every variant's 95% accuracy interval; best - tolerance dotted."""
-    v = report["verdict"]
-    floor = v["best"]["accuracy"] - v["tolerance"] if v["metric"] == "accuracy" else None
-    tag = _top_tag(v) if v["metric"] == "accuracy" else f"{_top_tag(v)} F1"
-    return pareto_png(report["rows"], report["fronts"][FRONT_PARAMS], report["fronts"][FRONT_TIME],
-                      best=v["best"]["variant"], cheapest=v["cheapest"]["variant"], floor=floor, best_tag=tag)
+    v, q = report["verdict"], quality_metric(report["rows"])
+    floor = v["best"][q] - _sign(q) * v["tolerance"] if v["metric"] == q else None
+    tag = _top_tag(v) if v["metric"] == q else f"{_top_tag(v)} by {_label(v['metric'])}"
+    rows = [{**r, "accuracy": r[q], "accuracy_ci": r[f"{q}_ci"]} for r in report["rows"]]  # what the plot draws
+    params_front, time_front = front_names(q)
+    return pareto_png(rows, report["fronts"][params_front], report["fronts"][time_front],
+                      best=v["best"]["variant"], cheapest=v["cheapest"]["variant"], floor=floor, best_tag=tag,
+                      quality=q, lower_is_better=not higher_is_better(q))

@@ -48,7 +48,7 @@ def _log_limits(values: Sequence[float]) -> tuple[float, float]:
     return 10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad)
 
 
-def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=None):
+def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=None, ylabel="test accuracy"):
     on = [r for r in rows if r["variant"] in front]
     off = [r for r in rows if r["variant"] not in front]
 
@@ -82,7 +82,7 @@ def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=Non
     span = max(max(accs) - min(accs), 0.02)
     ax.set_ylim(min(accs) - 0.2 * span, max(accs) + 0.2 * span)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
@@ -150,20 +150,25 @@ def _label_points(ax, points, front, *, best=None, cheap=None, best_tag="best") 
 
 
 def pareto_png(rows: Sequence[dict], front_params: list, front_time: list, *, best: str, cheapest: str,
-               floor: float | None = None, best_tag: str = "best") -> bytes:
+               floor: float | None = None, best_tag: str = "best", quality: str = "accuracy",
+               lower_is_better: bool = False) -> bytes:
     """Left: accuracy vs trainable params (log x); right: accuracy vs train time. Fronts and
     95% intervals drawn; `floor` (best - tolerance) as a dotted line on the left panel.
 
-    rows: {variant, accuracy, accuracy_ci: [low, high], trainable_params, train_time_s}.
+    rows: {variant, accuracy, accuracy_ci: [low, high], trainable_params, train_time_s}; `quality` names
+    what "accuracy" holds (a causal LM's rows carry perplexity there: lower is better).
     """
+    ylabel = f"test {quality}" + (" (lower is better)" if lower_is_better else "")
+    name = quality.capitalize()
     fig = _figure(12.5, 5.2)
     ax1, ax2 = fig.subplots(1, 2)
     p1 = _scatter_panel(ax1, rows, front_params, "trainable_params", log_x=True,
-                        xlabel="trainable parameters (log scale)", title="Accuracy vs trainable parameters",
-                        floor=floor)
+                        xlabel="trainable parameters (log scale)", title=f"{name} vs trainable parameters",
+                        floor=floor, ylabel=ylabel)
     p2 = _scatter_panel(ax2, rows, front_time, "train_time_s", log_x=False,
-                        xlabel="train time, optimizer loop (s)", title="Accuracy vs train time")
-    fig.suptitle(f"depthtune: {len(rows)} variants, Pareto fronts (accuracy up, cost down; bars: 95% interval)",
+                        xlabel="train time, optimizer loop (s)", title=f"{name} vs train time", ylabel=ylabel)
+    fig.suptitle(f"depthtune: {len(rows)} variants, Pareto fronts ({quality} {'down' if lower_is_better else 'up'}, "
+                 "cost down; bars: 95% interval)",
                  fontsize=12)
     fig.draw_without_rendering()  # run the layout so label extents are final-ish
     _label_points(ax1, p1, front_params, best=best, cheap=cheapest, best_tag=best_tag)
