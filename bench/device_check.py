@@ -18,6 +18,9 @@ The jobs (random init, classification with 2 labels, batch 32 x 128 synthetic to
   qwen-lora   Qwen2-0.5B shape (896 hidden, 24 blocks, 14 query / 2 key-value heads, SwiGLU 4864,
               vocab 151,936, tied embeddings): LoRA r 16 on q/k/v/o/gate/up/down in every block
   qwen-top2   the same decoder, `train_top: 2`
+They run in the order bert-full, qwen-lora (the issue's targets), bert-top2, qwen-top2; no job starts
+after --budget-s (390 s), a failing run is recorded (its error) and the others go on, and the results
+are rewritten after every job, so a cut-off run still brings figures back (exit status 1 if any failed).
 Each job runs twice, by depthtune's loop and by the plain Trainer, on the same variant (built by
 build_variant with seed 0: identical weights and freezing), the same batches of the same shape and
 the same optimizer steps: `--warmup` steps (default 5) untimed, then `--steps` (default 30) timed.
@@ -115,10 +118,11 @@ TINY_QWEN2 = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 32, "num
 DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (model, variant spec as in params.yaml, lr). The lr changes no speed; it keeps the loss finite.
+# In this order: the two jobs with issue 14's targets first.
 JOBS = {
     "bert-full": ("encoder", {}, 1e-4),
-    "bert-top2": ("encoder", {"train_top": 2}, 3e-4),
     "qwen-lora": ("decoder", {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": DECODER_LINEARS}}, 2e-4),
+    "bert-top2": ("encoder", {"train_top": 2}, 3e-4),
     "qwen-top2": ("decoder", {"train_top": 2}, 1e-4),
 }
 NUM_LABELS = 2
@@ -139,6 +143,7 @@ class Plan:
     decoder: dict = field(default_factory=dict)
     jobs: list = field(default_factory=list)
     precision: str = "bf16-autocast"
+    budget_s: float = 390.0  # no job starts after this many seconds (the run must end within 8 minutes)
 
 
 def make_plan(args) -> Plan:
@@ -148,9 +153,10 @@ def make_plan(args) -> Plan:
         raise SystemExit(f"--jobs: unknown {unknown}; known: {', '.join(JOBS)}")
     if args.dry_run:
         return Plan(device="cpu", dry_run=True, batch_size=4, seq_len=16, warmup=1, steps=2, gemm_n=256,
-                    encoder=TINY_BERT, decoder=TINY_QWEN2, jobs=jobs, precision="fp32")
+                    encoder=TINY_BERT, decoder=TINY_QWEN2, jobs=jobs, precision="fp32", budget_s=args.budget_s)
     return Plan(device="cuda", dry_run=False, batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
-                steps=args.steps, gemm_n=8192, encoder=BERT_BASE, decoder=QWEN2_05B, jobs=jobs)
+                steps=args.steps, gemm_n=8192, encoder=BERT_BASE, decoder=QWEN2_05B, jobs=jobs,
+                budget_s=args.budget_s)
 
 
 def log(msg: str) -> None:
@@ -388,22 +394,40 @@ def run_trainer(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
     return row
 
 
+def attempt(fn, *args) -> dict:
+    """fn(*args), or {"error": ...} with the traceback printed: one failing run must not cost the
+    GPU session the other jobs' figures."""
+    import traceback
+
+    from depthtune.errors import first_line
+
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 -- recorded in the results and the exit code
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
+
+
 def run_job(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
-    log(f"{job}: depthtune ...")
-    dt_row = run_depthtune(plan, job, tok_dir, peak)
-    free(plan.device)
-    log(f"{job}: depthtune {dt_row['timed']['tokens_per_s']:,.0f} tokens/s, MFU {dt_row['timed']['mfu']:.1%}, "
-        f"peak {dt_row['peak_memory_bytes'] / 2**30:.2f} GiB (audit estimate "
-        f"{dt_row['estimates']['memory_bytes']['total'] / 2**30:.2f} GiB); Trainer ...")
-    tr_row = run_trainer(plan, job, tok_dir, peak)
-    free(plan.device)
-    ratio = dt_row["timed"]["tokens_per_s"] / tr_row["timed"]["tokens_per_s"]
-    log(f"{job}: Trainer {tr_row['timed']['tokens_per_s']:,.0f} tokens/s, MFU {tr_row['timed']['mfu']:.1%}; "
-        f"ratio {ratio:.2f}x")
+    """One job by both recipes; the ratio and the memory figure when both ran."""
     family, raw_spec, lr = JOBS[job]
-    return {"job": job, "family": family, "spec": raw_spec, "lr": lr, "depthtune": dt_row, "trainer": tr_row,
-            "ratio_tokens_per_s": round(ratio, 3),
-            "memory_vs_estimate": round(dt_row["peak_memory_bytes"] / dt_row["estimates"]["memory_bytes"]["total"], 3)}
+    out = {"job": job, "family": family, "spec": raw_spec, "lr": lr}
+    log(f"{job}: depthtune ...")
+    out["depthtune"] = dt_row = attempt(run_depthtune, plan, job, tok_dir, peak)
+    free(plan.device)
+    if "error" not in dt_row:
+        out["memory_vs_estimate"] = round(dt_row["peak_memory_bytes"] / dt_row["estimates"]["memory_bytes"]["total"], 3)
+        log(f"{job}: depthtune {dt_row['timed']['tokens_per_s']:,.0f} tokens/s, MFU {dt_row['timed']['mfu']:.1%}, "
+            f"peak {dt_row['peak_memory_bytes'] / 2**30:.2f} GiB (audit estimate "
+            f"{dt_row['estimates']['memory_bytes']['total'] / 2**30:.2f} GiB); Trainer ...")
+    out["trainer"] = tr_row = attempt(run_trainer, plan, job, tok_dir, peak)
+    free(plan.device)
+    if "error" not in tr_row:
+        log(f"{job}: Trainer {tr_row['timed']['tokens_per_s']:,.0f} tokens/s, MFU {tr_row['timed']['mfu']:.1%}")
+    if "error" not in dt_row and "error" not in tr_row:
+        out["ratio_tokens_per_s"] = round(dt_row["timed"]["tokens_per_s"] / tr_row["timed"]["tokens_per_s"], 3)
+        log(f"{job}: ratio depthtune / Trainer {out['ratio_tokens_per_s']:.2f}x")
+    return out
 
 
 def free(device: str) -> None:
@@ -449,7 +473,8 @@ def machine(device: str) -> dict:
     return info
 
 
-def run(plan: Plan) -> dict:
+def run(plan: Plan, save) -> dict:
+    """The GEMM peak, then each job; `save(res)` after every job (a timeout still leaves results)."""
     import torch
 
     t_start = time.perf_counter()
@@ -462,23 +487,37 @@ def run(plan: Plan) -> dict:
     log(f"{info.get('gpu', 'CPU')}; torch {info['torch']}, transformers {info['transformers']}, peft {info['peft']}")
     gemm = gemm_peak(plan.device, plan.gemm_n)
     log(f"GEMM peak ({gemm['dtype']}, {gemm['n']}^3): {gemm['peak_flops'] / 1e12:.4g} TFLOP/s")
-    jobs = []
+    res = {"schema": "depthtune.bench.device_check/1", "date": dt.date.today().isoformat(), "dry_run": plan.dry_run,
+           "complete": False, "plan": asdict(plan), "machine": info, "imports": imports, "gemm": gemm,
+           "gemm_end": None, "jobs": [], "skipped": [], "targets": {}, "wall_s": None}
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         tok_dir = tokenizer_dir(Path(tmp))
         for job in plan.jobs:
-            jobs.append(run_job(plan, job, tok_dir, gemm["peak_flops"]))
-    gemm_end = gemm_peak(plan.device, plan.gemm_n)
-    return {"schema": "depthtune.bench.device_check/1", "date": dt.date.today().isoformat(),
-            "dry_run": plan.dry_run, "plan": asdict(plan), "machine": info, "imports": imports,
-            "gemm": gemm, "gemm_end": gemm_end, "jobs": jobs, "targets": targets(plan, jobs),
-            "wall_s": round(time.perf_counter() - t_start, 1)}
+            if time.perf_counter() - t_start > plan.budget_s:  # leave time to write and return
+                log(f"{job}: skipped, {plan.budget_s} s budget spent")
+                res["skipped"].append(job)
+                continue
+            res["jobs"].append(run_job(plan, job, tok_dir, gemm["peak_flops"]))
+            res["wall_s"] = round(time.perf_counter() - t_start, 1)
+            save(res)
+    res["gemm_end"] = gemm_peak(plan.device, plan.gemm_n)
+    res.update(targets=targets(plan, res["jobs"]), complete=True, wall_s=round(time.perf_counter() - t_start, 1))
+    save(res)
+    return res
+
+
+def failures(res: dict) -> list[str]:
+    """'job/recipe: error' for every run that failed, and the skipped jobs."""
+    out = [f"{j['job']}/{rec}: {j[rec]['error']}" for j in res["jobs"] for rec in ("depthtune", "trainer")
+           if "error" in j[rec]]
+    return out + [f"{job}: skipped (time budget)" for job in res["skipped"]]
 
 
 def targets(plan: Plan, jobs: list) -> dict:
     """Issue 14's GPU targets for the jobs that have them (not judged on a dry run)."""
     out = {}
     for j in jobs:
-        if j["job"] in TARGET_JOBS:
+        if j["job"] in TARGET_JOBS and "ratio_tokens_per_s" in j:
             mfu = j["depthtune"]["timed"]["mfu"]
             out[j["job"]] = {"ratio": j["ratio_tokens_per_s"], "ratio_target": TARGET_RATIO, "mfu": mfu,
                              "mfu_target": TARGET_MFU,
@@ -487,29 +526,34 @@ def targets(plan: Plan, jobs: list) -> dict:
     return out
 
 
+def row_cells(r: dict) -> str:
+    """One recipe's table cells: samples/s .. trainable (or its error across them)."""
+    if "error" in r:
+        return f"failed: {r['error'][:120]} | | | | | | |"
+    est = r["estimates"]["memory_bytes"]["total"]
+    return (f"{r['timed']['samples_per_s']:,.1f} | {r['timed']['tokens_per_s']:,.0f} | {r['timed']['mfu']:.1%} | "
+            f"{r['whole']['tokens_per_s']:,.0f} | {r['peak_memory_bytes'] / 2**30:.3f} | {est / 2**30:.3f} | "
+            f"{r['trainable_params']:,}")
+
+
 def markdown(res: dict) -> str:
-    m, p = res["machine"], res["plan"]
+    m, p, g, g_end = res["machine"], res["plan"], res["gemm"], res["gemm_end"]
     title = "Device check" + (" (DRY RUN: CPU, tiny shapes, fp32; the figures say nothing)" if res["dry_run"] else "")
-    lines = [f"# {title}, {res['date']}", "",
+    end = f"{g_end['peak_flops'] / 1e12:.4g} at the end" if g_end else "not measured at the end"
+    lines = [f"# {title}, {res['date']}" + ("" if res["complete"] else " (INCOMPLETE)"), "",
              f"{m.get('gpu', 'CPU')}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, "
              f"Python {m['python']}. {p['precision']}, batch {p['batch_size']} x {p['seq_len']} tokens, "
-             f"{p['warmup']} warm-up + {p['steps']} timed steps per run. GEMM peak "
-             f"({res['gemm']['dtype']} {res['gemm']['n']}^3): {res['gemm']['peak_flops'] / 1e12:.4g} TFLOP/s at the "
-             f"start, {res['gemm_end']['peak_flops'] / 1e12:.4g} at the end. Heavy packages imported by "
+             f"{p['warmup']} warm-up + {p['steps']} timed steps per run. GEMM peak ({g['dtype']} {g['n']}^3): "
+             f"{g['peak_flops'] / 1e12:.4g} TFLOP/s at the start, {end}. Heavy packages imported by "
              f"depthtune.training/variants/audit: {', '.join(res['imports']['heavy_imported']) or 'none'}. "
              f"Wall time {res['wall_s']} s.", "",
              "| job | recipe | samples/s | tokens/s | MFU | whole-run tokens/s | peak mem GiB | audit est. GiB "
              "| trainable | ratio |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for j in res["jobs"]:
-        for rec in ("depthtune", "trainer"):
-            r = j[rec]
-            est = r["estimates"]["memory_bytes"]["total"]
-            ratio = f"{j['ratio_tokens_per_s']:.2f}x" if rec == "depthtune" else ""
-            lines.append(f"| {j['job']} | {rec} | {r['timed']['samples_per_s']:,.1f} | "
-                         f"{r['timed']['tokens_per_s']:,.0f} | {r['timed']['mfu']:.1%} | "
-                         f"{r['whole']['tokens_per_s']:,.0f} | {r['peak_memory_bytes'] / 2**30:.3f} | "
-                         f"{est / 2**30:.3f} | {r['trainable_params']:,} | {ratio} |")
+        ratio = f"{j['ratio_tokens_per_s']:.2f}x" if "ratio_tokens_per_s" in j else ""
+        lines.append(f"| {j['job']} | depthtune | {row_cells(j['depthtune'])} | {ratio} |")
+        lines.append(f"| {j['job']} | trainer | {row_cells(j['trainer'])} | |")
     lines += ["", "tokens/s and MFU: the timed steps (CUDA synchronised); whole-run: depthtune's set-up (prefix "
                   "caching) + all steps, the Trainer's whole train() call. MFU = audit flops_per_token.train x "
                   "tokens/s / GEMM peak (model FLOPs: a cached train_top prefix is counted though not recomputed). "
@@ -519,6 +563,7 @@ def markdown(res: dict) -> str:
         verdict = "not judged (dry run)" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"- target {name}: ratio {t['ratio']:.2f}x (>= {t['ratio_target']}x), MFU {t['mfu']:.1%} "
                      f"(>= {t['mfu_target']:.0%}): {verdict}")
+    lines += [f"- FAILED {f}" for f in failures(res)]
     return "\n".join(lines) + "\n"
 
 
@@ -547,6 +592,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--budget-s", type=float, default=390.0,
+                   help="start no job after this many seconds (default 390: the whole run stays under 8 min)")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
     return p.parse_args(argv)
 
@@ -562,11 +609,11 @@ def main(argv=None) -> int:
     configure_process()
     plan = make_plan(args)
     log(f"device check{' (dry run)' if plan.dry_run else ''}: jobs {', '.join(plan.jobs)} on {plan.device}")
-    res = run(plan)
+    res = run(plan, save=lambda partial: write_results(partial, args.out))
     paths = write_results(res, args.out)
     print(markdown(res), flush=True)
-    log(f"wrote {paths[0]} and {paths[1].name}" + (f" (and into $OUT)" if os.environ.get("OUT") else ""))
-    return 0
+    log(f"wrote {paths[0]} and {paths[1].name}" + (" (and into $OUT)" if os.environ.get("OUT") else ""))
+    return 1 if failures(res) else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = ["bert-full", "bert-top2", "qwen-lora", "qwen-top2"]
+JOBS = ["bert-full", "qwen-lora", "bert-top2", "qwen-top2"]
 
 
 def positive(x) -> bool:
@@ -35,7 +35,8 @@ def test_dry_run_writes_the_results(tmp_path):
     assert "DRY RUN" in mds[0].read_text()
 
     res = json.loads(jsons[0].read_text())
-    assert res["schema"] == "depthtune.bench.device_check/1" and res["dry_run"] is True
+    assert res["schema"] == "depthtune.bench.device_check/1" and res["dry_run"] is True and res["complete"] is True
+    assert res["skipped"] == [] and "FAILED" not in mds[0].read_text()
     assert res["plan"]["device"] == "cpu" and res["plan"]["precision"] == "fp32"
     assert positive(res["gemm"]["peak_flops"]) and positive(res["gemm_end"]["peak_flops"])
     assert not set(res["imports"]["heavy_imported"]) & {"mlflow", "prefect", "dvc"}
@@ -94,3 +95,31 @@ def test_print_wheels_pins_this_environment():
     assert len(pins) == len({n.lower() for n in pins})
     ignored = subprocess.run(["git", "check-ignore", "-q", ".whl/x-1.0-py3-none-any.whl"], cwd=ROOT)
     assert ignored.returncode == 0
+
+
+def test_a_failing_run_is_recorded_and_the_rest_goes_on(tmp_path, monkeypatch):
+    import bench.device_check as dc
+
+    monkeypatch.delenv("OUT", raising=False)
+
+    def broken(*args):
+        raise RuntimeError("the Trainer broke\nsecond line")
+
+    monkeypatch.setattr(dc, "run_trainer", broken)
+    assert dc.main(["--dry-run", "--jobs", "bert-full,qwen-lora", "--out", str(tmp_path)]) == 1
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert res["complete"] is True and [j["job"] for j in res["jobs"]] == ["bert-full", "qwen-lora"]
+    for job in res["jobs"]:
+        assert job["trainer"] == {"error": "RuntimeError: the Trainer broke"}
+        assert positive(job["depthtune"]["timed"]["tokens_per_s"]) and "ratio_tokens_per_s" not in job
+    assert res["targets"] == {}
+    assert "FAILED bert-full/trainer: RuntimeError: the Trainer broke" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_no_job_starts_after_the_budget(tmp_path, monkeypatch):
+    import bench.device_check as dc
+
+    monkeypatch.delenv("OUT", raising=False)
+    assert dc.main(["--dry-run", "--budget-s", "0", "--out", str(tmp_path)]) == 1
+    res = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert res["jobs"] == [] and res["skipped"] == JOBS and res["complete"] is True
