@@ -197,12 +197,14 @@ def block_activation_bytes(cfg, precision: str, seq_len: int) -> float:
       attention: q, k, v after rotary (SDPA's inputs), SDPA out (= o_proj in)  2q + 2kv   (q = nh*hd, kv = nkv*hd)
       SwiGLU: gate, silu(gate), up, silu(gate)*up (down_proj's input)          4I
       SDPA (flash / memory-efficient) keeps a logsumexp per head and token, no S x S matrix; no dropout mask
-      qwen3's q_norm/k_norm keep q and k once more, before the norm            q + kv
+      (+ 4 bytes each, every precision: 2 RMSNorm rstd and nh logsumexp per token)
+      qwen3's q_norm/k_norm: their input and x*rstd, 2(q + kv), and an rstd per head (bytes as RMSNorm's)
       bytes: fp32 4 * all; bf16 weights: RMSNorm upcasts its input (4H per norm) and keeps x*rstd and
       its output in bf16 (2H + 2H), the rest 2 each; bf16 autocast: RMSNorm runs in fp32 (4H + 4H) and
       the matmul's bf16 copy of its output is what is kept (2H), the fp32 cos/sin promote q and k to
       fp32 after rotary (4q + 4kv kept), the rest bf16 (2 each). Checked against the tensors autograd
-      saves (torch 2.13, transformers 5, llama H 256, I 688, 4 heads, 2 k/v heads): exact for fp32 and bf16.
+      saves (torch 2.13, transformers 5, llama/qwen2/qwen3/mistral, 4 heads, 2 k/v heads): exact in all three
+      precisions (tests/test_audit.py), the autocast weight copies apart (counted per step in `estimate`).
     GPT-2 (pre-LayerNorm, gelu_new, dropout 0.1), elements, measured with the same saved-tensor count:
       10H (LayerNorm inputs, c_attn out, attention out, c_proj in, dropout masks) + 5I (c_fc out, gelu_new's
       tanh-approximation intermediates, c_proj in) + 3*A*S (attention dropout sends SDPA down its math path:
@@ -217,13 +219,17 @@ def block_activation_bytes(cfg, precision: str, seq_len: int) -> float:
     H, I, A, q, kv = d["H"], d["I"], d["A"], d["q"], d["kv"]
     mt = cfg.model_type
     if mt in GQA_TYPES:
-        extra = (q + kv) if mt == "qwen3" else 0
-        rest = 2 * q + 2 * kv + 4 * I + extra  # attention + SwiGLU (+ qwen3's q/k norms)
+        rest = 2 * q + 2 * kv + 4 * I  # attention + SwiGLU
+        small = 4 * (2 + A)  # fp32 in every precision: each RMSNorm's rstd (1 per token) and SDPA's logsumexp per head
+        if mt == "qwen3":  # q_norm, k_norm (RMSNorm per head): fp32 input + x*rstd (bf16 in bf16 / autocast) + rstd
+            kv_heads = kv // (q // A)
+            small += (8 if precision == "fp32" else 6) * (q + kv) + 4 * (A + kv_heads)
         if precision == "fp32":
-            return 4 * (6 * H + rest)
-        if precision == "bf16":
-            return 2 * (4 * H + 2 * H + 2 * H) + 2 * rest  # per norm: fp32 input 4H + bf16 x*rstd 2H + output 2H
-        return 2 * (4 * H + 4 * H + 2 * H) + 4 * (q + kv) + 2 * rest  # fp32 norms, bf16 matmul copy, fp32 rotary
+            return 4 * (6 * H + rest) + small
+        if precision == "bf16":  # per norm: fp32 input 4H + bf16 x*rstd 2H + bf16 output 2H
+            return 2 * (4 * H + 2 * H + 2 * H) + 2 * rest + small
+        # autocast, per norm: fp32 input 4H + fp32 x*rstd 4H + the matmul's bf16 copy 2H; fp32 rotary q, k
+        return 2 * (4 * H + 4 * H + 2 * H) + 4 * (q + kv) + 2 * rest + small
     if mt == "gpt2":
         elements = 10 * H + 5 * I + 3 * A * seq_len
     else:

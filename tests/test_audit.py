@@ -209,3 +209,222 @@ def test_cli_audits_params_variants_through_the_same_core(tmp_path, capsys):
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert row["schema"] == "depthtune.audit/1" and row["variant"] == "probe"
     assert row["trainable_params"] == POOLER + HEAD
+
+
+# ----------------------------------------------------------------------------- decoders: causal LM, precision, memory
+
+DECODER_CFGS = {  # tiny shapes; k/v heads < heads (grouped-query attention) wherever the family has them
+    "llama": {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8},
+    "qwen2": {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "qwen3": {"model_type": "qwen3", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
+    "mistral": {"model_type": "mistral", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8},
+    "gpt2": {"model_type": "gpt2", "vocab_size": 256, "n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64,
+             "bos_token_id": None, "eos_token_id": None},
+}
+
+
+def causal_audit(family: str, tied: bool, tmp_path, variant: dict = None, device: str = "meta", **settings):
+    cfg = dict(DECODER_CFGS[family], tie_word_embeddings=tied)
+    path = tmp_path / f"{family}-{tied}" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    spec = parse_variant("v", variant or {}, "variants.v")
+    built = build_variant(ModelConfig(source="scratch" if device != "meta" else str(path)), spec, 0, device=device,
+                          base_config=load_config_file(str(path)), task="causal_lm")
+    rec = audit_built(built, variant_name="v", spec=spec, num_labels=0, batch_size=4, seq_len=16, task="causal_lm",
+                      **settings)
+    return rec, built
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("family", list(DECODER_CFGS))
+def test_causal_lm_totals_equal_named_parameters_and_the_closed_form(family, tied, tmp_path):
+    rec, built = causal_audit(family, tied, tmp_path)
+    named = sum(p.numel() for _, p in built.model.named_parameters())
+    cf_total, formula = closed_form_total(built.config, 0, task="causal_lm")
+    assert rec.total_params == named == cf_total == rec.closed_form["total"], formula
+    lm_head = built.model.get_output_embeddings().weight
+    assert (lm_head is built.model.get_input_embeddings().weight) == tied
+    head = next(row for row in rec.layers if row["name"] == "head")
+    V, H = 256, 32
+    if tied:  # shown, counted once under the embeddings: 0 own parameters
+        assert head == {"name": "head", "total": 0, "trainable": 0, "adapter": 0, "tied_to": "embeddings.word"}
+        assert "tied lm_head" in formula or family == "gpt2"
+    else:
+        assert head["total"] == V * H and "tied_to" not in head
+    summary = audit_mod.summary_markdown([rec])
+    assert ("| head | tied to embeddings.word |" in summary) == tied
+
+
+def test_untied_minus_tied_is_exactly_the_lm_head(tmp_path):
+    (untied, _), (tied, _) = causal_audit("llama", False, tmp_path), causal_audit("llama", True, tmp_path)
+    assert untied.total_params - tied.total_params == 256 * 32
+    assert untied.architecture["tied_lm_head"] is False and tied.architecture["tied_lm_head"] is True
+
+
+def test_tied_head_row_on_a_model_with_real_weights(tmp_path):
+    """The same audit on a built (cpu, random init) model: the tie is a property of the parameters, not of meta."""
+    rec, built = causal_audit("llama", True, tmp_path, device="cpu")
+    assert rec.total_params == sum(p.numel() for p in built.model.parameters())
+    assert [r["name"] for r in rec.layers][-1] == "head" and rec.layers[-1]["tied_to"] == "embeddings.word"
+
+
+LLAMA_BIG = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 2816,
+             "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
+             "tie_word_embeddings": False}
+
+
+def big_llama(tmp_path, variant=None, **settings):
+    r = meta_audit_causal(LLAMA_BIG, variant or {}, tmp_path, **settings)
+    return r.estimates
+
+
+def meta_audit_causal(cfg_dict, variant: dict, tmp_path, batch_size=8, seq_len=256, **settings):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg_dict))
+    spec = parse_variant("v", variant, "variants.v")
+    built = build_variant(ModelConfig(source=str(path)), spec, 0, device="meta", base_config=load_config_file(str(path)),
+                          task="causal_lm")
+    return audit_built(built, variant_name="v", spec=spec, num_labels=0, batch_size=batch_size, seq_len=seq_len,
+                       task="causal_lm", **settings)
+
+
+def test_bf16_weights_halve_weights_grads_and_adamw_and_say_so(tmp_path):
+    fp32, bf16 = big_llama(tmp_path, precision="fp32"), big_llama(tmp_path, precision="bf16")
+    for key in ("weights", "gradients", "adamw_states"):
+        assert bf16["memory_bytes"][key] * 2 == fp32["memory_bytes"][key]
+    total = 32000 * 1024 * 2 + 8 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2816 + 2 * 1024) + 1024
+    assert fp32["memory_bytes"]["weights"] == 4 * total and fp32["memory_bytes"]["adamw_states"] == 8 * total
+    assert bf16["assumptions"]["precision"] == "bf16" and bf16["assumptions"]["weights_bytes_per_param"] == 2
+    # activations: per token and block, fp32 4*(6H + 2q + 2kv + 4I); bf16 2*(8H + 2q + 2kv + 4I) (fp32 norm inputs)
+    H, q, kv, I = 1024, 1024, 256, 2816
+    tokens, L, V = 8 * 256, 8, 32000
+    logits = tokens * V * 12  # log-softmax, its grad and the logits' grad, fp32 in every precision
+    top = 8 * 2 * H * 4 + tokens * 2 * H * 4  # the head's B*2H and the trained embeddings' output
+    small = 4 * (2 + 16)  # 2 RMSNorm rstd + 16 heads' logsumexp per token and block, fp32
+    assert fp32["memory_bytes"]["activations"] == tokens * L * (4 * (6 * H + 2 * q + 2 * kv + 4 * I) + small) + logits + top
+    assert bf16["memory_bytes"]["activations"] == tokens * L * (2 * (8 * H + 2 * q + 2 * kv + 4 * I) + small) + logits + top
+    assert bf16["memory_bytes"]["autocast_weight_copies"] == fp32["memory_bytes"]["autocast_weight_copies"] == 0
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_adds_bf16_weight_copies(tmp_path):
+    fp32, auto = big_llama(tmp_path, precision="fp32"), big_llama(tmp_path, precision="bf16-autocast")
+    for key in ("weights", "gradients", "adamw_states"):
+        assert auto["memory_bytes"][key] == fp32["memory_bytes"][key]
+    assert auto["memory_bytes"]["activations"] < fp32["memory_bytes"]["activations"]
+    # every matmul weight backward needs, as a bf16 copy: blocks + the untied lm_head
+    blocks = 8 * (2 * 1024 * 1024 + 2 * 1024 * 256 + 3 * 1024 * 2816)
+    assert auto["memory_bytes"]["autocast_weight_copies"] == 2 * (blocks + 32000 * 1024)
+
+
+def test_checkpointing_keeps_each_block_input_plus_one_block(tmp_path):
+    plain = big_llama(tmp_path)
+    ckpt = big_llama(tmp_path, gradient_checkpointing=True)
+    H, q, kv, I, L, tokens = 1024, 1024, 256, 2816, 8, 8 * 256
+    block = tokens * (4 * (6 * H + 2 * q + 2 * kv + 4 * I) + 4 * (2 + 16))
+    saved = plain["memory_bytes"]["activations"] - ckpt["memory_bytes"]["activations"]
+    assert saved == L * block - (L * tokens * H * 4 + block)  # L blocks -> L inputs + one block's recompute
+    assert ckpt["assumptions"]["gradient_checkpointing"] is True
+    # one more forward of the 8 blocks in backward
+    assert ckpt["flops_per_token"]["backward"] > plain["flops_per_token"]["backward"]
+    assert ckpt["flops_per_token"]["forward"] == plain["flops_per_token"]["forward"]
+    # a train_top 2 variant backpropagates 2 blocks: checkpointing keeps 2 inputs + 1 block
+    top2 = big_llama(tmp_path, {"train_top": 2}, gradient_checkpointing=True)
+    top2_plain = big_llama(tmp_path, {"train_top": 2})
+    assert top2_plain["memory_bytes"]["activations"] - top2["memory_bytes"]["activations"] == \
+        2 * block - (2 * tokens * H * 4 + block)
+
+
+def test_grouped_query_attention_shrinks_the_kv_terms_by_the_stated_arithmetic(tmp_path):
+    gqa = big_llama(tmp_path)  # 4 k/v heads of 64: kv = 256
+    mha = meta_audit_causal(dict(LLAMA_BIG, num_key_value_heads=16), {}, tmp_path).estimates  # kv = 1024
+    tokens, L = 8 * 256, 8
+    # activations: 2kv per token and block (k, v after rotary), fp32
+    assert mha["memory_bytes"]["activations"] - gqa["memory_bytes"]["activations"] == tokens * L * 4 * 2 * (1024 - 256)
+    # weights: k_proj and v_proj are H x kv each
+    assert mha["memory_bytes"]["weights"] - gqa["memory_bytes"]["weights"] == L * 2 * 1024 * (1024 - 256) * 4
+    # forward FLOPs: 2 per weight
+    assert mha["flops_per_token"]["forward"] - gqa["flops_per_token"]["forward"] == 2 * L * 2 * 1024 * (1024 - 256)
+
+
+def test_a_tied_lm_head_still_costs_its_matmul_flops(tmp_path):
+    tied = meta_audit_causal(dict(LLAMA_BIG, tie_word_embeddings=True), {}, tmp_path).estimates
+    untied = big_llama(tmp_path)
+    assert tied["flops_per_token"]["forward"] == untied["flops_per_token"]["forward"]
+    assert untied["memory_bytes"]["weights"] - tied["memory_bytes"]["weights"] == 32000 * 1024 * 4
+
+
+def test_cli_audits_a_causal_lm_in_bf16_with_checkpointing(tmp_path, capsys):
+    from depthtune.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA_BIG, tie_word_embeddings=True)))
+    assert main(["audit", "--config", str(tmp_path / "config.json"), "--task", "causal_lm", "--precision", "bf16",
+                 "--gradient-checkpointing", "--variant", "lora.r=8,lora.targets=q_proj+v_proj", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["closed_form"]["matches"]
+    assert row["estimates"]["assumptions"]["precision"] == "bf16"
+    assert row["estimates"]["assumptions"]["gradient_checkpointing"] is True
+    assert row["layers"][-1] == {"name": "head", "total": 0, "trainable": 0, "adapter": 0, "tied_to": "embeddings.word"}
+
+
+def test_audit_stage_passes_task_and_resolved_precision(tmp_path, capsys):
+    from depthtune.records import AuditRecord
+    from stages.audit import main
+
+    params = {"task": "causal_lm",
+              "model": {"source": "scratch", "scratch": {"model_type": "llama", "vocab_size": 256, "hidden_size": 32,
+                                                         "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                         "intermediate_size": 64, "max_position_embeddings": 64}},
+              "train": {"device": "cpu", "precision": "auto", "gradient_checkpointing": True},
+              "evaluation": {"metric": "perplexity"}, "registry": {"metric": "perplexity"},
+              "variants": {"full": {}}}
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    out = tmp_path / "audit"
+    main(["--params", str(tmp_path / "params.yaml"), "--labels", str(tmp_path / "none.json"),
+          "--token-report", str(tmp_path / "none.json"), "--out", str(out)])
+    rec = AuditRecord.read(out / "full.json")
+    assert rec.estimates["assumptions"]["precision"] == "fp32"  # auto on the cpu
+    assert rec.estimates["assumptions"]["task"] == "causal_lm" and rec.estimates["assumptions"]["gradient_checkpointing"]
+    assert rec.closed_form["matches"] and rec.architecture["task"] == "causal_lm"
+    assert "precision fp32 (train.precision auto)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_block_activation_formula_equals_the_tensors_autograd_saves(family, precision):
+    """block_activation_bytes against what torch really keeps for backward: one more decoder block
+    (GQA, SwiGLU) adds exactly the formula's bytes per token (autocast: plus its bf16 weight copies)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, max_position_embeddings=64)
+
+    def saved(layers: int) -> int:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, num_hidden_layers=layers, **shape))
+        model.train()
+        if precision == "bf16":
+            model.to(torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params:
+                kept[ptr] = t.untyped_storage().nbytes()
+            return t
+        ids = torch.randint(0, 128, (3, 20))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+                model(input_ids=ids, labels=ids)
+        return sum(kept.values())
+
+    cfg = AutoConfig.for_model(family, num_hidden_layers=1, **shape)
+    per_block_weights = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96
+    copies = 2 * per_block_weights if precision == "bf16-autocast" else 0
+    assert saved(2) - saved(1) == 60 * audit_mod.block_activation_bytes(cfg, precision, 20) + copies
