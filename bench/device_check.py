@@ -46,7 +46,6 @@ import datetime as dt
 import importlib.metadata
 import inspect
 import json
-import math
 import os
 import platform
 import re
@@ -318,6 +317,7 @@ def run_depthtune(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
                     num_labels=NUM_LABELS, log=lines.append, max_steps=plan.warmup)
         state, best, _ = start_or_resume(run, fingerprint="", extra_meta={})
         set_train_mode(run.model, run.frozen)
+        t_warm = time.perf_counter()
         run_epoch(run, state, best)  # the warm-up: stops at run.max_steps
         sync(plan.device)
         t0 = time.perf_counter()
@@ -330,7 +330,8 @@ def run_depthtune(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
     audit = audit_of(built, job, spec, plan, cache_tokens=cache_tokens)
     fpt = audit["estimates"]["flops_per_token"]["train"]
     losses = [row["loss"] for row in state.loss_curve]
-    row = {"recipe": "depthtune", "build_s": round(t_setup - t_build, 2), "setup_s": round(t0 - t_setup, 2),
+    row = {"recipe": "depthtune", "build_s": round(t_setup - t_build, 2), "setup_s": round(t_warm - t_setup, 2),
+           "warmup_s": round(t0 - t_warm, 2),
            "timed": rates(plan, t1 - t0, state.step - plan.warmup, fpt, peak),
            "whole": rates(plan, t1 - t_setup, state.step, fpt, peak),
            "cached_prefix_layers": run.frozen if run.train_cache is not None else 0,
@@ -447,11 +448,14 @@ HEAVY = ("datasets", "evaluate", "mlflow", "prefect", "dvc")
 
 
 def import_core() -> dict:
-    """Import the modules the check uses; which heavy packages came with them (None: all of them present)."""
+    """Import the modules the check uses (first: nothing else has imported anything heavy yet) and name the
+    packages the GPU machine lacks that came with them (today datasets and evaluate, through
+    depthtune.training -> depthtune.metric_modules)."""
+    import importlib
+
     t = time.perf_counter()
-    import depthtune.audit  # noqa: F401
-    import depthtune.training  # noqa: F401
-    import depthtune.variants  # noqa: F401
+    for name in ("depthtune.training", "depthtune.variants", "depthtune.audit"):
+        importlib.import_module(name)
     return {"seconds": round(time.perf_counter() - t, 2),
             "heavy_imported": sorted(m for m in HEAVY if m in sys.modules)}
 
