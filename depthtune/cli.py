@@ -105,6 +105,10 @@ def cmd_predict(args) -> int:
 
     predictor = load_predictor(args.model)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not predictor.labels:  # a causal LM (TextGenerator): the texts are prompts, continued greedily
+        for text, cont in zip(texts, predictor.generate(texts)):
+            print(json.dumps({"prompt": text, "continuation": cont}) if args.json else f"{text}\t{cont}")
+        return 0
     for text, pred in zip(texts, predictor.predict_with_scores(texts)):
         print(json.dumps({"text": text, "label": pred["label"], "score": round(pred["score"], 4)})
               if args.json else f"{pred['label']}\t{pred['score']:.3f}\t{text}")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from depthtune import layout
-from depthtune.config import RegistryConfig, TrackingConfig
+from depthtune.config import METRICS_OF_TASK, RegistryConfig, TrackingConfig, higher_is_better
 from depthtune.errors import DepthtuneError
 from depthtune.mlflow_runs import TAG_MODEL_URI, TAG_VARIANT, data_fingerprint, dvc_lock_hash, git_commit
 from depthtune.mlflow_store import file_lock, lock_path, tracking_uri, use_store
@@ -36,7 +37,7 @@ from depthtune.provenance import provenance
 from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
                                read_variant_record)
 from depthtune.redaction import describe_error, safe_uri
-from depthtune.significance import TEST_NAME, accuracy, macro_f1, paired_test
+from depthtune.significance import TEST_NAME, accuracy, lm_paired_bootstrap, macro_f1, paired_test
 
 SCHEMA = "depthtune.promotion/1"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -80,8 +81,10 @@ def constraint_failures(reg: RegistryConfig, metric: float, trainable: Optional[
                         latency: Optional[float]) -> list[str]:
     """Why a variant with these figures may not be promoted (empty: it may)."""
     reasons = []
-    if metric < reg.min_metric:
+    if higher_is_better(reg.metric) and metric < reg.min_metric:
         reasons.append(f"{reg.metric} {metric:.4f} < min_metric {reg.min_metric}")
+    if not higher_is_better(reg.metric) and reg.max_metric is not None and metric > reg.max_metric:
+        reasons.append(f"{reg.metric} {metric:.4f} > max_metric {reg.max_metric}")
     if reg.max_trainable_params is not None and (trainable is None or trainable > reg.max_trainable_params):
         reasons.append(f"trainable params {trainable} > max_trainable_params {reg.max_trainable_params}")
     if reg.max_latency_ms is not None and (latency is None or latency > reg.max_latency_ms):
@@ -104,12 +107,14 @@ def read_candidate(reg: RegistryConfig, eval_path: Path, train_dir: Path, audit_
 
 
 def rank_variants(reg: RegistryConfig, eval_dir: Path, train_dir: Path, audit_dir: Path) -> list[Candidate]:
-    """Every evaluated variant, best first: highest metric, ties to the fewest trainable params, then by name."""
+    """Every evaluated variant, best first: best metric (highest; lowest for perplexity / bits per byte),
+    ties to the fewest trainable params, then by name."""
     files = sorted(Path(eval_dir).glob("*.json"))
     if not files:
         raise DepthtuneError(f"no candidate metrics: {eval_dir}/*.json not found (run the evaluation stage first)")
     ranked = [read_candidate(reg, f, train_dir, audit_dir) for f in files]
-    ranked.sort(key=lambda c: (-c.metric, c.trainable_params if c.trainable_params is not None else 1 << 62,
+    sign = 1 if higher_is_better(reg.metric) else -1
+    ranked.sort(key=lambda c: (-sign * c.metric, c.trainable_params if c.trainable_params is not None else 1 << 62,
                                c.variant))
     return ranked
 
@@ -169,24 +174,27 @@ class LabelledTexts:
     names: list
 
 
-def read_test_data(test_path: Path, labels_path: Path) -> LabelledTexts:
-    """The prepared test split, every row checked (a bad row is a one-line DataError naming file and line)."""
+def read_test_data(test_path: Path, labels_path: Path, task: str = "classification") -> LabelledTexts:
+    """The prepared test split, every row checked (a bad row is a one-line DataError naming file and line).
+    causal_lm: the texts only (no label names: the prepared data's one pseudo-class is not the model's)."""
     names = LabelSet.read(labels_path).names
     rows = read_prepared_split(test_path, len(names))  # refuses an empty split too
+    if task == "causal_lm":
+        return LabelledTexts([r.text for r in rows], [], [])
     return LabelledTexts([r.text for r in rows], [names[r.label] for r in rows], list(names))
 
 
 def load_model(model_uri: str, what: str):
-    """Load a logged/registered depthtune model back (pyfunc) -> serving.TextClassifier, or refuse."""
+    """Load a logged/registered depthtune model back (pyfunc) -> serving.TextClassifier or TextGenerator."""
     import mlflow.pyfunc
 
-    from depthtune.serving import TextClassifier  # imports mlflow.pyfunc: only when a candidate is loaded
+    from depthtune.serving import TextClassifier, TextGenerator  # imports mlflow.pyfunc: only when loading
 
     try:
         loaded = mlflow.pyfunc.load_model(model_uri)
         inner = loaded.unwrap_python_model()
-        if not isinstance(inner, TextClassifier):
-            raise TypeError(f"python model is {type(inner).__name__}, not a depthtune TextClassifier")
+        if not isinstance(inner, (TextClassifier, TextGenerator)):
+            raise TypeError(f"python model is {type(inner).__name__}, not a depthtune TextClassifier/TextGenerator")
         loaded.predict(["a smoke test"])  # through the signature, as a user would call it
     except Exception as exc:  # noqa: BLE001
         raise DepthtuneError(f"{what} fails to load back from {model_uri}: {describe_error(exc)}") from None
@@ -236,15 +244,26 @@ def score(predicted: list[str], gold: list[str], names: list[str]) -> dict:
             "n": len(gold)}
 
 
-def rescore(model, data: LabelledTexts) -> tuple[dict, list[str]]:
-    """({accuracy, macro_f1, n}, predicted label names) of a loaded model on the current test data."""
+def rescore(model, data: LabelledTexts):
+    """({accuracy, macro_f1, n}, predicted label names) of a loaded classifier on the current test data;
+    a language model's: ({perplexity, bits_per_byte, n}, its per-text {nll, tokens, n_bytes})."""
+    if not data.names:  # causal_lm
+        sums = model.score_texts(data.texts)
+        ratio = sum(sums["nll"]) / max(1, sum(sums["tokens"]))
+        return {"perplexity": math.exp(min(ratio, 700.0)),
+                "bits_per_byte": sum(sums["nll"]) / math.log(2) / max(1, sum(sums["n_bytes"])),
+                "n": len(data.texts)}, sums
     predicted = model.predict_names(data.texts)
     return score(predicted, data.gold, data.names), predicted
 
 
-def paired_p_value(metric: str, data: LabelledTexts, cand_pred: list[str], champ_pred: list[str]) -> float:
+def paired_p_value(metric: str, data: LabelledTexts, cand_pred, champ_pred) -> float:
     """Two-sided p-value that candidate and champion differ in `metric` on the same texts
-    (TEST_NAME[metric]: McNemar for accuracy, seeded paired bootstrap for macro-F1)."""
+    (TEST_NAME[metric]: McNemar for accuracy, seeded paired bootstrap for macro-F1 and a language
+    model's perplexity / bits per byte, over the per-text sums rescore() returned)."""
+    if metric in ("perplexity", "bits_per_byte"):
+        denominator = cand_pred["tokens"] if metric == "perplexity" else cand_pred["n_bytes"]
+        return lm_paired_bootstrap(cand_pred["nll"], champ_pred["nll"], denominator, metric)
     return paired_test(label_ids(data.names, data.gold), label_ids(data.names, cand_pred),
                        label_ids(data.names, champ_pred), metric, num_labels=len(data.names))
 
@@ -270,7 +289,8 @@ def model_card(cand: Candidate, rescored: dict, reg: RegistryConfig) -> str:
              params,
              f"- {reg.metric}: {cand.metric:.4f} at evaluation (n={ev.n}); re-scored now "
              f"{rescored[reg.metric]:.4f} (n={rescored['n']})",
-             f"- macro_f1 {ev.macro_f1}, p95 latency {cand.latency_p95_ms} ms, throughput {ev.throughput_per_s}/s"]
+             f"- {', '.join(f'{k} {getattr(ev, k)}' for k in METRICS_OF_TASK[ev.task] if k != reg.metric)}, "
+             f"p95 latency {cand.latency_p95_ms} ms, throughput {ev.throughput_per_s}/s"]
     if tr is not None:
         lines += [f"- training: {tr.steps} steps, {tr.epochs_run} epochs, best val {tr.best_val}, "
                   f"{tr.train_time_s} s on {tr.device}",
@@ -289,7 +309,9 @@ def version_tags(reg: RegistryConfig, cand: Candidate, logged: LoggedModel, labe
             "depthtune.depth": cand.audit.architecture.get("num_layers") if cand.audit else None,
             "depthtune.trainable_params": cand.trainable_params, "depthtune.total_params": cand.total_params,
             f"depthtune.eval.{reg.metric}": cand.metric,
-            **{f"depthtune.eval.{k}": cand.eval.metric(k) for k in ("accuracy", "macro_f1") if k != reg.metric},
+            **{f"depthtune.eval.{k}": cand.eval.metric(k) for k in METRICS_OF_TASK[cand.eval.task]
+               if k != reg.metric},
+            "depthtune.task": cand.eval.task,
             "depthtune.latency_p95_ms": cand.latency_p95_ms,
             "depthtune.git_commit": run_tags.get("depthtune.git_commit") or git_commit(root),
             "depthtune.dvc_lock_hash": dvc_lock_hash(f"finetune@{cand.variant}", root)
@@ -356,13 +378,15 @@ def decide(reg: RegistryConfig, candidate_version: str, candidate_score: float, 
     """
     m = reg.metric
     if champion_version is None:
-        return "promoted", f"first champion: {m} {candidate_score:.4f} >= min_metric {reg.min_metric}"
+        floor = (f">= min_metric {reg.min_metric}" if higher_is_better(m) else
+                 f"<= max_metric {reg.max_metric}" if reg.max_metric is not None else "(no max_metric)")
+        return "promoted", f"first champion: {m} {candidate_score:.4f} {floor}"
     if champion_version == candidate_version:
         return "unchanged", (f"v{candidate_version} is already the champion "
                              f"({m} {candidate_score:.4f} on the current test data)")
     if p_value is None:
         raise ValueError("decide: a candidate against a champion needs the paired test's p_value")
-    gain = candidate_score - champion_score
+    gain = (candidate_score - champion_score) * (1 if higher_is_better(m) else -1)  # > 0: the candidate is better
     versus = (f"{m} {candidate_score:.4f} vs champion v{champion_version} {champion_score:.4f} "
               f"re-scored on the current test data: {gain:+.4f}, {TEST_NAME[m]} {_fmt_p(p_value)}")
     significant = gain > 0 and p_value < reg.alpha
@@ -456,7 +480,8 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
     client = open_registry(tracking_cfg)  # the store must answer before anything else happens
     logged = logged_model(client, cand, report["tracking_uri"])
     report["candidate"].update(run_id=logged.run_id, model_uri=logged.model_uri)
-    data, data_fp = read_test_data(root / test_path, root / labels_path), data_fingerprint(root)
+    task = cand.eval.task
+    data, data_fp = read_test_data(root / test_path, root / labels_path, task), data_fingerprint(root)
     report["test_data"] = {"path": str(test_path), "n": len(data.texts), "labels": data.names, "fingerprint": data_fp}
 
     with file_lock(lock_path(uri, f"promote-{reg.model_name}"), lock_timeout_s):
@@ -476,7 +501,8 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
             report["champion_before"] = {"version": champ_version, "variant": (champ_mv.tags or {}).get(TAG_VARIANT),
                                          "rescored": champ_score}
             report["paired_test"] = {"test": TEST_NAME[reg.metric], "p_value": p_value, "alpha": reg.alpha}
-        if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE:  # other data or truncation?
+        scale = 1.0 if higher_is_better(reg.metric) else abs(cand.metric)  # perplexity: a relative tolerance
+        if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE * scale:  # other data or truncation?
             report["warning"] = rescore_warning(reg.metric, cand.metric, cand_score[reg.metric])
         with clock("register"):
             version, created = register_candidate(client, reg, cand, logged, model.labels, cand_score, root=root,

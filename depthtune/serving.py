@@ -1,4 +1,4 @@
-"""Serve a fine-tuned variant: raw text in, label NAMES out.
+"""Serve a fine-tuned variant: raw text in, label NAMES out (a causal LM: a prompt in, its continuation out).
 
 A saved variant is a plain Hugging Face folder (`models/<variant>/`: config.json
 with id2label, model.safetensors, tokenizer files). `TextClassifier` wraps it as
@@ -10,6 +10,10 @@ an `mlflow.pyfunc.PythonModel`, so the same object serves three ways:
 
 Weights load with `use_safetensors=True` and never run code from the folder
 (`trust_remote_code=False`), so a pickle checkpoint or custom code is refused.
+
+A causal LM's folder (depthtune.json `task: causal_lm`) is served by `TextGenerator` the same
+three ways: `predict(["The film"])` -> greedy continuations; `score_texts` gives the per-text
+negative log-likelihood the registry's paired test compares.
 """
 from __future__ import annotations
 
@@ -29,8 +33,8 @@ from depthtune.errors import ModelError, first_line
 ARTIFACT_KEY = "hf_model"  # name of the HF folder inside the logged MLflow model
 EXAMPLE_TEXTS = ["a great film", "a dull, lifeless film"]
 MODEL_CODE = """import mlflow
-from depthtune.serving import TextClassifier
-mlflow.models.set_model(TextClassifier())
+from depthtune.serving import {cls}
+mlflow.models.set_model({cls}())
 """
 
 
@@ -73,21 +77,9 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
 
     def _load(self, path: str | Path) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
-        if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
-            raise ModelError(f"{path}: no model.safetensors (pickle checkpoints are not loaded)")
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(path), use_safetensors=True, trust_remote_code=False)
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelError(f"{path}: cannot load model ({first_line(exc)})") from None
-        model.eval()
-        self._model = model
+        model = load_folder(path, AutoModelForSequenceClassification, self)
         self._torch = torch
         id2label = model.config.id2label or {}
         n = model.config.num_labels
@@ -128,6 +120,93 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         return self.predict_names(_texts(model_input))
 
 
+def load_folder(path: str | Path, auto_class, into) -> object:
+    """Weights (safetensors only, no remote code) and tokenizer of a saved folder, set on `into`; the model."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise ModelError(f"{path}: no model.safetensors (pickle checkpoints are not loaded)")
+    try:
+        into._tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        model = auto_class.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path}: cannot load model ({first_line(exc)})") from None
+    into._model = model.eval()
+    return model
+
+
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    """A causal LM: prompts in, greedy continuations out (deterministic: the same prompt, the same text)."""
+
+    def __init__(self, max_new_tokens: int = 32, max_length: int = 512):
+        self.max_new_tokens = max_new_tokens
+        self.max_length = max_length
+        self.labels: list = []  # a language model has none (the registry's label check passes trivially)
+        self._model = None
+
+    def load_context(self, context) -> None:
+        self._load(context.artifacts[ARTIFACT_KEY])
+
+    @classmethod
+    def from_folder(cls, path: str | Path, **kwargs) -> "TextGenerator":
+        obj = cls(**kwargs)
+        obj._load(path)
+        return obj
+
+    def _load(self, path: str | Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        load_folder(path, AutoModelForCausalLM, self)
+        self._torch = torch
+        self.path = str(path)
+
+    def _ids(self, text: str) -> list[int]:
+        return self._tokenizer(text, truncation=True, max_length=self.max_length)["input_ids"]
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+        """The continuation of each prompt (without the prompt), greedy, one prompt at a time (no padding)."""
+        if self._model is None:
+            raise ModelError("model not loaded: use TextGenerator.from_folder(path) or load_predictor(uri)")
+        torch, out = self._torch, []
+        with torch.inference_mode():
+            for prompt in prompts:
+                ids = self._ids(prompt)
+                special = set(self._tokenizer.all_special_ids)
+                if len(ids) > 1 and ids[-1] in special:  # [SEP] / eos would end the text: continue the prompt instead
+                    ids = ids[:-1]
+                x = torch.tensor([ids])
+                y = self._model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                                         max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                         pad_token_id=self._model.config.pad_token_id)
+                out.append(self._tokenizer.decode(y[0, len(ids):].tolist(), skip_special_tokens=True))
+        return out
+
+    def score_texts(self, texts: list[str]) -> dict:
+        """{nll, tokens, n_bytes}: per text, summed next-token nll (nats), predicted tokens, UTF-8 bytes."""
+        from depthtune.lm_scoring import token_nll  # torch-heavy: only once a model scores
+
+        torch, nll, tokens = self._torch, [], []
+        with torch.inference_mode():
+            for text in texts:
+                x = torch.tensor([self._ids(text)])
+                mask = torch.ones_like(x)
+                row_nll, row_tokens = token_nll(self._model(input_ids=x, attention_mask=mask).logits, x, mask)
+                nll.append(float(row_nll[0]))
+                tokens.append(int(row_tokens[0]))
+        return {"nll": nll, "tokens": tokens, "n_bytes": [len(t.encode("utf-8")) for t in texts]}
+
+    # pyfunc entry point: prompts (list of str, or a DataFrame with a `text`/`prompt` column) -> continuations
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
+        columns = getattr(model_input, "columns", None)
+        if columns is not None and "prompt" in columns:
+            model_input = model_input["prompt"].tolist()
+        return self.generate(_texts(model_input), (params or {}).get("max_new_tokens"))
+
+
 # ----------------------------------------------------------------------------- logging (called by depthtune.tracking)
 
 
@@ -140,6 +219,12 @@ def pip_requirements() -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return reqs
+
+
+def model_task(model_dir: str | Path) -> str:
+    """classification or causal_lm, from the folder's depthtune.json (classification when absent)."""
+    meta = Path(model_dir) / "depthtune.json"
+    return json.loads(meta.read_text()).get("task", "classification") if meta.is_file() else "classification"
 
 
 def model_labels(model_dir: str | Path) -> list[str]:
@@ -165,14 +250,18 @@ def log_pyfunc_model(model_dir: str | Path, *, name: str = "model", tags: dict |
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
-    labels = model_labels(model_dir)
+    task = model_task(model_dir)
+    labels = model_labels(model_dir) if task == "classification" else []
     example = list(EXAMPLE_TEXTS)
-    # unnamed string column in and out: accepts ["a", "b"] and a one-column DataFrame (e.g. `text`)
-    signature = infer_signature(example, [labels[0]] * len(EXAMPLE_TEXTS))
+    # unnamed string column in and out: accepts ["a", "b"] and a one-column DataFrame (e.g. `text`);
+    # a generator's params: {"max_new_tokens": int} per call
+    params = {"max_new_tokens": 32} if task == "causal_lm" else None
+    signature = infer_signature(example, [labels[0] if labels else "a continuation"] * len(EXAMPLE_TEXTS), params)
+    cls = "TextGenerator" if task == "causal_lm" else "TextClassifier"
     # "models from code": MLflow stores this 3-line file instead of a cloudpickle of the object
     with tempfile.TemporaryDirectory() as tmp:
-        code = Path(tmp) / "depthtune_text_classifier.py"
-        code.write_text(MODEL_CODE)
+        code = Path(tmp) / f"depthtune_{task}.py"
+        code.write_text(MODEL_CODE.format(cls=cls))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(code),
@@ -180,7 +269,7 @@ def log_pyfunc_model(model_dir: str | Path, *, name: str = "model", tags: dict |
             signature=signature,
             input_example=example,
             pip_requirements=pip_requirements(),
-            metadata={"labels": labels},
+            metadata={"labels": labels, "task": task},
             tags=tags,
             registered_model_name=registered_model_name,
         )
@@ -194,11 +283,12 @@ def _is_mlflow_uri(text: str) -> bool:
                                             "http://", "https://"))
 
 
-def load_predictor(uri_or_path: str) -> TextClassifier:
-    """A local HF folder, a local MLflow model folder (MLmodel), or an MLflow URI -> TextClassifier."""
+def load_predictor(uri_or_path: str) -> TextClassifier | TextGenerator:
+    """A local HF folder, a local MLflow model folder (MLmodel), or an MLflow URI -> TextClassifier
+    (a causal LM's: TextGenerator)."""
     path = Path(uri_or_path)
     if path.is_dir() and (path / "config.json").is_file():
-        return TextClassifier.from_folder(path)
+        return (TextGenerator if model_task(path) == "causal_lm" else TextClassifier).from_folder(path)
     if path.is_dir() and (path / "MLmodel").is_file():
         return _load_pyfunc(str(path))
     if _is_mlflow_uri(uri_or_path):
@@ -211,12 +301,12 @@ def load_predictor(uri_or_path: str) -> TextClassifier:
     raise ModelError(f"{uri_or_path}: no such folder, and not an MLflow URI like models:/<name>@champion")
 
 
-def _load_pyfunc(uri: str) -> TextClassifier:
+def _load_pyfunc(uri: str) -> TextClassifier | TextGenerator:
     try:
         loaded = mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # MlflowException, OSError, connection errors: one clear line
         raise ModelError(f"{uri}: cannot load MLflow model ({first_line(exc)})") from None
     inner = loaded.unwrap_python_model()
-    if not isinstance(inner, TextClassifier):
-        raise ModelError(f"{uri}: not a depthtune text classifier (python model {type(inner).__name__})")
+    if not isinstance(inner, (TextClassifier, TextGenerator)):
+        raise ModelError(f"{uri}: not a depthtune model (python model {type(inner).__name__})")
     return inner
