@@ -1,7 +1,8 @@
 """DVC stage `audit`: exact parameter buckets and cost estimates for every variant.
 
 Reads params `task` and sections `model`, `variants`, `train` (batch_size, max_length,
-cache_frozen_prefix, precision resolved for the device finetune will use, gradient_checkpointing), the label count from --labels (data/prepared/labels.json)
+cache_frozen_prefix, device and precision: the precision finetune will train in,
+gradient_checkpointing), the label count from --labels (data/prepared/labels.json)
 and the train split's p95 token length and the train + validation token count
 from --token-report (data/tokenized/report.json); both are optional for a quick
 audit (2 labels, no typical-shape estimate). Builds every variant on the meta

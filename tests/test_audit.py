@@ -99,7 +99,8 @@ def test_closed_form_check_catches_a_wrong_formula(monkeypatch):
     spec = parse_variant("full", {}, "variants.full")
     built = build_variant(ModelConfig(), spec, 2, device="meta")
     real = closed_form_total
-    monkeypatch.setattr(audit_mod, "closed_form_total", lambda cfg, n, task="classification": (real(cfg, n, task)[0] + 384, "H too many"))
+    monkeypatch.setattr(audit_mod, "closed_form_total",
+                        lambda cfg, n, task="classification": (real(cfg, n, task)[0] + 384, "H too many"))
     with pytest.raises(audit_mod.AuditMismatch, match=r"counted 22,713,986 parameters but the closed form"):
         audit_built(built, variant_name="full", spec=spec, num_labels=2, batch_size=16, seq_len=128)
 
@@ -287,8 +288,8 @@ def meta_audit_causal(cfg_dict, variant: dict, tmp_path, batch_size=8, seq_len=2
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg_dict))
     spec = parse_variant("v", variant, "variants.v")
-    built = build_variant(ModelConfig(source=str(path)), spec, 0, device="meta", base_config=load_config_file(str(path)),
-                          task="causal_lm")
+    built = build_variant(ModelConfig(source=str(path)), spec, 0, device="meta",
+                          base_config=load_config_file(str(path)), task="causal_lm")
     return audit_built(built, variant_name="v", spec=spec, num_labels=0, batch_size=batch_size, seq_len=seq_len,
                        task="causal_lm", **settings)
 
@@ -306,8 +307,10 @@ def test_bf16_weights_halve_weights_grads_and_adamw_and_say_so(tmp_path):
     logits = tokens * V * 12  # log-softmax, its grad and the logits' grad, fp32 in every precision
     top = 8 * 2 * H * 4 + tokens * 2 * H * 4  # the head's B*2H and the trained embeddings' output
     small = 4 * (2 + 16)  # 2 RMSNorm rstd + 16 heads' logsumexp per token and block, fp32
-    assert fp32["memory_bytes"]["activations"] == tokens * L * (4 * (6 * H + 2 * q + 2 * kv + 4 * I) + small) + logits + top
-    assert bf16["memory_bytes"]["activations"] == tokens * L * (2 * (8 * H + 2 * q + 2 * kv + 4 * I) + small) + logits + top
+    fp32_block = 4 * (6 * H + 2 * q + 2 * kv + 4 * I) + small
+    bf16_block = 2 * (8 * H + 2 * q + 2 * kv + 4 * I) + small
+    assert fp32["memory_bytes"]["activations"] == tokens * L * fp32_block + logits + top
+    assert bf16["memory_bytes"]["activations"] == tokens * L * bf16_block + logits + top
     assert bf16["memory_bytes"]["autocast_weight_copies"] == fp32["memory_bytes"]["autocast_weight_copies"] == 0
 
 
@@ -388,7 +391,8 @@ def test_audit_stage_passes_task_and_resolved_precision(tmp_path, capsys):
           "--token-report", str(tmp_path / "none.json"), "--out", str(out)])
     rec = AuditRecord.read(out / "full.json")
     assert rec.estimates["assumptions"]["precision"] == "fp32"  # auto on the cpu
-    assert rec.estimates["assumptions"]["task"] == "causal_lm" and rec.estimates["assumptions"]["gradient_checkpointing"]
+    assumptions = rec.estimates["assumptions"]
+    assert assumptions["task"] == "causal_lm" and assumptions["gradient_checkpointing"]
     assert rec.closed_form["matches"] and rec.architecture["task"] == "causal_lm"
     assert "precision fp32 (train.precision auto)" in capsys.readouterr().out
 
