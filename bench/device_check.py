@@ -29,7 +29,8 @@ What one job reports:
   samples/s, tokens/s   over the timed steps (CUDA synchronised at both ends); the depthtune row also
                         over its whole set-up + all steps (the frozen prefix's caching counted)
   MFU                   audit flops_per_token.train x tokens/s / the bf16 GEMM peak of this run
-                        (8192^3 torch.matmul). The audit counts the model's FLOPs: for a cached
+                        (8192^3 torch.matmul, at the start and the end: the higher one; the progress
+                        lines use the first). The audit counts the model's FLOPs: for a cached
                         train_top variant the prefix is not recomputed per step, so its MFU says how
                         fast the job went in model-FLOP terms, not how busy the GPU was.
   peak memory           torch.cuda.max_memory_allocated over build + set-up + steps, against
@@ -153,7 +154,7 @@ def make_plan(args) -> Plan:
     if unknown:
         raise SystemExit(f"--jobs: unknown {unknown}; known: {', '.join(JOBS)}")
     if args.dry_run:
-        return Plan(device="cpu", dry_run=True, batch_size=4, seq_len=16, warmup=1, steps=2, gemm_n=256,
+        return Plan(device="cpu", dry_run=True, batch_size=4, seq_len=16, warmup=1, steps=2, gemm_n=512,
                     encoder=TINY_BERT, decoder=TINY_QWEN2, jobs=jobs, precision="fp32", budget_s=args.budget_s)
     return Plan(device="cuda", dry_run=False, batch_size=args.batch_size, seq_len=args.seq_len, warmup=args.warmup,
                 steps=args.steps, gemm_n=8192, encoder=BERT_BASE, decoder=QWEN2_05B, jobs=jobs,
@@ -495,7 +496,8 @@ def run(plan: Plan, save) -> dict:
     log(f"GEMM peak ({gemm['dtype']}, {gemm['n']}^3): {gemm['peak_flops'] / 1e12:.4g} TFLOP/s")
     res = {"schema": "depthtune.bench.device_check/1", "date": dt.date.today().isoformat(), "dry_run": plan.dry_run,
            "complete": False, "plan": asdict(plan), "machine": info, "imports": imports, "gemm": gemm,
-           "gemm_end": None, "jobs": [], "skipped": [], "targets": {}, "wall_s": None}
+           "gemm_end": None, "mfu_peak_flops": gemm["peak_flops"], "jobs": [], "skipped": [], "targets": {},
+           "wall_s": None}
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         tok_dir = tokenizer_dir(Path(tmp))
         for job in plan.jobs:
@@ -507,9 +509,25 @@ def run(plan: Plan, save) -> dict:
             res["wall_s"] = round(time.perf_counter() - t_start, 1)
             save(res)
     res["gemm_end"] = gemm_peak(plan.device, plan.gemm_n)
+    rescale_mfu(res)
     res.update(targets=targets(plan, res["jobs"]), complete=True, wall_s=round(time.perf_counter() - t_start, 1))
     save(res)
     return res
+
+
+def rescale_mfu(res: dict) -> None:
+    """MFU against the higher of the two GEMM peaks (start, end): a cold first measurement (clocks still
+    ramping) must not inflate every MFU. Sets res["mfu_peak_flops"]."""
+    peak = max(res["gemm"]["peak_flops"], res["gemm_end"]["peak_flops"])
+    res["mfu_peak_flops"] = peak
+    for j in res["jobs"]:
+        for rec in ("depthtune", "trainer"):
+            row = j[rec]
+            if "error" in row:
+                continue
+            fpt = row["estimates"]["flops_per_token"]["train"]
+            for span in ("timed", "whole"):
+                row[span]["mfu"] = float(f"{fpt * row[span]['tokens_per_s'] / peak:.4g}")
 
 
 def failures(res: dict) -> list[str]:
@@ -562,7 +580,8 @@ def markdown(res: dict) -> str:
         lines.append(f"| {j['job']} | trainer | {row_cells(j['trainer'])} | |")
     lines += ["", "tokens/s and MFU: the timed steps (CUDA synchronised); whole-run: depthtune's set-up (prefix "
                   "caching) + all steps, the Trainer's whole train() call. MFU = audit flops_per_token.train x "
-                  "tokens/s / GEMM peak (model FLOPs: a cached train_top prefix is counted though not recomputed). "
+                  "tokens/s / the higher GEMM peak (model FLOPs: a cached train_top prefix is counted though not "
+                  "recomputed). "
                   "Peak memory: " + ("CUDA max allocated over build + training" if not res["dry_run"]
                                      else "RSS growth (dry run)") + "; the audit assumes fp32 activations.", ""]
     for name, t in res["targets"].items():

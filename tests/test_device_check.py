@@ -39,6 +39,7 @@ def test_dry_run_writes_the_results(tmp_path):
     assert res["skipped"] == [] and "FAILED" not in mds[0].read_text()
     assert res["plan"]["device"] == "cpu" and res["plan"]["precision"] == "fp32"
     assert positive(res["gemm"]["peak_flops"]) and positive(res["gemm_end"]["peak_flops"])
+    assert res["mfu_peak_flops"] == max(res["gemm"]["peak_flops"], res["gemm_end"]["peak_flops"])
     assert not set(res["imports"]["heavy_imported"]) & {"mlflow", "prefect", "dvc"}
     assert [j["job"] for j in res["jobs"]] == JOBS
     steps = res["plan"]["steps"]
