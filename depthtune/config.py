@@ -248,7 +248,7 @@ class TrackingConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    tolerance: float = _f(0.01, lo=0.0, hi=1.0)
+    tolerance: float = _f(0.01, lo=0.0)  # in the metric's units (accuracy: <= 1; perplexity: e.g. 5)
     # significance level of the paired tests against the best variant (McNemar / paired bootstrap)
     alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
 
@@ -257,7 +257,7 @@ class CompareConfig:
 class RegistryConfig:
     model_name: str = _f("depthtune-classifier")
     metric: str = _f("accuracy", choices=CLASSIFICATION_METRICS + LM_METRICS)
-    min_delta: float = _f(0.005, lo=0.0, hi=1.0)
+    min_delta: float = _f(0.005, lo=0.0)  # in the metric's units (accuracy: <= 1)
     # the candidate must beat the champion by a paired test at this level (and by min_delta)
     alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     min_metric: float = _f(0.6, lo=0.0, hi=1.0)  # accuracy / macro_f1: at least this to be registered
@@ -433,6 +433,9 @@ def check_task_metrics(params: Params) -> None:
     for key, metric in (("evaluation.metric", params.evaluation.metric), ("registry.metric", params.registry.metric)):
         if metric not in allowed:
             raise ConfigError(f"{key}: {metric} is not a {params.task} metric; expected one of {', '.join(allowed)}")
+    for key, value in (("compare.tolerance", params.compare.tolerance), ("registry.min_delta", params.registry.min_delta)):
+        if params.task == "classification" and value > 1.0:
+            raise ConfigError(f"{key}: {value} is out of range, expected <= 1.0 (accuracy and macro-F1 lie in 0..1)")
     if params.task == "causal_lm" and params.train.lr_search.enabled:
         raise ConfigError("train.lr_search.enabled: the learning-rate search is built for classification "
                           "(its paired gate compares predictions); set it to false for causal_lm")

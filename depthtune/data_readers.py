@@ -35,12 +35,11 @@ from depthtune import builtin_data
 from depthtune.config import DataConfig
 from depthtune.errors import DataError, first_line
 from depthtune.layout import SPLITS
+from depthtune.records import TEXT_ONLY_LABEL
 from depthtune.runtime import is_offline
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "labeltext")
-# task causal_lm reads texts only (label_column None): every row gets this one label, so cleaning,
-# deduplication, splitting and leakage checks run unchanged (a split stratified on one class is a random one)
-TEXT_ONLY_LABEL = "text"
+
 EXTENSIONS = {
     ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
     ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",

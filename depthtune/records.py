@@ -107,14 +107,22 @@ class Record:
 # ----------------------------------------------------------------------------- prepared data
 
 
+# task causal_lm reads texts only: every row carries this one label (labels.json ["text"]), so cleaning,
+# deduplication, splitting and the leakage checks run unchanged (a split stratified on one class is random)
+TEXT_ONLY_LABEL = "text"
+
+
 @dataclass(kw_only=True)
 class LabelSet(Record):
-    """data/prepared/labels.json: label names in id order (id = index)."""
+    """data/prepared/labels.json: label names in id order (id = index); texts only (causal_lm): [TEXT_ONLY_LABEL]."""
     WRITER: ClassVar[str] = "the prepare stage"
     names: list
+
     @classmethod
     def read(cls, path: str | Path) -> "LabelSet":
         labels = super().read(path)
+        if labels.names == [TEXT_ONLY_LABEL]:
+            return labels
         if len(labels.names) < 2 or not all(isinstance(n, str) and n for n in labels.names):
             raise DataError(f"{path}: expected {{\"names\": [at least 2 label names]}}")
         return labels

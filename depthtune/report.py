@@ -373,8 +373,7 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
     rows = [build_row(r) for r in results]
     fronts = pareto_fronts(rows)
     for r in rows:
-        r["pareto_params"] = r["variant"] in fronts[FRONT_PARAMS]
-        r["pareto_time"] = r["variant"] in fronts[FRONT_TIME]
+        r["pareto_params"], r["pareto_time"] = (r["variant"] in fronts[f] for f in front_names(quality_metric(rows)))
     best = pick_best(rows, metric)["variant"]
     p_values = paired_p_values(results, metric, best)
     for r in rows:

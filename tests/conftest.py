@@ -80,6 +80,7 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
     """params.yaml for a fast real pipeline: tiny random-init BERT, 240 SST-2 phrases."""
     sst2 = shared / "sst2"
     params = {
+        "task": "classification",
         "model": {"source": "scratch", "scratch": dict(TINY_ARCH)},
         "data": {"source": "local", "files": {"train": str(sst2 / "train.tsv"), "validation": str(sst2 / "dev.tsv"),
                                               "test": str(sst2 / "test.tsv")},
@@ -89,7 +90,8 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
                                  "probe": {"train_top": 0, "train": {"lr": 5e-3}}},
         "train": {"device": "cpu", "epochs": 2, "batch_size": 16, "lr": 1e-3, "max_length": 48,
                   "checkpoint_every": 0, "num_threads": 1, "cache_frozen_prefix": True,
-                  "patience": 0, "evals_per_epoch": 1},  # a fixed 2 epochs: the tests count on it
+                  "patience": 0, "evals_per_epoch": 1,  # a fixed 2 epochs: the tests count on it
+                  "precision": "auto", "gradient_checkpointing": False},
         # dvc.yaml names these keys, so DVC needs them spelled out in params.yaml
         "evaluation": {"metric": "accuracy", "latency_examples": 5},
         "tracking": {"enabled": True},
@@ -97,7 +99,7 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
         "registry": {"model_name": "tiny-classifier", "metric": "accuracy", "min_delta": 0.0, "min_metric": 0.0},
     }
     for key, value in overrides.items():
-        params[key] = {**params.get(key, {}), **value}
+        params[key] = {**params.get(key, {}), **value} if isinstance(value, dict) else value
     return params
 
 

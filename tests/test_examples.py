@@ -63,3 +63,55 @@ def test_decoder_classifier_example_runs_end_to_end(tmp_path, shared_data):
     finally:
         subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=proj, env=env, capture_output=True,
                        timeout=120)
+
+
+def tiny_causal_lm_example(shared: Path) -> dict:
+    """examples/causal-lm/params.yaml with its variant kinds kept, the model and data shrunk to test size."""
+    example = yaml.safe_load((ROOT / "examples" / "causal-lm" / "params.yaml").read_text())
+    tiny = tiny_params(shared)
+    example["data"] = {**example["data"], **tiny["data"]}
+    # 2 blocks of width 32: depth 1, train_top 1, LoRA on block 1 (every projection)
+    example["model"]["scratch"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    example["variants"] = {"full": {}, "depth1": {"depth": 1}, "top1": {"train_top": 1},
+                           "lora_top": {"lora": {**example["variants"]["lora_top"]["lora"], "layers": [1]}}}
+    example["train"].update(tiny["train"])
+    example["evaluation"].update(latency_examples=5, generations=2, max_new_tokens=6)
+    return example
+
+
+def test_causal_lm_example_runs_end_to_end(tmp_path, shared_data):
+    """dvc repro of the causal-LM example at tiny size: perplexity ranks the variants (lower is better), the
+    report and the registry follow, and the champion served through MLflow continues a prompt."""
+    params = tiny_causal_lm_example(shared_data)
+    proj = make_project(tmp_path / "proj", params)
+    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=60)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        evals = {v: json.loads((proj / "metrics" / "eval" / f"{v}.json").read_text()) for v in params["variants"]}
+        for v, ev in evals.items():
+            assert ev["task"] == "causal_lm" and "accuracy" not in ev, v
+            assert 1.0 < ev["perplexity"] < 30522 and ev["perplexity_ci"][0] <= ev["perplexity"] <= ev["perplexity_ci"][1]
+            assert ev["bits_per_byte"] > 0 and len(ev["nll"]) == ev["n"] and len(ev["generations"]) == 2
+        comparison = json.loads((proj / "reports" / "comparison.json").read_text())
+        best = min(evals, key=lambda v: (evals[v]["perplexity"], v))
+        assert comparison["metric"] == "perplexity" and comparison["best"]["variant"] == best
+        assert "perplexity_vs_trainable_params" in comparison["pareto"]
+        promotion = json.loads((proj / "reports" / "promotion.json").read_text())
+        assert promotion["decision"] == "promoted" and promotion["candidate"]["variant"] == best, promotion
+        audit = json.loads((proj / "audit" / "top1.json").read_text())
+        assert audit["total_params"] == audit["closed_form"]["total"]
+        with sqlite3.connect(proj / "mlflow.db") as db:
+            tagged = {row[0] for row in db.execute("select value from tags where key = 'depthtune.variant'")}
+        assert set(params["variants"]) <= tagged
+        served = subprocess.run([sys.executable, "-m", "depthtune.cli", "predict", "--json", "--model",
+                                 "models:/depthtune-lm@champion", "the film is"], cwd=proj, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert served.returncode == 0, served.stderr[-2000:]
+        out = json.loads(served.stdout.strip().splitlines()[-1])
+        assert out["prompt"] == "the film is" and isinstance(out["continuation"], str)
+    finally:
+        subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=proj, env=env, capture_output=True,
+                       timeout=120)
