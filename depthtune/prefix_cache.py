@@ -256,6 +256,7 @@ def prefix_forward(model, batch: dict, k: int) -> torch.Tensor:
 def top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
     """Layers/blocks [k, L) and the head on given hidden states (right-padded, `attention_mask`) -> logits
     ([B, num_labels]; a causal LM's [B, T, vocab])."""
+    hidden = hidden.to(next(model.parameters()).dtype)  # the cache is fp32; train.precision bf16 weights are not
     if is_causal_lm(model):
         return decoder_lm_top_forward(model, hidden, attention_mask, k)
     if is_decoder(model):

@@ -37,6 +37,7 @@ from depthtune.data_parallel import all_reduce_grads, dist_info, params_in_sync
 from depthtune.errors import ModelError
 from depthtune.lm_scoring import lm_metrics, loss_starts, mean_loss, score_texts, token_nll
 from depthtune.metric_modules import quick_scores
+from depthtune.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing, resolve_precision
 from depthtune.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, set_train_mode,
                                     supports_split_forward, top_forward)
 from depthtune.runtime import seed_everything
@@ -208,7 +209,7 @@ class TrainSetup:
     val_ex: Examples
     device: str
     pad_id: int
-    autocast_dtype: Optional[torch.dtype]  # bf16 on GPUs, None (fp32) on the CPU
+    autocast_dtype: Optional[torch.dtype]  # bf16 under bf16-autocast (train.precision auto on a GPU), else None
     rank: int
     world: int  # data-parallel processes (torchrun); 1 otherwise
     frozen: int  # bottom encoder layers frozen (train_top variants), run in eval mode
@@ -277,6 +278,11 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # train.precision: auto = bf16 autocast on a GPU, fp32 on the CPU; bf16 = the weights themselves in bf16
+    precision = resolve_precision(cfg.precision, device)
+    apply_precision(model, precision)
+    if cfg.gradient_checkpointing:  # after LoRA (the builder added it): peft would put its input-grad hook back
+        enable_gradient_checkpointing(model)
     k = frozen_prefix_layers(spec, num_layers)
     if caches is None:
         caches = prefix_caches(model, spec, num_layers, train_ex, val_ex, cfg, device=device, pad_id=pad_id,
@@ -285,7 +291,7 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     total_steps = steps_per_epoch(len(train_ex), cfg) * cfg.epochs
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     return TrainSetup(model=model, cfg=cfg, train_ex=train_ex, val_ex=val_ex, device=device, pad_id=pad_id,
-                      autocast_dtype=torch.bfloat16 if device == "cuda" else None, rank=rank, world=world,
+                      autocast_dtype=autocast_dtype(precision), rank=rank, world=world,
                       frozen=k, train_cache=caches[0], val_cache=caches[1], optimizer=optimizer,
                       scheduler=scheduler, total_steps=total_steps, checkpoint_dir=checkpoint_dir, metric=metric,
                       num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps,

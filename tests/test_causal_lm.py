@@ -175,3 +175,22 @@ def test_continuations_are_greedy_and_deterministic(lm_data, decoder_tokenizer):
     for text, g in zip(texts, a):  # the prompt is the text's first tokens ([CLS] + 1), the reference the rest
         assert g["prompt"] and text.lower().startswith(g["prompt"].split()[0])
         assert g["continuation"] and g["reference"]
+
+
+@pytest.mark.parametrize("raw", [{}, {"train_top": 2}])
+def test_gradient_checkpointing_changes_memory_not_the_numbers(raw, lm_data, decoder_tokenizer):
+    """train.gradient_checkpointing recomputes activations in backward: the same loss curve (fp32, 1e-5)."""
+    pad = decoder_tokenizer.pad_token_id
+    _, _, plain = train_once("llama", raw, lm_data, pad)
+    _, _, ckpt = train_once("llama", raw, lm_data, pad, gradient_checkpointing=True)
+    assert len(plain.loss_curve) == len(ckpt.loss_curve)
+    for a, b in zip(plain.loss_curve, ckpt.loss_curve):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("raw", [{}, {"train_top": 2}])
+def test_bf16_weights_train_and_lower_perplexity(raw, lm_data, decoder_tokenizer):
+    pad = decoder_tokenizer.pad_token_id
+    built, before, out = train_once("llama", raw, lm_data, pad, precision="bf16")
+    assert all(p.dtype == torch.bfloat16 for p in built.model.parameters())
+    assert out.best_val["perplexity"] < lm_metrics(*before)["perplexity"] * 0.95
