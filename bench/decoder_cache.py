@@ -3,6 +3,8 @@
     python -m bench.decoder_cache                  # ~20 s on 2 idle cores (minutes on shared ones)
     python -m bench.decoder_cache --threads 1      # one torch thread: steadier when other jobs share the cores
     python -m bench.decoder_cache --repeats 1 --n-train 64 --n-val 16 --tag quick   # a smoke run
+    python -m bench.decoder_cache --task causal_lm # the same decoder trained on next-token loss (lm_head tied
+                                                   # to the frozen embeddings: blocks 6-7 + final norm train)
 
 The job: a random-init Llama classifier (hidden 256, 8 blocks, 4 query heads and 2 key/value heads of
 64 dims, SwiGLU intermediate 688, the packaged MiniLM tokenizer), `train_top: 2` (embeddings + blocks
@@ -55,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--train-top", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (all cores)")
+    p.add_argument("--task", default="classification", choices=("classification", "causal_lm"))
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
 
@@ -70,23 +73,24 @@ def load_data(tokenizer, n_train: int, n_val: int):
             Examples(input_ids=ids[n_train:], labels=labels[n_train:]))
 
 
-def one_run(model_cfg, spec, train_ex, val_ex, cfg, pad_id: int) -> dict:
+def one_run(model_cfg, spec, train_ex, val_ex, cfg, pad_id: int, task: str = "classification") -> dict:
     """Build the variant (seed 0: the same weights every run), train it, time the train() call."""
     from depthtune.training import train
     from depthtune.variants import build_variant
 
-    built = build_variant(model_cfg, spec, 2, device="cpu", path="variants.top2", seed=0)
+    built = build_variant(model_cfg, spec, 2, device="cpu", path="variants.top2", seed=0, task=task)
+    metric = "accuracy" if task == "classification" else "perplexity"
     lines = []
     t0 = time.perf_counter()
     out = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex,
-                cfg=cfg, metric="accuracy", device="cpu", pad_id=pad_id, num_labels=2, log=lines.append)
+                cfg=cfg, metric=metric, device="cpu", pad_id=pad_id, num_labels=2, log=lines.append, task=task)
     seconds = time.perf_counter() - t0
     cache_s = [float(m.group(1)) for line in lines if (m := re.search(r"cached frozen prefix .* in ([0-9.]+) s", line))]
     return {"cached": cfg.cache_frozen_prefix, "train_call_s": round(seconds, 3), "steps": out.steps,
             "samples": out.samples, "samples_per_s": round(out.samples / seconds, 2),
             "loop_train_time_s": round(out.train_time_s, 3), "caching_s": cache_s[0] if cache_s else 0.0,
             "cached_prefix_layers": out.cached_prefix_layers, "cache_mib": round(out.cache_bytes / 2**20, 2),
-            "final_loss": out.loss_curve[-1]["loss"], "best_val_accuracy": out.best_val.get("accuracy"),
+            "final_loss": out.loss_curve[-1]["loss"], "best_val": out.best_val.get(metric), "metric": metric,
             "trainable_params": built.trainable_params, "total_params": built.total_params}
 
 
@@ -109,7 +113,7 @@ def run(args) -> dict:
         for cached in order:
             cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=2e-4, evals_per_epoch=1, patience=0,
                               checkpoint_every=0, seed=0, cache_frozen_prefix=cached)
-            row = {"repeat": r, **one_run(model_cfg, spec, train_ex, val_ex, cfg, tokenizer.pad_token_id)}
+            row = {"repeat": r, **one_run(model_cfg, spec, train_ex, val_ex, cfg, tokenizer.pad_token_id, args.task)}
             print(f"repeat {r} cache {'on ' if cached else 'off'}: {row['train_call_s']:7.2f} s, {row['steps']} steps, "
                   f"{row['samples_per_s']:6.1f} samples/s (caching {row['caching_s']:.2f} s), "
                   f"final loss {row['final_loss']:.4f}", flush=True)
@@ -129,7 +133,7 @@ def summarize(args, runs: list, train_ex, val_ex) -> dict:
     machine["loadavg_start"] = args.loadavg_start  # other processes on the cores slow both sides alike (alternated)
     machine["loadavg_end"] = list(os.getloadavg())
     return {"schema": "depthtune.bench.decoder_cache/1", "date": dt.date.today().isoformat(), "machine": machine,
-            "job": {"model": LLAMA, "variant": {"train_top": args.train_top}, "epochs": args.epochs,
+            "job": {"model": LLAMA, "task": args.task, "variant": {"train_top": args.train_top}, "epochs": args.epochs,
                     "batch_size": args.batch_size, "n_train": len(train_ex), "n_val": len(val_ex),
                     "train_tokens": H.length_stats(train_ex.lengths), "repeats": args.repeats},
             "runs": runs, "cached": side[True], "uncached": side[False],
@@ -145,16 +149,18 @@ def markdown(res: dict) -> str:
              "",
              f"Random-init Llama ({job['model']['hidden_size']} hidden, {job['model']['num_hidden_layers']} blocks, "
              f"{job['model']['num_attention_heads']}/{job['model']['num_key_value_heads']} heads, intermediate "
-             f"{job['model']['intermediate_size']}), `train_top: {job['variant']['train_top']}`, "
+             f"{job['model']['intermediate_size']}), task {job.get('task', 'classification')}, "
+             f"`train_top: {job['variant']['train_top']}`, "
              f"{job['n_train']} SST-2 phrases (mean {job['train_tokens']['mean']:.1f} tokens) + {job['n_val']} "
              f"validation, {job['epochs']} epochs of batch {job['batch_size']}. Seconds: the whole `train()` call "
              "(caching and per-epoch validation included).", "",
-             "| repeat | cache | train() s | steps | samples/s | caching s | loop s | final loss | val acc |",
+             f"| repeat | cache | train() s | steps | samples/s | caching s | loop s | final loss | "
+             f"val {res['runs'][0]['metric']} |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in res["runs"]:
         lines.append(f"| {row['repeat']} | {'on' if row['cached'] else 'off'} | {row['train_call_s']:.2f} | "
                      f"{row['steps']} | {row['samples_per_s']:.1f} | {row['caching_s']:.2f} | "
-                     f"{row['loop_train_time_s']:.2f} | {row['final_loss']:.4f} | {row['best_val_accuracy']:.3f} |")
+                     f"{row['loop_train_time_s']:.2f} | {row['final_loss']:.4f} | {row['best_val']:.3f} |")
     verdict = "meets" if res["meets_target"] else "misses"
     lines += ["", f"Speed-up (uncached s / cached s, per repeat): "
                   f"{', '.join(f'{s:.2f}x' for s in res['speedup_per_repeat'])}; median **{res['speedup_median']:.2f}x** "
@@ -168,7 +174,8 @@ def main(argv=None) -> None:
     configure_process()
     args = parse_args(argv)
     res = run(args)
-    stem = f"decoder-cache-cpu-{res['date']}" + (f"-{args.tag}" if args.tag else "")
+    stem = f"decoder-cache-cpu-{res['date']}" + ("-causal-lm" if args.task == "causal_lm" else "")
+    stem += f"-{args.tag}" if args.tag else ""
     write_json_atomic(RESULTS / f"{stem}.json", res)
     md = markdown(res)
     write_text_atomic(RESULTS / f"{stem}.md", md)

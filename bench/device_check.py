@@ -34,7 +34,7 @@ What one job reports:
                         train_top variant the prefix is not recomputed per step, so its MFU says how
                         fast the job went in model-FLOP terms, not how busy the GPU was.
   peak memory           torch.cuda.max_memory_allocated over build + set-up + steps, against
-                        audit_built(...).estimates["memory_bytes"]["total"] (fp32 activations assumed)
+                        audit_built(...).estimates["memory_bytes"]["total"] at the run's precision
   ratio                 depthtune tokens/s / Trainer tokens/s (timed steps); the issue's target is
                         >= 1.3x and >= 35% MFU for qwen-lora and bert-full.
 
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import inspect
 import json
 import os
 import platform
@@ -270,14 +269,11 @@ def model_and_spec(plan: Plan, job: str, tok_dir: str):
 
 
 def audit_of(built, job: str, spec, plan: Plan, cache_tokens: int) -> dict:
-    """The audit record's estimates for this batch shape (audit_built takes `precision` once it knows it)."""
+    """The audit record's estimates for this batch shape, at the run's precision."""
     from depthtune.audit import audit_built
 
-    kwargs = dict(variant_name=job, spec=spec, num_labels=NUM_LABELS, batch_size=plan.batch_size,
-                  seq_len=plan.seq_len, check=False, cache_tokens=cache_tokens)
-    if "precision" in inspect.signature(audit_built).parameters:
-        kwargs["precision"] = plan.precision
-    rec = audit_built(built, **kwargs)
+    rec = audit_built(built, variant_name=job, spec=spec, num_labels=NUM_LABELS, batch_size=plan.batch_size,
+                      seq_len=plan.seq_len, check=False, cache_tokens=cache_tokens, precision=plan.precision)
     return {"total_params": rec.total_params, "trainable_params": rec.trainable_params,
             "closed_form_matches": (rec.closed_form or {}).get("matches"), "estimates": rec.estimates}
 

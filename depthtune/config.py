@@ -132,6 +132,9 @@ class DataConfig:
     max_eval_samples: Optional[int] = _f(1000, lo=1)
     max_drop_fraction: float = _f(0.2, lo=0.0, hi=1.0)
     hub_config: Optional[str] = _f(None)
+    # task causal_lm: train on `completion_column` given `prompt_column` (both or neither; null = data.text_column)
+    prompt_column: Optional[str] = _f(None)
+    completion_column: Optional[str] = _f(None)
 
 
 @dataclass(frozen=True)
@@ -436,6 +439,13 @@ def check_task_metrics(params: Params) -> None:
     for key, value in (("compare.tolerance", params.compare.tolerance), ("registry.min_delta", params.registry.min_delta)):
         if params.task == "classification" and value > 1.0:
             raise ConfigError(f"{key}: {value} is out of range, expected <= 1.0 (accuracy and macro-F1 lie in 0..1)")
+    data = params.data
+    if (data.prompt_column is None) != (data.completion_column is None):
+        raise ConfigError("data.prompt_column / data.completion_column: give both (the prompt is context, the "
+                          "completion is trained on) or neither")
+    if data.prompt_column is not None and params.task != "causal_lm":
+        raise ConfigError("data.prompt_column: prompt/completion data is for task causal_lm; set task: causal_lm "
+                          "or the two columns to null")
     if params.task == "causal_lm" and params.train.lr_search.enabled:
         raise ConfigError("train.lr_search.enabled: the learning-rate search is built for classification "
                           "(its paired gate compares predictions); set it to false for causal_lm")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -35,7 +36,7 @@ from depthtune import builtin_data
 from depthtune.config import DataConfig
 from depthtune.errors import DataError, first_line
 from depthtune.layout import SPLITS
-from depthtune.records import TEXT_ONLY_LABEL
+from depthtune.records import PROMPT_SEP, TEXT_ONLY_LABEL
 from depthtune.runtime import is_offline
 
 FORMATS = ("csv", "tsv", "jsonl", "parquet", "labeltext")
@@ -434,12 +435,43 @@ def read_source(cfg: DataConfig, *, cache_dir: str | Path | None = None, labelle
 
     labelled=False (task causal_lm): only the text column is read; every row is labelled TEXT_ONLY_LABEL.
     """
+    if cfg.prompt_column is not None:
+        return read_prompt_completion(cfg, cache_dir=cache_dir)
     source = read_labelled_source(cfg, cache_dir=cache_dir, label_column=cfg.label_column if labelled else None)
     if not labelled:
         for raw in source.inputs.values():  # the builtin data comes labelled: its labels are not the task's
             raw.rows = [(row, text, TEXT_ONLY_LABEL) for row, text, _ in raw.rows]
         source.label_order = None
     return source
+
+
+def read_prompt_completion(cfg: DataConfig, *, cache_dir: str | Path | None = None) -> SourceData:
+    """Prompt/completion pairs (task causal_lm): each row's text is prompt + PROMPT_SEP + completion, its label
+    TEXT_ONLY_LABEL; a row with an empty prompt or completion is dropped as an empty text."""
+    if (cfg.source or "").startswith("builtin:") and not cfg.files:
+        raise DataError("data.prompt_column: the builtin data has no prompt/completion columns; point data.source "
+                        "or data.files at your own file")
+    try:
+        source = read_labelled_source(dataclasses.replace(cfg, text_column=cfg.prompt_column), cache_dir=cache_dir,
+                                      label_column=cfg.completion_column)
+    except DataError as exc:  # the readers name text/label columns: here they are the prompt/completion ones
+        message = str(exc).replace("no text column", "no prompt column").replace("(data.text_column)",
+                                                                                 "(data.prompt_column)")
+        raise DataError(message.replace("no label column", "no completion column").replace(
+            "(data.label_column)", "(data.completion_column)")) from None
+    for raw in source.inputs.values():
+        raw.rows = [(row, join_prompt(prompt, completion), TEXT_ONLY_LABEL) for row, prompt, completion in raw.rows]
+    source.label_order = None
+    return source
+
+
+def join_prompt(prompt, completion) -> Optional[str]:
+    """prompt + PROMPT_SEP + completion (the separator removed from inside both), or None if either is empty.
+    The completion keeps its leading space: "Sentiment:" + " positive" trains on " positive"."""
+    parts = [None if v is None else str(v).replace(PROMPT_SEP, " ") for v in (prompt, completion)]
+    if not all(p and p.strip() for p in parts):
+        return None
+    return parts[0] + PROMPT_SEP + parts[1]
 
 
 def read_labelled_source(cfg: DataConfig, *, cache_dir: str | Path | None, label_column: Optional[str]) -> SourceData:

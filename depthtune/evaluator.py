@@ -115,7 +115,7 @@ def evaluate_lm(model, tokenizer, test: Examples, *, name: str, ev: EvaluationCo
                    throughput=False)
     real = sum(test.lengths)
     generations = continuations(model, tokenizer, test.input_ids[:ev.generations], max_new_tokens=ev.max_new_tokens,
-                                device=device)
+                                device=device, prompt_lengths=test.loss_start)
     doc = {"schema": EvalRecord.SCHEMA, "variant": name, "split": "test", "task": "causal_lm", "n": len(test),
            "labels": [], "device": device, "loss": scores["loss"], "perplexity": scores["perplexity"],
            "bits_per_byte": scores["bits_per_byte"], **intervals, "nll": nll.tolist(), "tokens": tokens.tolist(),

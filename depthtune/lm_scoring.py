@@ -1,4 +1,4 @@
-"""Scoring a causal language model: next-token loss, perplexity, bits per byte, continuations.
+"""Scoring a causal language model: perplexity, bits per byte, continuations (the loss: depthtune.next_token).
 
 Position t's logits predict token t+1, so a text of n tokens gives n - 1 predictions (its first
 token, BOS or [CLS], is never predicted). Pad positions predict nothing. Per text we keep the summed
@@ -19,32 +19,11 @@ import torch
 from torch import nn
 
 from depthtune.batching import Examples, autocast, collate
+from depthtune.next_token import token_nll
 
 # logits of one scoring batch kept under ~2^26 floats (256 MiB in fp32): 8 texts x 128 tokens x 30,522 vocab
 # = 31M floats; a batch of 32 would hold 125M (500 MiB) just for the logits
 MAX_LOGIT_FLOATS = 1 << 26
-
-
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              loss_start: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed nll per row [B], predicted tokens per row [B]) of next-token prediction, in fp32.
-
-    `loss_start` [B]: the first target position that counts per row (prompt tokens before it are
-    context only); None = every real token after the first.
-    """
-    targets = input_ids[:, 1:]
-    counted = attention_mask[:, 1:].bool()
-    if loss_start is not None:
-        pos = torch.arange(1, input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        counted = counted & (pos >= loss_start.unsqueeze(1))
-    nll = nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, reduction="none")
-    nll = nll * counted
-    return nll.sum(dim=1), counted.sum(dim=1)
-
-
-def mean_loss(nll: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """The training loss of a batch: nats per predicted token (a batch without one scores 0, no NaN)."""
-    return nll.sum() / tokens.sum().clamp(min=1)
 
 
 def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:
@@ -97,16 +76,19 @@ def loss_starts(ex: Examples, index: list[int], device: str) -> Optional[torch.T
 
 @torch.no_grad()
 def continuations(model: nn.Module, tokenizer, texts_ids: list[list[int]], *, max_new_tokens: int, device: str,
-                  prompt_tokens: int = 16) -> list[dict]:
+                  prompt_tokens: int = 16, prompt_lengths: Optional[list] = None) -> list[dict]:
     """Greedy continuations of the first `prompt_tokens` tokens of each tokenized text (fewer for a short
-    one: all but its last token): [{prompt, continuation, reference}] as text, the reference being the
-    rest of the text. Greedy (no sampling): the same model gives the same text, so results reproduce.
+    one: all but its last token), or of its prompt (`prompt_lengths`, > 0 for prompt/completion pairs):
+    [{prompt, continuation, reference}] as text, the reference being the rest of the text (the completion).
+    Greedy (no sampling): the same model gives the same text, so results reproduce.
     """
     was_training = model.training
     model.eval()
     out = []
-    for ids in texts_ids:
+    for i, ids in enumerate(texts_ids):
         keep = max(1, min(prompt_tokens, len(ids) - 1))
+        if prompt_lengths is not None and 0 < prompt_lengths[i] < len(ids):
+            keep = prompt_lengths[i]
         prompt = torch.tensor([ids[:keep]], device=device)
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=model.config.pad_token_id)

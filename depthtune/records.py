@@ -110,6 +110,9 @@ class Record:
 # task causal_lm reads texts only: every row carries this one label (labels.json ["text"]), so cleaning,
 # deduplication, splitting and the leakage checks run unchanged (a split stratified on one class is random)
 TEXT_ONLY_LABEL = "text"
+# task causal_lm with data.prompt_column / completion_column: a prepared text is prompt + PROMPT_SEP + completion
+# (ASCII unit separator; the readers replace it inside fields), and only the completion's tokens are trained on
+PROMPT_SEP = "\x1f"
 
 
 @dataclass(kw_only=True)

@@ -29,6 +29,8 @@ import pandas as pd
 
 from depthtune import mlflow_store
 from depthtune.errors import ModelError, first_line
+from depthtune.records import PROMPT_SEP
+from depthtune.tokenized import encode_pair
 
 ARTIFACT_KEY = "hf_model"  # name of the HF folder inside the logged MLflow model
 EXAMPLE_TEXTS = ["a great film", "a dull, lifeless film"]
@@ -187,17 +189,24 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
 
     def score_texts(self, texts: list[str]) -> dict:
         """{nll, tokens, n_bytes}: per text, summed next-token nll (nats), predicted tokens, UTF-8 bytes."""
-        from depthtune.lm_scoring import token_nll  # torch-heavy: only once a model scores
+        from depthtune.next_token import token_nll  # torch: only once a model scores
 
-        torch, nll, tokens = self._torch, [], []
+        torch, nll, tokens, n_bytes = self._torch, [], [], []
         with torch.inference_mode():
             for text in texts:
-                x = torch.tensor([self._ids(text)])
+                if PROMPT_SEP in text:  # a prompt/completion pair of the prepared data: the completion is scored
+                    pair = encode_pair(self._tokenizer, *text.split(PROMPT_SEP, 1), self.max_length)
+                    ids, start, size = pair["input_ids"], pair["loss_start"], pair["n_bytes"]
+                else:
+                    ids, start, size = self._ids(text), 0, len(text.encode("utf-8"))
+                x = torch.tensor([ids])
                 mask = torch.ones_like(x)
-                row_nll, row_tokens = token_nll(self._model(input_ids=x, attention_mask=mask).logits, x, mask)
+                row_nll, row_tokens = token_nll(self._model(input_ids=x, attention_mask=mask).logits, x, mask,
+                                                torch.tensor([start]))
                 nll.append(float(row_nll[0]))
                 tokens.append(int(row_tokens[0]))
-        return {"nll": nll, "tokens": tokens, "n_bytes": [len(t.encode("utf-8")) for t in texts]}
+                n_bytes.append(size)
+        return {"nll": nll, "tokens": tokens, "n_bytes": n_bytes}
 
     # pyfunc entry point: prompts (list of str, or a DataFrame with a `text`/`prompt` column) -> continuations
     def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:

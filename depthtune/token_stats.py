@@ -20,7 +20,8 @@ from typing import Optional
 
 from depthtune.files import atomic_dir
 from depthtune.layout import SPLITS
-from depthtune.records import LabelSet, read_prepared_split
+from depthtune.records import PROMPT_SEP, LabelSet, read_prepared_split
+from depthtune.tokenized import encode_pair
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TRUNCATION_WARN_FRACTION = 0.05
@@ -87,6 +88,16 @@ def _encode(batch, tokenizer, max_length, keys):
             for k in keys:
                 out[k][i] = cut[k][j]
             out["n_bytes"][i] = len(tokenizer.decode(cut["input_ids"][j], skip_special_tokens=True).encode("utf-8"))
+    out["loss_start"] = [0] * len(texts)  # causal_lm: every token is trained on, except in prompt/completion pairs
+    for i, text in enumerate(texts):
+        if PROMPT_SEP in text:  # prompt/completion (task causal_lm): only the completion's tokens count
+            prompt, completion = text.split(PROMPT_SEP, 1)
+            pair = encode_pair(tokenizer, prompt, completion, max_length)
+            out["input_ids"][i], out["loss_start"][i], out["n_bytes"][i] = (pair["input_ids"], pair["loss_start"],
+                                                                             pair["n_bytes"])
+            for k in keys[1:]:  # attention_mask: all ones; token_type_ids: all zeros (one segment)
+                out[k][i] = [1 if k == "attention_mask" else 0] * len(pair["input_ids"])
+            full[i] = pair["untruncated_length"]
     out["labels"] = batch["label"]
     out["length"] = [len(ids) for ids in out["input_ids"]]
     out[_UNTRUNCATED] = full
@@ -140,6 +151,7 @@ def tokenize_splits(dsd, tokenizer, *, max_length: int, fingerprints: dict, num_
     for k in keys[1:]:
         feats[k] = datasets.List(datasets.Value("int8"))
     feats.update({"labels": label_feature, "length": datasets.Value("int32"), "n_bytes": datasets.Value("int32"),
+                  "loss_start": datasets.Value("int32"),
                   _UNTRUNCATED: datasets.Value("int32")})
     features = datasets.Features(feats)
     tok_id = f"{getattr(tokenizer, 'name_or_path', '')}|{type(tokenizer).__name__}|{len(tokenizer)}|{max_length}"

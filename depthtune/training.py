@@ -35,7 +35,8 @@ from depthtune.checkpoints import (latest_checkpoint, load_checkpoint, load_trai
 from depthtune.config import TrainConfig, VariantSpec, higher_is_better
 from depthtune.data_parallel import all_reduce_grads, dist_info, params_in_sync
 from depthtune.errors import ModelError
-from depthtune.lm_scoring import lm_metrics, loss_starts, mean_loss, score_texts, token_nll
+from depthtune.lm_scoring import lm_metrics, loss_starts, score_texts
+from depthtune.next_token import mean_loss, token_nll
 from depthtune.metric_modules import quick_scores
 from depthtune.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing, resolve_precision
 from depthtune.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, set_train_mode,

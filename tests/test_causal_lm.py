@@ -19,7 +19,8 @@ import torch
 
 from depthtune.batching import Examples, collate
 from depthtune.config import ConfigError, parse_variant
-from depthtune.lm_scoring import continuations, lm_metrics, mean_loss, score_texts, token_nll
+from depthtune.lm_scoring import continuations, lm_metrics, score_texts
+from depthtune.next_token import mean_loss, token_nll
 from depthtune.training import batch_loss, improves, setup, train
 from depthtune.variants import build_variant
 from tests.conftest import read_sst2

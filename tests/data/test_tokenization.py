@@ -53,7 +53,8 @@ def test_tokenized_columns_types_and_no_padding(prepared_dir, tokenizer):
     dsd, report = run(prepared_dir, tokenizer, max_length=64, tokenizer_source="packaged:minilm-l6")
     assert list(dsd) == ["train", "validation", "test"]
     train = dsd["train"]
-    assert train.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "length"]
+    assert train.column_names == ["input_ids", "attention_mask", "token_type_ids", "labels", "length", "n_bytes",
+                                  "loss_start"]
     f = train.features
     assert str(f["input_ids"].feature.dtype) == "int32" and str(f["attention_mask"].feature.dtype) == "int8"
     assert f["labels"].names == ["0", "1", "2", "3", "4", "5"]
@@ -66,6 +67,10 @@ def test_tokenized_columns_types_and_no_padding(prepared_dir, tokenizer):
     assert all(tokenizer.pad_token_id not in x and x[-1] == tokenizer.sep_token_id for x in train["input_ids"])
     assert all(sum(m) == n for m, n in zip(train["attention_mask"], lengths))
     assert max(lengths) == 64  # the long text is truncated, special tokens kept
+    # bits per byte's denominator: a text's UTF-8 bytes, a truncated one's of what is kept; no prompt here
+    assert list(train["n_bytes"])[0] == len(rows[0]["text"].encode()) and set(train["loss_start"]) == {0}
+    long = lengths.index(64)
+    assert list(train["n_bytes"])[long] < len(rows[long]["text"].encode())
     enc = tokenizer(rows[0]["text"])
     assert train[0]["input_ids"] == enc["input_ids"]
 
