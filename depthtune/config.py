@@ -131,6 +131,10 @@ class DataConfig:
     max_train_samples: Optional[int] = _f(2000, lo=1)  # quick default run; None = all
     max_eval_samples: Optional[int] = _f(1000, lo=1)
     max_drop_fraction: float = _f(0.2, lo=0.0, hi=1.0)
+    # the same text with different labels: drop every copy (default) | first (the first label) | majority
+    # (the most frequent label; a tie drops the text)
+    conflicts: str = _f("drop", choices=("drop", "first", "majority"))
+    header: bool = _f(True)  # csv/tsv: false = no header row (columns then named by position: "0", "1", ...)
     hub_config: Optional[str] = _f(None)
     # task causal_lm: train on `completion_column` given `prompt_column` (both or neither; null = data.text_column)
     prompt_column: Optional[str] = _f(None)
@@ -270,6 +274,13 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class TokenizationConfig:
+    # the share of unknown tokens (and of characters the tokenizer cannot represent) above which the
+    # tokenization stage refuses the data: a model that cannot read its text scores noise (warns above 1%)
+    max_unk_fraction: float = _f(0.2, lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
 class RetrainConfig:
     cron: str = _f("0 3 * * 1")
     timezone: str = _f("UTC")
@@ -280,6 +291,7 @@ class Params:
     task: str = _f("classification", choices=TASKS)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    tokenization: TokenizationConfig = field(default_factory=TokenizationConfig)
     variants: dict = _f({})  # name -> VariantSpec
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
