@@ -10,7 +10,9 @@ Relative paths are relative to the working directory (the project root under DVC
 Formats: csv, tsv, jsonl (also a .json array of objects), parquet, and `labeltext`
 (one `<label> <text>` example a line, label = first whitespace-separated token).
 `auto` infers from the extension: .csv .tsv/.tab .jsonl/.json/.ndjson .parquet/.pq,
-anything else labeltext.
+anything else labeltext. A csv/tsv file has a header row naming the columns, unless
+`data.header: false`: then every row is data and the columns are named by position,
+"0", "1", ... (`text_column: "0"`, `label_column: "1"`; quoted in YAML, names are strings).
 
 Every reader returns rows as read, (row number, text or None, label or None); rows
 whose text/label bytes do not decode in `data.encoding` are set aside as undecodable
@@ -193,12 +195,30 @@ def _lines(text: str):
         yield number, line[:-1] if line.endswith("\r") else line
 
 
-def _missing_column(path, kind: str, column: str, found: list, key: str) -> DataError:
+def _missing_column(path, kind: str, column: str, found: list, key: str, header: Optional[bool] = None) -> DataError:
+    """header: None for formats without a header row to get wrong (jsonl, parquet, hub), else data.header."""
     listed = ", ".join(map(str, found)) if found else "none"
     hint = ""
     if len(found) == 1 and any(d in str(found[0]) for d in ",;\t|"):
         hint = " (one column: check data.delimiter / data.format)"
+    elif header is False:
+        hint = f" (data.header: false names the columns by position, \"0\" to \"{len(found) - 1}\")"
+    elif header and str(column).isdigit():
+        hint = " (columns named by position need data.header: false)"
+    elif header and looks_like_data(found):
+        hint = (" (is the first row data? a file without a header row needs data.header: false, "
+                "columns then named by position: \"0\", \"1\", ...)")
+    listed = listed if len(listed) <= 300 else listed[:300] + "..."
     return DataError(f"{path}: no {kind} column {column!r} (data.{key}); columns found: {listed}{hint}")
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)$")
+
+
+def looks_like_data(header: list) -> bool:
+    """A header row that is more likely the first example: a cell that is a number (a label, a score)
+    or longer than 40 characters (a text). Column names are neither."""
+    return any(_NUMBER.match(str(c).strip()) or len(str(c)) > 40 for c in header)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -223,9 +243,10 @@ def read_labeltext(path: str | Path, *, encoding: str = "utf-8", name: str = "tr
 
 
 def read_delimited(path: str | Path, *, text_column: str, label_column: Optional[str], delimiter: Optional[str] = None,
-                   quoting: bool = True, encoding: str = "utf-8", fmt: str = "csv",
-                   name: str = "train") -> RawSplit:
-    """CSV/TSV with a header row. A row with another number of fields than the header is an error."""
+                   quoting: bool = True, encoding: str = "utf-8", fmt: str = "csv", name: str = "train",
+                   header: bool = True) -> RawSplit:
+    """CSV/TSV. header=True: the first row names the columns; header=False: every row is data and the
+    columns are named by position, "0", "1", ... A row with another number of fields than the first is an error."""
     path = Path(path)
     delim = delimiter if delimiter is not None else ("\t" if fmt == "tsv" else ",")
     if len(delim) != 1:
@@ -235,28 +256,27 @@ def read_delimited(path: str | Path, *, text_column: str, label_column: Optional
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim,
                         quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE)
     out = RawSplit(name=name, origin=str(path), format=fmt)
-    header = None
+    columns = None  # the header's names, or "0", "1", ... from the first row's width (header=False)
     data_row = 0
     try:
         for record in reader:
-            if not record or (len(record) == 1 and not record[0].strip() and header is not None
-                              and len(header) > 1):
+            if not record or (len(record) == 1 and not record[0].strip() and columns is not None
+                              and len(columns) > 1):
                 continue  # blank line
-            if header is None:
-                header = [c.strip() for c in record]
-                out.columns = header
-                if text_column not in header:
-                    raise _missing_column(path, "text", text_column, header, "text_column")
-                if label_column is not None and label_column not in header:
-                    raise _missing_column(path, "label", label_column, header, "label_column")
-                ti, li = header.index(text_column), header.index(label_column) if label_column else None
-                continue
+            if columns is None:
+                columns = [c.strip() for c in record] if header else [str(i) for i in range(len(record))]
+                out.columns = columns
+                ti, li = column_indices(path, columns, text_column, label_column, header=header)
+                if header:
+                    continue
             data_row += 1
-            if len(record) != len(header):
+            if len(record) != len(columns):
                 hint = ("texts may contain the delimiter" if not quoting else
                         "set data.quoting: false if texts contain quote characters")
+                like = f"like the header ({', '.join(columns)})" if header else \
+                    "like the first row (data.header: false)"
                 raise DataError(f"{path}: row {data_row} (line {reader.line_num}) has {len(record)} fields, "
-                                f"expected {len(header)} like the header ({', '.join(header)}); {hint}")
+                                f"expected {len(columns)} {like}; {hint}")
             body, label = record[ti], record[li] if li is not None else TEXT_ONLY_LABEL
             if _has_undecodable(body, label):
                 out.undecodable.append(reader.line_num)
@@ -264,9 +284,19 @@ def read_delimited(path: str | Path, *, text_column: str, label_column: Optional
                 out.rows.append((reader.line_num, body, label))
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: malformed {fmt.upper()} ({exc})") from None
-    if header is None:
+    if columns is None and header:
         raise DataError(f"{path}: empty file, expected a header row naming the columns")
     return out
+
+
+def column_indices(path: Path, columns: list, text_column: str, label_column: Optional[str], *,
+                   header: bool) -> tuple:
+    """(text index, label index or None) in a csv/tsv row; a missing column is a DataError."""
+    if text_column not in columns:
+        raise _missing_column(path, "text", text_column, columns, "text_column", header=header)
+    if label_column is not None and label_column not in columns:
+        raise _missing_column(path, "label", label_column, columns, "label_column", header=header)
+    return columns.index(text_column), columns.index(label_column) if label_column is not None else None
 
 
 def read_jsonl(path: str | Path, *, text_column: str, label_column: Optional[str], encoding: str = "utf-8",
@@ -349,13 +379,16 @@ def read_parquet(path: str | Path, *, text_column: str, label_column: Optional[s
 def read_file(path: str | Path, *, format: str = "auto", text_column: str = "text",
               label_column: Optional[str] = "label",
               delimiter: Optional[str] = None, quoting: bool = True, encoding: str = "utf-8",
-              name: str = "train") -> RawSplit:
-    """Read one local file of labelled text in any supported format."""
+              name: str = "train", header: bool = True) -> RawSplit:
+    """Read one local file of labelled text in any supported format (header: csv/tsv only)."""
     fmt = infer_format(path, format)
     try:
         codecs.lookup(encoding)
     except LookupError:
         raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+    if not header and fmt in ("jsonl", "parquet"):
+        raise DataError(f"data.header: false is for csv/tsv files; {path} is read as {fmt}, "
+                        "whose column names come with every record")
     if fmt == "labeltext":
         raw = read_labeltext(path, encoding=encoding, name=name)
         if label_column is None:  # texts only: the first token is still the file's label, dropped here
@@ -363,7 +396,7 @@ def read_file(path: str | Path, *, format: str = "auto", text_column: str = "tex
         return raw
     if fmt in ("csv", "tsv"):
         return read_delimited(path, text_column=text_column, label_column=label_column, delimiter=delimiter,
-                              quoting=quoting, encoding=encoding, fmt=fmt, name=name)
+                              quoting=quoting, encoding=encoding, fmt=fmt, name=name, header=header)
     if fmt == "jsonl":
         return read_jsonl(path, text_column=text_column, label_column=label_column, encoding=encoding, name=name)
     return read_parquet(path, text_column=text_column, label_column=label_column, name=name)
@@ -477,7 +510,7 @@ def join_prompt(prompt, completion) -> Optional[str]:
 def read_labelled_source(cfg: DataConfig, *, cache_dir: str | Path | None, label_column: Optional[str]) -> SourceData:
     """read_source's reading: each kind of source with the label column given (None: texts only)."""
     opts = dict(format=cfg.format, text_column=cfg.text_column, label_column=label_column,
-                delimiter=cfg.delimiter, quoting=cfg.quoting, encoding=cfg.encoding)
+                delimiter=cfg.delimiter, quoting=cfg.quoting, encoding=cfg.encoding, header=cfg.header)
     if cfg.files:
         unknown = [k for k in cfg.files if k not in SPLITS]
         if unknown:

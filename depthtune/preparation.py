@@ -8,17 +8,24 @@ Pipeline, in this order:
 1. read every input (`depthtune.data_readers`: rows read; rows whose text/label bytes
    do not decode in `data.encoding` are dropped as `undecodable`);
 2. clean each input: strip the text; drop `empty_text` (empty or whitespace),
-   `missing_label`, `undeclared_label` (not in `data.labels`, when declared); then
-   drop exact duplicate texts within the input (first occurrence kept; a duplicate
-   with another label counts as a label conflict). More than `data.max_drop_fraction`
-   of an input dropped (duplicates excluded) is an error;
-3. split: inputs that are missing (validation, test) are split off train, stratified
+   `missing_label`, `undeclared_label` (not in `data.labels`, when declared). More than
+   `data.max_drop_fraction` of an input dropped this way is an error (duplicates and
+   conflicts below are properties of the data, not signs of a wrong option: not counted);
+3. label conflicts: a text seen with two or more labels, in any of the inputs, is
+   resolved the same way in all of them by `data.conflicts`: `drop` (default) removes
+   every copy, `first` keeps the label of its first row (inputs in train, validation,
+   test order), `majority` keeps the most frequent label (a tie drops the text). Then
+   exact duplicate texts within an input are removed (the first row with the kept label
+   stays). Each row read ends as exactly one of: dropped (reason), duplicate, conflict,
+   kept: rows_read = dropped_total + duplicates_removed + label_conflicts.rows_dropped
+   + rows_kept;
+4. split: inputs that are missing (validation, test) are split off train, stratified
    by label, seeded with `data.seed`, sizes `data.split.*` x the train rows;
-4. leakage: a text in train is removed from validation and test, a text in
+5. leakage: a text in train is removed from validation and test, a text in
    validation is removed from test;
-5. cap: `max_train_samples` caps train, `max_eval_samples` caps validation and test
+6. cap: `max_train_samples` caps train, `max_eval_samples` caps validation and test
    (stratified, seeded);
-6. labels -> ids: the order of `data.labels` when declared, else the source's own
+7. labels -> ids: the order of `data.labels` when declared, else the source's own
    documented order (builtin: rotten=0, fresh=1; a Hub ClassLabel's names), else
    the labels found sorted (numerically when all are integers, else as strings).
    Label names are strings (`labels: [0, 1]` in YAML gives names "0", "1").
@@ -30,7 +37,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -43,8 +50,10 @@ from depthtune.records import LabelSet, PreparedExample, prepared_split_text
 
 EVAL_SPLITS = ("validation", "test")
 DROP_REASONS = ("undecodable", "empty_text", "missing_label", "undeclared_label")
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: label_conflicts (data.conflicts) replaced duplicate_label_conflicts
 _SAMPLE_ROWS = 5  # row numbers listed per drop reason in the report
+_CONFLICT_EXAMPLES = 5  # conflicting texts shown per input in the report (most rows first)
+_EXAMPLE_CHARS = 200  # a conflicting text in the report is cut to this many characters
 _INT_RE = re.compile(r"^[+-]?\d+$")
 
 
@@ -54,6 +63,7 @@ class CleanSplit:
     origin: str
     examples: list  # (text, label name, row number)
     stats: dict
+    conflicting: dict = field(default_factory=dict)  # text seen with another label (here or elsewhere) -> kept
 
 
 @dataclass
@@ -90,14 +100,20 @@ def declared_labels(labels) -> Optional[list]:
     return names
 
 
-def clean_split(raw: RawSplit, *, labels: Optional[Iterable[str]] = None) -> CleanSplit:
-    """Drop unusable rows (with reasons) and exact duplicate texts; strip texts."""
+@dataclass
+class UsableRows:
+    """One input's rows that can be used, before duplicates and conflicts: (text, label name, row number)."""
+    rows: list
+    dropped: dict  # reason -> row numbers
+    undeclared: Counter  # label not in data.labels -> rows
+
+
+def usable_rows(raw: RawSplit, *, labels: Optional[Iterable[str]] = None) -> UsableRows:
+    """Strip texts; set aside undecodable, empty-text, missing-label and undeclared-label rows."""
     allowed = set(labels) if labels is not None else None
     dropped = {reason: [] for reason in DROP_REASONS}
     dropped["undecodable"] = list(raw.undecodable)
-    undeclared = Counter()
-    examples, seen = [], {}
-    duplicates, conflicts, duplicate_rows = 0, 0, []
+    undeclared, rows = Counter(), []
     for row, text, label in raw.rows:
         text = text.strip() if isinstance(text, str) else text
         name = normalize_label(label)
@@ -108,16 +124,80 @@ def clean_split(raw: RawSplit, *, labels: Optional[Iterable[str]] = None) -> Cle
         elif allowed is not None and name not in allowed:
             dropped["undeclared_label"].append(row)
             undeclared[name] += 1
-        elif text in seen:
-            duplicates += 1
-            if len(duplicate_rows) < _SAMPLE_ROWS:
-                duplicate_rows.append(row)
-            if seen[text] != name:
-                conflicts += 1
         else:
-            seen[text] = name
-            examples.append((text, name, row))
-    counts = {reason: len(rows) for reason, rows in dropped.items()}
+            rows.append((text, name, row))
+    return UsableRows(rows=rows, dropped=dropped, undeclared=undeclared)
+
+
+def kept_label(counts: Counter, first: str, policy: str) -> Optional[str]:
+    """The label a conflicting text keeps under data.conflicts (None: every copy dropped)."""
+    if policy == "first":
+        return first
+    if policy == "majority":
+        (top, n), (_, second) = counts.most_common(2)
+        return None if n == second else top  # 2 pos vs 2 neg: no majority, dropped
+    return None  # drop
+
+
+def conflict_decisions(rows: list, *, policy: str) -> dict:
+    """text -> (label counts, label kept or None), for each text seen with two or more labels.
+
+    rows: (text, label, row number) of every input, in train, validation, test order. Two passes,
+    so that texts with one label (nearly all) cost a dict entry, not a Counter.
+    """
+    first, conflicting = {}, set()
+    for text, label, _ in rows:
+        if first.setdefault(text, label) != label:
+            conflicting.add(text)
+    counts = {text: Counter() for text in conflicting}
+    for text, label, _ in rows:
+        if text in counts:
+            counts[text][label] += 1
+    return {text: (c, kept_label(c, first[text], policy)) for text, c in counts.items()}
+
+
+def dedupe(rows: list, decisions: dict, *, policy: str) -> tuple[list, list, dict, dict]:
+    """One example per text: the first row with the kept label. Returns (examples, duplicate row
+    numbers, conflict stats of this input, its conflicting texts -> label kept or None)."""
+    examples, kept_texts, duplicates = [], set(), []
+    here: dict = {}  # conflicting text -> [rows here, rows dropped here, first row here]
+    for text, label, row in rows:
+        if text in decisions:
+            seen = here.setdefault(text, [0, 0, row])
+            seen[0] += 1
+            if label != decisions[text][1]:  # another label than the kept one, or the text is dropped
+                seen[1] += 1
+                continue
+        if text in kept_texts:
+            duplicates.append(row)
+        else:
+            kept_texts.add(text)
+            examples.append((text, label, row))
+    shown = sorted(here, key=lambda t: (-here[t][0], here[t][2]))[:_CONFLICT_EXAMPLES]
+    stats = {
+        "policy": policy,
+        "texts": len(here),  # texts of this input with another label somewhere (this input or another)
+        "rows": sum(n for n, _, _ in here.values()),
+        "texts_dropped": sum(1 for t in here if t not in kept_texts),
+        "rows_dropped": sum(d for _, d, _ in here.values()),
+        "examples": [{"text": t[:_EXAMPLE_CHARS] + ("..." if len(t) > _EXAMPLE_CHARS else ""),
+                      "labels": dict(decisions[t][0].most_common()), "kept": decisions[t][1],
+                      "first_row": here[t][2]} for t in shown],
+    }
+    return examples, duplicates, stats, {t: decisions[t][1] for t in here}
+
+
+def clean_split(raw: RawSplit, *, labels: Optional[Iterable[str]] = None, conflicts: str = "drop",
+                usable: Optional[UsableRows] = None, decisions: Optional[dict] = None) -> CleanSplit:
+    """Drop unusable rows (with reasons), resolve label conflicts, remove exact duplicate texts.
+
+    One input alone by default; `clean_inputs` passes `usable` and the `decisions` made over all inputs.
+    """
+    usable = usable if usable is not None else usable_rows(raw, labels=labels)
+    if decisions is None:
+        decisions = conflict_decisions(usable.rows, policy=conflicts)
+    examples, duplicates, conflict, conflicting = dedupe(usable.rows, decisions, policy=conflicts)
+    counts = {reason: len(rows) for reason, rows in usable.dropped.items()}
     total = sum(counts.values())
     stats = {
         "origin": raw.origin,
@@ -128,17 +208,17 @@ def clean_split(raw: RawSplit, *, labels: Optional[Iterable[str]] = None) -> Cle
         "dropped": counts,
         "dropped_total": total,
         "drop_fraction": round(total / raw.rows_read, 6) if raw.rows_read else 0.0,
-        "dropped_rows_sample": {r: rows[:_SAMPLE_ROWS] for r, rows in dropped.items() if rows},
-        "duplicates_removed": duplicates,
-        "duplicate_label_conflicts": conflicts,
-        "duplicate_rows_sample": duplicate_rows,
+        "dropped_rows_sample": {r: rows[:_SAMPLE_ROWS] for r, rows in usable.dropped.items() if rows},
+        "duplicates_removed": len(duplicates),  # same text, same (kept) label as a row kept
+        "duplicate_rows_sample": duplicates[:_SAMPLE_ROWS],
+        "label_conflicts": conflict,
         "rows_kept": len(examples),
     }
     if raw.skipped:
         stats["rows_outside_task"] = raw.skipped
-    if undeclared:
-        stats["undeclared_labels_found"] = dict(undeclared.most_common(10))
-    return CleanSplit(name=raw.name, origin=raw.origin, examples=examples, stats=stats)
+    if usable.undeclared:
+        stats["undeclared_labels_found"] = dict(usable.undeclared.most_common(10))
+    return CleanSplit(name=raw.name, origin=raw.origin, examples=examples, stats=stats, conflicting=conflicting)
 
 
 def check_drop_fraction(clean: CleanSplit, *, max_drop_fraction: float) -> None:
@@ -313,6 +393,7 @@ def build_report(*, source: SourceData, cleaned: dict, origin: dict, leakage: di
             "split": {"validation": cfg.split.validation, "test": cfg.split.test},
             "seed": cfg.seed, "max_train_samples": cfg.max_train_samples,
             "max_eval_samples": cfg.max_eval_samples, "max_drop_fraction": cfg.max_drop_fraction,
+            "conflicts": cfg.conflicts, "header": cfg.header,
         },
         "labels": {"names": names, "order": label_order},
         "inputs": {name: clean.stats for name, clean in cleaned.items()},
@@ -330,6 +411,7 @@ def build_report(*, source: SourceData, cleaned: dict, origin: dict, leakage: di
             "rows_read": sum(c.stats["rows_read"] for c in cleaned.values()),
             "dropped": sum(c.stats["dropped_total"] for c in cleaned.values()),
             "duplicates_removed": sum(c.stats["duplicates_removed"] for c in cleaned.values()),
+            "conflicts_removed": sum(c.stats["label_conflicts"]["rows_dropped"] for c in cleaned.values()),
             "leakage_removed": sum(leakage.values()),
             "capped_removed": sum(capped.values()),
             "rows_out": sum(len(splits[n]) for n in SPLITS),
@@ -339,17 +421,27 @@ def build_report(*, source: SourceData, cleaned: dict, origin: dict, leakage: di
     }
 
 
-def clean_inputs(source: SourceData, *, declared: Optional[list], max_drop_fraction: float) -> dict:
-    """Every input cleaned (name -> CleanSplit); too many drops or nothing left is an error."""
-    cleaned = {}
-    for name, raw in source.inputs.items():
-        clean = clean_split(raw, labels=declared)
+def clean_inputs(source: SourceData, *, declared: Optional[list], max_drop_fraction: float,
+                 conflicts: str = "drop") -> dict:
+    """Every input cleaned (name -> CleanSplit); too many drops or nothing left is an error.
+
+    Conflicts are decided over all inputs at once, so a text labelled pos in train and neg in test
+    is resolved the same way in both (drop: gone from both; first: train's label).
+    """
+    order = [n for n in SPLITS if n in source.inputs]
+    usable = {name: usable_rows(source.inputs[name], labels=declared) for name in order}
+    decisions = conflict_decisions([r for n in order for r in usable[n].rows], policy=conflicts)
+    cleaned = {name: clean_split(source.inputs[name], conflicts=conflicts, usable=usable[name], decisions=decisions)
+               for name in order}
+    for clean in cleaned.values():
         check_drop_fraction(clean, max_drop_fraction=max_drop_fraction)
-        cleaned[name] = clean
     for name, clean in cleaned.items():
         if not clean.examples:
+            s = clean.stats
+            why = (f", {s['label_conflicts']['rows_dropped']} rows of texts with conflicting labels dropped "
+                   f"(data.conflicts: {conflicts})" if s["label_conflicts"]["rows_dropped"] else "")
             raise DataError(f"{clean.origin}: split {name} is empty after cleaning "
-                            f"({clean.stats['rows_read']} rows read, {clean.stats['duplicates_removed']} duplicates)")
+                            f"({s['rows_read']} rows read, {s['duplicates_removed']} duplicates{why})")
     return cleaned
 
 
@@ -377,14 +469,38 @@ def split_warnings(splits: dict, *, names: list, cleaned: dict, leakage: dict) -
             few = [f"{n!r} ({rows[n]} rows in all, fewer than one per split)" for n in missing if rows[n] < len(SPLITS)]
             warnings.append(f"split {name} has no examples of {', '.join(map(repr, missing))}"
                             + (f"; {', '.join(few)}" if few else ""))
-    for clean in cleaned.values():
-        if clean.stats["duplicate_label_conflicts"]:
-            warnings.append(f"{clean.origin}: {clean.stats['duplicate_label_conflicts']} duplicate texts had "
-                            "another label than their first occurrence (first kept)")
+    conflicts = conflict_warning(cleaned)
+    if conflicts:
+        warnings.append(conflicts)
     for name in EVAL_SPLITS:
         if leakage[name]:
             warnings.append(f"split {name}: {leakage[name]} texts also in an earlier split were removed (leakage)")
     return warnings
+
+
+def conflict_warning(cleaned: dict) -> Optional[str]:
+    """One line for the texts seen with different labels: how many, what became of them, the key to change."""
+    found = [c for c in cleaned.values() if c.stats["label_conflicts"]["texts"]]
+    if not found:
+        return None
+    stats = [c.stats["label_conflicts"] for c in found]
+    kept = {t: label for c in found for t, label in c.conflicting.items()}  # a text in train and test counts once
+    texts = len(kept)
+    rows = sum(s["rows_dropped"] for s in stats)
+    where = ", ".join(c.origin + (f" ({s['texts']})" if len(found) > 1 else "") for c, s in zip(found, stats))
+    policy = stats[0]["policy"]
+    if policy == "drop":
+        what = (f"all {rows} of their rows dropped (data.conflicts: drop; majority keeps the most frequent "
+                "label, first the first one)")
+    elif policy == "majority":
+        ties = sum(1 for label in kept.values() if label is None)
+        what = (f"the most frequent label kept; {rows} rows dropped, among them every copy of the {ties} texts "
+                "without a majority (data.conflicts: majority; drop removes every copy)")
+    else:
+        what = (f"the first label kept, {rows} rows with another label dropped (data.conflicts: first; drop "
+                "removes every copy)")
+    appear = "text appears" if texts == 1 else "texts appear"
+    return f"{where}: {texts} {appear} with different labels: {what}; examples in the prepare report"
 
 
 def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Optional[SourceData] = None,
@@ -395,7 +511,8 @@ def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Opt
     """
     declared = declared_labels(cfg.labels) if labelled else None
     source = source if source is not None else read_source(cfg, cache_dir=cache_dir, labelled=labelled)
-    cleaned = clean_inputs(source, declared=declared, max_drop_fraction=cfg.max_drop_fraction)
+    cleaned = clean_inputs(source, declared=declared, max_drop_fraction=cfg.max_drop_fraction,
+                           conflicts=cfg.conflicts)
     try:
         splits, origin = make_splits({n: c.examples for n, c in cleaned.items()},
                                      validation=cfg.split.validation, test=cfg.split.test, seed=cfg.seed)
@@ -435,8 +552,16 @@ def summary_lines(report: dict) -> list:
     lines = [f"prepared {spec}: labels {', '.join(f'{i}={n}' for i, n in enumerate(names))}"]
     for name, s in report["inputs"].items():
         drops = ", ".join(f"{r.replace('_', ' ')} {n}" for r, n in s["dropped"].items() if n) or "none"
+        conflict = s["label_conflicts"]
+        conflicts = (f"; conflicting labels {conflict['texts']} texts, {conflict['rows_dropped']} rows dropped "
+                     f"(data.conflicts: {conflict['policy']})" if conflict["texts"] else "")
         lines.append(f"  read {name}: {s['rows_read']} rows from {s['origin']}; dropped {s['dropped_total']} "
-                     f"({drops}); duplicates {s['duplicates_removed']}")
+                     f"({drops}); duplicates {s['duplicates_removed']}{conflicts}")
+        for example in conflict["examples"][:3]:
+            text = example["text"] if len(example["text"]) <= 60 else example["text"][:57] + "..."
+            labels = ", ".join(f"{label} x{n}" for label, n in example["labels"].items())
+            kept = f"kept {example['kept']}" if example["kept"] is not None else "dropped"
+            lines.append(f"    conflict at row {example['first_row']}: {text!r} ({labels}) -> {kept}")
     for name, s in report["splits"].items():
         bal = " ".join(f"{n}={f:.1%}" for n, f in s["class_balance"]["fractions"].items())
         extra = []

@@ -3,7 +3,8 @@
 Outputs (written all at once; a failed run leaves the previous ones intact):
   data/prepared/{train,validation,test}.jsonl  one {"text": str, "label": int id} a line
   data/prepared/labels.json                    {"names": [...]}; label id = index
-  data/prepared/report.json                    rows read/dropped/deduplicated/leaked/capped, balance
+  data/prepared/report.json                    rows read/dropped/deduplicated/leaked/capped, balance,
+                                               texts with conflicting labels (data.conflicts) with examples
 
 Usage: python -m stages.prepare [--params params.yaml] [--out data/prepared]
 """

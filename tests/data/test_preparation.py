@@ -107,9 +107,19 @@ def test_sst2_tsv_files_quoting_off(sst2_slices):
         assert r["inputs"][split]["rows_read"] == n
         assert r["inputs"][split]["dropped_total"] == 0
         assert r["splits"][split]["from"] == "input"
-    # duplicates within a split: first occurrence kept
-    raw = [ln.split("\t")[0].strip() for ln in sst2_slices["train"].read_text().splitlines()[1:]]
-    assert r["inputs"]["train"]["duplicates_removed"] == len(raw) - len(set(raw))
+    # duplicates within a split: one copy kept; a text with two labels: every copy dropped (data.conflicts: drop)
+    pairs = [tuple(c.strip() for c in ln.split("\t")) for ln in sst2_slices["train"].read_text().splitlines()[1:]]
+    raw = [t for t, _ in pairs]
+    labels_of: dict = {}
+    for t, y in pairs:
+        labels_of.setdefault(t, set()).add(y)
+    conflicting = {t for t, ys in labels_of.items() if len(ys) > 1}
+    s = r["inputs"]["train"]
+    assert s["label_conflicts"]["texts"] == len(conflicting)
+    assert s["label_conflicts"]["rows_dropped"] == sum(t in conflicting for t in raw)
+    assert s["duplicates_removed"] == sum(t not in conflicting for t in raw) - len(set(raw) - conflicting)
+    assert s["rows_read"] == s["dropped_total"] + s["duplicates_removed"] + s["label_conflicts"]["rows_dropped"] \
+        + s["rows_kept"]
     # leakage: validation texts also in train are removed from validation
     dev = {ln.split("\t")[0].strip() for ln in sst2_slices["validation"].read_text().splitlines()[1:]}
     assert r["splits"]["validation"]["leakage_removed"] == len(dev & set(raw))
@@ -256,11 +266,14 @@ def test_given_test_file_leakage_and_duplicate_conflicts(tmp_path):
     fs = write(tmp_path / "test.tsv", "text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in test))
     p = prepare(cfg(files={"train": str(ft), "test": str(fs)}, split={"validation": 0.25, "test": 0.1}))
     r = p.report
-    assert r["inputs"]["train"]["duplicates_removed"] == 1
-    assert r["inputs"]["train"]["duplicate_label_conflicts"] == 1
+    # data.conflicts: drop (default): "train text 3" was labelled 1 and 0: both copies dropped
+    assert r["inputs"]["train"]["duplicates_removed"] == 0
+    assert r["inputs"]["train"]["label_conflicts"]["texts"] == 1
+    assert r["inputs"]["train"]["label_conflicts"]["rows_dropped"] == 2
+    assert "train text 3" not in [t for split in SPLITS for t in texts_of(p, split)]
     assert r["splits"]["test"]["leakage_removed"] == 2
     assert sorted(texts_of(p, "test")) == ["fresh test", "other test"]
-    assert r["splits"]["validation"]["rows"] == 10  # 0.25 of the 40 train rows
+    assert r["splits"]["validation"]["rows"] == 10  # round(0.25 x the 39 train rows left)
     assert "validation" not in r["inputs"]
     assert any("leakage" in w for w in r["warnings"])
     assert_disjoint(p)
