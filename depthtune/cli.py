@@ -3,6 +3,7 @@
   depthtune audit --config PATH/config.json --variant train_top=2 --variant depth=3,lora.r=8 --labels 2
   depthtune audit --config PATH --task causal_lm --precision bf16 --gradient-checkpointing --variant lora.r=8
   depthtune audit --params params.yaml            # every variant in params.yaml (its task and train settings)
+  depthtune plan --config PATH/config.json --memory 24GiB --seq-len 256 --variant full --variant lora.r=16
   depthtune predict --model models/full "a great film"
   depthtune predict --model models:/depthtune-classifier@champion "a great film"
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from depthtune.config import ModelConfig, load_params, parse_variant
+from depthtune.config import DECODER_TYPES, ModelConfig, load_params, parse_variant
 from depthtune.errors import ConfigError, DepthtuneError
 from depthtune.runtime import configure_process
 
@@ -100,6 +101,39 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import torch
+
+    from depthtune.planner import MFU_ASSUMED, PlanSettings, gemm_flops_per_s, parse_memory, plan, plan_table
+    from depthtune.variants import load_base_config
+
+    if args.config:
+        model_cfg, base = ModelConfig(source=str(args.config)), load_config_file(args.config)
+    elif args.model:
+        model_cfg = ModelConfig(source=args.model)
+        base = load_base_config(model_cfg)
+    else:
+        raise ConfigError("plan: give --config PATH/config.json or --model SOURCE")
+    targets = {"gpt2": "c_attn"}.get(base.model_type, "q_proj+v_proj") if base.model_type in DECODER_TYPES \
+        else "query+value"
+    specs = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}"))
+             for s in args.variant or ["full", "train_top=2", f"lora.r=8,lora.targets={targets}"]]
+    device = "cuda" if args.precision != "fp32" and torch.cuda.is_available() else "cpu"
+    flops = args.tflops * 1e12 if args.tflops else gemm_flops_per_s(device, args.precision)
+    settings = PlanSettings(memory=parse_memory(args.memory), seq_len=args.seq_len, examples=args.examples,
+                            task=args.task, num_labels=args.labels, precision=args.precision,
+                            gradient_checkpointing=args.gradient_checkpointing, flops_per_s=flops,
+                            mfu=args.mfu or MFU_ASSUMED, mfu_measured=False,
+                            flops_source="--tflops" if args.tflops else f"GEMM measured now on {device}")
+    rows = plan(model_cfg, base, specs, settings)
+    if args.json:
+        for row in rows:
+            print(json.dumps({**row, "settings": settings.__dict__}))
+        return 0
+    print(plan_table(rows, settings))
+    return 0
+
+
 def cmd_predict(args) -> int:
     from depthtune.serving import load_predictor
 
@@ -133,6 +167,23 @@ def main(argv=None) -> int:
     a.add_argument("--gradient-checkpointing", action="store_true", help="estimate with gradient checkpointing")
     a.add_argument("--json", action="store_true", help="one JSON object per variant per line")
     a.set_defaults(fn=cmd_audit)
+    pl = sub.add_parser("plan", help="the largest batch each variant fits in a memory budget, its peak and epoch time")
+    pl.add_argument("--config", help="a transformers config.json (or a folder holding one): no weights needed")
+    pl.add_argument("--model", help="a model source as in params.yaml (packaged:minilm-l6, a folder, a Hub id)")
+    pl.add_argument("--memory", required=True, help="the device memory training may use, e.g. 24GiB, 80GB")
+    pl.add_argument("--seq-len", type=int, default=256)
+    pl.add_argument("--examples", type=int, default=10_000, help="examples per epoch, for the time prediction")
+    pl.add_argument("--labels", type=int, default=2)
+    pl.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
+    pl.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"), default="bf16-autocast")
+    pl.add_argument("--gradient-checkpointing", action="store_true")
+    pl.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default 0.35)")
+    pl.add_argument("--tflops", type=float, default=None,
+                    help="the target machine's GEMM TFLOP/s (e.g. 790 for an H200 in bf16); default: measured here")
+    pl.add_argument("--variant", action="append", help="e.g. train_top=2, depth=3,lora.r=8 (repeatable; default: "
+                                                       "full, train_top=2, LoRA r 8 on the q/v projections)")
+    pl.add_argument("--json", action="store_true", help="one JSON object per variant per line")
+    pl.set_defaults(fn=cmd_plan)
     p = sub.add_parser("predict", help="label texts with a saved model folder or an MLflow model URI")
     p.add_argument("--model", required=True, help="models/<variant> or models:/<name>@champion")
     p.add_argument("--json", action="store_true")
