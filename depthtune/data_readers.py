@@ -451,16 +451,19 @@ def read_hub(dataset_id: str, *, config_name: Optional[str] = None, text_column:
 
 
 def read_builtin(name: str, *, cache_dir: str | Path | None = None) -> SourceData:
-    """The builtin dataset (verified, cached); its `plot` rows are counted as outside the task."""
-    if name != builtin_data.NAME:
-        raise DataError(f"data.source: unknown builtin dataset {name!r}, known: builtin:{builtin_data.NAME}")
-    loaded = builtin_data.load_rows(cache_dir)
+    """A builtin dataset (verified, cached): rotten_tomatoes (its `plot` rows counted as outside the task)
+    or chinese_reviews."""
+    if name not in builtin_data.DATASETS:
+        known = ", ".join(f"builtin:{n}" for n in builtin_data.DATASETS)
+        raise DataError(f"data.source: unknown builtin dataset {name!r}, known: {known}")
+    load, label_order = builtin_data.DATASETS[name]
+    loaded = load(cache_dir)
     raw = RawSplit(name="train", origin=f"builtin:{name}", format="csv", columns=loaded.columns,
                    rows=loaded.rows, skipped=loaded.rows_skipped)
     provenance = {k: v for k, v in loaded.provenance.items() if k not in ("cache_path", "from_cache")}
     info = {"kind": "builtin", "spec": f"builtin:{name}", "provenance": provenance,
             "cache_path": loaded.provenance["cache_path"], "from_cache": loaded.provenance["from_cache"]}
-    return SourceData(inputs={"train": raw}, label_order=builtin_data.LABELS, info=info)
+    return SourceData(inputs={"train": raw}, label_order=label_order, info=info)
 
 
 def read_source(cfg: DataConfig, *, cache_dir: str | Path | None = None, labelled: bool = True) -> SourceData:
