@@ -9,7 +9,7 @@ This module imports neither torch nor the orchestrator.
 
     results = load_results(variants, audit_dir=..., train_dir=..., eval_dir=...)  # [VariantResults]
     report = build_report(results, metric="accuracy", tolerance=0.01, alpha=0.05)
-    outputs = render_outputs(report)      # {file name: bytes}, written by stages/compare.py
+    outputs = depthtune.report_text.render_outputs(report)   # {file name: bytes}, written by stages/compare.py
 
 Outputs (names relative to the report folder):
 - `comparison.md`   header, verdict, table (intervals, p vs best, Pareto members, not-converged
@@ -25,9 +25,6 @@ Outputs (names relative to the report folder):
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -39,15 +36,12 @@ from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
-from depthtune.report_plots import depth_png, human, pareto_png
 from depthtune.significance import TEST_NAME, compare_to_best, lm_paired_bootstrap
 
 SCHEMA = "depthtune.compare/2"
 METRICS = tuple(m for ms in METRICS_OF_TASK.values() for m in ms)
 FRONT_PARAMS = "accuracy_vs_trainable_params"  # classification's fronts; a causal LM's: perplexity_vs_...
 FRONT_TIME = "accuracy_vs_train_time"
-CSV_COLUMNS = ("variant", "depth", "trainable_params", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
-               "macro_f1", "train_time_s")
 NOT_CONVERGED = "⚠"  # marks a variant whose validation metric was still improving when training stopped
 _EPS = 1e-12  # float slack for "within tolerance" and ties
 
@@ -212,25 +206,25 @@ def pareto_fronts(rows: Sequence[dict]) -> dict[str, list[str]]:
             time_front: pareto_front((r["variant"], sign * r[q], r["train_time_s"]) for r in rows)}
 
 
-def _fmt_metric(x: float) -> str:
+def fmt_metric(x: float) -> str:
     return f"{x:.4f}"
 
 
-def _fmt_ci(ci: Sequence[float]) -> str:
+def fmt_ci(ci: Sequence[float]) -> str:
     return f"{ci[0]:.3f}-{ci[1]:.3f}"
 
 
-def _fmt_p(p: float | None) -> str:
+def fmt_p(p: float | None) -> str:
     if p is None:
         return "—"
     return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
 
 
-def _label(metric: str) -> str:
+def metric_label(metric: str) -> str:
     return {"macro_f1": "macro-F1", "bits_per_byte": "bits/byte"}.get(metric, metric)
 
 
-def _sign(metric: str) -> int:
+def metric_sign(metric: str) -> int:
     """+1 when higher is better, -1 when lower is (perplexity, bits per byte): `sign * value` goes up."""
     return 1 if higher_is_better(metric) else -1
 
@@ -245,7 +239,7 @@ def pick_best(rows: Sequence[dict], metric: str = "accuracy") -> dict:
     order = {r["variant"]: i for i, r in enumerate(rows)}
     if metric not in rows[0]:
         raise DepthtuneError(f"evaluation.metric: {metric} is not a metric of these {rows[0].get('task')} results")
-    return min(rows, key=lambda r: (-_sign(metric) * r[metric], r["trainable_params"], order[r["variant"]]))
+    return min(rows, key=lambda r: (-metric_sign(metric) * r[metric], r["trainable_params"], order[r["variant"]]))
 
 
 def paired_p_values(results: Sequence[VariantResults], metric: str, best: str) -> dict[str, float]:
@@ -306,7 +300,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
     others = [r for r in rows if r is not best]
     tied = [r for r in others if r["p_vs_best"] is None or r["p_vs_best"] >= alpha]
     within = [r for r in rows if _within(r, best, metric, tolerance, alpha)]
-    cheap = min(within, key=lambda r: (r["trainable_params"], -_sign(metric) * r[metric], order[r["variant"]]))
+    cheap = min(within, key=lambda r: (r["trainable_params"], -metric_sign(metric) * r[metric], order[r["variant"]]))
     verdict = {
         "metric": metric, "tolerance": tolerance, "alpha": alpha, "test": TEST_NAME[metric],
         "n_test": best.get("n_test"),
@@ -315,7 +309,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
         "indistinguishable": [r["variant"] for r in tied],
         "cheapest": {"variant": cheap["variant"], metric: cheap[metric],
                      "trainable_params": cheap["trainable_params"],
-                     "gap": round(_sign(metric) * (best[metric] - cheap[metric]), 12)},
+                     "gap": round(metric_sign(metric) * (best[metric] - cheap[metric]), 12)},
     }
     verdict["sentence"] = verdict_sentence(verdict, best, cheap, others, tied)
     return verdict
@@ -324,30 +318,30 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
 def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list) -> str:
     """The report's verdict in words (see best_and_cheapest)."""
     m, alpha, tol, test = v["metric"], v["alpha"], v["tolerance"], v["test"]
-    edge = best[m] - _sign(m) * tol  # the worst score still "within tolerance" of the best
+    edge = best[m] - metric_sign(m) * tol  # the worst score still "within tolerance" of the best
     on = f"at alpha {alpha:g} on {v['n_test']:,} test texts" if v.get("n_test") else f"at alpha {alpha:g}"
-    head = f"{_fmt_metric(best[m])}, 95% CI {_fmt_ci(best[f'{m}_ci'])}"
+    head = f"{fmt_metric(best[m])}, 95% CI {fmt_ci(best[f'{m}_ci'])}"
     if not others:
-        sentence = f"Only variant: **{best['variant']}** ({_label(m)} {head}). "
+        sentence = f"Only variant: **{best['variant']}** ({metric_label(m)} {head}). "
     elif not tied:
         worst = max(r["p_vs_best"] for r in others)
-        every = "every p < 0.001" if worst < 0.001 else f"every p ≤ {_fmt_p(worst)}"
-        sentence = (f"Best by {_label(m)}: **{best['variant']}** ({head}, {best['trainable_params']:,} trainable "
+        every = "every p < 0.001" if worst < 0.001 else f"every p ≤ {fmt_p(worst)}"
+        sentence = (f"Best by {metric_label(m)}: **{best['variant']}** ({head}, {best['trainable_params']:,} trainable "
                     f"params), significantly better than every other variant {on} ({test}, {every}). ")
     else:
-        names = ", ".join(f"{r['variant']} (p={_fmt_p(r['p_vs_best'])})" for r in tied)
+        names = ", ".join(f"{r['variant']} (p={fmt_p(r['p_vs_best'])})" for r in tied)
         verb = "is" if len(tied) == 1 else "are"
-        sentence = (f"No clear best: {best['variant']} has the {'highest' if _sign(m) > 0 else 'lowest'} "
-                    f"{_label(m)} ({head}), but {names} {verb} "
+        sentence = (f"No clear best: {best['variant']} has the {'highest' if metric_sign(m) > 0 else 'lowest'} "
+                    f"{metric_label(m)} ({head}), but {names} {verb} "
                     f"statistically indistinguishable from it {on} ({test} test). ")
     if cheap is best:
         return sentence + (f"No variant with fewer trainable params is within {tol:g} of it (95% interval "
-                           f"reaching {_fmt_metric(edge)}, not significantly worse).")
+                           f"reaching {fmt_metric(edge)}, not significantly worse).")
     factor = best["trainable_params"] / cheap["trainable_params"] if cheap["trainable_params"] else math.inf
-    return sentence + (f"Cheapest within {tol:g} of it: **{cheap['variant']}** ({_fmt_metric(cheap[m])}, "
-                       f"95% CI {_fmt_ci(cheap[f'{m}_ci'])} reaching {_fmt_metric(edge)}, "
-                       f"{_sign(m) * (best[m] - cheap[m]):.4f} behind, not significantly worse: "
-                       f"p={_fmt_p(cheap['p_vs_best'])}, {cheap['trainable_params']:,} trainable params, "
+    return sentence + (f"Cheapest within {tol:g} of it: **{cheap['variant']}** ({fmt_metric(cheap[m])}, "
+                       f"95% CI {fmt_ci(cheap[f'{m}_ci'])} reaching {fmt_metric(edge)}, "
+                       f"{metric_sign(m) * (best[m] - cheap[m]):.4f} behind, not significantly worse: "
+                       f"p={fmt_p(cheap['p_vs_best'])}, {cheap['trainable_params']:,} trainable params, "
                        f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
 
 
@@ -382,214 +376,3 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
     kinds = sorted({r["peak_memory_kind"] for r in rows if r["peak_memory_kind"]})
     return {"rows": rows, "fronts": fronts, "verdict": verdict, "layers": per_layer(results),
             "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds}
-
-
-def _flat_metrics(r: dict) -> dict:
-    """One variant's numbers for `dvc metrics show` (numbers only: lists and nulls are skipped there)."""
-    out = {}
-    for m in METRICS_OF_TASK[r.get("task", "classification")]:
-        out[m] = r[m]
-        out[f"{m}_ci_low"], out[f"{m}_ci_high"] = r[f"{m}_ci"]
-    out["p_vs_best"] = 1.0 if r["p_vs_best"] is None else r["p_vs_best"]  # the best against itself: p = 1
-    out["trainable_params"] = r["trainable_params"]
-    out["train_time_s"] = r["train_time_s"]
-    return out
-
-
-def comparison_json(report: dict) -> dict:
-    v, layers = report["verdict"], report["layers"]
-    return {
-        "schema": SCHEMA,
-        "metric": report["metric"],
-        "tolerance": report["tolerance"],
-        "alpha": report["alpha"],
-        "variants": {r["variant"]: _flat_metrics(r) for r in report["rows"]},
-        "best": v["best"],
-        "cheapest": v["cheapest"],
-        "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "sentence")},
-        # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
-        "pareto": dict(report["fronts"]),
-        "rows": report["rows"],
-        "layers": [{"name": n,
-                    "trainable": {v: t[n] for v, t in layers["trainable"].items() if n in t},
-                    "total": {v: t[n] for v, t in layers["total"].items() if n in t}}
-                   for n in layers["layers"]],
-    }
-
-
-# ----------------------------------------------------------------------------- text formats
-
-
-def _int(n) -> str:
-    return "—" if n is None else f"{int(n):,}"
-
-
-def _mib(n) -> str:
-    return "—" if n is None else f"{n / 2 ** 20:,.1f}"
-
-
-def _num(x, fmt: str) -> str:
-    return "—" if x is None else format(x, fmt)
-
-
-TABLE_HEADER = ("| variant | description | depth | trainable | total | trainable % | est. mem MiB | "
-                "peak mem MiB | peak/est | train s | samples/s | {m1} (95% CI) | {m2} (95% CI) | "
-                "p vs best | p50 ms | p95 ms | Pareto params | Pareto time |")
-TABLE_ALIGN = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|"
-
-
-def _top_tag(verdict: dict) -> str:
-    """"best" only when the paired tests say so; "top" (highest point estimate) otherwise."""
-    return "best" if verdict["significant"] else "top"
-
-
-def _with_ci(r: dict, metric: str) -> str:
-    lo, hi = r[f"{metric}_ci"]
-    return f"{_fmt_metric(r[metric])} [{lo:.3f}, {hi:.3f}]"
-
-
-def task_metrics(report: dict) -> tuple[str, str]:
-    """The two test metrics of the rows' task: (accuracy, macro_f1) or (perplexity, bits_per_byte)."""
-    return METRICS_OF_TASK[report["rows"][0].get("task", "classification")]
-
-
-def comparison_table(report: dict) -> str:
-    v = report["verdict"]
-    best, cheap, top = v["best"]["variant"], v["cheapest"]["variant"], _top_tag(v)
-    m1, m2 = task_metrics(report)
-    lines = [TABLE_HEADER.format(m1=_label(m1), m2=_label(m2)), TABLE_ALIGN]
-    for r in report["rows"]:
-        tags = (f" {NOT_CONVERGED}" if r["not_converged"] else "") + \
-               (f" ({top})" if r["variant"] == best else "") + \
-               (" (cheapest)" if r["variant"] == cheap and cheap != best else "")
-        lines.append(
-            f"| {r['variant']}{tags} | {r['description']} | {r['depth']} | {_int(r['trainable_params'])} | "
-            f"{_int(r['total_params'])} | {r['trainable_pct']:.2f} | {_mib(r['estimated_memory_bytes'])} | "
-            f"{_mib(r['peak_memory_bytes'])} | {_num(r['memory_ratio'], '.2f')} | {r['train_time_s']:.1f} | "
-            f"{_num(r['samples_per_s'], '.1f')} | {_with_ci(r, m1)} | {_with_ci(r, m2)} | "
-            f"{_fmt_p(r['p_vs_best'])} | {_num(r['latency_p50_ms'], '.2f')} | {_num(r['latency_p95_ms'], '.2f')} | "
-            f"{'●' if r['pareto_params'] else ''} | {'●' if r['pareto_time'] else ''} |")
-    return "\n".join(lines)
-
-
-def training_table(rows: Sequence[dict]) -> list[str]:
-    """How each variant was trained: its lr (searched or not), epochs, where the best was, convergence;
-    and, with train.seeds > 1, the accuracy (a causal LM's perplexity) across seeds."""
-    q = quality_metric(rows)
-    seeded = any(r.get(f"seed_{q}") for r in rows)
-    head = "| variant | lr | epochs run | best at epoch | stopped | converged |" + \
-        (f" seeds | {q} across seeds: mean ± sd (min-max) |" if seeded else "")
-    lines = ["## Training", "", head, "|---|---:|---:|---:|---|---|" + ("---:|---|" if seeded else "")]
-    for r in rows:
-        lr = "—" if r.get("lr") is None else f"{r['lr']:.3g}"
-        lr += (" (searched, grid edge)" if r.get("lr_at_edge") else " (searched)") if r.get("lr_searched") else ""
-        stopped = "early stopping" if r.get("stopped_early") else "epoch limit"
-        line = (f"| {r['variant']} | {lr} | {_num(r.get('epochs_run'), 'g')} | {_num(r.get('best_epoch'), 'g')} | "
-                f"{stopped} | {'**no** ' + NOT_CONVERGED if r['not_converged'] else 'yes'} |")
-        if seeded:
-            s = r.get(f"seed_{q}")
-            line += (f" {r['seeds']} | {s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f}-{s['max']:.4f}) |" if s
-                     else " 1 | — |")
-        lines.append(line)
-    note = ("Seeds: the same variant trained with seeds seed, seed+1, ... at the same lr, each model scored on "
-            "the same test texts; the paired tests above use the first seed's model.") if seeded else ""
-    return lines + [""] + ([note, ""] if note else [])
-
-
-def convergence_notes(rows: Sequence[dict]) -> list[str]:
-    """Markdown lines naming every not-converged variant with its note (empty when all converged)."""
-    flagged = [r for r in rows if r["not_converged"]]
-    if not flagged:
-        return []
-    return [f"{NOT_CONVERGED} **not converged**: the validation metric was still improving when training "
-            "stopped; its test score may understate what this variant can do.", ""] + \
-           [f"- **{r['variant']}**: {r['convergence_note'] or 'no note recorded'}" for r in flagged] + [""]
-
-
-def layer_table(layers: dict) -> str:
-    variants = list(layers["trainable"])
-    lines = ["| layer | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
-    for n in layers["layers"]:
-        lines.append(f"| {n} | " + " | ".join(_int(layers["trainable"][v].get(n)) for v in variants) + " |")
-    return "\n".join(lines)
-
-
-def comparison_markdown(report: dict) -> str:
-    rows = {r["variant"]: r for r in report["rows"]}
-    metric, tol = report["metric"], report["tolerance"]
-    q = quality_metric(report["rows"])
-    up = f"{q} {'up' if higher_is_better(q) else 'down'}"
-    front_params, front_time = front_names(q)
-
-    def front_line(title: str, names: list[str], cost_key: str, cost_fmt) -> str:
-        chain = " → ".join(f"{n} ({_fmt_metric(rows[n][q])}, {cost_fmt(rows[n][cost_key])})"
-                           for n in names)
-        return f"- **{title}**: {chain}"
-
-    kinds, v = report["memory_kinds"], report["verdict"]
-    n_test = f" on {v['n_test']:,} test texts" if v.get("n_test") else ""
-    parts = [
-        "# Variant comparison", "",
-        f"{len(rows)} variants; test-split metrics{n_test}, selection metric **{metric}**, tolerance {tol:g}, "
-        f"alpha {report['alpha']:g}. ● marks Pareto-front members ({up}; trainable params or train "
-        "time down).", "",
-        v["sentence"], "",
-        "## Results", "",
-        comparison_table(report), "",
-        f"Brackets: 95% percentile bootstrap interval over the test texts. *p vs best*: {v['test']} test "
-        f"of each variant's {_label(metric)} against {v['best']['variant']} on the same texts (paired); "
-        f"p < {report['alpha']:g} means the gap is unlikely to be noise.", "",
-        *convergence_notes(report["rows"]),
-        *training_table(report["rows"]),
-        "Memory: *est.* is the audit's training-memory estimate, *peak* the measured peak"
-        + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "
-        "latency is batch-1 inference.", "",
-        "## Pareto fronts", "",
-        f"Cheapest first; each member buys {q} with more cost.", "",
-        front_line(f"{q} vs trainable params", report["fronts"][front_params], "trainable_params",
-                   lambda x: f"{human(x)} params"),
-        front_line(f"{q} vs train time", report["fronts"][front_time], "train_time_s",
-                   lambda x: f"{x:.1f} s"), "",
-        "![Pareto fronts](pareto.png)", "",
-        "## Trainable parameters per layer", "",
-        "— = the variant has no such layer (truncated depth).", "",
-        layer_table(report["layers"]), "",
-        "![Trainable parameters per layer](depth.png)", "",
-    ]
-    return "\n".join(parts)
-
-
-def variants_csv(report: dict) -> str:
-    """variant,depth,trainable_params,<m1>,<m1>_ci_low,<m1>_ci_high,<m2>,train_time_s (m1, m2: the task's metrics)."""
-    m1, m2 = task_metrics(report)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.replace("macro_f1", m2).replace("accuracy", m1) for c in CSV_COLUMNS])
-    for r in report["rows"]:
-        w.writerow([r["variant"], r["depth"], r["trainable_params"], f"{r[m1]:.6g}",
-                    f"{r[f'{m1}_ci'][0]:.6g}", f"{r[f'{m1}_ci'][1]:.6g}", f"{r[m2]:.6g}",
-                    f"{r['train_time_s']:.6g}"])
-    return buf.getvalue()
-
-
-def render_outputs(report: dict) -> dict[str, bytes]:
-    """Every report file, by name, as bytes (written atomically by the stage)."""
-    return {
-        "comparison.md": comparison_markdown(report).encode("utf-8"),
-        "comparison.json": (json.dumps(comparison_json(report), indent=2) + "\n").encode("utf-8"),
-        "variants.csv": variants_csv(report).encode("utf-8"),
-        "pareto.png": pareto_plot(report),
-        "depth.png": depth_png(report["layers"], {r["variant"]: r["depth"] for r in report["rows"]}),
-    }
-
-
-def pareto_plot(report: dict) -> bytes:
-    """pareto.png: both fronts with every variant's 95% accuracy interval; best - tolerance dotted."""
-    v, q = report["verdict"], quality_metric(report["rows"])
-    floor = v["best"][q] - _sign(q) * v["tolerance"] if v["metric"] == q else None
-    tag = _top_tag(v) if v["metric"] == q else f"{_top_tag(v)} by {_label(v['metric'])}"
-    rows = [{**r, "accuracy": r[q], "accuracy_ci": r[f"{q}_ci"]} for r in report["rows"]]  # what the plot draws
-    params_front, time_front = front_names(q)
-    return pareto_png(rows, report["fronts"][params_front], report["fronts"][time_front],
-                      best=v["best"]["variant"], cheapest=v["cheapest"]["variant"], floor=floor, best_tag=tag,
-                      quality=q, lower_is_better=not higher_is_better(q))

@@ -17,7 +17,8 @@ from __future__ import annotations
 from depthtune import layout, stopwatch, tracking
 from depthtune.config import load_params
 from depthtune.files import run_main, write_bytes_atomic
-from depthtune.report import build_report, comparison_table, load_results, render_outputs
+from depthtune.report import build_report, load_results
+from depthtune.report_text import comparison_table, render_outputs
 from depthtune.runtime import configure_process
 
 

@@ -12,8 +12,9 @@ import pytest
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import layer_order_key
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord
-from depthtune.report import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, comparison_json,
-                              load_results, pareto_front, pick_best, render_outputs)
+from depthtune.report import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, load_results, pareto_front,
+                              pick_best)
+from depthtune.report_text import comparison_json, render_outputs
 from depthtune.significance import bootstrap_ci, macro_f1
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
