@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from depthtune import layout
+from depthtune.class_summary import class_section
 from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
@@ -374,5 +375,7 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
         r["p_vs_best"] = None if r["variant"] == best else p_values[r["variant"]]
     verdict = best_and_cheapest(rows, metric, tolerance, alpha)
     kinds = sorted({r["peak_memory_kind"] for r in rows if r["peak_memory_kind"]})
+    top = next(r for r in results if r.variant == best)
     return {"rows": rows, "fronts": fronts, "verdict": verdict, "layers": per_layer(results),
-            "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds}
+            "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds,
+            "classes": class_section(top.eval)}

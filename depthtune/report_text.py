@@ -11,6 +11,7 @@ import io
 import json
 from typing import Sequence
 
+from depthtune.class_summary import class_markdown
 from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.report import (NOT_CONVERGED, SCHEMA, fmt_metric, fmt_p, front_names, metric_label, metric_sign,
                               quality_metric)
@@ -45,6 +46,7 @@ def comparison_json(report: dict) -> dict:
         "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "sentence")},
         # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
         "pareto": dict(report["fronts"]),
+        "classes": report.get("classes"),  # the top variant's worst classes and most confused pairs
         "rows": report["rows"],
         "layers": [{"name": n,
                     "trainable": {v: t[n] for v, t in layers["trainable"].items() if n in t},
@@ -177,6 +179,7 @@ def comparison_markdown(report: dict) -> str:
         f"p < {report['alpha']:g} means the gap is unlikely to be noise.", "",
         *convergence_notes(report["rows"]),
         *training_table(report["rows"]),
+        *class_markdown(report.get("classes")),
         "Memory: *est.* is the audit's training-memory estimate, *peak* the measured peak"
         + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "
         "latency is batch-1 inference.", "",

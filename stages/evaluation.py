@@ -15,6 +15,7 @@ import statistics
 
 from depthtune import layout, runtime
 from depthtune.batching import Examples
+from depthtune.class_summary import worst_classes
 from depthtune.config import load_params, variant_of
 from depthtune.evaluator import check_labels, confusion_csv, evaluate_lm, evaluate_model, load_saved_model, seed_scores
 from depthtune.files import write_text_atomic
@@ -64,6 +65,10 @@ def summary_lines(record: EvalRecord, metric: str) -> list[str]:
         lines = [f"evaluation {record.variant}: accuracy {record.accuracy:.4f}, macro-F1 {record.macro_f1:.4f} on "
                  f"{record.n} test texts; latency p50 {record.latency_ms['p50']:.1f} ms, "
                  f"{record.throughput_per_s:.0f} texts/s"]
+        worst = worst_classes(record.per_class, 3)
+        if len(record.per_class) > 2:  # many classes: name the weakest (the report lists more)
+            lines.append(f"evaluation {record.variant}: lowest F1: "
+                         + ", ".join(f"{r['label']} {r['f1']:.3f} ({r['support']} texts)" for r in worst))
     if record.seed_scores:
         vals = [s[metric] for s in record.seed_scores]
         lines.append(f"evaluation {record.variant}: {metric} over {len(vals)} seeds {statistics.mean(vals):.4f} "

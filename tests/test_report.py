@@ -390,3 +390,22 @@ def test_single_variant_renders(results_dir):
     assert rep["verdict"]["best"]["variant"] == rep["verdict"]["cheapest"]["variant"] == "probe"
     out = render_outputs(rep)
     assert out["pareto.png"].startswith(PNG_MAGIC) and out["depth.png"].startswith(PNG_MAGIC)
+
+
+def test_per_class_section_names_the_worst_classes_and_confused_pairs():
+    """77 classes stay readable: the worst 15 by F1 and the 10 largest confusions, by label name."""
+    from depthtune.class_summary import class_markdown, confused_pairs, worst_classes
+
+    labels = [f"intent_{i:02d}" for i in range(77)]
+    per_class = {name: {"precision": 0.9, "recall": 0.9, "f1": 0.5 + i / 200, "support": 10}
+                 for i, name in enumerate(labels)}
+    matrix = [[10 if i == j else 0 for j in range(77)] for i in range(77)]
+    matrix[5][6], matrix[7][5], matrix[7][7] = 4, 2, 8
+    worst = worst_classes(per_class)
+    assert [r["label"] for r in worst] == labels[:15] and worst[0]["f1"] == 0.5
+    pairs = confused_pairs(matrix, labels)
+    assert pairs[0] == {"true": "intent_05", "predicted": "intent_06", "count": 4, "share": 4 / 14}
+    assert pairs[1]["true"] == "intent_07" and len(pairs) == 2
+    md = "\n".join(class_markdown({"variant": "full", "classes": 77, "worst": worst, "confused": pairs}))
+    assert "the 15 of 77 classes with the lowest F1" in md and "- intent_05 -> intent_06: 4 (29%)" in md
+    assert md.count("\n| intent_") == 15
