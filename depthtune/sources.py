@@ -80,6 +80,9 @@ def check_remote_code(path: str, trust_remote_code: bool) -> None:
 
 def tokenizer_source(model: ModelConfig) -> str:
     if model.tokenizer:
+        folder = Path(model.tokenizer).expanduser()
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            return str(folder.resolve())  # a tokenizer folder (e.g. trained on the corpus): no model in it
         return resolve_source(model.tokenizer)
     if model.source == "scratch":
         # A random-init model still needs a vocabulary: use the packaged MiniLM's tokenizer.
