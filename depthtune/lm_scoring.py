@@ -89,6 +89,9 @@ def continuations(model: nn.Module, tokenizer, texts_ids: list[list[int]], *, ma
         keep = max(1, min(prompt_tokens, len(ids) - 1))
         if prompt_lengths is not None and 0 < prompt_lengths[i] < len(ids):
             keep = prompt_lengths[i]
+        else:  # end the prompt between words: a WordPiece continuation token ("##rama") starts no reference
+            while keep > 1 and tokenizer.convert_ids_to_tokens(ids[keep]).startswith("##"):
+                keep -= 1
         prompt = torch.tensor([ids[:keep]], device=device)
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                    do_sample=False, pad_token_id=model.config.pad_token_id)

@@ -176,6 +176,11 @@ def test_continuations_are_greedy_and_deterministic(lm_data, decoder_tokenizer):
     for text, g in zip(texts, a):  # the prompt is the text's first tokens ([CLS] + 1), the reference the rest
         assert g["prompt"] and text.lower().startswith(g["prompt"].split()[0])
         assert g["continuation"] and g["reference"]
+    # a prompt ends between words: "melodrama" = mel ##od ##rama never leaves "##od..." to the reference
+    ids = decoder_tokenizer("a melodrama of sorts")["input_ids"]
+    cut = continuations(built.model, decoder_tokenizer, [ids], max_new_tokens=2, device="cpu", prompt_tokens=3)[0]
+    pieces = decoder_tokenizer.convert_ids_to_tokens(ids)
+    assert not cut["reference"].startswith("#") and pieces[3].startswith("##")
 
 
 @pytest.mark.parametrize("raw", [{}, {"train_top": 2}])
