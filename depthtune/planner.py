@@ -145,7 +145,8 @@ def plan_table(rows: list[dict], s: PlanSettings) -> str:
              "| variant | trainable | total | largest batch | predicted peak | peak at batch 1 | epoch | "
              "host prefix cache |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        batch = f"{r['max_batch']:,}" if r["max_batch"] else "does not fit"
+        batch = (f">= {MAX_BATCH:,}" if r["max_batch"] == MAX_BATCH else f"{r['max_batch']:,}") if r["max_batch"] \
+            else "does not fit"
         lines.append(f"| {r['variant']} | {r['trainable_params']:,} | {r['total_params']:,} | {batch} | "
                      f"{_size(r['peak_bytes'])} | {_size(r['peak_bytes_at_1'])} | {_duration(r['epoch_s'])} | "
                      f"{_size(r['host_cache_bytes']) if r['host_cache_bytes'] else '—'} |")
