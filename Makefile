@@ -2,6 +2,7 @@
 #   make repro   # create .venv, install, run the default pipeline (dvc repro) offline
 #                # (make repro DVC_ARGS=--force: re-run every stage)
 #   make test    # create .venv, install, run the test suite
+#   make setup   # .venv, the offline DVC plots template (npm), chromium for the report tests (apt-get, as root)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,7 +15,7 @@ export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup repro test bench clean-outputs
+.PHONY: setup browser repro test bench clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,14 +24,30 @@ $(STAMP): pyproject.toml
 	-$(PY) -m flows.server prepare-db  # migrated Prefect + MLflow databases, once per machine (~17 s less per clean clone)
 	touch $(STAMP)
 
-setup: $(STAMP)
+# `dvc plots show` offline: vega, vega-lite, vega-embed from the npm registry inlined into a DVC HTML template
+# (.offline/, git-ignored; ~2 s). Without npm or the registry: one line, and set-up goes on.
+PLOTS_TEMPLATE := .offline/dvc_plots.html
+$(PLOTS_TEMPLATE): flows/plots_template.py | $(STAMP)
+	@$(PY) -m flows.plots_template
 
-repro: $(STAMP)
+# Debian's chromium: tests/test_offline_report.py opens the reports in it, headless. Installed when root
+# with apt-get (~1 min once); otherwise one line says what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get, headless report tests)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
+	      || echo "chromium: apt-get install failed; tests/test_offline_report.py will fail until it is installed"; \
+	  else echo "chromium missing: install Debian's chromium (apt-get install chromium) for tests/test_offline_report.py"; fi; }
+
+setup: $(STAMP) $(PLOTS_TEMPLATE) browser
+
+repro: $(STAMP) $(PLOTS_TEMPLATE)
 	test -d .git || git init -q
 	@start=$$(date +%s.%N); dvc repro $(DVC_ARGS) && $(PY) -m flows.timings --since $$start
 	@echo "results: reports/comparison.md, audit/summary.md, 'dvc metrics show', 'mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db'"
 
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -12,6 +12,7 @@ them from here, and `tests/test_layout.py` checks `dvc.yaml` against `STAGE_IO`.
     checkpoints/<variant>/ (while training; removed on success)             finetune@<variant>
     metrics/eval/<variant>.json, plots/confusion/<variant>.csv              evaluation@<variant>
     reports/comparison.{md,json}, variants.csv, pareto.png, depth.png       compare
+    reports/index.html (the same report, self-contained, opens offline)     compare
     reports/promotion.json                                                  promote
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ LABELS = f"{PREPARED}/labels.json"
 TOKEN_REPORT = f"{TOKENIZED}/report.json"
 AUDIT_SUMMARY = f"{AUDIT}/summary.md"
 PROMOTION = f"{REPORTS}/promotion.json"
-REPORT_FILES = ("comparison.md", "comparison.json", "variants.csv", "pareto.png", "depth.png")
+REPORT_FILES = ("comparison.md", "comparison.json", "variants.csv", "pareto.png", "depth.png", "index.html")
 
 
 def _per_variant(template: str):

@@ -6,6 +6,7 @@ canvas (no pyplot global state, no display).
 
     pareto_png(rows, front_params, front_time, best=..., cheapest=..., floor=..., best_tag=...) -> PNG bytes
     depth_png(layers, depth_of) -> PNG bytes
+    loss_png({variant: [{step, loss}, ...]}) -> PNG bytes
     human(22713986) -> '22.7M'
 """
 from __future__ import annotations
@@ -223,4 +224,34 @@ def depth_png(layers: dict, depth_of: dict) -> bytes:
     cb = fig.colorbar(im, ax=ax, pad=0.02)
     cb.set_label("trainable parameters (log scale)")
     ax.set_title("Trainable parameters per layer  (0 = frozen, — = layer not kept)", fontsize=11)
+    return _png(fig)
+
+
+def loss_png(curves: dict) -> bytes:
+    """Training loss per optimizer step, one line per variant (the train records' loss_curve).
+
+    curves: {variant: [{"step", "loss"}, ...]}; a variant with no points is named in the legend as such.
+    Each step's loss is the mean over its micro-batches, so the raw line is noisy: it is drawn faint, with
+    a running mean over ~1/20 of the steps (at least 1) on top, which is what a person reads.
+    """
+    import numpy as np
+
+    fig = _figure(8.5, 4.4)
+    ax = fig.subplots()
+    colors = [f"C{i % 10}" for i in range(len(curves))]
+    for (variant, points), color in zip(curves.items(), colors):
+        pts = [(p["step"], p["loss"]) for p in points if p.get("loss") is not None]
+        if not pts:
+            ax.plot([], [], color=color, label=f"{variant} (no loss recorded)")
+            continue
+        steps, losses = (np.asarray(x, dtype=float) for x in zip(*pts))
+        window = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")  # len(losses) - window + 1 points
+        ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps[window - 1:], smooth, color=color, linewidth=1.8, label=variant)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss per variant (faint: per step; line: running mean)", fontsize=11)
+    ax.grid(True, alpha=0.35)
+    ax.legend(fontsize=9, framealpha=0.9)
     return _png(fig)

@@ -15,6 +15,7 @@ from depthtune.class_summary import class_markdown
 from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.report import (NOT_CONVERGED, SCHEMA, fmt_metric, fmt_p, front_names, metric_label, metric_sign,
                               quality_metric)
+from depthtune.report_html import index_html
 from depthtune.report_plots import depth_png, human, pareto_png
 
 CSV_COLUMNS = ("variant", "depth", "trainable_params", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
@@ -213,13 +214,14 @@ def variants_csv(report: dict) -> str:
 
 def render_outputs(report: dict) -> dict[str, bytes]:
     """Every report file, by name, as bytes (written atomically by the stage)."""
-    return {
+    outputs = {
         "comparison.md": comparison_markdown(report).encode("utf-8"),
         "comparison.json": (json.dumps(comparison_json(report), indent=2) + "\n").encode("utf-8"),
         "variants.csv": variants_csv(report).encode("utf-8"),
         "pareto.png": pareto_plot(report),
         "depth.png": depth_png(report["layers"], {r["variant"]: r["depth"] for r in report["rows"]}),
     }
+    return {**outputs, "index.html": index_html(report, outputs)}  # the page a person opens offline
 
 
 def pareto_plot(report: dict) -> bytes:
