@@ -35,17 +35,18 @@ $(PLOTS_TEMPLATE): flows/plots_template.py | $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium (apt-get, headless report tests)"; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
-	      || echo "chromium: apt-get install failed; tests/test_offline_report.py will fail until it is installed"; \
-	  else echo "chromium missing: install Debian's chromium (apt-get install chromium) for tests/test_offline_report.py"; fi; }
+	    echo "installing chromium (apt-get, for the headless report tests)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends chromium; } >/dev/null 2>&1 \
+	      || echo "chromium: apt-get install failed; tests/test_offline_report.py fails until it is installed"; \
+	  else echo "chromium missing: apt-get install chromium (Debian's), for tests/test_offline_report.py"; fi; }
 
 setup: $(STAMP) $(PLOTS_TEMPLATE) browser
 
 repro: $(STAMP) $(PLOTS_TEMPLATE)
 	test -d .git || git init -q
 	@start=$$(date +%s.%N); dvc repro $(DVC_ARGS) && $(PY) -m flows.timings --since $$start
-	@echo "results: reports/comparison.md, audit/summary.md, 'dvc metrics show', 'mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db'"
+	@echo "results: reports/index.html (opens offline), reports/comparison.md, audit/summary.md, 'dvc metrics show', 'mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db'"
 
 test: setup
 	$(PY) -m pytest -q

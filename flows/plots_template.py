@@ -79,8 +79,8 @@ def npm_pack(versions: dict[str, str], dest: Path, npm: str) -> dict[str, Path]:
     if missing:
         env = {**os.environ, "npm_config_update_notifier": "false", "npm_config_fund": "false",
                "npm_config_audit": "false", "npm_config_fetch_retries": "1", "npm_config_fetch_timeout": "30000"}
-        subprocess.run([npm, "pack", "--silent", "--pack-destination", str(dest.resolve()), *missing], cwd=dest, env=env,
-                       check=True, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
+        argv = [npm, "pack", "--loglevel=error", "--pack-destination", str(dest.resolve()), *missing]
+        subprocess.run(argv, cwd=dest, env=env, check=True, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
     return wanted
 
 

@@ -10,8 +10,10 @@ How a page is checked (`open_page`): Chromium runs twice on the page with `--hos
 1. `--dump-dom` of a copy with a probe script appended: after load it writes each figure element's box
    (img, or the canvas/svg vega-embed draws) and whether the image decoded, into the DOM;
 2. `--screenshot` of the page itself at the same window size.
-A page passes when the console shows no error (an uncaught exception, a failed resource: "net::ERR_..."),
-every expected figure is there with a non-empty box, and in the screenshot each box holds a figure: at least
+Both runs write Chromium's NetLog: the page may ask the network for nothing (offline, any such request
+fails; Chromium's own background requests are told apart by their initiator). A page passes when it made
+no network request, the console shows no error (an uncaught exception, a failed load), every expected
+figure is there with a non-empty box, and in the screenshot each box holds a figure: at least
 3% of its pixels non-white and at least 8 distinct grey levels (a blank or one-colour box fails).
 The DVC page without the template is opened the same way and must fail: the check sees what the issue saw.
 
@@ -62,10 +64,23 @@ def chromium() -> str:
 
 def run_chromium(url: str, user_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     argv = [chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
             f"--user-data-dir={user_dir}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
             "--host-resolver-rules=MAP * ~NOTFOUND",  # no network: every host name fails to resolve
+            f"--log-net-log={user_dir}.netlog.json",  # every request the network stack saw
             "--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", *extra, url]
     return subprocess.run(argv, capture_output=True, text=True, timeout=90)
+
+
+def page_requests(netlog: Path) -> list[str]:
+    """The URLs the page asked the network for (file: and data: URLs never reach the network stack).
+
+    Chromium's own background requests (update checks, accounts) have the initiator "not an origin"; the
+    page's have its origin ("null" for a file: page)."""
+    log = json.loads(netlog.read_text(encoding="utf-8"))
+    start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    return sorted({e["params"]["url"] for e in log["events"]
+                   if e["type"] == start and e.get("params", {}).get("initiator", "not an origin") != "not an origin"})
 
 
 def open_page(page: Path, tmp: Path) -> dict:
@@ -81,8 +96,9 @@ def open_page(page: Path, tmp: Path) -> dict:
     shot = run_chromium(page.as_uri(), tmp / "profile-shot", f"--screenshot={png}")
     assert png.is_file(), f"no screenshot of {page}:\n{shot.stderr[-2000:]}"
     errors = [line for line in (dom.stderr + shot.stderr).splitlines() if CONSOLE_ERROR.search(line)]
+    requests = page_requests(tmp / "profile-dom.netlog.json") + page_requests(tmp / "profile-shot.netlog.json")
     return {"boxes": json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&")),
-            "errors": errors, "png": png}
+            "errors": errors, "requests": requests, "png": png}
 
 
 def blank_boxes(png: Path, boxes: list[dict]) -> list[str]:
@@ -122,6 +138,7 @@ def test_report_page_shows_every_figure_offline(project, tmp_path):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the report references the network"
     assert "<script" not in html, "the report needs no script"
     seen = open_page(page, tmp_path)
+    assert seen["requests"] == [], "the page asked the network (offline, every such request fails)"
     assert seen["errors"] == [], "\n".join(seen["errors"])
     boxes = {b["id"]: b for b in seen["boxes"]}
     assert "fig-loss" in boxes, ("no loss-curve figure: the report dict lacks `loss_curves` ({variant: the train "
@@ -156,6 +173,7 @@ def test_dvc_plots_page_shows_every_plot_offline(project, tmp_path):
     page = dvc_plots_page(project, tmp_path / "dvc_plots")
     assert "cdn.jsdelivr" not in page.read_text(encoding="utf-8")
     seen = open_page(page, tmp_path)
+    assert seen["requests"] == [], "the page asked the network (offline, every such request fails)"
     assert seen["errors"] == [], "\n".join(seen["errors"])
     boxes = {b["id"]: b for b in seen["boxes"]}
     assert set(boxes) == DVC_PLOTS, boxes
@@ -174,4 +192,5 @@ def test_dvc_default_page_is_blank_offline(project, tmp_path):
     assert "cdn.jsdelivr.net/npm/vega@" in page.read_text(encoding="utf-8")
     seen = open_page(page, tmp_path)
     assert seen["boxes"] == []
-    assert any("vegaEmbed is not defined" in e or "net::ERR" in e for e in seen["errors"]), seen["errors"]
+    assert any("cdn.jsdelivr.net/npm/vega@" in url for url in seen["requests"]), seen["requests"]
+    assert any("vegaEmbed is not defined" in e for e in seen["errors"]), seen["errors"]
