@@ -22,6 +22,7 @@ Outputs (names relative to the report folder):
                     train_time_s (`dvc plots`)
 - `pareto.png`      accuracy (with 95% intervals) vs trainable params (log x) and vs train time
 - `depth.png`       heatmap of trainable params per layer bucket per variant (log colour)
+- `index.html`      all of it on one self-contained page (figures inlined; opens offline: depthtune.report_html)
 """
 from __future__ import annotations
 
@@ -378,4 +379,4 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
     top = next(r for r in results if r.variant == best)
     return {"rows": rows, "fronts": fronts, "verdict": verdict, "layers": per_layer(results),
             "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds,
-            "classes": class_section(top.eval)}
+            "classes": class_section(top.eval), "loss_curves": {r.variant: r.train.loss_curve for r in results}}

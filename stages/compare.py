@@ -6,7 +6,8 @@ and `evaluation.metric`; reads every variant's audit record (--audit), train rec
 eval records, the paired tests against the best variant run on their stored test
 predictions. Writes, each file atomically, under --out (reports/): comparison.md,
 comparison.json (also a DVC metrics file: its `variants` section), variants.csv (DVC
-scatter plot), pareto.png, depth.png. Everything is rendered in memory before the first write,
+scatter plot), pareto.png, depth.png, index.html (all of it on one page that opens offline). Everything is
+rendered in memory before the first write,
 so a failure leaves the previous report intact. Then it logs every variant's eval
 record (test metrics, confusion matrix) into that variant's MLflow run, the one its
 finetune stage recorded: one MLflow start-up for all variants instead of one per

@@ -324,7 +324,7 @@ def test_layer_order():
 
 def test_outputs(results_dir):
     out = render_outputs(_report(results_dir))
-    assert set(out) == {"comparison.md", "comparison.json", "variants.csv", "pareto.png", "depth.png"}
+    assert set(out) == {"comparison.md", "comparison.json", "variants.csv", "pareto.png", "depth.png", "index.html"}
     for name in ("pareto.png", "depth.png"):
         assert out[name].startswith(PNG_MAGIC), name
         assert len(out[name]) > 10_000, (name, len(out[name]))
@@ -374,7 +374,8 @@ def test_stage_main(results_dir, capsys):
     main(["--params", str(params), "--out", str(out), "--audit", str(results_dir / "audit"),
           "--train", str(results_dir / "metrics" / "train"), "--eval", str(results_dir / "metrics" / "eval")])
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["comparison.json", "comparison.md", "depth.png", "pareto.png", "variants.csv"]  # no temp files
+    assert names == ["comparison.json", "comparison.md", "depth.png", "index.html", "pareto.png",
+                     "variants.csv"]  # no temp files
     assert json.loads((out / "comparison.json").read_text())["cheapest"]["variant"] == "top2"
     assert (out / "pareto.png").read_bytes().startswith(PNG_MAGIC)
     umask = os.umask(0o022)
