@@ -191,6 +191,15 @@ class TokenReport(Record):
     max_length: int = 0
     labels: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    tokenizer: dict = field(default_factory=dict)  # source, class, vocab_size, ...
+    coverage: dict = field(default_factory=dict)  # {split: {unk_fraction, uncovered_char_fraction, top_uncovered..}}
+
+    def unknown_fraction(self) -> Optional[float]:
+        """The largest share of unknown tokens or unrepresentable characters over the splits
+        (depthtune.coverage); None for a report written before coverage was measured."""
+        shares = [float(c.get(k, 0.0)) for c in self.coverage.values() if isinstance(c, dict)
+                  for k in ("unk_fraction", "uncovered_char_fraction")]
+        return max(shares) if shares else None
 
     def p95(self, split: str) -> Optional[int]:
         """The split's 95th-percentile token length (the typical batch shape), None when not recorded."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from depthtune import coverage as vocab
+from depthtune.errors import DataError
 from depthtune.files import atomic_dir
 from depthtune.layout import SPLITS
 from depthtune.records import PROMPT_SEP, LabelSet, read_prepared_split
@@ -31,6 +33,7 @@ TRUNCATION_WARN_FRACTION = 0.05
 MIN_ROWS_PER_PROC = 50_000
 REPORT_VERSION = 1
 _UNTRUNCATED = "untruncated_length"
+_UNK = "unk_tokens"
 
 
 @dataclass
@@ -73,10 +76,12 @@ def choose_num_proc(num_rows: int, *, max_procs: Optional[int] = None,
     return max(1, min(cores, num_rows // max(1, min_rows_per_proc)))
 
 
-def _encode(batch, tokenizer, max_length, keys):
+def _encode(batch, tokenizer, max_length, keys, unk_id):
     texts = batch["text"]
     enc = tokenizer(texts, truncation=False, padding=False, verbose=False)
     full = [len(ids) for ids in enc["input_ids"]]
+    # vocabulary coverage: [UNK]s in the whole text (list.count runs in C: no measurable cost)
+    n_unk = [ids.count(unk_id) for ids in enc["input_ids"]] if unk_id is not None else [0] * len(texts)
     long = [i for i, n in enumerate(full) if n > max_length]
     out = {k: list(enc[k]) for k in keys}
     # bits per byte (causal_lm) divides by the UTF-8 bytes a model saw: a truncated text's are those of its kept tokens
@@ -101,6 +106,7 @@ def _encode(batch, tokenizer, max_length, keys):
     out["labels"] = batch["label"]
     out["length"] = [len(ids) for ids in out["input_ids"]]
     out[_UNTRUNCATED] = full
+    out[_UNK] = n_unk
     return out
 
 
@@ -152,8 +158,10 @@ def tokenize_splits(dsd, tokenizer, *, max_length: int, fingerprints: dict, num_
         feats[k] = datasets.List(datasets.Value("int8"))
     feats.update({"labels": label_feature, "length": datasets.Value("int32"), "n_bytes": datasets.Value("int32"),
                   "loss_start": datasets.Value("int32"),
-                  _UNTRUNCATED: datasets.Value("int32")})
+                  _UNTRUNCATED: datasets.Value("int32"), _UNK: datasets.Value("int32")})
     features = datasets.Features(feats)
+    unk_id = vocab.unk_token_id(tokenizer)
+    specials = tokenizer.num_special_tokens_to_add()  # [CLS] .. [SEP]: not text, not counted in the unk share
     tok_id = f"{getattr(tokenizer, 'name_or_path', '')}|{type(tokenizer).__name__}|{len(tokenizer)}|{max_length}"
     out, stats, workers = {}, {}, {}
     for name, ds in dsd.items():
@@ -169,7 +177,7 @@ def tokenize_splits(dsd, tokenizer, *, max_length: int, fingerprints: dict, num_
         try:
             mapped = ds.map(
                 _encode, batched=True, batch_size=batch_size, num_proc=procs if procs > 1 else None,
-                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "keys": keys},
+                fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "keys": keys, "unk_id": unk_id},
                 remove_columns=ds.column_names, features=features, load_from_cache_file=False,
                 new_fingerprint=f"tokenized-{fp}", desc=f"tokenizing {name} ({procs} proc)",
             )
@@ -182,7 +190,10 @@ def tokenize_splits(dsd, tokenizer, *, max_length: int, fingerprints: dict, num_
         table = mapped.data
         stats[name] = length_stats(table.column("length").to_numpy(), table.column(_UNTRUNCATED).to_numpy(),
                                    max_length=max_length)
-        out[name] = mapped.remove_columns(_UNTRUNCATED, new_fingerprint=f"tokenized-{fp}-final")
+        untruncated = int(table.column(_UNTRUNCATED).to_numpy().sum())
+        stats[name]["unk_tokens"] = int(table.column(_UNK).to_numpy().sum())
+        stats[name]["text_tokens"] = max(0, untruncated - specials * ds.num_rows)
+        out[name] = mapped.remove_columns([_UNTRUNCATED, _UNK], new_fingerprint=f"tokenized-{fp}-final")
         workers[name] = procs
     return datasets.DatasetDict(out), stats, workers
 
@@ -199,8 +210,8 @@ def tokenizer_info(tokenizer, *, source: str) -> dict:
 
 
 def build_report(*, stats: dict, workers: dict, tokenizer: dict, max_length: int, names: list,
-                 columns: list) -> dict:
-    warnings = []
+                 columns: list, coverage: Optional[dict] = None, coverage_warnings: Optional[list] = None) -> dict:
+    warnings = list(coverage_warnings or [])
     for name, s in stats.items():
         if s["fraction_truncated"] > TRUNCATION_WARN_FRACTION:
             warnings.append(f"{name}: {s['fraction_truncated']:.1%} of texts truncated at max_length {max_length} "
@@ -218,6 +229,7 @@ def build_report(*, stats: dict, workers: dict, tokenizer: dict, max_length: int
         "labels": names,
         "splits": stats,
         "num_proc": workers,
+        "coverage": coverage or {},
         "warnings": warnings,
     }
 
@@ -231,16 +243,32 @@ def write_tokenized(dsd, report: dict, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def measure_coverage(splits, stats: dict, tokenizer) -> dict:
+    """{split: coverage record} (depthtune.coverage) from the texts and the [UNK] counts in `stats`."""
+    cache: dict = {}  # char -> uncovered, shared by the splits: each distinct character is tokenized once
+    return {name: vocab.split_coverage(ds.data.column("text").to_pylist(), unk_tokens=stats[name]["unk_tokens"],
+                                       tokens=stats[name]["text_tokens"], tokenizer=tokenizer, cache=cache)
+            for name, ds in splits.items()}
+
+
 def run(prepared_dir: str | Path, tokenizer, *, max_length: int, tokenizer_source: str,
-        num_proc: Optional[int] = None):
-    """Load, tokenize, report (in memory): -> (DatasetDict, report)."""
+        num_proc: Optional[int] = None, max_unk_fraction: float = 0.2):
+    """Load, tokenize, report (in memory): -> (DatasetDict, report).
+
+    Raises DataError (nothing written yet) when more than `max_unk_fraction` of a split's tokens or
+    characters are unknown to the tokenizer: a model that cannot read its text scores noise."""
     prepared = load_prepared(prepared_dir)
     tokenized, stats, workers = tokenize_splits(prepared.splits, tokenizer, max_length=max_length,
                                                 fingerprints=prepared.fingerprints, num_proc=num_proc)
+    coverage = measure_coverage(prepared.splits, stats, tokenizer)
+    warnings, refusal = vocab.check(coverage, source=tokenizer_source, max_fraction=max_unk_fraction)
+    if refusal:
+        raise DataError(refusal)
     info = tokenizer_info(tokenizer, source=tokenizer_source)
     columns = list(tokenized["train"].column_names)
     return tokenized, build_report(stats=stats, workers=workers, tokenizer=info, max_length=max_length,
-                                   names=prepared.names, columns=columns)
+                                   names=prepared.names, columns=columns, coverage=coverage,
+                                   coverage_warnings=warnings)
 
 
 def summary_lines(report: dict) -> list:
@@ -250,6 +278,8 @@ def summary_lines(report: dict) -> list:
     for name, s in report["splits"].items():
         lines.append(f"  {name:<10} {s['rows']:>7} rows  tokens mean {s['mean']:.1f} p50 {s['p50']:.0f} "
                      f"p95 {s['p95']:.0f} max {s['max']}  truncated {s['fraction_truncated']:.1%}")
+    for name, c in report.get("coverage", {}).items():
+        lines.append(f"  coverage {vocab.describe(name, c)}")
     return lines
 
 
