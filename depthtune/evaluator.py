@@ -20,12 +20,19 @@ import torch
 from depthtune.batching import Examples, collate, predict_logits
 from depthtune.config import EvaluationConfig
 from depthtune.errors import ModelError, first_line
-from depthtune.lm_scoring import continuations, lm_metrics, score_texts
+from depthtune.lm_scoring import continuations, lm_metrics, score_texts, scoring_batch_size
 from depthtune.metric_modules import ClassificationReport, quick_scores
+from depthtune.progress import QUIET_FOR_S, Progress, counting_forwards
 from depthtune.records import EvalRecord
 from depthtune.significance import bootstrap_ci, lm_bootstrap_ci
 
 CI_RESAMPLES, CI_SEED, CI_LEVEL = 1000, 0, 0.95  # every variant: same resamples of the same texts
+
+
+def scoring_progress(model, n: int, batch_size: int, name: str):
+    """A progress line (one batch = one forward pass) while the test split is scored, after a few seconds."""
+    total = -(-n // batch_size)  # ceil
+    return counting_forwards(model, Progress(f"scoring {name} (test)", total, unit="batch", delay_s=QUIET_FOR_S))
 
 
 def load_saved_model(model_dir: Path, device: str, task: str = "classification"):
@@ -81,7 +88,8 @@ def evaluate_model(model, test: Examples, *, name: str, labels: list, ev: Evalua
                    provenance: dict) -> tuple[EvalRecord, list]:
     """(the variant's EvalRecord, predicted label ids in test order)."""
     pad_id = model.config.pad_token_id or 0
-    logits = predict_logits(model, test, ev.batch_size, device, pad_id)
+    with scoring_progress(model, len(test), ev.batch_size, name):
+        logits = predict_logits(model, test, ev.batch_size, device, pad_id)
     preds = logits.argmax(-1).tolist()
     refs = [int(y) for y in test.labels]
     report = ClassificationReport().compute(predictions=preds, references=refs, num_labels=len(labels),
@@ -103,7 +111,9 @@ def evaluate_lm(model, tokenizer, test: Examples, *, name: str, ev: EvaluationCo
     that pair two variants, scoring tokens/s, batch-1 latency and a few greedy continuations."""
     pad_id = model.config.pad_token_id or 0
     t = time.perf_counter()
-    nll, tokens = score_texts(model, test, batch_size=ev.batch_size, device=device, pad_id=pad_id)
+    size = scoring_batch_size(model.config.vocab_size, max(test.lengths, default=1), ev.batch_size)  # score_texts'
+    with scoring_progress(model, len(test), size, name):
+        nll, tokens = score_texts(model, test, batch_size=ev.batch_size, device=device, pad_id=pad_id)
     seconds = time.perf_counter() - t
     n_bytes = np.asarray(test.n_bytes if test.n_bytes is not None else [0] * len(test))
     scores = lm_metrics(nll, tokens, n_bytes)

@@ -14,9 +14,10 @@ Two kinds of model split this way:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from torch import nn
 
 from depthtune.batching import Examples, autocast, collate
 from depthtune.config import VariantSpec
+from depthtune.progress import QUIET_FOR_S, Progress
 
 ENCODERS = ("bert", "roberta")
 DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
@@ -274,7 +276,8 @@ class PrefixCache:
     """
 
     def __init__(self, model, ex: Examples, k: int, device: str, batch_size: int, pad_id: int,
-                 disk_dir: Optional[Path] = None, disk_threshold: int = 2 << 30):
+                 disk_dir: Optional[Path] = None, disk_threshold: int = 2 << 30,
+                 log: Optional[Callable[[str], None]] = None, delay_s: float = QUIET_FOR_S):
         lengths = pooled_lengths(model, ex)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         H = model.config.hidden_size
@@ -287,6 +290,9 @@ class PrefixCache:
         else:
             self.store = torch.empty((int(self.offsets[-1]), H), dtype=torch.float32)
         order = sorted(range(len(ex)), key=lambda i: lengths[i])  # similar lengths together: little padding
+        # a progress line when caching takes longer than a few seconds (log=None: silent)
+        shown = Progress("caching frozen prefix", math.ceil(len(order) / batch_size), unit="batch",
+                         log=log, delay_s=delay_s) if log is not None else None
         with torch.no_grad():
             for s in range(0, len(order), batch_size):
                 idx = order[s:s + batch_size]
@@ -294,6 +300,10 @@ class PrefixCache:
                 h = prefix_forward(model, batch, k).float().cpu()
                 for row, i in enumerate(idx):
                     self.store[self.offsets[i]:self.offsets[i + 1]] = h[row, :lengths[i]]
+                if shown is not None:
+                    shown.update(s // batch_size + 1)
+        if shown is not None:
+            shown.close()
         self.nbytes = nbytes
 
     def batch(self, index: list[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:

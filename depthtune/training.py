@@ -41,6 +41,7 @@ from depthtune.metric_modules import quick_scores
 from depthtune.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing, resolve_precision
 from depthtune.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, set_train_mode,
                                     supports_split_forward, top_forward)
+from depthtune.progress import Progress
 from depthtune.runtime import seed_everything
 
 # ----------------------------------------------------------------------------- optimizer
@@ -228,6 +229,7 @@ class TrainSetup:
     timer: LapTimer = field(default_factory=LapTimer)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's rungs)
     task: str = "classification"  # or causal_lm: next-token loss on the texts
+    progress: Optional[Progress] = None  # the live progress line (finish() sets it; lr-search candidates run without)
 
 
 def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
@@ -236,7 +238,8 @@ def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, 
     t0 = time.perf_counter()
     model.eval()
     cache = PrefixCache(model, train_ex, k, device, batch_size=64, pad_id=pad_id,
-                        disk_dir=checkpoint_dir / f"cache-rank{rank}" if checkpoint_dir else None)
+                        disk_dir=checkpoint_dir / f"cache-rank{rank}" if checkpoint_dir else None,
+                        log=log if rank == 0 else None)
     val_cache = PrefixCache(model, val_ex, k, device, batch_size=64, pad_id=pad_id)
     log(f"cached frozen prefix (embeddings + {k} layers) for {len(train_ex)} + {len(val_ex)} texts: "
         f"{(cache.nbytes + val_cache.nbytes) / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s")
@@ -423,6 +426,8 @@ def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
         state.batch_in_epoch = bi + 1
         if last:  # the epoch is done: a checkpoint from here on resumes at the next one
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        if run.progress is not None:
+            run.progress.update(state.step, loss=running / micro, samples=state.samples)
         running, micro = 0.0, 0
         if on_step is not None:
             on_step(state.step, state.epoch)
@@ -442,6 +447,8 @@ def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     scores = score_validation(run)
     epochs = round(state.step / run.steps_per_epoch, 3)
     state.val_curve.append({"step": state.step, "epoch": epochs, **scores})
+    if run.progress is not None:
+        run.progress.pause()  # the terminal's progress line is cleared; the next step redraws it
     run.log(f"  step {state.step:5d} epoch {epochs:g}: val " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()
                                                                         if isinstance(v, float)))
     if improves(scores[run.metric], state.best, run.metric):
@@ -525,10 +532,16 @@ def finish(run: TrainSetup, state: TrainState, best: BestWeights, *, resumed_fro
     run.max_steps = None
     set_train_mode(model, run.frozen)
     run.timer.lap()  # the clock starts here: caching the prefix and resuming are not training time
+    if run.rank == 0:  # one progress line, not one per data-parallel process
+        run.progress = Progress("train", run.total_steps, log=run.log, start=state.step,
+                                samples_start=state.samples)
     while state.epoch < cfg.epochs and not state.stopped_early:
         run_epoch(run, state, best, on_step)
         state.stopped_early = patience_spent(cfg, state)
         save(run, state, best)
+    if run.progress is not None:
+        run.progress.close()
+        run.progress = None
     best.restore(model)
     model.eval()
     if not params_in_sync(model):
