@@ -36,9 +36,7 @@ def uncovered_chars(texts, tokenizer, cache: dict) -> tuple[int, Counter]:
 
     `cache` (char -> True when uncovered) is shared across splits: each distinct character is
     tokenized once, in one batched call per split."""
-    counts = Counter()
-    for text in texts:
-        counts.update(text)  # Counter.update on a str counts in C: ~0.1 s for 1M characters
+    counts = Counter("\n".join(texts))  # counted in C: ~0.1 s for 1M characters
     unk = unk_token_id(tokenizer)
     new = [c for c in counts if c not in cache and not c.isspace()]
     if new:

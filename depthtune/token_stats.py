@@ -278,8 +278,11 @@ def summary_lines(report: dict) -> list:
     for name, s in report["splits"].items():
         lines.append(f"  {name:<10} {s['rows']:>7} rows  tokens mean {s['mean']:.1f} p50 {s['p50']:.0f} "
                      f"p95 {s['p95']:.0f} max {s['max']}  truncated {s['fraction_truncated']:.1%}")
-    for name, c in report.get("coverage", {}).items():
-        lines.append(f"  coverage {vocab.describe(name, c)}")
+    coverage = report.get("coverage", {})
+    if coverage and vocab.worst(coverage)[2] == 0:
+        lines.append("  vocabulary coverage: no unknown tokens, every character representable")
+    else:
+        lines += [f"  coverage {vocab.describe(name, c)}" for name, c in coverage.items()]
     return lines
 
 
