@@ -233,6 +233,7 @@ class AuditRecord(Record):
     estimates: dict
     estimates_typical: Optional[dict] = None
     versions: Optional[dict] = None
+    unknown_fraction: Optional[float] = None  # TokenReport.unknown_fraction(): text the tokenizer cannot read
 
     def memory_estimate(self) -> int:
         """Estimated training memory (bytes) at the typical batch shape when known, else at max_length."""

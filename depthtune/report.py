@@ -379,4 +379,14 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
     top = next(r for r in results if r.variant == best)
     return {"rows": rows, "fronts": fronts, "verdict": verdict, "layers": per_layer(results),
             "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds,
-            "classes": class_section(top.eval), "loss_curves": {r.variant: r.train.loss_curve for r in results}}
+            "classes": class_section(top.eval), "loss_curves": {r.variant: r.train.loss_curve for r in results},
+            "unknown_fraction": max((r.audit.unknown_fraction for r in results if r.audit.unknown_fraction is not None),
+                                    default=None)}
+
+
+def unknown_text_caution(fraction) -> list[str]:
+    """A caution above the table when the tokenizer could not read more than 1% of the text (tokenization report)."""
+    if fraction is None or fraction <= 0.01:
+        return []
+    return [f"**Caution**: {fraction:.1%} of the text is unknown to the tokenizer (data/tokenized/report.json): "
+            "accuracy on text the model cannot read means little.", ""]

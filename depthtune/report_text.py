@@ -14,7 +14,7 @@ from typing import Sequence
 from depthtune.class_summary import class_markdown
 from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.report import (NOT_CONVERGED, SCHEMA, fmt_metric, fmt_p, front_names, metric_label, metric_sign,
-                              quality_metric)
+                              quality_metric, unknown_text_caution)
 from depthtune.report_html import index_html
 from depthtune.report_plots import depth_png, human, pareto_png
 
@@ -173,6 +173,7 @@ def comparison_markdown(report: dict) -> str:
         f"alpha {report['alpha']:g}. ● marks Pareto-front members ({up}; trainable params or train "
         "time down).", "",
         v["sentence"], "",
+        *unknown_text_caution(report.get("unknown_fraction")),
         "## Results", "",
         comparison_table(report), "",
         f"Brackets: 95% percentile bootstrap interval over the test texts. *p vs best*: {v['test']} test "

@@ -20,6 +20,7 @@ from depthtune.audit import (audit_variants, planned_precision, read_num_labels,
 from depthtune.config import load_params
 from depthtune.files import atomic_dir, run_main, write_text_atomic
 from depthtune.provenance import provenance
+from depthtune.records import TokenReport
 from depthtune.runtime import configure_process
 
 
@@ -29,10 +30,13 @@ def main(argv: list | None = None) -> None:
     params = load_params(args.params)
     num_labels = read_num_labels(args.labels)
     p95, tokens = read_token_stats(args.token_report)
+    # the share of the text the tokenizer cannot read: accuracy on unreadable text means little (the report says so)
+    unknown = TokenReport.read(args.token_report).unknown_fraction() if args.token_report.exists() else None
     labels_from = args.labels if args.labels.exists() else "default, no labels file yet"
     print(f"audit: {len(params.variants)} variants of {params.model.source}; {num_labels} labels ({labels_from}); "
           f"train p95 {p95 if p95 is not None else 'unknown'} tokens, {tokens:,} train + validation tokens "
-          f"({args.token_report})")
+          f"({args.token_report}); unknown to the tokenizer "
+          f"{'not measured' if unknown is None else f'{unknown:.1%}'}")
     precision = planned_precision(params)
     print(f"audit: task {params.task}, precision {precision} (train.precision {params.train.precision}), "
           f"gradient checkpointing {'on' if params.train.gradient_checkpointing else 'off'}")
@@ -43,6 +47,7 @@ def main(argv: list | None = None) -> None:
     with atomic_dir(args.out) as tmp:  # all variants or nothing
         for rec in records:
             rec.versions = versions
+            rec.unknown_fraction = unknown
             rec.write(tmp / Path(layout.audit_record(rec.variant)).name)
         write_text_atomic(tmp / Path(layout.AUDIT_SUMMARY).name, summary)
     print(summary_table(records))

@@ -410,3 +410,17 @@ def test_per_class_section_names_the_worst_classes_and_confused_pairs():
     md = "\n".join(class_markdown({"variant": "full", "classes": 77, "worst": worst, "confused": pairs}))
     assert "the 15 of 77 classes with the lowest F1" in md and "- intent_05 -> intent_06: 4 (29%)" in md
     assert md.count("\n| intent_") == 15
+
+
+def test_text_the_tokenizer_cannot_read_is_flagged_in_the_report(results_dir):
+    """An audit record carrying the tokenization stage's unknown share > 1% puts a caution above the table."""
+    audit = results_dir / "audit" / "full.json"
+    doc = json.loads(audit.read_text())
+    audit.write_text(json.dumps({**doc, "unknown_fraction": 0.64}))
+    report = _report(results_dir)
+    assert report["unknown_fraction"] == 0.64
+    out = render_outputs(report)
+    assert "**Caution**: 64.0% of the text is unknown to the tokenizer" in out["comparison.md"].decode()
+    assert "64.0% of the text is unknown" in out["index.html"].decode()
+    audit.write_text(json.dumps({**doc, "unknown_fraction": 0.0}))
+    assert "Caution" not in render_outputs(_report(results_dir))["comparison.md"].decode()
