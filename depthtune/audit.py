@@ -295,6 +295,14 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
 
     memory = weights + grads + AdamW states + activations + autocast weight copies + prefix cache
+             + best weights (trainable * wb: training.BestWeights' copy, alive from the first validation on)
+      seq_len: for the step peak, the LONGEST batch: batching.length_grouped_batches sorts each
+        mega-batch by length, so the longest examples share a batch padded to the longest one
+        (read_token_stats gives the train split's max, not its p95; mean-length batches cost less)
+      not counted (measured, MiniLM-L6 full, B=16, S=78, CPU): glibc's heap retention under the
+        default dynamic mmap threshold (+30%: freed activations are kept in arenas and fragment;
+        depthtune.memory.trim_heap() removes it, then measured/estimated ~1.0); evaluation buffers
+        (no-grad, at most ~25 MiB, inside the memory training's activations freed)
       wb          = 2 for bf16 weights, else 4 (fp32 and bf16 autocast keep fp32 weights)
       weights     = total * wb                      (tied embeddings / lm_head counted once)
       grads       = trainable * wb                  (grads have the params' dtype)
@@ -338,10 +346,13 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     if precision == "bf16-autocast":
         copies = 2 * (M_train if gradient_checkpointing else M_bp)
     cache = cache_tokens * H * FP32
+    # training.BestWeights: after the first validation a copy of the trainable weights stays alive
+    # through every later step (measured: +1x trainable bytes on the step peak, MiniLM full 86 MiB)
+    best = trainable * wb
+    parts = {"weights": weights, "gradients": grads, "adamw_states": adamw, "activations": activations,
+             "autocast_weight_copies": copies, "prefix_cache": cache, "best_weights": best}
     return {
-        "memory_bytes": {"weights": weights, "gradients": grads, "adamw_states": adamw,
-                         "activations": activations, "autocast_weight_copies": copies, "prefix_cache": cache,
-                         "total": weights + grads + adamw + activations + copies + cache},
+        "memory_bytes": {**parts, "total": sum(parts.values())},
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
                         "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
@@ -453,13 +464,15 @@ def read_num_labels(labels_path: Path) -> int:
 
 
 def read_token_stats(report_path: Path) -> tuple[Optional[int], int]:
-    """(p95 token length of train, tokens in train + validation) from the tokenization report;
-    (None, 0) when it does not exist yet. The p95 sets the typical batch shape of the estimates,
-    the token count the size of the frozen-prefix cache."""
+    """(the longest train example's token length, tokens in train + validation) from the tokenization
+    report; (None, 0) when it does not exist yet. The longest length sets the batch shape of the
+    estimates that are compared with the measured peak: length-grouped batching puts the longest
+    examples into one batch, padded to the longest (a p95 shape under-counts that step's activations);
+    the token count sizes the frozen-prefix cache."""
     if not report_path.exists():
         return None, 0
     report = TokenReport.read(report_path)
-    return report.p95("train"), report.tokens("train", "validation")
+    return report.longest("train") or report.p95("train"), report.tokens("train", "validation")  # old reports: p95
 
 
 # ----------------------------------------------------------------------------- summary

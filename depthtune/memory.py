@@ -42,3 +42,28 @@ class PeakMemory:
         self._peak = max(self._peak, self._proc.memory_info().rss)
         self.peak_growth = self._peak - self._base
         return False
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter (malloc.h)
+
+
+def trim_heap(threshold: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold so blocks >= `threshold` bytes are mmapped and go back to the OS when freed.
+
+    glibc's default threshold grows with every large free (up to 32 MiB), after which activations and
+    gradients come from the arenas and stay there, fragmented: the CPU training peak measured ~1.3x what
+    the tensors need (MiniLM-L6 full, batch 16 x 78: 765 MiB vs 580 MiB with this set). For an entry
+    point to call once (depthtune.runtime.configure_process), never at import. False where there is
+    no glibc (macOS, musl): nothing changes there.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False

@@ -206,6 +206,12 @@ class TokenReport(Record):
         value = self.splits.get(split, {}).get("p95")
         return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    def longest(self, split: str) -> Optional[int]:
+        """The split's longest example in tokens (after truncation: the longest batch's padded length),
+        None when not recorded."""
+        value = self.splits.get(split, {}).get("max")
+        return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     def tokens(self, *splits: str) -> int:
         """Real (non-pad) tokens in these splits."""
         return sum(int(self.splits.get(s, {}).get("tokens", 0)) for s in splits)

@@ -181,7 +181,7 @@ def test_audit_stage_writes_records_and_summary(tmp_path, capsys):
 
     (tmp_path / "params.yaml").write_text(json.dumps({"variants": {"top2": {"train_top": 2}, "depth3": {"depth": 3}}}))
     LabelSet(names=["neg", "neutral", "pos"]).write(tmp_path / "labels.json")
-    (tmp_path / "report.json").write_text(json.dumps({"splits": {"train": {"p95": 64, "tokens": 1000},
+    (tmp_path / "report.json").write_text(json.dumps({"splits": {"train": {"p95": 64, "max": 80, "tokens": 1000},
                                                                  "validation": {"tokens": 200}}}))
     out = tmp_path / "audit"
     main(["--params", str(tmp_path / "params.yaml"), "--labels", str(tmp_path / "labels.json"),
@@ -189,7 +189,8 @@ def test_audit_stage_writes_records_and_summary(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["depth3.json", "summary.md", "top2.json"]
     top2 = AuditRecord.read(out / "top2.json")
     assert top2.architecture["num_labels"] == 3 and top2.trainable_params == 2 * LAYER + POOLER + 384 * 3 + 3
-    assert top2.estimates_typical["assumptions"]["seq_len"] == 64
+    # the longest train example sets the peak's batch shape (length-grouped batches put it in a full batch)
+    assert top2.estimates_typical["assumptions"]["seq_len"] == 80
     assert top2.estimates["memory_bytes"]["prefix_cache"] == 1200 * 384 * 4  # train_top caches the prefix
     assert AuditRecord.read(out / "depth3.json").estimates["memory_bytes"]["prefix_cache"] == 0
     assert "torch" in top2.versions and "git_sha" not in top2.to_dict()
