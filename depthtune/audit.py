@@ -189,7 +189,7 @@ def lowest_trainable_layer(buckets: list[dict]) -> Optional[int]:
     return lowest
 
 
-def block_activation_bytes(cfg, precision: str, seq_len: int) -> float:
+def block_activation_bytes(cfg, precision: str, seq_len: int, lora: Optional[tuple[int, int]] = None) -> float:
     """Bytes autograd keeps per token for one block that backward passes through.
 
     Llama family (llama, mistral, qwen2, qwen3: pre-RMSNorm, GQA, SwiGLU, SDPA, no dropout), elements:
@@ -210,8 +210,13 @@ def block_activation_bytes(cfg, precision: str, seq_len: int) -> float:
       tanh-approximation intermediates, c_proj in) + 3*A*S (attention dropout sends SDPA down its math path:
       probabilities, mask and dropped probabilities)
     Encoders (BERT family, post-LayerNorm, GELU, dropout), elements:
-      8.5H + 2I + 1.25*A*S: inputs of q/k/v/out and the ffn (~6H), residual + LayerNorm inputs (~2H),
-      dropout masks (~0.5H), ffn pre/post-GELU (2I), softmax probs + dropout mask (1.25*A*S)
+      10.5H + 2I + 3*A*S: inputs of q/k/v/out and the ffn, residual + LayerNorm inputs, dropout masks
+      (1 byte each), ffn pre/post-GELU (2I), softmax probs, its dropout mask and dropped probs, the
+      expanded mask (3*A*S). Measured with saved_tensors_hooks (MiniLM-L6, S=78): 9,920 per layer
+      against 9,912 from the formula.
+      LoRA on an encoder (lora = (r, targets)): the frozen base matmuls keep no input (grads w.r.t.
+      their weights are not needed): - 2.5H - I; each adapter keeps its dropout mask, the dropped
+      input and lora_A's output: + targets * (1.25H + r). Measured (r 8, query+value): 8,398 vs 8,392.
       GPT-2 and encoders in bf16: 2 bytes each; bf16 autocast: the residual stream and LayerNorm inputs
       (4H) fp32, the rest bf16.
     """
@@ -233,7 +238,10 @@ def block_activation_bytes(cfg, precision: str, seq_len: int) -> float:
     if mt == "gpt2":
         elements = 10 * H + 5 * I + 3 * A * seq_len
     else:
-        elements = 8.5 * H + 2 * I + 1.25 * A * seq_len
+        elements = 10.5 * H + 2 * I + 3 * A * seq_len
+        if lora:
+            r, targets = lora
+            elements += -2.5 * H - I + targets * (1.25 * H + r)
     if precision == "fp32":
         return 4 * elements
     if precision == "bf16":
@@ -265,13 +273,23 @@ def matmul_params(buckets: list[dict], low: Optional[int], tied_head: int) -> tu
     return M, M_bp, M_train
 
 
+def backward_temporary_bytes(cfg, tokens: int, seq_len: int, precision: str) -> int:
+    """One block's backward temporaries: the grads of its FFN pre/post-activation (2I) and of the
+    residual stream and attention outputs (~4H) per token, and for attention that materializes
+    probabilities (encoders, GPT-2) their grad, the softmax backward's and the dropout's (3*A*S)."""
+    d = _dims(cfg)
+    attn = 0 if cfg.model_type in GQA_TYPES else 3 * d["A"] * seq_len
+    return int(tokens * (2 * d["I"] + 4 * d["H"] + attn) * (FP32 if precision == "fp32" else 2))
+
+
 def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_len: int, *, task: str,
-                     precision: str, gradient_checkpointing: bool, any_trainable: bool) -> int:
+                     precision: str, gradient_checkpointing: bool, any_trainable: bool,
+                     lora: Optional[tuple[int, int]] = None) -> int:
     """Activations kept for backward at the start of backward (their peak), with the head's."""
     d = _dims(cfg)
     H, V = d["H"], d["V"]
     tokens = batch_size * seq_len
-    per_block = block_activation_bytes(cfg, precision, seq_len)
+    per_block = block_activation_bytes(cfg, precision, seq_len, lora if cfg.model_type not in GQA_TYPES else None)
     if gradient_checkpointing and n_bp:
         # each backpropagated block keeps only its input, B*S*H (fp32 residual stream, bf16 with bf16
         # weights), and one block's full activations exist at a time while backward recomputes it
@@ -291,11 +309,14 @@ def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_le
 
 def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
              cache_tokens: int = 0, *, task: str = "classification", precision: str = "fp32",
-             gradient_checkpointing: bool = False) -> dict:
+             gradient_checkpointing: bool = False, lora: Optional[tuple[int, int]] = None,
+             pretrained: bool = True) -> dict:
     """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
 
-    memory = weights + grads + AdamW states + activations + autocast weight copies + prefix cache
+    memory = max(training_peak, build_peak)
+      training_peak = weights + max(grads, backward temporaries) + AdamW states + activations + autocast weight copies + prefix cache
              + best weights (trainable * wb: training.BestWeights' copy, alive from the first validation on)
+      build_peak  = 2 * weights for a pretrained source (random init + the checkpoint), 1x from scratch
       seq_len: for the step peak, the LONGEST batch: batching.length_grouped_batches sorts each
         mega-batch by length, so the longest examples share a batch padded to the longest one
         (read_token_stats gives the train split's max, not its p95; mean-length batches cost less)
@@ -341,18 +362,32 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     grads = trainable * wb
     adamw = trainable * 2 * wb
     activations = activation_bytes(cfg, low, n_bp, batch_size, seq_len, task=task, precision=precision,
-                                   gradient_checkpointing=gradient_checkpointing, any_trainable=trainable > 0)
+                                   gradient_checkpointing=gradient_checkpointing, any_trainable=trainable > 0,
+                                   lora=lora)
     copies = 0
     if precision == "bf16-autocast":
         copies = 2 * (M_train if gradient_checkpointing else M_bp)
     cache = cache_tokens * H * FP32
+    # backward: the parameters' grads grow while a block's own temporaries (grads of its FFN and attention
+    # tensors) come and go; the peak holds the larger of the two on top of the activations (measured,
+    # MiniLM-L6 at 16 x 78, trimmed heap: full/depth3 +37 MiB over weights + AdamW + best + activations,
+    # where grads are 86/66 MiB; LoRA, grads ~0: +35 MiB = one block's temporaries)
+    temporaries = backward_temporary_bytes(cfg, batch_size * seq_len, seq_len, precision) if n_bp else 0
+    grads_or_temps = max(grads, temporaries)
     # training.BestWeights: after the first validation a copy of the trainable weights stays alive
     # through every later step (measured: +1x trainable bytes on the step peak, MiniLM full 86 MiB)
     best = trainable * wb
-    parts = {"weights": weights, "gradients": grads, "adamw_states": adamw, "activations": activations,
-             "autocast_weight_copies": copies, "prefix_cache": cache, "best_weights": best}
+    parts = {"weights": weights, "gradients": grads, "backward_temporaries": temporaries, "adamw_states": adamw,
+             "activations": activations, "autocast_weight_copies": copies, "prefix_cache": cache,
+             "best_weights": best}
+    training = sum(parts.values()) - grads - temporaries + grads_or_temps
+    # building a pretrained variant: the random-initialized module and the checkpoint's pages exist
+    # together (measured MiniLM-L6: 160 MiB peak for 86 MiB of weights); the step peak comes later,
+    # after the loader freed its share, so the process peak is the larger of the two
+    build = weights * (2 if pretrained else 1)
     return {
-        "memory_bytes": {**parts, "total": sum(parts.values())},
+        "memory_bytes": {**parts, "training_peak": training, "build_peak": build,
+                         "total": max(training, build)},
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
                         "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
@@ -367,7 +402,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
 def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, num_labels: int,
                 batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, check: bool = True,
                 cache_tokens: int = 0, task: str = "classification", precision: str = "fp32",
-                gradient_checkpointing: bool = False) -> AuditRecord:
+                gradient_checkpointing: bool = False, model_source: str = "") -> AuditRecord:
     """Count a built variant (meta device is enough), check the closed form, estimate its cost.
 
     check=True raises AuditMismatch when counted != closed form; typical_seq_len adds the
@@ -389,7 +424,10 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
             raise AuditMismatch(f"variant {variant_name}: counted {total:,} parameters but the closed form from "
                                 f"the config gives {expected:,} ({formula})")
     cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
-    settings = {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing}
+    lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
+    pretrained = model_source != "scratch" and spec.init != "scratch"
+    settings = {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing,
+                "lora": lora, "pretrained": pretrained}
     typical = None
     if typical_seq_len:
         typical = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len, cache_tokens, **settings)
@@ -427,7 +465,7 @@ def audit_specs(model_cfg: ModelConfig, base_config, specs: Iterable[tuple[str, 
         records.append(audit_built(built, variant_name=name, spec=spec, num_labels=num_labels,
                                    batch_size=batch_size, seq_len=seq_len, typical_seq_len=typical_seq_len,
                                    cache_tokens=cache_tokens, task=task, precision=precision,
-                                   gradient_checkpointing=gradient_checkpointing))
+                                   gradient_checkpointing=gradient_checkpointing, model_source=model_cfg.source))
     return records
 
 

@@ -1,0 +1,84 @@
+"""The audit's training-memory estimate against a measured CPU peak, per variant kind and family.
+
+Each case trains a few AdamW steps in its own process (a fresh heap) with depthtune.memory.trim_heap()
+set, as the finetune stage's process is meant to run, keeping training.BestWeights' copy from the first
+step on, under depthtune.memory.PeakMemory; the model is sized so the tensors dominate the runtime's
+fixed cost (~tens of MiB). Today's error before the fix was ~2x: the band below catches it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = r"""
+import json, sys, torch
+from depthtune.memory import PeakMemory, trim_heap
+trim_heap()
+from depthtune.audit import audit_built
+from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.training import BestWeights, build_optimizer
+from depthtune.variants import build_variant
+torch.set_num_threads(1)
+arch, vdict, task = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+B, S, steps = 16, 128, 3
+mc = parse_section(ModelConfig, {"source": "scratch", "scratch": arch}, "model")
+spec = parse_variant("v", vdict, "variants.v")
+cfg = parse_section(TrainConfig, {"lr": 1e-4}, "train")
+torch.manual_seed(0)
+ids = torch.randint(5, arch["vocab_size"], (B, S))
+with PeakMemory("cpu") as mem:
+    built = build_variant(mc, spec, 2, device="cpu", task=task)
+    model = built.model
+    model.train()
+    opt = build_optimizer(model, cfg, 100)
+    opt = opt[0] if isinstance(opt, tuple) else opt
+    best = BestWeights(None)
+    for step in range(steps):
+        if task == "causal_lm":
+            loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, 0] % 2).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 0:
+            best.keep(model)
+est = audit_built(built, variant_name="v", spec=spec, num_labels=2 if task != "causal_lm" else 0,
+                  batch_size=B, seq_len=S, task=task, model_source="scratch").estimates["memory_bytes"]
+print(json.dumps({"peak": mem.peak_growth, "estimate": est}))
+"""
+
+BERT = {"model_type": "bert", "vocab_size": 8000, "hidden_size": 256, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": 256, "type_vocab_size": 2}
+LLAMA = {"model_type": "llama", "vocab_size": 8000, "hidden_size": 256, "num_hidden_layers": 4,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 688,
+         "max_position_embeddings": 256, "tie_word_embeddings": False}
+
+CASES = [
+    ("bert-full", BERT, {}, "classification"),
+    ("bert-top1", BERT, {"train_top": 1}, "classification"),
+    ("bert-lora", BERT, {"lora": {"r": 8, "targets": ["query", "value"]}}, "classification"),
+    ("llama-full", LLAMA, {}, "causal_lm"),
+    ("llama-top1", LLAMA, {"train_top": 1}, "causal_lm"),
+]
+
+
+@pytest.mark.parametrize("name,arch,variant,task", CASES, ids=[c[0] for c in CASES])
+def test_estimate_matches_measured_peak(name, arch, variant, task):
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(arch), json.dumps(variant), task],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    est = got["estimate"]
+    ratio = got["peak"] / est["total"]
+    parts = {k: round(v / 2**20, 1) for k, v in est.items()}
+    # every component is listed: the step peak is their sum, grads and one block's backward temporaries
+    # counted as the larger of the two; the process peak the larger of that and the build's
+    parts = {k: v for k, v in est.items() if k not in ("total", "training_peak", "build_peak")}
+    assert est["training_peak"] == (sum(parts.values()) - est["gradients"] - est["backward_temporaries"]
+                                    + max(est["gradients"], est["backward_temporaries"]))
+    assert est["total"] == max(est["training_peak"], est["build_peak"])
+    assert 0.75 <= ratio <= 1.3, f"{name}: measured {got['peak'] / 2**20:.0f} MiB / estimate = {ratio:.2f}; {parts}"
