@@ -273,6 +273,9 @@ def matmul_params(buckets: list[dict], low: Optional[int], tied_head: int) -> tu
     return M, M_bp, M_train
 
 
+EVAL_BATCH = 64  # training.setup's eval_batch_size and the prefix cache's batch
+
+
 def backward_temporary_bytes(cfg, tokens: int, seq_len: int, precision: str) -> int:
     """One block's backward temporaries: the grads of its FFN pre/post-activation (2I) and of the
     residual stream and attention outputs (~4H) per token, and for attention that materializes
@@ -313,7 +316,8 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
              pretrained: bool = True) -> dict:
     """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
 
-    memory = max(training_peak, build_peak)
+    memory = max(training_peak, build_peak, evaluation_peak)
+      evaluation_peak = weights + AdamW + best + prefix cache + EVAL_BATCH*S*(I + H + A*S)*4 (no-grad forwards)
       training_peak = weights + max(grads, backward temporaries) + AdamW states + activations + autocast weight copies + prefix cache
              + best weights (trainable * wb: training.BestWeights' copy, alive from the first validation on)
       build_peak  = 2 * weights for a pretrained source (random init + the checkpoint), 1x from scratch
@@ -385,9 +389,17 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     # together (measured MiniLM-L6: 160 MiB peak for 86 MiB of weights); the step peak comes later,
     # after the loader freed its share, so the process peak is the larger of the two
     build = weights * (2 if pretrained else 1)
+    # no-grad forwards at the evaluation batch (64: the prefix cache's build, validation): one layer's
+    # peak, I + H + A*S floats per token (fitted: MiniLM-L6 probe, cache build at 64 x 78, +57 MiB),
+    # on top of what lives then: weights, AdamW states, best weights, the prefix cache (no grads, no
+    # activations); it sets the total when the step peak is small (probe: weights + cache + this)
+    d_attn = 0 if cfg.model_type in GQA_TYPES else d["A"] * seq_len
+    eval_buffers = EVAL_BATCH * seq_len * (d["I"] + H + d_attn) * FP32
+    evaluation = weights + adamw + best + cache + eval_buffers
     return {
-        "memory_bytes": {**parts, "training_peak": training, "build_peak": build,
-                         "total": max(training, build)},
+        "memory_bytes": {**parts, "evaluation_buffers": eval_buffers, "training_peak": training,
+                         "build_peak": build, "evaluation_peak": evaluation,
+                         "total": max(training, build, evaluation)},
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
                         "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
