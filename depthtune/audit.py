@@ -310,6 +310,37 @@ def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_le
     return int(acts)
 
 
+def process_peaks(cfg, parts: dict, *, batch_size: int, seq_len: int, precision: str, backprop_layers: int,
+                  pretrained: bool) -> dict:
+    """Every memory term and the three peaks of a finetune process; total = the largest peak.
+    `parts`: weights, gradients, adamw_states, activations, autocast_weight_copies, prefix_cache, best_weights."""
+    d = _dims(cfg)
+    H = d["H"]
+    weights, grads, adamw, cache, best = (parts[k] for k in ("weights", "gradients", "adamw_states",
+                                                             "prefix_cache", "best_weights"))
+    # backward: the parameters' grads grow while a block's own temporaries (grads of its FFN and attention
+    # tensors) come and go; the peak holds the larger of the two on top of the activations (measured,
+    # MiniLM-L6 at 16 x 78, trimmed heap: full/depth3 +37 MiB over weights + AdamW + best + activations,
+    # where grads are 86/66 MiB; LoRA, grads ~0: +35 MiB = one block's temporaries)
+    temporaries = backward_temporary_bytes(cfg, batch_size * seq_len, seq_len, precision) if backprop_layers else 0
+    grads_or_temps = max(grads, temporaries)
+    training = sum(parts.values()) - grads + grads_or_temps
+    # building a pretrained variant: the random-initialized module and the checkpoint's pages exist
+    # together (measured MiniLM-L6: 160 MiB peak for 86 MiB of weights); the step peak comes later,
+    # after the loader freed its share, so the process peak is the larger of the two
+    build = weights * (2 if pretrained else 1)
+    # no-grad forwards at the evaluation batch (64: the prefix cache's build, validation): one layer's
+    # peak, I + H + A*S floats per token (fitted: MiniLM-L6 probe, cache build at 64 x 78, +57 MiB),
+    # on top of what lives then: weights, AdamW states, best weights, the prefix cache (no grads, no
+    # activations); it sets the total when the step peak is small (probe: weights + cache + this)
+    d_attn = 0 if cfg.model_type in GQA_TYPES else d["A"] * seq_len
+    eval_buffers = EVAL_BATCH * seq_len * (d["I"] + H + d_attn) * FP32
+    evaluation = weights + adamw + best + cache + eval_buffers
+    return {**parts, "backward_temporaries": temporaries, "evaluation_buffers": eval_buffers,
+            "training_peak": training, "build_peak": build, "evaluation_peak": evaluation,
+            "total": max(training, build, evaluation)}
+
+
 def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
              cache_tokens: int = 0, *, task: str = "classification", precision: str = "fp32",
              gradient_checkpointing: bool = False, lora: Optional[tuple[int, int]] = None,
@@ -372,34 +403,14 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     if precision == "bf16-autocast":
         copies = 2 * (M_train if gradient_checkpointing else M_bp)
     cache = cache_tokens * H * FP32
-    # backward: the parameters' grads grow while a block's own temporaries (grads of its FFN and attention
-    # tensors) come and go; the peak holds the larger of the two on top of the activations (measured,
-    # MiniLM-L6 at 16 x 78, trimmed heap: full/depth3 +37 MiB over weights + AdamW + best + activations,
-    # where grads are 86/66 MiB; LoRA, grads ~0: +35 MiB = one block's temporaries)
-    temporaries = backward_temporary_bytes(cfg, batch_size * seq_len, seq_len, precision) if n_bp else 0
-    grads_or_temps = max(grads, temporaries)
     # training.BestWeights: after the first validation a copy of the trainable weights stays alive
     # through every later step (measured: +1x trainable bytes on the step peak, MiniLM full 86 MiB)
     best = trainable * wb
-    parts = {"weights": weights, "gradients": grads, "backward_temporaries": temporaries, "adamw_states": adamw,
-             "activations": activations, "autocast_weight_copies": copies, "prefix_cache": cache,
-             "best_weights": best}
-    training = sum(parts.values()) - grads - temporaries + grads_or_temps
-    # building a pretrained variant: the random-initialized module and the checkpoint's pages exist
-    # together (measured MiniLM-L6: 160 MiB peak for 86 MiB of weights); the step peak comes later,
-    # after the loader freed its share, so the process peak is the larger of the two
-    build = weights * (2 if pretrained else 1)
-    # no-grad forwards at the evaluation batch (64: the prefix cache's build, validation): one layer's
-    # peak, I + H + A*S floats per token (fitted: MiniLM-L6 probe, cache build at 64 x 78, +57 MiB),
-    # on top of what lives then: weights, AdamW states, best weights, the prefix cache (no grads, no
-    # activations); it sets the total when the step peak is small (probe: weights + cache + this)
-    d_attn = 0 if cfg.model_type in GQA_TYPES else d["A"] * seq_len
-    eval_buffers = EVAL_BATCH * seq_len * (d["I"] + H + d_attn) * FP32
-    evaluation = weights + adamw + best + cache + eval_buffers
+    parts = {"weights": weights, "gradients": grads, "adamw_states": adamw, "activations": activations,
+             "autocast_weight_copies": copies, "prefix_cache": cache, "best_weights": best}
     return {
-        "memory_bytes": {**parts, "evaluation_buffers": eval_buffers, "training_peak": training,
-                         "build_peak": build, "evaluation_peak": evaluation,
-                         "total": max(training, build, evaluation)},
+        "memory_bytes": process_peaks(cfg, parts, batch_size=batch_size, seq_len=seq_len, precision=precision,
+                                      backprop_layers=n_bp, pretrained=pretrained),
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
                         "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
