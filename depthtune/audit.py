@@ -303,10 +303,12 @@ def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_le
     # embeddings output when they train (2H/token) and the pooler/classifier head: B * 2H, all in fp32 bytes
     acts += tokens * (2 * H if low == -1 else 0) * FP32 + batch_size * 2 * H * FP32
     if task == "causal_lm" and any_trainable:
-        # the LM head's logits, B*S*V, cast to fp32 for the loss in every precision (transformers' loss
-        # upcasts): the log-softmax kept for backward (4 B), then in backward its gradient (4 B) and the
-        # logits' gradient (4 B) exist together: 12 B per token per vocabulary entry
-        acts += tokens * V * 3 * FP32
+        # the LM head's logits, B*S*V, in fp32 for the loss in every precision. depthtune's token_nll
+        # (cross_entropy over logits[:, :-1] transposed): the logits (4 B) and the log-softmax of a
+        # contiguous copy (4 B) stay until backward, which then holds the log-softmax's grad, its input's
+        # and the logits' grad scattered into full-size zeros (12 B) with them: 20 B per token per
+        # vocabulary entry (measured: causal-LM example, full at 16 x 61, 1,000 MiB; 12 B left 228 MiB out)
+        acts += tokens * V * 5 * FP32
     return int(acts)
 
 
@@ -366,7 +368,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
       activations = B*S * n_bp * block_activation_bytes   (see there; per family and precision)
         n_bp = layers from the lowest trainable one to the top (frozen layers run without autograd and
         store nothing); with gradient checkpointing B*S * (n_bp * H * 4 + one block's activations);
-        causal_lm adds the logits: B*S*V*12 (activation_bytes)
+        causal_lm adds the logits: B*S*V*20 (activation_bytes)
       autocast weight copies = 2 * M_bp             (bf16 copy of every matmul weight backward needs;
                                                      checkpointing: only the trainable ones, 2 * M_train,
                                                      autocast's cache of the weights that require grad)

@@ -305,7 +305,7 @@ def test_bf16_weights_halve_weights_grads_and_adamw_and_say_so(tmp_path):
     # activations: per token and block, fp32 4*(6H + 2q + 2kv + 4I); bf16 2*(8H + 2q + 2kv + 4I) (fp32 norm inputs)
     H, q, kv, I = 1024, 1024, 256, 2816
     tokens, L, V = 8 * 256, 8, 32000
-    logits = tokens * V * 12  # log-softmax, its grad and the logits' grad, fp32 in every precision
+    logits = tokens * V * 20  # logits, log-softmax, then 3 grads in backward: fp32 in every precision
     top = 8 * 2 * H * 4 + tokens * 2 * H * 4  # the head's B*2H and the trained embeddings' output
     small = 4 * (2 + 16)  # 2 RMSNorm rstd + 16 heads' logsumexp per token and block, fp32
     fp32_block = 4 * (6 * H + 2 * q + 2 * kv + 4 * I) + small
