@@ -19,6 +19,7 @@ from depthtune.memory import PeakMemory, trim_heap
 trim_heap()
 from depthtune.audit import audit_built
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.next_token import mean_loss, token_nll
 from depthtune.training import BestWeights, build_optimizer
 from depthtune.variants import build_variant
 torch.set_num_threads(1)
@@ -38,7 +39,8 @@ with PeakMemory("cpu") as mem:
     best = BestWeights(None)
     for step in range(steps):
         if task == "causal_lm":
-            loss = model(input_ids=ids, labels=ids).loss
+            logits = model(input_ids=ids).logits  # the loss as training.batch_lm_loss computes it
+            loss = mean_loss(*token_nll(logits, ids, torch.ones_like(ids)))
         else:
             loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, 0] % 2).loss
         loss.backward()
