@@ -448,7 +448,8 @@ def check_task_metrics(params: Params) -> None:
     for key, metric in (("evaluation.metric", params.evaluation.metric), ("registry.metric", params.registry.metric)):
         if metric not in allowed:
             raise ConfigError(f"{key}: {metric} is not a {params.task} metric; expected one of {', '.join(allowed)}")
-    for key, value in (("compare.tolerance", params.compare.tolerance), ("registry.min_delta", params.registry.min_delta)):
+    units = (("compare.tolerance", params.compare.tolerance), ("registry.min_delta", params.registry.min_delta))
+    for key, value in units:
         if params.task == "classification" and value > 1.0:
             raise ConfigError(f"{key}: {value} is out of range, expected <= 1.0 (accuracy and macro-F1 lie in 0..1)")
     data = params.data

@@ -52,9 +52,12 @@ def trim_heap(threshold: int = 128 * 1024) -> bool:
 
     glibc's default threshold grows with every large free (up to 32 MiB), after which activations and
     gradients come from the arenas and stay there, fragmented: the CPU training peak measured ~1.3x what
-    the tensors need (MiniLM-L6 full, batch 16 x 78: 765 MiB vs 580 MiB with this set). For an entry
-    point to call once (depthtune.runtime.configure_process), never at import. False where there is
-    no glibc (macOS, musl): nothing changes there.
+    the tensors need (MiniLM-L6 full, batch 16 x 78: 765 MiB vs 580 MiB with this set). It is not free:
+    every large tensor then costs an mmap and fresh zeroed pages; measured on 2 cores, MiniLM-L6 full
+    fine-tuning at batch 16 x 48 took 0.47 s/step at 128 KiB vs 0.32 s/step with glibc's default
+    (45% slower; 2 MiB: no slowdown, peak 854 vs 919 MiB). So no entry point calls it by default:
+    the memory benchmark and tests/test_memory_estimate.py do, to compare the estimate with live tensors.
+    Never at import. False where there is no glibc (macOS, musl): nothing changes there.
     """
     import ctypes
     import ctypes.util

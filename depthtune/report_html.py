@@ -130,8 +130,8 @@ def index_html(report: dict, figures: dict) -> bytes:
         f"<strong>{esc(report['metric'])}</strong>, tolerance {report['tolerance']:g}, alpha {report['alpha']:g}. "
         "● marks Pareto-front members. Written by the compare stage beside comparison.md.</p>",
         f"<p class=\"verdict\" id=\"verdict\">{bold_markdown(v['sentence'])}</p>",
-        *(f"<p class=\"note\">{bold_markdown(line)}</p>" for line in unknown_text_caution(report.get("unknown_fraction"))
-          if line),
+        *(f"<p class=\"note\">{bold_markdown(line)}</p>"
+          for line in unknown_text_caution(report.get("unknown_fraction")) if line),
         "<h2>Results</h2>", results_table(report),
         f"<p class=\"note\">Brackets: 95% bootstrap interval over the test texts. p vs best: {esc(v['test'])} test "
         f"against {esc(v['best']['variant'])} on the same texts. {esc(NOT_CONVERGED)}: still improving when "

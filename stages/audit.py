@@ -3,7 +3,7 @@
 Reads params `task` and sections `model`, `variants`, `train` (batch_size, max_length,
 cache_frozen_prefix, device and precision: the precision finetune will train in,
 gradient_checkpointing), the label count from --labels (data/prepared/labels.json)
-and the train split's p95 token length and the train + validation token count
+and the train split's longest text (the peak batch's shape) and the train + validation token count
 from --token-report (data/tokenized/report.json); both are optional for a quick
 audit (2 labels, no typical-shape estimate). Builds every variant on the meta
 device (no weights load) and writes, all at once, under --out (audit/):
@@ -29,18 +29,19 @@ def main(argv: list | None = None) -> None:
     start = time.perf_counter()
     params = load_params(args.params)
     num_labels = read_num_labels(args.labels)
-    p95, tokens = read_token_stats(args.token_report)
+    longest, tokens = read_token_stats(args.token_report)  # the peak batch's shape: 16 x the longest text
     # the share of the text the tokenizer cannot read: accuracy on unreadable text means little (the report says so)
     unknown = TokenReport.read(args.token_report).unknown_fraction() if args.token_report.exists() else None
     labels_from = args.labels if args.labels.exists() else "default, no labels file yet"
     print(f"audit: {len(params.variants)} variants of {params.model.source}; {num_labels} labels ({labels_from}); "
-          f"train p95 {p95 if p95 is not None else 'unknown'} tokens, {tokens:,} train + validation tokens "
+          f"longest train text {longest if longest is not None else 'unknown'} tokens, "
+          f"{tokens:,} train + validation tokens "
           f"({args.token_report}); unknown to the tokenizer "
           f"{'not measured' if unknown is None else f'{unknown:.1%}'}")
     precision = planned_precision(params)
     print(f"audit: task {params.task}, precision {precision} (train.precision {params.train.precision}), "
           f"gradient checkpointing {'on' if params.train.gradient_checkpointing else 'off'}")
-    records = audit_variants(params, num_labels, typical_seq_len=p95, cache_tokens=tokens, precision=precision)
+    records = audit_variants(params, num_labels, typical_seq_len=longest, cache_tokens=tokens, precision=precision)
     # versions only: a git commit alone must not change every audit file and re-run every finetune
     versions = provenance()["versions"]
     summary = summary_markdown(records)
