@@ -96,9 +96,13 @@ def plan_variant(model_cfg: ModelConfig, base_config, name: str, spec: VariantSp
     total = sum(b["total"] for b in buckets)
     trainable = sum(b["trainable"] for b in buckets)
 
-    def est(batch: int) -> dict:
+    lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
+    pretrained = model_cfg.source != "scratch" and spec.init != "scratch"
+
+    def est(batch: int) -> dict:  # the audit's estimate (the same terms, the same figure)
         return estimate(built.config, buckets, total, trainable, batch, s.seq_len, task=s.task,
-                        precision=s.precision, gradient_checkpointing=s.gradient_checkpointing)
+                        precision=s.precision, gradient_checkpointing=s.gradient_checkpointing, lora=lora,
+                        pretrained=pretrained)
 
     batch = largest_batch(lambda b: est(b)["memory_bytes"]["total"], s.memory)
     at = est(max(batch, 1))

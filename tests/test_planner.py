@@ -32,7 +32,7 @@ def test_plan_rows_fit_their_budget_and_lora_fits_more_than_full():
     cfg = model_cfg("llama")
     specs = [(n, parse_variant(n, raw, n)) for n, raw in
              (("full", {}), ("lora", {"lora": {"r": 4, "targets": ["q_proj", "v_proj"]}}), ("top1", {"train_top": 1}))]
-    s = PlanSettings(memory=64 * 2 ** 20, seq_len=64, examples=1000, task="causal_lm", precision="fp32",
+    s = PlanSettings(memory=512 * 2 ** 20, seq_len=64, examples=1000, task="causal_lm", precision="fp32",
                      flops_per_s=1e10)
     rows = {r["variant"]: r for r in plan(cfg, None, specs, s)}
     for name, spec in specs:
@@ -42,7 +42,9 @@ def test_plan_rows_fit_their_budget_and_lora_fits_more_than_full():
         buckets = bucket_counts(built.model)
         total = sum(b["total"] for b in buckets)
         trainable = sum(b["trainable"] for b in buckets)
-        over = estimate(built.config, buckets, total, trainable, r["max_batch"] + 1, 64, task="causal_lm")
+        lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
+        over = estimate(built.config, buckets, total, trainable, r["max_batch"] + 1, 64, task="causal_lm", lora=lora,
+                        pretrained=False)
         assert over["memory_bytes"]["total"] > s.memory  # one more sequence would not fit
         assert r["epoch_s"] == pytest.approx(r["flops_per_token_train"] * 64 * 1000 / (1e10 * s.mfu))
     assert rows["lora"]["max_batch"] >= rows["full"]["max_batch"] and rows["top1"]["host_cache_bytes"] > 0
