@@ -59,23 +59,30 @@ def _texts(model_input: Any) -> list[str]:
     return [t if isinstance(t, str) else str(t[0] if isinstance(t, (list, tuple)) else t) for t in model_input]
 
 
-class TextClassifier(mlflow.pyfunc.PythonModel):
+class FolderModel(mlflow.pyfunc.PythonModel):
+    """A saved Hugging Face folder served as a pyfunc model: the weights are never pickled, `load_context`
+    (MLflow, with the logged artifacts: the folder is artifacts["hf_model"]) or `from_folder` loads them."""
+
+    def load_context(self, context) -> None:
+        self._load(context.artifacts[ARTIFACT_KEY])
+
+    @classmethod
+    def from_folder(cls, path: str | Path, **kwargs):
+        obj = cls(**kwargs)
+        obj._load(path)
+        return obj
+
+    def _load(self, path: str | Path) -> None:
+        raise NotImplementedError
+
+
+class TextClassifier(FolderModel):
     """A Hugging Face sequence classifier that returns label names."""
 
     def __init__(self, batch_size: int = 32, max_length: int = 512):
         self.batch_size = batch_size
         self.max_length = max_length
-        self._model = None  # weights are never pickled: load_context / from_folder load them
-
-    # MLflow calls this with the logged artifacts; the HF folder is artifacts["hf_model"]
-    def load_context(self, context) -> None:
-        self._load(context.artifacts[ARTIFACT_KEY])
-
-    @classmethod
-    def from_folder(cls, path: str | Path, **kwargs) -> "TextClassifier":
-        obj = cls(**kwargs)
-        obj._load(path)
-        return obj
+        self._model = None
 
     def _load(self, path: str | Path) -> None:
         import torch
@@ -140,7 +147,7 @@ def load_folder(path: str | Path, auto_class, into) -> object:
     return model
 
 
-class TextGenerator(mlflow.pyfunc.PythonModel):
+class TextGenerator(FolderModel):
     """A causal LM: prompts in, greedy continuations out (deterministic: the same prompt, the same text)."""
 
     def __init__(self, max_new_tokens: int = 32, max_length: int = 512):
@@ -148,15 +155,6 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
         self.max_length = max_length
         self.labels: list = []  # a language model has none (the registry's label check passes trivially)
         self._model = None
-
-    def load_context(self, context) -> None:
-        self._load(context.artifacts[ARTIFACT_KEY])
-
-    @classmethod
-    def from_folder(cls, path: str | Path, **kwargs) -> "TextGenerator":
-        obj = cls(**kwargs)
-        obj._load(path)
-        return obj
 
     def _load(self, path: str | Path) -> None:
         import torch

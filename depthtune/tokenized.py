@@ -1,6 +1,7 @@
 """Reading data/tokenized (written by the tokenization stage) back for training and evaluation."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from depthtune.errors import DataError, first_line
@@ -27,6 +28,7 @@ def check_vocab(split, vocab_size: int, path: str | Path) -> None:
                         "the data was tokenized for another model (re-run the tokenization stage)")
 
 
+@functools.lru_cache(maxsize=8)  # per tokenizer object: encode_pair calls it for every pair
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens a tokenizer puts before and after a text: ([CLS], [SEP]), ([<s>], []), ([], [])."""
     framed = tokenizer("a", add_special_tokens=True)["input_ids"]

@@ -25,19 +25,24 @@ def test_every_example_params_file_loads(path):
     assert path.read_text().startswith("#"), f"{path}: needs a comment header saying how to run it"
 
 
-def tiny_decoder_example(shared: Path) -> dict:
-    """The example's params, with its variant kinds kept and the model and data shrunk to test size."""
-    example = yaml.safe_load((ROOT / "examples" / "decoder-classifier" / "params.yaml").read_text())
+def shrunk_example(name: str, shared: Path) -> dict:
+    """examples/<name>/params.yaml with its variant kinds kept and the model and data shrunk to test size:
+    2 blocks of width 32, so depth 1, train_top 1 and LoRA on block 1."""
+    example = yaml.safe_load((ROOT / "examples" / name / "params.yaml").read_text())
     tiny = tiny_params(shared)
     example["data"] = {**example["data"], **tiny["data"]}
-    # 2 blocks of width 32: depth 1, train_top 1, LoRA on block 1
     example["model"]["scratch"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
     example["variants"] = {"full": {}, "depth1": {"depth": 1}, "top1": {"train_top": 1},
-                           "probe": {"train_top": 0},
                            "lora_top": {"lora": {**example["variants"]["lora_top"]["lora"], "layers": [1]}}}
     example["train"].update(tiny["train"])
-    example["evaluation"].update(tiny["evaluation"])
+    return example
+
+
+def tiny_decoder_example(shared: Path) -> dict:
+    example = shrunk_example("decoder-classifier", shared)
+    example["variants"]["probe"] = {"train_top": 0}
+    example["evaluation"].update(tiny_params(shared)["evaluation"])
     example["registry"].update(min_metric=0.0, min_delta=0.0)
     return example
 
@@ -66,16 +71,7 @@ def test_decoder_classifier_example_runs_end_to_end(tmp_path, shared_data):
 
 
 def tiny_causal_lm_example(shared: Path) -> dict:
-    """examples/causal-lm/params.yaml with its variant kinds kept, the model and data shrunk to test size."""
-    example = yaml.safe_load((ROOT / "examples" / "causal-lm" / "params.yaml").read_text())
-    tiny = tiny_params(shared)
-    example["data"] = {**example["data"], **tiny["data"]}
-    # 2 blocks of width 32: depth 1, train_top 1, LoRA on block 1 (every projection)
-    example["model"]["scratch"].update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    example["variants"] = {"full": {}, "depth1": {"depth": 1}, "top1": {"train_top": 1},
-                           "lora_top": {"lora": {**example["variants"]["lora_top"]["lora"], "layers": [1]}}}
-    example["train"].update(tiny["train"])
+    example = shrunk_example("causal-lm", shared)
     example["evaluation"].update(latency_examples=5, generations=2, max_new_tokens=6)
     return example
 
