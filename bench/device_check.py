@@ -222,7 +222,7 @@ class PeakCounter:
 
     @property
     def bytes(self) -> int:
-        return int(self.inner.peak_growth)
+        return int(self.inner.peak_growth) + self.at_start  # PeakMemory gives the growth over the start
 
     @property
     def kind(self) -> str:

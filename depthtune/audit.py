@@ -249,6 +249,11 @@ def block_activation_bytes(cfg, precision: str, seq_len: int, lora: Optional[tup
     return 4 * 4 * H + 2 * (elements - 4 * H)  # autocast: residual + LayerNorm inputs fp32, the rest bf16
 
 
+def layer_index(b: dict) -> Optional[int]:
+    """The block index of a `layer.<i>.<part>` bucket; None for embeddings, pooler, head, final norm."""
+    return int(b["name"].split(".")[1]) if b["name"].startswith("layer.") else None
+
+
 def is_matmul(b: dict) -> bool:
     """2-D weights that do matmuls: everything but embeddings and norms."""
     return not b["name"].startswith("embeddings") and not b["name"].endswith("norm")
@@ -381,6 +386,9 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
                   (grads w.r.t. activations through the backpropagated span,
                    grads w.r.t. weights only for trainable matmul weights)
       checkpointing adds one more forward of the backpropagated blocks: + 2 * M_bp(blocks) + 4*S*H*n_bp
+      step = what one optimizer step computes per token, as dense + per_position * S: the same sums with
+        a cached frozen prefix's layers left out of the forward (prefix_cache runs them once, before
+        training); depthtune.step_time turns it into seconds
     """
     d = _dims(cfg)
     H, L = d["H"], d["L"]
@@ -390,10 +398,26 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     M, M_bp, M_train = matmul_params(buckets, low, tied_head)
     fwd = 2 * M + 4 * seq_len * H * L
     bwd = 2 * M_bp + 8 * seq_len * H * n_bp + 2 * M_train
+    # one optimizer step per token = dense + per_position * S; a cached frozen prefix (train_top) is not run
+    cached = (L if low is None else max(low, 0)) if cache_tokens else 0
+    M_step = M - sum(b["total"] for b in buckets if is_matmul(b) and layer_index(b) is not None
+                     and layer_index(b) < cached)
+    step = {"dense": 2 * M_step + 2 * M_bp + 2 * M_train, "per_position": 4 * H * (L - cached) + 8 * H * n_bp,
+            "per_sequence": 0, "cached_layers": cached}
+    if task == "classification" and cfg.model_type not in GQA_TYPES + ("gpt2",):
+        # an encoder's pooler and head read one token per text ([CLS]), not every token: a probe's whole
+        # step (a decoder's score head runs on every position, as transformers computes it)
+        top = sum(b["total"] for b in buckets if b["name"] in ("pooler", "head"))
+        top_train = sum(b["trainable"] for b in buckets if b["name"] in ("pooler", "head"))
+        top_bp = top if (low is not None or top_train) else 0
+        step["dense"] -= 2 * top + 2 * top_bp + 2 * top_train
+        step["per_sequence"] = 2 * top + 2 * top_bp + 2 * top_train
     if gradient_checkpointing and n_bp:
-        M_blocks = sum(b["total"] for b in buckets if is_matmul(b) and b["name"].startswith("layer.")
-                       and int(b["name"].split(".")[1]) >= max(low, 0))
+        M_blocks = sum(b["total"] for b in buckets if is_matmul(b) and layer_index(b) is not None
+                       and layer_index(b) >= max(low, 0))
         bwd += 2 * M_blocks + 4 * seq_len * H * n_bp  # the recompute: one more forward of those blocks
+        step["dense"] += 2 * M_blocks
+        step["per_position"] += 4 * H * n_bp
     wb = 2 if precision == "bf16" else FP32
     weights = total * wb
     grads = trainable * wb
@@ -413,7 +437,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     return {
         "memory_bytes": process_peaks(cfg, parts, batch_size=batch_size, seq_len=seq_len, precision=precision,
                                       backprop_layers=n_bp, pretrained=pretrained),
-        "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd)},
+        "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd), "step": step},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
                         "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
                         "optimizer": f"AdamW, states {'bf16' if wb == 2 else 'fp32'}",

@@ -29,6 +29,7 @@ from depthtune.files import atomic_dir
 from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.lr_search import search_and_train
 from depthtune.records import AuditRecord, TrainRecord
+from depthtune.step_time import after_training
 from depthtune.training import prefix_caches, train
 from depthtune.variants import BuiltVariant, build_variant, merge_lora
 
@@ -148,9 +149,16 @@ def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
 
 def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str, built: BuiltVariant, outcome,
                  wall_s: float, peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
-                 provenance: dict, lr_search: Optional[dict] = None, seed_runs: Optional[list] = None) -> TrainRecord:
-    """What training this variant did and cost; samples/s and tokens/s over the optimizer loop only."""
+                 provenance: dict, lr_search: Optional[dict] = None, seed_runs: Optional[list] = None,
+                 peak_reserved: int = 0, prediction: Optional[dict] = None) -> TrainRecord:
+    """What training this variant did and cost; samples/s and tokens/s over the optimizer loop only;
+    `prediction` (step_time.before_training) gets the measured time set against it."""
     est = audit.memory_estimate()
+    timing = dict(prediction or {})
+    if prediction:
+        timing.update(after_training(prediction, steps=outcome.steps,
+                                     train_time_s=outcome.train_time_s, trainable=built.trainable_params,
+                                     variant=name))
     per_s = (lambda n: n / outcome.train_time_s) if outcome.train_time_s else (lambda n: 0.0)
     return TrainRecord(
         variant=name, description=spec.describe(), device=device, total_params=built.total_params,
@@ -164,7 +172,8 @@ def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str,
         per_device_batch_size=cfg.batch_size // outcome.world_size,
         cached_prefix_layers=outcome.cached_prefix_layers, cache_bytes=outcome.cache_bytes,
         peak_memory_bytes=peak_bytes, peak_memory_kind=peak_kind, estimated_memory_bytes=est,
-        memory_ratio=peak_bytes / est if est else None, loss_curve=outcome.loss_curve,
+        memory_ratio=peak_bytes / est if est else None, peak_reserved_bytes=peak_reserved,
+        time_prediction=timing, loss_curve=outcome.loss_curve,
         val_curve=outcome.val_curve, resumed_from_step=outcome.resumed_from_step, mlflow_run_id=run_id,
         config=to_dict(cfg), lr_search=lr_search, seed_runs=seed_runs or [],
         versions=provenance["versions"], git_sha=provenance["git_sha"])

@@ -290,7 +290,15 @@ class TrainRecord(VariantResult):
     peak_memory_bytes: int = 0
     peak_memory_kind: str = "rss_growth"
     estimated_memory_bytes: Optional[int] = None
-    memory_ratio: Optional[float] = None
+    memory_ratio: Optional[float] = None  # peak_memory_bytes / estimated_memory_bytes
+    # what the process held beyond live tensors too: CPU = peak RSS growth (glibc's free heap blocks
+    # included), CUDA = max_memory_reserved growth (depthtune.memory)
+    peak_reserved_bytes: int = 0
+    # depthtune.step_time: the prediction made before training (for train.epochs: train_s, epoch_s,
+    # step_s, throughput {gemm_flops_per_s, optimizer_s_per_param, step_floor_s, efficiency,
+    # efficiency_source}) and, after it, predicted_s_for_steps_run, time_ratio (measured / predicted),
+    # efficiency_measured, mfu
+    time_prediction: dict = field(default_factory=dict)
     loss_curve: list = field(default_factory=list)  # [{step, epoch, loss, lr}]
     val_curve: list = field(default_factory=list)  # [{step, epoch, accuracy, macro_f1}]
     resumed_from_step: Optional[int] = None

@@ -210,10 +210,17 @@ def training_metrics(audit: AuditRecord, train: TrainRecord) -> tuple[dict, dict
         for k, v in ((est or {}).get("memory_bytes") or {}).items():
             m[f"{name}.memory_bytes.{k}"] = v
         for k, v in ((est or {}).get("flops_per_token") or {}).items():
-            m[f"{name}.flops_per_token.{k}"] = v
+            for kk, vv in (v.items() if isinstance(v, dict) else [("", v)]):  # step: {dense, per_position, ...}
+                m[f"{name}.flops_per_token.{k}" + (f".{kk}" if kk else "")] = vv
     for k in ("wall_time_s", "train_time_s", "samples_per_s", "tokens_per_s", "steps", "epochs_run", "best_epoch",
-              "best_step", "peak_memory_bytes", "estimated_memory_bytes", "memory_ratio", "resumed_from_step"):
+              "best_step", "peak_memory_bytes", "estimated_memory_bytes", "memory_ratio", "peak_reserved_bytes",
+              "resumed_from_step"):
         m[k] = getattr(train, k)
+    timing = train.time_prediction or {}
+    for k in ("train_s", "predicted_s_for_steps_run", "time_ratio", "efficiency_measured", "mfu"):
+        m[f"time.{k}"] = timing.get(k)
+    for k in ("gemm_flops_per_s", "efficiency"):
+        m[f"time.{k}"] = (timing.get("throughput") or {}).get(k)
     for k, v in train.best_val.items():
         m[f"best_val.{k}"] = v
     m["stopped_early"] = int(train.stopped_early)

@@ -18,13 +18,14 @@ import shutil
 import time
 from pathlib import Path
 
-from depthtune import finetuning, layout, runtime, stopwatch, tracking
+from depthtune import finetuning, layout, runtime, step_time, stopwatch, tracking
 from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.batching import Examples
-from depthtune.config import effective_train, load_params, to_dict, variant_of
+from depthtune.config import effective_train, load_params, to_dict, variant_kind, variant_of
 from depthtune.data_parallel import init_distributed
 from depthtune.files import write_text_atomic
 from depthtune.memory import PeakMemory
+from depthtune.precision import resolve_precision
 from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.records import AuditRecord, LabelSet, read_variant_record
 from depthtune.sources import load_tokenizer
@@ -59,6 +60,14 @@ def main(argv=None) -> None:
     def fingerprint_for(c) -> str:  # what a checkpoint of train config `c` must match to be resumed
         return fingerprint_of(name, to_dict(spec), to_dict(c), params.model.source, data_fp, labels)
 
+    # the train time predicted before training (GEMM, optimizer and step floor timed now: ~0.5 s)
+    prediction = step_time.before_training(audit, train_ex, batch_size=cfg.batch_size, seed=cfg.seed,
+                                           epochs=cfg.epochs, device=device, precision=resolve_precision(cfg.precision, device),
+                                           kind=variant_kind(spec))
+    print(f"finetune {name}: predicted {prediction['train_s']:.1f} s for {cfg.epochs} epochs of "
+          f"{prediction['steps_per_epoch']} steps ({1e3 * prediction['step_s']:.0f} ms/step; GEMM "
+          f"{prediction['throughput']['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s x efficiency "
+          f"{prediction['throughput']['efficiency']:.2f}, {prediction['throughput']['efficiency_source']})")
     # Peak memory counts from here: model, gradients, optimizer, activations, prefix cache
     # (imports, MLflow and the data above are outside, as in the audit's estimate).
     t_wall = time.perf_counter()
@@ -84,7 +93,7 @@ def main(argv=None) -> None:
     record = finetuning.train_record(name=name, spec=spec, cfg=cfg, metric=params.evaluation.metric, device=device,
                                      built=built, outcome=outcome,
                                      wall_s=time.perf_counter() - t_wall, peak_bytes=mem.peak_growth,
-                                     peak_kind=mem.kind, audit=audit, run_id=run_id, provenance=provenance(),
+                                     peak_kind=mem.kind, peak_reserved=mem.peak_reserved, prediction=prediction, audit=audit, run_id=run_id, provenance=provenance(),
                                      lr_search=lr_search, seed_runs=seed_runs)
     finetuning.save_model(built.model, tokenizer, args.model, variant=name, spec=spec, labels=labels, audit=audit,
                           base=params.model.source, seed=cfg.seed, task=params.task)
@@ -103,7 +112,8 @@ def main(argv=None) -> None:
           f"({record.samples_per_s:.1f} samples/s, {record.tokens_per_s:.0f} tokens/s), "
           f"best val {params.evaluation.metric} {best:.4f} at epoch {outcome.best_epoch:g}; peak memory "
           f"{mem.peak_growth / 2**20:.0f} MiB vs estimate {record.estimated_memory_bytes / 2**20:.0f} MiB "
-          f"-> {args.model}/, {args.metrics}")
+          f"({mem.peak_reserved / 2**20:.0f} MiB reserved); time {outcome.train_time_s:.1f} s vs predicted "
+          f"{record.time_prediction['predicted_s_for_steps_run']:.1f} s -> {args.model}/, {args.metrics}")
     if record.not_converged:
         print(f"warning: finetune {name}: {record.convergence_note}")
 
