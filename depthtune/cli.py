@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def cmd_audit(args) -> int:
 def cmd_plan(args) -> int:
     import torch
 
-    from depthtune.planner import MFU_ASSUMED, PlanSettings, gemm_flops_per_s, parse_memory, plan, plan_table
+    from depthtune.planner import PlanSettings, at_hidden, parse_memory, plan, plan_table
+    from depthtune.step_time import measure
     from depthtune.variants import load_base_config
 
     if args.config:
@@ -119,16 +121,18 @@ def cmd_plan(args) -> int:
     specs = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}"))
              for s in args.variant or ["full", "train_top=2", f"lora.r=8,lora.targets={targets}"]]
     device = "cuda" if args.precision != "fp32" and torch.cuda.is_available() else "cpu"
-    flops = args.tflops * 1e12 if args.tflops else gemm_flops_per_s(device, args.precision)
+    throughput = measure(device, tokens=args.seq_len * 8, hidden=at_hidden(base), precision=args.precision)
+    if args.tflops:
+        throughput.gemm_flops_per_s = args.tflops * 1e12
     settings = PlanSettings(memory=parse_memory(args.memory), seq_len=args.seq_len, examples=args.examples,
                             task=args.task, num_labels=args.labels, precision=args.precision,
-                            gradient_checkpointing=args.gradient_checkpointing, flops_per_s=flops,
-                            mfu=args.mfu or MFU_ASSUMED, mfu_measured=False,
-                            flops_source="--tflops" if args.tflops else f"GEMM measured now on {device}")
+                            gradient_checkpointing=args.gradient_checkpointing, throughput=throughput,
+                            mfu=args.mfu, device=device,
+                            flops_source="--tflops" if args.tflops else f"GEMM timed now on {device}")
     rows = plan(model_cfg, base, specs, settings)
     if args.json:
         for row in rows:
-            print(json.dumps({**row, "settings": settings.__dict__}))
+            print(json.dumps({**row, "settings": dataclasses.asdict(settings)}))
         return 0
     print(plan_table(rows, settings))
     return 0
@@ -177,7 +181,9 @@ def main(argv=None) -> int:
     pl.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
     pl.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"), default="bf16-autocast")
     pl.add_argument("--gradient-checkpointing", action="store_true")
-    pl.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default 0.35)")
+    pl.add_argument("--mfu", type=float, default=None,
+                    help="the share of the GEMM rate a training step reaches, for every variant (default: the "
+                         "kind's measured value on this machine, else depthtune.step_time.EFFICIENCY_ASSUMED)")
     pl.add_argument("--tflops", type=float, default=None,
                     help="the target machine's GEMM TFLOP/s (e.g. 790 for an H200 in bf16); default: measured here")
     pl.add_argument("--variant", action="append", help="e.g. train_top=2, depth=3,lora.r=8 (repeatable; default: "

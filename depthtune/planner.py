@@ -7,28 +7,25 @@ activations (and a causal LM's logits) grow linearly with it, so the largest fit
 bisection over b in [1, 65,536]. The frozen prefix cache of a train_top variant lives in host memory
 (depthtune.prefix_cache), not in the accelerator's: it is shown apart, not counted against the budget.
 
-Time per epoch = examples x seq_len tokens x the audit's training FLOPs per token / (the GEMM throughput
-measured here, now, x an MFU). The MFU is an assumption until a variant of the same kind has been
-measured on this machine: it is printed with every prediction, and `--mfu` sets it (calibrating it from
-the finetune stage's measured tokens/s is issue 15's next step).
+Time per epoch: depthtune.step_time's model, the one the finetune stage predicts with: ceil(examples / b)
+steps of b x seq_len tokens, each the audit's per-step FLOPs over a GEMM timed here now x the variant
+kind's efficiency (measured on this machine once such a variant has trained here, else assumed: both
+printed), plus the optimizer and a per-step floor timed now. `--tflops` and `--mfu` set the GEMM rate and
+the efficiency for another machine.
 """
 from __future__ import annotations
 
+import math
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-import torch
-
 from depthtune.audit import bucket_counts, estimate
-from depthtune.config import ModelConfig, VariantSpec
+from depthtune.config import ModelConfig, VariantSpec, variant_kind
 from depthtune.errors import ConfigError
+from depthtune.step_time import EFFICIENCY_ASSUMED, Throughput, efficiency_key, known_calibration, predict
 from depthtune.variants import build_variant
 
-# Model FLOPs utilisation assumed when none is measured (an assumption, printed as one: a training step
-# is GEMMs plus attention, norms, the optimizer and data movement, so it reaches a fraction of the GEMM peak)
-MFU_ASSUMED = 0.35
 MAX_BATCH = 1 << 16
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -54,25 +51,6 @@ def largest_batch(peak_at: Callable[[int], int], budget: int) -> int:
     return lo
 
 
-def gemm_flops_per_s(device: str = "cpu", precision: str = "fp32") -> float:
-    """The matmul throughput of this machine, now: a square GEMM timed after a warm-up (CPU: 1,024^3 in
-    fp32, ~0.1 s on 2 cores; CUDA: 8,192^3 in bf16 unless fp32). 2 n^3 FLOPs per product."""
-    n = 8192 if device.startswith("cuda") else 1024
-    dtype = torch.float32 if precision == "fp32" or not device.startswith("cuda") else torch.bfloat16
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    reps = 3
-    torch.matmul(a, b)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        torch.matmul(a, b)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return reps * 2 * n ** 3 / (time.perf_counter() - t)
-
-
 @dataclass
 class PlanSettings:
     memory: int  # bytes the training process may use on the device
@@ -82,9 +60,9 @@ class PlanSettings:
     num_labels: int = 2
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    flops_per_s: float = 0.0  # the measured GEMM throughput
-    mfu: float = MFU_ASSUMED
-    mfu_measured: bool = False
+    throughput: Optional[Throughput] = None  # GEMM, optimizer and step floor (step_time.measure); None: no time
+    mfu: Optional[float] = None  # the efficiency to use for every variant (--mfu); None: per kind, as step_time
+    device: str = "cpu"
     flops_source: str = "GEMM measured now"
 
 
@@ -107,13 +85,22 @@ def plan_variant(model_cfg: ModelConfig, base_config, name: str, spec: VariantSp
     batch = largest_batch(lambda b: est(b)["memory_bytes"]["total"], s.memory)
     at = est(max(batch, 1))
     tokens = s.examples * s.seq_len  # every example at seq_len tokens: an upper bound with dynamic padding
-    flops = at["flops_per_token"]["train"] * tokens
-    seconds = flops / (s.flops_per_s * s.mfu) if s.flops_per_s else None
+    seconds, efficiency = None, None
+    if s.throughput is not None and batch:
+        tp = replace(s.throughput)
+        kind, family = variant_kind(spec), str(built.config.model_type)
+        known = known_calibration(efficiency_key(s.device, s.precision, kind, family))
+        tp.efficiency = s.mfu or (known or {}).get("efficiency") or EFFICIENCY_ASSUMED.get(kind, 0.45)
+        tp.efficiency_source = "--mfu" if s.mfu else "measured here" if (known or {}).get("efficiency") else "assumed"
+        shapes = [(batch, s.seq_len)] * math.ceil(s.examples / batch)
+        seconds, efficiency = predict(at["flops_per_token"]["step"], trainable, shapes, 1, tp)["epoch_s"], tp
     cache = spec.train_top is not None and spec.train_top < built.num_layers
     return {"variant": name, "description": spec.describe(), "total_params": total, "trainable_params": trainable,
             "max_batch": batch, "peak_bytes": at["memory_bytes"]["total"] if batch else None,
             "peak_bytes_at_1": est(1)["memory_bytes"]["total"], "memory_terms": at["memory_bytes"],
             "flops_per_token_train": at["flops_per_token"]["train"], "epoch_s": seconds,
+            "efficiency": efficiency.efficiency if efficiency else None,
+            "efficiency_source": efficiency.efficiency_source if efficiency else None,
             "host_cache_bytes": tokens * at_hidden(built.config) * 4 if cache else 0}
 
 
@@ -144,14 +131,17 @@ def plan_table(rows: list[dict], s: PlanSettings) -> str:
     """The plan as a Markdown table with the assumptions it rests on."""
     lines = [f"Budget {_size(s.memory)}, sequences of {s.seq_len} tokens, {s.task}, {s.precision}"
              + (", gradient checkpointing" if s.gradient_checkpointing else "")
-             + f"; time per epoch of {s.examples:,} examples at {s.flops_per_s / 1e9:,.1f} GFLOP/s ({s.flops_source}) "
-             f"x MFU {s.mfu:.2f} ({'measured' if s.mfu_measured else 'assumed'}).", "",
+             + (f"; time per epoch of {s.examples:,} examples at the largest batch: GEMM "
+                f"{s.throughput.gemm_flops_per_s / 1e9:,.1f} GFLOP/s ({s.flops_source}) x the efficiency "
+                "shown (depthtune/step_time.py)" if s.throughput else "") + ".", "",
              "| variant | trainable | total | largest batch | predicted peak | peak at batch 1 | epoch | "
-             "host prefix cache |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "efficiency | host prefix cache |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         batch = (f">= {MAX_BATCH:,}" if r["max_batch"] == MAX_BATCH else f"{r['max_batch']:,}") if r["max_batch"] \
             else "does not fit"
         lines.append(f"| {r['variant']} | {r['trainable_params']:,} | {r['total_params']:,} | {batch} | "
                      f"{_size(r['peak_bytes'])} | {_size(r['peak_bytes_at_1'])} | {_duration(r['epoch_s'])} | "
+                     f"{'—' if r['efficiency'] is None else format(r['efficiency'], '.2f')} "
+                     f"{'(' + r['efficiency_source'] + ')' if r['efficiency_source'] else ''} | "
                      f"{_size(r['host_cache_bytes']) if r['host_cache_bytes'] else '—'} |")
     return "\n".join(lines)

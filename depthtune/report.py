@@ -137,6 +137,8 @@ def build_row(res: VariantResults) -> dict:
         "peak_memory_bytes": peak,
         "peak_memory_kind": t.peak_memory_kind,
         "memory_ratio": ratio,
+        "peak_reserved_bytes": t.peak_reserved_bytes or None,
+        **time_columns(t.time_prediction or {}),
         "train_time_s": float(t.train_time_s),
         "samples_per_s": t.samples_per_s,
         "task": e.task,
@@ -382,6 +384,14 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
             "classes": class_section(top.eval), "loss_curves": {r.variant: r.train.loss_curve for r in results},
             "unknown_fraction": max((r.audit.unknown_fraction for r in results if r.audit.unknown_fraction is not None),
                                     default=None)}
+
+
+def time_columns(timing: dict) -> dict:
+    """The train time predicted before training (depthtune.step_time) for the steps that ran, and what it rested on."""
+    tp = timing.get("throughput") or {}
+    return {"predicted_train_s": timing.get("predicted_s_for_steps_run"), "time_ratio": timing.get("time_ratio"),
+            "mfu": timing.get("mfu"), "efficiency": tp.get("efficiency"),
+            "efficiency_source": tp.get("efficiency_source"), "gemm_flops_per_s": tp.get("gemm_flops_per_s")}
 
 
 def unknown_text_caution(fraction) -> list[str]:

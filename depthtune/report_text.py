@@ -135,6 +135,30 @@ def training_table(rows: Sequence[dict]) -> list[str]:
     return lines + [""] + ([note, ""] if note else [])
 
 
+def cost_table(rows: Sequence[dict]) -> list[str]:
+    """Predicted before training against measured: memory (the audit) and time (depthtune.step_time)."""
+    if not any(r.get("predicted_train_s") is not None or r.get("peak_memory_bytes") for r in rows):
+        return []
+    lines = ["## Cost: predicted before training vs measured", "",
+             "| variant | est. mem MiB | peak allocated MiB | allocated/est | peak reserved MiB | predicted train s | "
+             "train s | measured/predicted | efficiency used | MFU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        eff = "—" if r.get("efficiency") is None else f"{r['efficiency']:.2f} ({r.get('efficiency_source') or '?'})"
+        lines.append(f"| {r['variant']} | {_mib(r['estimated_memory_bytes'])} | {_mib(r['peak_memory_bytes'])} | "
+                     f"{_num(r['memory_ratio'], '.2f')} | {_mib(r.get('peak_reserved_bytes'))} | "
+                     f"{_num(r.get('predicted_train_s'), '.1f')} | {r['train_time_s']:.1f} | "
+                     f"{_num(r.get('time_ratio'), '.2f')} | {eff} | {_num(r.get('mfu'), '.2f')} |")
+    gemm = next((r["gemm_flops_per_s"] for r in rows if r.get("gemm_flops_per_s")), None)
+    return lines + ["", "Allocated: live tensors (CUDA max_memory_allocated; on the CPU the peak of RSS less the "
+                    "bytes glibc's heap holds free). Reserved: what the process held on top (CUDA's caching "
+                    "allocator; on the CPU the peak RSS growth, glibc's retained free blocks included). Predicted "
+                    "train s: the audit's FLOPs of the batches that ran over a GEMM timed before training"
+                    + (f" ({gemm / 1e9:,.0f} GFLOP/s)" if gemm else "") + " x the efficiency used, plus the "
+                    "optimizer and a per-step floor timed then too (depthtune/step_time.py); MFU = counted FLOPs "
+                    "per second over that GEMM rate.", ""]
+
+
 def convergence_notes(rows: Sequence[dict]) -> list[str]:
     """Markdown lines naming every not-converged variant with its note (empty when all converged)."""
     flagged = [r for r in rows if r["not_converged"]]
@@ -181,6 +205,7 @@ def comparison_markdown(report: dict) -> str:
         f"p < {report['alpha']:g} means the gap is unlikely to be noise.", "",
         *convergence_notes(report["rows"]),
         *training_table(report["rows"]),
+        *cost_table(report["rows"]),
         *class_markdown(report.get("classes")),
         "Memory: *est.* is the audit's training-memory estimate, *peak* the measured peak"
         + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "

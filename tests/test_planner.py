@@ -10,6 +10,7 @@ import pytest
 from depthtune.audit import bucket_counts, estimate
 from depthtune.config import ConfigError, parse_variant
 from depthtune.planner import PlanSettings, largest_batch, parse_memory, plan
+from depthtune.step_time import Throughput
 from depthtune.variants import build_variant
 from tests.test_decoders import model_cfg
 
@@ -33,7 +34,8 @@ def test_plan_rows_fit_their_budget_and_lora_fits_more_than_full():
     specs = [(n, parse_variant(n, raw, n)) for n, raw in
              (("full", {}), ("lora", {"lora": {"r": 4, "targets": ["q_proj", "v_proj"]}}), ("top1", {"train_top": 1}))]
     s = PlanSettings(memory=512 * 2 ** 20, seq_len=64, examples=1000, task="causal_lm", precision="fp32",
-                     flops_per_s=1e10)
+                     throughput=Throughput(gemm_flops_per_s=1e10, optimizer_s_per_param=1e-9, step_floor_s=1e-3),
+                     mfu=0.5)
     rows = {r["variant"]: r for r in plan(cfg, None, specs, s)}
     for name, spec in specs:
         r = rows[name]
@@ -46,7 +48,14 @@ def test_plan_rows_fit_their_budget_and_lora_fits_more_than_full():
         over = estimate(built.config, buckets, total, trainable, r["max_batch"] + 1, 64, task="causal_lm", lora=lora,
                         pretrained=False)
         assert over["memory_bytes"]["total"] > s.memory  # one more sequence would not fit
-        assert r["epoch_s"] == pytest.approx(r["flops_per_token_train"] * 64 * 1000 / (1e10 * s.mfu))
+        # step_time's model at the largest batch: ceil(1000 / b) steps of b x 64 tokens (per-step FLOPs, no
+        # prefix recomputed), each over 1e10 FLOP/s x 0.5, plus the optimizer over the trainable and the floor
+        at = estimate(built.config, buckets, total, trainable, r["max_batch"], 64, task="causal_lm", lora=lora,
+                      pretrained=False)["flops_per_token"]["step"]
+        steps = -(-1000 // r["max_batch"])
+        per_step = r["max_batch"] * 64 * (at["dense"] + at["per_position"] * 64) + r["max_batch"] * at["per_sequence"]
+        expected = steps * (per_step / (1e10 * 0.5) + trainable * 1e-9 + 1e-3)
+        assert r["epoch_s"] == pytest.approx(expected) and r["efficiency_source"] == "--mfu"
     assert rows["lora"]["max_batch"] >= rows["full"]["max_batch"] and rows["top1"]["host_cache_bytes"] > 0
 
 
