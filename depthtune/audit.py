@@ -407,10 +407,14 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     if task == "classification" and cfg.model_type not in GQA_TYPES + ("gpt2",):
         # an encoder's pooler and head read one token per text ([CLS]), not every token: a probe's whole
         # step (a decoder's score head runs on every position, as transformers computes it)
-        top = sum(b["total"] for b in buckets if b["name"] in ("pooler", "head"))
-        top_train = sum(b["trainable"] for b in buckets if b["name"] in ("pooler", "head"))
-        top_bp = top if (low is not None or top_train) else 0
-        step["dense"] -= 2 * top + 2 * top_bp + 2 * top_train
+        tops = [b for b in buckets if b["name"] in ("pooler", "head")]  # pooler below head
+        top, top_train = sum(b["total"] for b in tops), sum(b["trainable"] for b in tops)
+        # input gradients: through all of them when layers below train; else only above the lowest
+        # trainable one (autograd computes no gradient for an input nothing below needs)
+        lowest = next((i for i, b in enumerate(tops) if b["trainable"]), len(tops))
+        top_bp = top if low is not None else sum(b["total"] for b in tops[lowest + 1:])
+        top_in_dense = sum(b["total"] for b in tops if b["trainable"] or low is not None)  # as M_bp had it
+        step["dense"] -= 2 * top + 2 * top_in_dense + 2 * top_train
         step["per_sequence"] = 2 * top + 2 * top_bp + 2 * top_train
     if gradient_checkpointing and n_bp:
         M_blocks = sum(b["total"] for b in buckets if is_matmul(b) and layer_index(b) is not None

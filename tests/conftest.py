@@ -27,6 +27,8 @@ TINY_ARCH = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_
 def _hf_home(tmp_path_factory):
     # evaluate writes lock files under HF_HOME; keep tests off the user's cache
     os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    # depthtune.step_time's per-machine calibration: the tests' runs must not calibrate the user's predictions
+    os.environ["DEPTHTUNE_CALIBRATION"] = str(tmp_path_factory.mktemp("calibration") / "step_time.json")
 
 
 @pytest.fixture(scope="session")
