@@ -642,8 +642,13 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
         "steady_tokens_per_s": (acc["steady"]["steps"] * job["batch_size"] * stats["mean"] / acc["steady"]["seconds"]
                                 if acc["steady"] else None),
         "peak_memory_bytes": peak, "peak_memory_kind": mem.kind, "rss_after_build_bytes": rss_after_build,
-        "training_peak_bytes": train_peak if train_peak is not None else peak,
-        "training_memory_ratio": (train_peak if train_peak is not None else peak) / e_peak["memory_bytes"]["total"],
+        # allocated bytes (depthtune.memory: RSS less glibc's free heap; CUDA max allocated) over build +
+        # train, against what this loop can hold: the estimate's build or step peak, the best-weights copy
+        # only from the first validation on (after the measured steps)
+        "training_peak_bytes": peak,
+        "training_peak_reserved_bytes": train_peak if train_peak is not None else mem.peak_reserved,
+        "training_estimate_bytes": loop_estimate(e_peak["memory_bytes"]),
+        "training_memory_ratio": peak / loop_estimate(e_peak["memory_bytes"]),
         "train_phase_peak_growth_bytes": mem_train.peak_growth,
         "estimate_seq_len": peak_len, "estimated_memory": e_peak["memory_bytes"],
         "memory_ratio": peak / e_peak["memory_bytes"]["total"],
@@ -652,6 +657,12 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
         "flops_seq_len": flops_len, "flops_per_token": e_flops["flops_per_token"],
     })
     return result
+
+
+def loop_estimate(m: dict) -> int:
+    """The audit's estimate for a benchmark job's measured window: build and optimizer steps, no validation
+    yet (so no best-weights copy), no evaluation pass."""
+    return max(m["training_peak"] - m["best_weights"], m["build_peak"])
 
 
 # ----------------------------------------------------------------------------- memory breakdown

@@ -140,7 +140,7 @@ def aggregate_speed(results: list, peak_flops: float) -> list:
                                                       else "steady_tokens_per_s"] for r in rs]).items()
                            if k in ("min", "median", "max")},
             "peak_memory_bytes": H.summarize([r["peak_memory_bytes"] for r in rs]),
-            "estimated_memory_bytes": rs[0]["estimated_memory"]["total"],
+            "estimated_memory_bytes": rs[0]["training_estimate_bytes"],
             "estimate_seq_len": rs[0]["estimate_seq_len"],
             "memory_ratio": H.summarize([r["memory_ratio"] for r in rs]),
             "memory_ratio_typical": H.summarize([r["memory_ratio_typical"] for r in rs]),
@@ -333,8 +333,9 @@ def markdown(res: dict) -> str:
               "## Speed: short runs, repeats interleaved — median (min–max)", "",
               "samples/s over the whole train()/Trainer.train() call (evaluation excluded); steady = steps 2..N "
               "(no set-up, no first step). MFU = audit train FLOPs/token x steady real tokens/s / measured GEMM "
-              "peak. Memory: training peak = RSS growth over the job's baseline, build + optimizer steps, vs the "
-              "audit estimate at the longest batch (S).", "",
+              "peak. Memory: training peak = allocated bytes over the job's baseline (depthtune.memory: RSS less "
+              "glibc's free heap blocks), build + optimizer steps, vs the audit estimate at the longest batch (S) "
+              "for that window (build or step peak; no best-weights copy before the first validation).", "",
               "| data | variant | recipe | steps x batch | samples/s (call) | samples/s (steady) | real tokens/s "
               "(steady) | MFU % | training peak MiB | estimate MiB (S) | measured / estimate |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -362,8 +363,9 @@ def markdown(res: dict) -> str:
                   f"{e0['data']}, {e0['n_train']} training texts, batch {res['plan']['batch_size']}, validation every "
                   f"{e0['eval_every']} steps on {e0['n_val']} texts. Train s = the call minus evaluations (frozen-"
                   "prefix caching, of training and validation texts, counts as training); time to target = training "
-                  "time until the step after which validation first reached the target. Peak = RSS growth over "
-                  "build + the whole call (evaluations and depthtune's kept best weights included).", "",
+                  "time until the step after which validation first reached the target. Peak = allocated bytes "
+                  "(depthtune.memory) over build + the whole call (evaluations and depthtune's kept best weights "
+                  "included), vs the audit's estimate (its total).", "",
                   "| variant | recipe | steps | train s | wall s (incl. eval) | time to target s | step | "
                   "best val acc | peak MiB | estimate MiB | measured / estimate |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

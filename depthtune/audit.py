@@ -332,10 +332,11 @@ def process_peaks(cfg, parts: dict, *, batch_size: int, seq_len: int, precision:
     temporaries = backward_temporary_bytes(cfg, batch_size * seq_len, seq_len, precision) if backprop_layers else 0
     grads_or_temps = max(grads, temporaries)
     training = sum(parts.values()) - grads + grads_or_temps
-    # building a pretrained variant: the random-initialized module and the checkpoint's pages exist
-    # together (measured MiniLM-L6: 160 MiB peak for 86 MiB of weights); the step peak comes later,
-    # after the loader freed its share, so the process peak is the larger of the two
-    build = weights * (2 if pretrained else 1)
+    # building: the weights once. transformers 5 builds on the meta device and maps the safetensors
+    # checkpoint, so a pretrained build holds 1x too (measured MiniLM-L6, fresh process: 11 MiB after the
+    # build, 87 MiB once every weight is read, for 87 MiB of weights; transformers 4's random init + copy
+    # held 2x). The step peak comes later, so the process peak is the larger of the two
+    build = weights
     # no-grad forwards at the evaluation batch (64: the prefix cache's build, validation): one layer's
     # peak, I + H + A*S floats per token (fitted: MiniLM-L6 probe, cache build at 64 x 78, +57 MiB),
     # on top of what lives then: weights, AdamW states, best weights, the prefix cache (no grads, no
@@ -358,14 +359,13 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
       evaluation_peak = weights + AdamW + best + prefix cache + EVAL_BATCH*S*(I + H + A*S)*4 (no-grad forwards)
       training_peak = weights + max(grads, backward temporaries) + AdamW states + activations + autocast weight copies + prefix cache
              + best weights (trainable * wb: training.BestWeights' copy, alive from the first validation on)
-      build_peak  = 2 * weights for a pretrained source (random init + the checkpoint), 1x from scratch
+      build_peak  = weights (transformers 5 builds on the meta device and maps the checkpoint)
       seq_len: for the step peak, the LONGEST batch: batching.length_grouped_batches sorts each
         mega-batch by length, so the longest examples share a batch padded to the longest one
         (read_token_stats gives the train split's max, not its p95; mean-length batches cost less)
-      not counted (measured, MiniLM-L6 full, B=16, S=78, CPU): glibc's heap retention under the
-        default dynamic mmap threshold (+30%: freed activations are kept in arenas and fragment;
-        depthtune.memory.trim_heap() removes it, then measured/estimated ~1.0); evaluation buffers
-        (no-grad, at most ~25 MiB, inside the memory training's activations freed)
+      not counted: the allocator's free blocks (CUDA's cache, glibc's arenas: +30-90% on the CPU under
+        glibc's dynamic mmap threshold). depthtune.memory measures allocated bytes apart from them
+        (they are its "reserved" figure): the estimate is of allocated bytes, on both devices
       wb          = 2 for bf16 weights, else 4 (fp32 and bf16 autocast keep fp32 weights)
       weights     = total * wb                      (tied embeddings / lm_head counted once)
       grads       = trainable * wb                  (grads have the params' dtype)
