@@ -583,16 +583,21 @@ def fmt_bytes(n: float) -> str:
 
 def summary_table(records: list[AuditRecord]) -> str:
     """One row per variant: counts, the closed-form check, memory and FLOPs estimates."""
+    def shape(e: dict) -> str:
+        return f"{e['assumptions']['batch_size']} x {e['assumptions']['seq_len']}"
+
     lines = ["| variant | spec | layers | total params | trainable | trainable % | closed form | "
-             "est. train memory | fwd GFLOPs/token | train GFLOPs/token |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "est. train memory (batch x tokens) | at max_length | fwd GFLOPs/token | train GFLOPs/token |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in records:
         check = "n/a" if r.closed_form is None else ("ok" if r.closed_form["matches"] else "MISMATCH")
         flops = r.estimates["flops_per_token"]
+        used = r.estimates_typical or r.estimates  # AuditRecord.memory_estimate(): the figure every report shows
         lines.append(f"| {r.variant} | {r.description} | {r.architecture['num_layers']} | "
                      f"{fmt_int(r.total_params)} | {fmt_int(r.trainable_params)} | "
                      f"{100 * r.trainable_fraction:.2f} | {check} | "
-                     f"{fmt_bytes(r.estimates['memory_bytes']['total'])} | "
+                     f"{fmt_bytes(r.memory_estimate())} ({shape(used)}) | "
+                     f"{fmt_bytes(r.estimates['memory_bytes']['total'])} ({shape(r.estimates)}) | "
                      f"{flops['forward'] / 1e9:.3f} | {flops['train'] / 1e9:.3f} |")
     return "\n".join(lines)
 
@@ -616,7 +621,10 @@ def summary_markdown(records: list[AuditRecord]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     shape = records[0].estimates["assumptions"] if records else {}
     ckpt = "gradient checkpointing" if shape.get("gradient_checkpointing") else "no gradient checkpointing"
-    lines += ["", f"Estimates assume batch {shape.get('batch_size')} x {shape.get('seq_len')} tokens, "
+    lines += ["", "Estimated training memory: at the batch size x the longest tokenized train text (length-grouped "
+              "batches put the longest texts in one batch): the figure the finetune record, the comparison report, "
+              "MLflow and `depthtune plan` show; *at max_length*: every text padded to train.max_length. "
               f"{shape.get('task', 'classification')}, precision {shape.get('precision', 'fp32')}, {ckpt}, "
-              "AdamW; formulas in depthtune/audit.py (`estimate`).", ""]
+              "AdamW; every term in audit/<variant>.json (`estimates.memory_bytes`), formulas in "
+              "depthtune/audit.py (`estimate`).", ""]
     return "\n".join(lines)
