@@ -19,16 +19,18 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from depthtune import runtime
 from depthtune.layout import PROJECT_ROOT
+from flows.gpu_slots import GpuSlots, child_env
 from flows.timings import overhead_report, summary_lines
 
 
 
-def sh(args: list[str]) -> None:
+def sh(args: list[str], env: Optional[dict] = None) -> None:
     print("$ " + " ".join(args), flush=True)
-    proc = subprocess.run(args, cwd=PROJECT_ROOT)
+    proc = subprocess.run(args, cwd=PROJECT_ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed with exit code {proc.returncode}")
 
@@ -57,10 +59,14 @@ def main(argv=None) -> None:
     def dvc(cmd: list[str]):
         sh(["dvc", *cmd])
 
+    gpus = GpuSlots.of_this_machine()
+
     @task(name="variant")
     def variant(v: str):
-        sh(["dvc", "repro", "--single-item", f"finetune@{v}"])
-        sh(["dvc", "repro", "--single-item", f"evaluation@{v}"])
+        with gpus.take() as gpu:  # one GPU per concurrent variant (none: the CPU)
+            print(f"{v}: {'GPU ' + gpu if gpu is not None else 'CPU'}", flush=True)
+            sh(["dvc", "repro", "--single-item", f"finetune@{v}"], env=child_env(gpu))
+            sh(["dvc", "repro", "--single-item", f"evaluation@{v}"], env=child_env(gpu))
 
     @flow(name="depthtune-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=max(1, args.parallel)))
     def pipeline() -> dict:
@@ -70,6 +76,7 @@ def main(argv=None) -> None:
             dvc(["exp", "run", *[a for s in args.set_param for a in ("-S", s)]])
         elif args.parallel > 1:
             dvc(["repro", "audit"] + (["--force"] if args.force else []))
+            print(gpus.describe(args.parallel), flush=True)
             futures = []
             for v in variant_names():
                 # different stages in parallel keep dvc.lock consistent (shared/STACK.md)
