@@ -63,8 +63,12 @@ CASES = [
     ("bert-full", BERT, {}, "classification"),
     ("bert-top1", BERT, {"train_top": 1}, "classification"),
     ("bert-lora", BERT, {"lora": {"r": 8, "targets": ["query", "value"]}}, "classification"),
+    ("bert-depth2", BERT, {"depth": 2}, "classification"),
+    ("bert-probe", BERT, {"train_top": 0}, "classification"),
+    ("bert-bitfit", BERT, {"bitfit": True}, "classification"),
     ("llama-full", LLAMA, {}, "causal_lm"),
     ("llama-top1", LLAMA, {"train_top": 1}, "causal_lm"),
+    ("llama-lora", LLAMA, {"lora": {"r": 8, "targets": ["q_proj", "v_proj"]}}, "causal_lm"),
 ]
 
 
