@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from depthtune import layout
 from depthtune.errors import ConfigError
 
 # DVC stage names become `finetune@<name>`: keep to letters, digits, '_' and '-'.
@@ -281,6 +282,39 @@ class TokenizationConfig:
 
 
 @dataclass(frozen=True)
+class PretrainTokenizer:
+    """pretrain.tokenizer: a tokenizer trained on the training split's texts (+ pretrain.corpus); from: scratch only."""
+    train: bool = _f(True)  # false = model.tokenizer, else model.source's (MiniLM's for scratch)
+    kind: str = _f("auto", choices=("auto", "wordpiece", "bytelevel_bpe"))  # auto: wordpiece (encoders), BPE (decoders)
+    vocab_size: int = _f(8000, lo=100, hi=1_000_000)
+    min_frequency: int = _f(2, lo=1)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """pretrain: develop the base model every variant starts from (depthtune.pretraining). Off by default."""
+    enabled: bool = _f(False)
+    # scratch: random init with model.scratch's architecture | model: continue model.source (domain-adaptive)
+    start_from: str = _f("scratch", choices=("scratch", "model"))
+    objective: str = _f("auto", choices=("auto", "mlm", "causal_lm"))  # auto: mlm for encoders, causal_lm decoders
+    tokenizer: PretrainTokenizer = field(default_factory=PretrainTokenizer)
+    corpus: list = _f([])  # unlabeled local .txt (a text a line) / .csv / .tsv / .jsonl (`corpus_column`) files
+    corpus_column: str = _f("text")
+    max_steps: int = _f(1000, lo=1)  # optimizer steps (the schedule spans them)
+    max_minutes: Optional[float] = _f(None, lo=0.0, lo_open=True)  # a wall-clock budget too; null = steps only
+    batch_size: int = _f(32, lo=1)
+    max_length: int = _f(128, lo=8, hi=8192)
+    lr: float = _f(5e-4, lo=0.0, hi=1.0, lo_open=True)
+    weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
+    warmup_fraction: float = _f(0.06, lo=0.0, hi=1.0, hi_open=True)
+    max_grad_norm: float = _f(1.0, lo=0.0)
+    mask_probability: float = _f(0.15, lo=0.0, hi=1.0, lo_open=True, hi_open=True)  # mlm: share of tokens predicted
+    seed: int = _f(42, lo=0)
+    eval_every: int = _f(100, lo=1)  # optimizer steps between held-out (validation) perplexity measurements
+    checkpoint_every: int = _f(100, lo=0)  # optimizer steps; 0 = none (no resume after a kill)
+
+
+@dataclass(frozen=True)
 class RetrainConfig:
     cron: str = _f("0 3 * * 1")
     timezone: str = _f("UTC")
@@ -292,6 +326,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenization: TokenizationConfig = field(default_factory=TokenizationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     variants: dict = _f({})  # name -> VariantSpec
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -439,7 +474,38 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if len({n.lower() for n in variants}) != len(variants):
         raise ConfigError("variants: names differ only by case; DVC outputs would collide on some filesystems")
     check_task_metrics(params)
+    check_pretrain(params)
     return dataclasses.replace(params, variants=variants)
+
+
+def check_pretrain(params: Params) -> None:
+    """pretrain's settings against the model they start from (only when pretrain is on)."""
+    pre, model = params.pretrain, params.model
+    if not pre.enabled:
+        return
+    if pre.start_from == "model":
+        if pre.tokenizer.train:
+            raise ConfigError("pretrain.tokenizer.train: a new tokenizer needs new embeddings, so it only goes with "
+                              "pretrain.start_from: scratch; set it to false to continue model.source with its own")
+        if model.source == "scratch":
+            raise ConfigError("pretrain.start_from: model continues the weights of model.source, and scratch has "
+                              "none; set pretrain.start_from: scratch (model.scratch's architecture)")
+        return
+    arch = model.scratch
+    encoder = arch.model_type in ENCODER_TYPES
+    if pre.objective != "auto" and (pre.objective == "mlm") != encoder:
+        raise ConfigError(f"pretrain.objective: {pre.objective} does not fit a {arch.model_type} "
+                          f"({'encoders: mlm' if encoder else 'decoders: causal_lm'}); set it to auto")
+    if pre.tokenizer.train and pre.tokenizer.kind == "bytelevel_bpe" and encoder:
+        raise ConfigError("pretrain.tokenizer.kind: bytelevel_bpe has no [MASK] or [CLS] token for an encoder; "
+                          "use wordpiece (or auto)")
+    longest = max(pre.max_length, params.train.max_length)
+    if longest > arch.max_position_embeddings:
+        raise ConfigError(f"model.scratch.max_position_embeddings: {arch.max_position_embeddings} is shorter than "
+                          f"pretrain.max_length / train.max_length ({longest})")
+    bad = [c for c in pre.corpus if not isinstance(c, str) or not c]
+    if bad:
+        raise ConfigError(f"pretrain.corpus: {bad[0]!r} is not a file path")
 
 
 def check_task_metrics(params: Params) -> None:
@@ -502,8 +568,26 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    return parse_params(read_yaml(path), str(path))
+def load_params(path: str | Path = "params.yaml", *, as_configured: bool = False) -> Params:
+    """params.yaml, validated. With `pretrain.enabled` the model every stage builds is the pretrain
+    stage's output folder (pretrained_model); as_configured=True keeps model as written (the pretrain stage)."""
+    params = parse_params(read_yaml(path), str(path))
+    return params if as_configured else pretrained_model(params, path)
+
+
+def pretrained_folder(params_path: str | Path = "params.yaml") -> str:
+    """Where the pretrain stage writes the base model: layout.PRETRAINED beside the params file
+    (./pretrained for the project's params.yaml: relative, so a project's outputs do not name its location)."""
+    return f"{Path(params_path).parent}/{layout.PRETRAINED}"
+
+
+def pretrained_model(params: Params, params_path: str | Path = "params.yaml") -> Params:
+    """The one place that swaps the base model: pretrain on -> model.source is the pretrained folder (its
+    own tokenizer inside; model.scratch stays for init: scratch baselines of the same shape), else unchanged."""
+    if not params.pretrain.enabled:
+        return params
+    model = dataclasses.replace(params.model, source=pretrained_folder(params_path), tokenizer=None, revision=None)
+    return dataclasses.replace(params, model=model)
 
 
 def to_dict(obj) -> Any:

@@ -6,6 +6,9 @@ does); the stages' argument defaults, the report, the registry and the tests tak
 them from here, and `tests/test_layout.py` checks `dvc.yaml` against `STAGE_IO`.
 
     data/prepared/{train,validation,test}.jsonl, labels.json, report.json   prepare
+    pretrained/ (HF folder when pretrain is on; pretrain.json alone when off)  pretrain
+    metrics/pretrain.json, plots/pretrain.csv                               pretrain
+    checkpoints/_pretrain/ (while pretraining; removed on success)          pretrain
     data/tokenized/ (datasets.DatasetDict), data/tokenized/report.json      tokenization
     audit/<variant>.json, audit/summary.md                                  audit
     models/<variant>/, metrics/train/<variant>.json, plots/loss/<v>.csv     finetune@<variant>
@@ -24,6 +27,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where params.yaml and d
 SPLITS = ("train", "validation", "test")
 
 PREPARED = "data/prepared"
+PRETRAINED = "pretrained"  # the base model every variant starts from when pretrain is on (config.load_params)
+PRETRAIN_METRICS = "metrics/pretrain.json"
+PRETRAIN_PLOT = "plots/pretrain.csv"
+PRETRAIN_CHECKPOINTS = "checkpoints/_pretrain"  # "_": no variant name starts with one
 TOKENIZED = "data/tokenized"
 AUDIT = "audit"
 MODELS = "models"
@@ -75,13 +82,17 @@ def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:
     v = variant
     table = {
         "prepare": ({}, {"out": PREPARED}),
-        "tokenization": ({"prepared": PREPARED}, {"out": TOKENIZED}),
-        "audit": ({"labels": LABELS, "token-report": TOKEN_REPORT}, {"out": AUDIT}),
-        "finetune": ({"tokenized": TOKENIZED, "labels": LABELS, "audit": audit_record(v)},
+        "pretrain": ({"prepared": PREPARED}, {"out": PRETRAINED, "metrics": PRETRAIN_METRICS,
+                                              "loss-plot": PRETRAIN_PLOT}),
+        # pretrained/ is a dep of every stage that builds or reads the model: new weights with the same
+        # tokenizer leave data/tokenized unchanged, and finetune must still re-run
+        "tokenization": ({"prepared": PREPARED, "pretrained": PRETRAINED}, {"out": TOKENIZED}),
+        "audit": ({"labels": LABELS, "token-report": TOKEN_REPORT, "pretrained": PRETRAINED}, {"out": AUDIT}),
+        "finetune": ({"tokenized": TOKENIZED, "labels": LABELS, "audit": audit_record(v), "pretrained": PRETRAINED},
                      {"model": model_dir(v), "seed-models": seed_models_dir(v), "metrics": train_record(v),
                       "loss-plot": loss_plot(v)}),
         "evaluation": ({"model": model_dir(v), "seed-models": seed_models_dir(v), "tokenized": TOKENIZED,
-                        "labels": LABELS},
+                        "labels": LABELS, "pretrained": PRETRAINED},
                        {"metrics": eval_record(v), "confusion-plot": confusion_plot(v)}),
         "compare": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS}, {"out": REPORTS}),
         "promote": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS,
@@ -91,7 +102,7 @@ def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:
     return {"deps": dict(deps), "outs": dict(outs)}
 
 
-STAGES = ("prepare", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
+STAGES = ("prepare", "pretrain", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 PER_VARIANT = ("finetune", "evaluation")
 
 

@@ -403,3 +403,43 @@ def _log_confusion(client, run_id: str, ev: EvalRecord) -> None:
         p = Path(tmp) / "confusion_matrix.csv"
         p.write_text(confusion_csv_text(ev))
         client.log_artifact(run_id, str(p), artifact_path="eval")
+
+
+# ----------------------------------------------------------------------------- pretraining (issue 17)
+
+from depthtune.mlflow_runs import find_or_create_run, parent_run_id  # noqa: E402  (appended section)
+
+TAG_STAGE = "depthtune.stage"
+
+
+def log_pretraining(cfg: TrackingConfig, record: dict, *, resolved_config: dict, root: str | Path = ".") -> dict:
+    """The pretrain stage's one run (tag depthtune.stage=pretrain, under the pipeline's parent run): its
+    figures, the loss and held-out perplexity curves, the record as an artifact. Never raises."""
+    if not cfg.enabled:
+        return _disabled_record()
+    steps = _Steps(cfg, "pretraining", "pretrain", record.get("mlflow_run_id"))
+
+    def open_run():
+        client, exp_id = use_store(cfg)
+        parent = parent_run_id(client, exp_id, root)
+        return client, find_or_create_run(client, exp_id, {TAG_PARENT: parent, TAG_STAGE: "pretrain"},
+                                          {TAG_ROLE: "pretrain"}, "pretrain")
+    opened = steps.step("run", open_run)
+    if opened is None:
+        return steps.finish()
+    client, rid = opened
+    steps.record["run_id"] = rid
+    scalars = {k: record.get(k) for k in ("steps", "tokens", "tokens_per_s", "mfu", "gemm_flops_per_s",
+                                          "train_time_s", "total_params", "final_perplexity")}
+    scalars.update({f"coverage.{s}.unk_fraction": c.get("unk_fraction") for s, c in record.get("coverage", {}).items()})
+    curves = {"pretrain.loss": [(p["step"], p["loss"]) for p in record.get("loss_curve", [])],
+              "pretrain.val_perplexity": [(p["step"], p["perplexity"]) for p in record.get("val_curve", [])]}
+    flat = {f"pretrain.{k}": v for k, v in resolved_config.get("pretrain", {}).items()}
+    steps.step("params", lambda: log_params(client, rid, clean_params(flat)[0]))
+    steps.step("tags", lambda: log_tags(client, rid, {"mlflow.note.content": f"pretrain: {record.get('objective')} "
+                                                      f"from {record.get('base')}"}))
+    steps.step("metrics", lambda: log_metrics(client, rid, scalars, curves))
+    steps.step("record_artifact", lambda: log_json_artifact(client, rid, record, "pretrain.json", "pretrain"))
+    if not steps.down:
+        steps.step("status", lambda: _finish(client, rid))
+    return steps.finish()

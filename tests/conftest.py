@@ -84,6 +84,7 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
     params = {
         "task": "classification",
         "tokenization": {"max_unk_fraction": 0.2},
+        "pretrain": {"enabled": False},  # dvc.yaml's pretrain stage reads the section: DVC needs it present
         "model": {"source": "scratch", "scratch": dict(TINY_ARCH)},
         "data": {"source": "local", "files": {"train": str(sst2 / "train.tsv"), "validation": str(sst2 / "dev.tsv"),
                                               "test": str(sst2 / "test.tsv")},
