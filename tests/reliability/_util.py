@@ -14,8 +14,8 @@ INJECT = HERE / "inject.py"  # SIGKILL in the middle of writing one file (see it
 
 # Fields that measure time, memory or where/when a result was made: excluded when two runs are compared.
 VOLATILE = {"wall_time_s", "train_time_s", "samples_per_s", "tokens_per_s", "peak_memory_bytes", "memory_ratio",
-            "peak_reserved_bytes", "time_prediction", "latency_ms", "throughput_per_s", "versions", "git_sha", "mlflow_run_id", "tracking",
-            "resumed_from_step", "latency_p50_ms", "latency_p95_ms"}
+            "peak_reserved_bytes", "time_prediction", "latency_ms", "throughput_per_s", "versions", "git_sha",
+            "mlflow_run_id", "tracking", "resumed_from_step", "latency_p50_ms", "latency_p95_ms"}
 
 
 def run(cmd: list, cwd: Path, env: dict | None = None, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
