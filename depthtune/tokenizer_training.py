@@ -25,17 +25,29 @@ EOT = "<|endoftext|>"
 
 
 def build_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int):
-    """A BERT-style WordPiece tokenizer (lower-cased, CJK characters split) trained on `texts`."""
+    """A BERT-style WordPiece tokenizer (lower-cased, CJK characters split) trained on `texts`.
+
+    The pieces come from BPE training (the `tokenizers` BpeTrainer, which is deterministic), each kept twice:
+    as a word start `p` and as a continuation `##p`. The library's own WordPieceTrainer is not deterministic
+    (its continuation pieces get ids in hash-map order, which breaks ties differently in every process:
+    measured, 5 runs gave 5 vocabularies), and the same data and seed must give the same model."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                lowercase=True)
+    normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                            lowercase=True)
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.normalizer, bpe.pre_tokenizer = normalizer, pre_tokenizers.BertPreTokenizer()
+    budget = max(2, (vocab_size - len(WORDPIECE_SPECIALS)) // 2)  # each piece twice: p and ##p
+    bpe.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=budget, min_frequency=min_frequency,
+                                                               special_tokens=[], show_progress=False))
+    pieces = [t for t, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])]
+    vocab: dict = {}
+    for token in WORDPIECE_SPECIALS + pieces + ["##" + p for p in pieces]:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizer
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=WORDPIECE_SPECIALS, continuing_subword_prefix="##")
-    tok.train_from_iterator(texts, trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
                                                        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
