@@ -225,3 +225,33 @@ def test_the_stage_refuses_a_bad_key_in_one_line(tmp_path, shared_data):
     proc = stage(proj, project_env(proj))
     assert_one_line_error(proc, "pretrain.start_from")
     assert os.listdir(proj).count("pretrained") == 0
+
+
+def test_a_decoder_pretrains_causally_with_a_byte_level_tokenizer(tmp_path, shared_data):
+    """start_from scratch with a llama: byte-level BPE (nothing unknown), causal-LM loss, then task causal_lm
+    variants build from the folder."""
+    from transformers import AutoModelForCausalLM
+
+    from stages import audit, finetune, prepare, pretrain, tokenization
+
+    params = pretrain_params(shared_data, tmp_path, max_steps=6, eval_every=3, checkpoint_every=0, corpus=[])
+    params["task"] = "causal_lm"
+    params["variants"] = {"full": {}, "top1": {"train_top": 1}}
+    params["model"]["scratch"] = {**params["model"]["scratch"], "model_type": "llama", "num_key_value_heads": 1,
+                                  "type_vocab_size": 2}
+    params["evaluation"] = {"metric": "perplexity", "latency_examples": 5}
+    params["registry"] = {"metric": "perplexity", "min_delta": 0.0, "min_metric": 0.0}
+    params["compare"] = {"tolerance": 5.0}
+    proj = make_project(tmp_path / "proj", params, git=False)
+    with in_project(proj):
+        prepare.main([])
+        pretrain.main([])
+        tokenization.main([])
+        audit.main([])
+        finetune.main(["--variant", "top1"])
+    record = json.loads((proj / "metrics" / "pretrain.json").read_text())
+    assert record["objective"] == "causal_lm" and record["tokenizer"]["kind"] == "bytelevel_bpe"
+    assert all(c["unk_fraction"] == 0.0 for c in record["coverage"].values())
+    model = AutoModelForCausalLM.from_pretrained(str(proj / "pretrained"))
+    assert model.config.model_type == "llama" and model.config.vocab_size == record["tokenizer"]["vocab_size"]
+    assert (proj / "models" / "top1" / "model.safetensors").is_file()
