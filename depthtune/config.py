@@ -1,9 +1,5 @@
-"""params.yaml -> typed, frozen config objects, validated once at the edge.
-
-Every error names the key path and what was expected, e.g.
-`variants.top9.train_top: 9 exceeds the model's 6 layers`. Inside the package,
-code receives these frozen dataclasses and never re-parses YAML.
-"""
+"""params.yaml -> typed, frozen config objects, validated once at the edge. Every error names the key path and
+what was expected (`variants.top9.train_top: 9 exceeds the model's 6 layers`); inside, code never re-parses YAML."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,14 +22,8 @@ VARIANT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
-def _range(lo=None, hi=None, lo_open=False, hi_open=False):
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
-
-
 def _f(default, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, doc=""):
-    meta = _range(lo, hi, lo_open, hi_open)
-    meta["choices"] = choices
-    meta["doc"] = doc
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -61,11 +51,8 @@ def higher_is_better(metric: str) -> bool:
 
 @dataclass(frozen=True)
 class ScratchArch:
-    """Architecture for `model.source: scratch` (random init, the from-zero baseline).
-
-    One set of names for every family; depthtune.variants.scratch_config maps them to each
-    family's own (gpt2: n_embd, n_layer, n_head, n_inner, n_positions).
-    """
+    """Architecture for `model.source: scratch` (random init) and pretrain.start_from: scratch. One set of names for
+    every family; depthtune.variants.scratch_config maps them to each family's own (gpt2: n_embd, n_layer, ...)."""
     model_type: str = _f("bert", choices=ENCODER_TYPES + DECODER_TYPES)
     vocab_size: int = _f(30522, lo=2)
     hidden_size: int = _f(384, lo=1)
@@ -186,13 +173,9 @@ class VariantSpec:
 
 @dataclass(frozen=True)
 class LrSearch:
-    """train.lr_search: choose each variant's learning rate on the validation split, by successive halving.
-
-    Candidates are the variant's own lr (its kind's default, or as set) times each factor: a log-spaced
-    grid around it. All train from the same weights, seed and batches to evaluation `first_rung`; the best
-    third and the configured lr go on to evaluation 3 x first_rung, and so on; the last one left trains on
-    (depthtune.lr_search).
-    """
+    """train.lr_search: each variant's lr chosen on the validation split by successive halving over its own lr x
+    each factor (a log-spaced grid): all train from the same weights, seed and batches to evaluation `first_rung`;
+    the best third and the configured lr go on to 3 x first_rung, and so on; the last one trains on (lr_search)."""
     enabled: bool = _f(False)
     factors: list = _f([0.25, 0.5, 1.0, 2.0, 4.0])
     first_rung: int = _f(1, lo=1)  # evaluations every candidate trains before the first cut
@@ -282,8 +265,7 @@ class TokenizationConfig:
 
 
 @dataclass(frozen=True)
-class PretrainTokenizer:
-    """pretrain.tokenizer: a tokenizer trained on the training split's texts (+ pretrain.corpus); from: scratch only."""
+class PretrainTokenizer:  # trained on the train split's texts (+ pretrain.corpus); start_from: scratch only
     train: bool = _f(True)  # false = model.tokenizer, else model.source's (MiniLM's for scratch)
     kind: str = _f("auto", choices=("auto", "wordpiece", "bytelevel_bpe"))  # auto: wordpiece (encoders), BPE (decoders)
     vocab_size: int = _f(8000, lo=100, hi=1_000_000)
@@ -294,8 +276,7 @@ class PretrainTokenizer:
 class PretrainConfig:
     """pretrain: develop the base model every variant starts from (depthtune.pretraining). Off by default."""
     enabled: bool = _f(False)
-    # scratch: random init with model.scratch's architecture | model: continue model.source (domain-adaptive)
-    start_from: str = _f("scratch", choices=("scratch", "model"))
+    start_from: str = _f("scratch", choices=("scratch", "model"))  # random init (model.scratch) | model.source's
     objective: str = _f("auto", choices=("auto", "mlm", "causal_lm"))  # auto: mlm for encoders, causal_lm decoders
     tokenizer: PretrainTokenizer = field(default_factory=PretrainTokenizer)
     corpus: list = _f([])  # unlabeled local .txt (a text a line) / .csv / .tsv / .jsonl (`corpus_column`) files
@@ -479,33 +460,18 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
 
 def check_pretrain(params: Params) -> None:
-    """pretrain's settings against the model they start from (only when pretrain is on)."""
+    """pretrain's settings against the model they start from (when on; the objective by family: pretraining)."""
     pre, model = params.pretrain, params.model
-    if not pre.enabled:
-        return
-    if pre.start_from == "model":
-        if pre.tokenizer.train:
-            raise ConfigError("pretrain.tokenizer.train: a new tokenizer needs new embeddings, so it only goes with "
-                              "pretrain.start_from: scratch; set it to false to continue model.source with its own")
-        if model.source == "scratch":
-            raise ConfigError("pretrain.start_from: model continues the weights of model.source, and scratch has "
-                              "none; set pretrain.start_from: scratch (model.scratch's architecture)")
-        return
-    arch = model.scratch
-    encoder = arch.model_type in ENCODER_TYPES
-    if pre.objective != "auto" and (pre.objective == "mlm") != encoder:
-        raise ConfigError(f"pretrain.objective: {pre.objective} does not fit a {arch.model_type} "
-                          f"({'encoders: mlm' if encoder else 'decoders: causal_lm'}); set it to auto")
-    if pre.tokenizer.train and pre.tokenizer.kind == "bytelevel_bpe" and encoder:
-        raise ConfigError("pretrain.tokenizer.kind: bytelevel_bpe has no [MASK] or [CLS] token for an encoder; "
-                          "use wordpiece (or auto)")
+    if pre.enabled and pre.start_from == "model" and pre.tokenizer.train:
+        raise ConfigError("pretrain.tokenizer.train: a new tokenizer needs new embeddings, so it only goes with "
+                          "pretrain.start_from: scratch; set it to false to continue model.source with its own")
+    if pre.enabled and pre.start_from == "model" and model.source == "scratch":
+        raise ConfigError("pretrain.start_from: model continues the weights of model.source, and scratch has "
+                          "none; set pretrain.start_from: scratch (model.scratch's architecture)")
     longest = max(pre.max_length, params.train.max_length)
-    if longest > arch.max_position_embeddings:
-        raise ConfigError(f"model.scratch.max_position_embeddings: {arch.max_position_embeddings} is shorter than "
-                          f"pretrain.max_length / train.max_length ({longest})")
-    bad = [c for c in pre.corpus if not isinstance(c, str) or not c]
-    if bad:
-        raise ConfigError(f"pretrain.corpus: {bad[0]!r} is not a file path")
+    if pre.enabled and pre.start_from == "scratch" and longest > model.scratch.max_position_embeddings:
+        raise ConfigError(f"model.scratch.max_position_embeddings: {model.scratch.max_position_embeddings} is "
+                          f"shorter than pretrain.max_length / train.max_length ({longest})")
 
 
 def check_task_metrics(params: Params) -> None:
@@ -569,25 +535,19 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_params(path: str | Path = "params.yaml", *, as_configured: bool = False) -> Params:
-    """params.yaml, validated. With `pretrain.enabled` the model every stage builds is the pretrain
-    stage's output folder (pretrained_model); as_configured=True keeps model as written (the pretrain stage)."""
+    """params.yaml, validated; pretrain on: model.source is its output (pretrained_model), unless as_configured."""
     params = parse_params(read_yaml(path), str(path))
     return params if as_configured else pretrained_model(params, path)
 
 
-def pretrained_folder(params_path: str | Path = "params.yaml") -> str:
-    """Where the pretrain stage writes the base model: layout.PRETRAINED beside the params file
-    (./pretrained for the project's params.yaml: relative, so a project's outputs do not name its location)."""
-    return f"{Path(params_path).parent}/{layout.PRETRAINED}"
-
-
 def pretrained_model(params: Params, params_path: str | Path = "params.yaml") -> Params:
-    """The one place that swaps the base model: pretrain on -> model.source is the pretrained folder (its
-    own tokenizer inside; model.scratch stays for init: scratch baselines of the same shape), else unchanged."""
+    """The one place that swaps the base model: pretrain on -> model.source is layout.PRETRAINED beside the params
+    file (./pretrained, relative: no output names the project's location; model.scratch stays for init: scratch)."""
     if not params.pretrain.enabled:
         return params
-    model = dataclasses.replace(params.model, source=pretrained_folder(params_path), tokenizer=None, revision=None)
-    return dataclasses.replace(params, model=model)
+    folder = f"{Path(params_path).parent}/{layout.PRETRAINED}"
+    return dataclasses.replace(params, model=dataclasses.replace(params.model, source=folder, tokenizer=None,
+                                                                  revision=None))
 
 
 def to_dict(obj) -> Any:

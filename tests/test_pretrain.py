@@ -203,7 +203,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, shared_da
 @pytest.mark.parametrize("pretrain, needle", [
     ({"enabled": True, "bogus": 1}, "pretrain.bogus: unknown key"),
     ({"enabled": True, "start_from": "model"}, "pretrain.tokenizer.train"),
-    ({"enabled": True, "objective": "causal_lm"}, "pretrain.objective"),
+    ({"enabled": True, "max_length": 512}, "model.scratch.max_position_embeddings"),
     ({"enabled": True, "mask_probability": 1.5}, "pretrain.mask_probability"),
 ])
 def test_a_bad_pretrain_key_is_a_one_line_error(tmp_path, shared_data, pretrain, needle):
@@ -216,6 +216,16 @@ def test_a_bad_pretrain_key_is_a_one_line_error(tmp_path, shared_data, pretrain,
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as info:
         load_params(path)
     assert "\n" not in str(info.value)
+
+
+def test_an_objective_of_the_other_family_is_refused(shared_data):
+    from depthtune.config import parse_params
+    from depthtune.pretraining import resolve_plan
+
+    params = parse_params({**tiny_params(shared_data), "pretrain": {"enabled": True, "objective": "causal_lm"}})
+    with pytest.raises(ConfigError, match=r"pretrain\.objective: causal_lm does not fit a bert"):
+        resolve_plan(params, "bert")
+    assert resolve_plan(params.__class__(), "llama").objective == "causal_lm"
 
 
 def test_the_stage_refuses_a_bad_key_in_one_line(tmp_path, shared_data):
