@@ -13,9 +13,9 @@ validation texts give the held-out perplexity curve (never a gradient), the test
 figure. A corpus line equal to a validation or test text is dropped (counted in the record).
 
 MLM perplexity is exp(mean nll over the masked tokens of the validation texts, masks fixed by the seed):
-comparable across steps of one run, not with a causal LM's. MFU = 6 x parameters x tokens/s over a GEMM
-timed on this device now (depthtune.step_time.gemm_rate): the share of the machine's matmul rate that the
-counted training FLOPs (forward 2N + backward 4N per token) reach.
+comparable across steps of one run, not with a causal LM's. MFU = training FLOPs a token x tokens/s over a
+GEMM timed on this device now (depthtune.step_time.gemm_rate): 6 x the parameters (forward 2N + backward 4N),
+the MLM output matrix counted only for the predicted 15% (bert, roberta: mlm_logits runs it there alone).
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ class PretrainRecord(Record):
     tokens_per_s: float = 0.0
     gemm_flops_per_s: float = 0.0
     mfu: float = 0.0
+    flops_per_token: float = 0.0  # counted training FLOPs a token (flops_per_token)
     loss_curve: list = field(default_factory=list)  # {step, loss, lr}
     val_curve: list = field(default_factory=list)  # {step, loss, perplexity} on the validation texts
     final_perplexity: Optional[float] = None
@@ -275,6 +276,7 @@ class State:
     """Where pretraining stands (a checkpoint's meta.json)."""
     step: int = 0
     tokens: int = 0
+    predicted: int = 0  # tokens whose loss counted (mlm: the chosen ones)
     train_time_s: float = 0.0
     loss_curve: list = field(default_factory=list)
     val_curve: list = field(default_factory=list)
@@ -282,13 +284,13 @@ class State:
     extra: dict = field(default_factory=dict)  # the caller's keys (mlflow_run_id)
 
     def to_meta(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "train_time_s": self.train_time_s,
+        return {"step": self.step, "tokens": self.tokens, "predicted": self.predicted, "train_time_s": self.train_time_s,
                 "loss_curve": self.loss_curve, "val_curve": self.val_curve, "fingerprint": self.fingerprint,
                 **self.extra}
 
     @classmethod
     def from_meta(cls, meta: dict) -> "State":
-        known = ("step", "tokens", "train_time_s", "loss_curve", "val_curve", "fingerprint")
+        known = ("step", "tokens", "predicted", "train_time_s", "loss_curve", "val_curve", "fingerprint")
         return cls(**{k: meta[k] for k in known}, extra={k: v for k, v in meta.items() if k not in known})
 
 
@@ -312,6 +314,30 @@ def fingerprint_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# The masked-LM head on top of `model.base_model`, per family: run on the chosen positions only (15% of them).
+# Measured: the packaged MiniLM's 30,522-way output at every position costs about what its encoder does.
+MLM_HEAD = {"bert": "cls", "roberta": "lm_head"}
+
+
+def mlm_logits(model: nn.Module, masked: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """[chosen positions, vocabulary] logits: the encoder on every token, the MLM head only where a token is
+    predicted (the same numbers as the full model's logits there); other families: the full model's."""
+    head = getattr(model, MLM_HEAD.get(model.config.model_type, ""), None)
+    if head is None:
+        return model(input_ids=masked, attention_mask=mask).logits[chosen]
+    return head(model.base_model(input_ids=masked, attention_mask=mask)[0][chosen])
+
+
+def flops_per_token(model: nn.Module, objective: str, predicted_share: float) -> float:
+    """Training FLOPs per token: 6 x the parameters (2 forward + 4 backward), the MLM head's output matrix
+    counted only for the predicted share of tokens when mlm_logits runs it there alone."""
+    total = sum(p.numel() for p in model.parameters())
+    if objective != "mlm" or model.config.model_type not in MLM_HEAD:
+        return 6.0 * total
+    output = model.get_output_embeddings().weight.numel()
+    return 6.0 * (total - output * (1.0 - predicted_share))
+
+
 def batch_loss(run: Setup, index: list, generator: torch.Generator, examples: Examples) -> tuple:
     """(mean loss, summed nll, predicted tokens, real tokens) of one batch of `examples`."""
     batch = collate(examples, index, run.pad_id)
@@ -321,11 +347,10 @@ def batch_loss(run: Setup, index: list, generator: torch.Generator, examples: Ex
             masked, labels = mask_tokens(ids, mask, mask_id=run.mask_id, special_ids=run.special_ids,
                                          vocab_size=run.vocab_size, probability=run.cfg.mask_probability,
                                          generator=generator)
-            logits = run.model(input_ids=masked.to(run.device), attention_mask=mask.to(run.device)).logits
-            labels = labels.to(run.device)
-            nll = nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
-                                              reduction="sum")
-            counted = (labels != IGNORE).sum()
+            chosen = (labels != IGNORE).to(run.device)
+            logits = mlm_logits(run.model, masked.to(run.device), mask.to(run.device), chosen)
+            nll = nn.functional.cross_entropy(logits.float(), labels.to(run.device)[chosen], reduction="sum")
+            counted = chosen.sum()
             return nll / counted.clamp(min=1), nll, counted, int(mask.sum())
         ids, mask = ids.to(run.device), mask.to(run.device)
         logits = run.model(input_ids=ids, attention_mask=mask).logits
@@ -370,7 +395,7 @@ def one_step(run: Setup, state: State, batches: list) -> None:
     epoch, at = divmod(state.step, len(batches[0]))
     if epoch >= len(batches):
         batches.append(length_grouped_batches(run.train.lengths, run.cfg.batch_size, run.cfg.seed, epoch))
-    loss, _, _, real = batch_loss(run, batches[epoch][at], step_generator(run.cfg.seed, state.step), run.train)
+    loss, _, counted, real = batch_loss(run, batches[epoch][at], step_generator(run.cfg.seed, state.step), run.train)
     loss.backward()
     if run.cfg.max_grad_norm > 0:
         nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
@@ -380,6 +405,7 @@ def one_step(run: Setup, state: State, batches: list) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens += real
+    state.predicted += int(counted)
     state.loss_curve.append({"step": state.step, "loss": round(loss.item(), 6), "lr": lr})
 
 
@@ -546,6 +572,7 @@ def pretrain(params: Params, prepared_dir: Path, out_dir: Path, *, checkpoint_di
     gemm = step_time.gemm_rate(device, tokens=pre.batch_size * 32, hidden=run.model.config.hidden_size,
                                dtype=run.autocast_dtype or torch.float32)
     tokens_per_s = state.tokens / state.train_time_s if state.train_time_s else 0.0
+    flops = flops_per_token(run.model, plan.objective, state.predicted / max(1, state.tokens))
     record = PretrainRecord(
         enabled=True, model_source=str(out_dir), objective=plan.objective,
         base=f"scratch ({plan.model_type})" if pre.start_from == "scratch" else params.model.source,
@@ -557,7 +584,7 @@ def pretrain(params: Params, prepared_dir: Path, out_dir: Path, *, checkpoint_di
         coverage=coverage_of(tokenizer, texts), total_params=total, trainable_params=trainable, steps=state.step,
         stopped_by=stopped_by, train_time_s=round(state.train_time_s, 3), tokens=state.tokens,
         tokens_per_s=round(tokens_per_s, 1), gemm_flops_per_s=gemm,
-        mfu=round(6 * total * tokens_per_s / gemm, 4) if gemm else 0.0, loss_curve=state.loss_curve,
+        mfu=round(flops * tokens_per_s / gemm, 4) if gemm else 0.0, flops_per_token=flops, loss_curve=state.loss_curve,
         val_curve=state.val_curve, final_perplexity=state.val_curve[-1]["perplexity"], resumed_from_step=resumed,
         audit=audit, extra={"mlflow_run_id": state.extra.get("mlflow_run_id")} if state.extra.get("mlflow_run_id") else {})
     save_pretrained(run.model.cpu(), tokenizer, out_dir, record,
