@@ -37,7 +37,7 @@ def project(tmp_path_factory, shared_data):
 def test_repro_runs_every_stage_and_writes_every_variant(project):
     proj, env, out, _ = project
     variants = ["full", "top1", "probe"]
-    expected = {"prepare", "tokenization", "audit", "compare", "promote"} | \
+    expected = {"prepare", "pretrain", "tokenization", "audit", "compare", "promote"} | \
         {f"{s}@{v}" for s in ("finetune", "evaluation") for v in variants}
     assert ran_stages(out) == expected
     for v in variants:

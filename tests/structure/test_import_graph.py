@@ -9,7 +9,7 @@ import yaml
 
 from import_graph import PACKAGES, ROOT, as_path, closure, cycles, graph, module_path, project_modules
 
-STAGES = ("prepare", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
+STAGES = ("prepare", "pretrain", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 
 
 def dvc_stages() -> dict:
