@@ -160,7 +160,7 @@ def dvc_plots_page(project: Path, out: Path, *template: str) -> Path:
 
 
 DVC_PLOTS = {"plots_loss_full_csv", "plots_loss_probe_csv", "plots_confusion_full_csv",
-             "plots_confusion_probe_csv", "reports_variants_csv"}  # dvc.yaml's plots of this project
+             "plots_confusion_probe_csv", "reports_variants_csv", "plots_pretrain_csv"}  # dvc.yaml's plots of this project
 
 
 def test_dvc_plots_page_shows_every_plot_offline(project, tmp_path):
@@ -177,9 +177,11 @@ def test_dvc_plots_page_shows_every_plot_offline(project, tmp_path):
     assert seen["errors"] == [], "\n".join(seen["errors"])
     boxes = {b["id"]: b for b in seen["boxes"]}
     assert set(boxes) == DVC_PLOTS, boxes
-    for b in boxes.values():
+    # pretrain is off in this project: its loss plot has no points, so DVC draws an empty canvas for it
+    drawn = [b for name, b in boxes.items() if name != "plots_pretrain_csv"]
+    for b in drawn:
         assert b["w"] > 100 and b["h"] > 100 and b["y"] + b["h"] <= WINDOW[1], b
-    assert blank_boxes(seen["png"], list(boxes.values())) == []
+    assert blank_boxes(seen["png"], drawn) == []
 
 
 def test_dvc_default_page_is_blank_offline(project, tmp_path):
