@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import sqlite3
 import tempfile
 import time
@@ -111,6 +112,91 @@ def file_lock(path: Optional[str], timeout_s: float = 120.0):
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+LOCK_HOLDER_TAG, LOCK_EXPIRES_TAG = "depthtune.lock.holder", "depthtune.lock.expires"
+
+
+def lock_model_name(purpose: str) -> str:
+    return f"{purpose}--lock"
+
+
+@contextlib.contextmanager
+def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 60.0):
+    """Hold an exclusive lock kept in the tracking store's own database, for every machine that uses it.
+
+    The lock is a registered model named `<purpose>--lock`: creating one is atomic in the store (a
+    unique name; the second creator gets RESOURCE_ALREADY_EXISTS from the database, through any server),
+    and deleting it is the release. The holder renews a lease tag every lease_s / 3 seconds; a lock
+    whose lease ran out (its holder died: SIGKILL, a lost machine) is broken by the next waiter.
+    Two coordinators on two machines promoting at once through one `mlflow server` serialise here;
+    a file lock could not see the other machine. Raises TimeoutError after `timeout_s`.
+    """
+    import socket
+    import threading
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    name = lock_model_name(purpose)
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline = time.monotonic() + timeout_s
+
+    def code(exc: MlflowException) -> str:
+        return str(getattr(exc, "error_code", ""))
+
+    while True:
+        try:
+            client.create_registered_model(name, tags={LOCK_HOLDER_TAG: holder,
+                                                       LOCK_EXPIRES_TAG: f"{time.time() + lease_s:.3f}"},
+                                           description=f"depthtune {purpose}: held while a promotion runs")
+            break
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in code(exc):
+                raise
+        try:
+            held = client.get_registered_model(name)
+            if float(held.tags.get(LOCK_EXPIRES_TAG, "0")) < time.time():  # its holder stopped renewing
+                client.delete_registered_model(name)
+                continue
+        except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" not in code(exc):  # released meanwhile: try again at once
+                raise
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"could not take the lock {name!r} in the tracking store within {timeout_s:.0f} s "
+                               f"(held by {held.tags.get(LOCK_HOLDER_TAG, '?')})")
+        time.sleep(0.2)
+
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(lease_s / 3):
+            with contextlib.suppress(Exception):  # a failed renewal only shortens the lease
+                client.set_registered_model_tag(name, LOCK_EXPIRES_TAG, f"{time.time() + lease_s:.3f}")
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
+        with contextlib.suppress(Exception):
+            if client.get_registered_model(name).tags.get(LOCK_HOLDER_TAG) == holder:
+                client.delete_registered_model(name)
+
+
+@contextlib.contextmanager
+def exclusive(client, uri: str, purpose: str, timeout_s: float = 120.0):
+    """A lock for `purpose` on this store: a file lock beside a SQLite file (one machine), else `store_lock`."""
+    db = sqlite_path(uri)
+    if db and db != ":memory:":
+        with file_lock(lock_path(uri, purpose), timeout_s):
+            yield
+    else:
+        with store_lock(client, purpose, timeout_s):
+            yield
 
 
 # ----------------------------------------------------------------------------- the store template

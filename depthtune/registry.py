@@ -14,8 +14,9 @@
                  `challenger` alias; the reason goes into a version tag and the report
 
 Refusals raise DepthtuneError before anything in the registry changes. Steps 3-7 run
-under a lock file keyed by (store, model name), so two promotions racing on one
-machine serialise; the champion alias is re-read just before it is moved.
+under a lock keyed by (store, model name): a file beside a SQLite store, a lock held in
+the store's database for a server (mlflow_store.store_lock), so two promotions racing
+on one machine or on two serialise; the champion alias is re-read just before it is moved.
 Aliases only: model version stages are deprecated in MLflow 3.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from depthtune import layout
 from depthtune.config import METRICS_OF_TASK, RegistryConfig, TrackingConfig, higher_is_better
 from depthtune.errors import DepthtuneError
 from depthtune.mlflow_runs import TAG_MODEL_URI, TAG_VARIANT, data_fingerprint, dvc_lock_hash, git_commit
-from depthtune.mlflow_store import file_lock, lock_path, tracking_uri, use_store
+from depthtune.mlflow_store import exclusive, tracking_uri, use_store
 from depthtune.provenance import provenance
 from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
                                read_variant_record)
@@ -484,7 +485,7 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
     data, data_fp = read_test_data(root / test_path, root / labels_path, task), data_fingerprint(root)
     report["test_data"] = {"path": str(test_path), "n": len(data.texts), "labels": data.names, "fingerprint": data_fp}
 
-    with file_lock(lock_path(uri, f"promote-{reg.model_name}"), lock_timeout_s):
+    with exclusive(client, uri, f"promote-{reg.model_name}", lock_timeout_s):
         with clock("load_candidate"):
             model = load_candidate(logged.model_uri, cand.variant, data.names, Path(labels_path))
         with clock("load_champion"):

@@ -3,6 +3,8 @@
     python -m flows.pipeline                          # = dvc repro, observed in Prefect
     python -m flows.pipeline --parallel 2             # variants' finetune/evaluation side by side
     python -m flows.pipeline -S 'variants.top2.train.lr=3e-4'   # dvc exp run with overrides
+    python -m flows.pipeline --pool gpus              # variants on a Prefect work pool's workers
+                                                      # (flows/distributed.py, docs/scale-out.md)
 
 DVC stays the single source of truth: this flow only drives `dvc repro` / `dvc exp run`,
 so the cache and dvc.lock decide what re-runs. One local Prefect server is started (or
@@ -45,7 +47,15 @@ def main(argv=None) -> None:
     ap.add_argument("-S", "--set-param", action="append", default=[], help="dvc exp run -S override (repeatable)")
     ap.add_argument("--parallel", type=int, default=1, help="variants trained side by side (default 1)")
     ap.add_argument("--force", action="store_true", help="dvc repro --force")
+    ap.add_argument("--pool", default=None, help="train the variants on this Prefect work pool's workers, "
+                                                 "sharing outputs through the DVC remote (flows/distributed.py)")
+    ap.add_argument("--repo", default=None, help="with --pool: where workers fetch the commit (default: origin)")
+    ap.add_argument("--attempts", type=int, default=3, help="with --pool: tries per variant when a worker dies")
     args = ap.parse_args(argv)
+    if args.pool:
+        from flows.distributed import run_pool
+        run_pool(args.pool, args.repo, args.attempts, timeout_s=86400.0)
+        return
     runtime.configure_process()
 
     if not os.environ.get("PREFECT_API_URL"):

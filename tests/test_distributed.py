@@ -1,0 +1,213 @@
+"""From one machine to many, with the real parts (issue 18).
+
+A private PostgreSQL cluster (Debian's package, started as the `postgres` user in a temp dir) under a
+real `mlflow server` with proxied artifacts; a real `prefect server`; two real `prefect worker`
+processes (`python -m flows.distributed worker`), each in its own git clone of a tiny project, sharing
+a local-directory DVC remote with the coordinator. Everything on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import make_project, project_env, tiny_params
+from flows import team_server
+
+pytestmark = pytest.mark.timeout(900)
+
+POOL = "tiny-pool"
+VARIANTS = {"full": {}, "top1": {"train_top": 1, "train": {"lr": 2e-3}},
+            "probe": {"train_top": 0, "train": {"lr": 5e-3}}}
+
+
+def run(args, cwd, env, timeout=600):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, args))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def team():
+    """PostgreSQL + mlflow server in a directory the `postgres` user can reach (pytest's tmp dirs are 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="depthtune-team-"))
+    root.chmod(0o755)
+    server = team_server.start(root / "server")
+    yield server
+    team_server.stop(root / "server")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, shared_data, team):
+    """A coordinator clone with a DVC remote, a Prefect server, two workers in their own clones."""
+    base = tmp_path_factory.mktemp("cluster")
+    params = tiny_params(shared_data, variants=VARIANTS, tracking={"enabled": True, "uri": team.tracking_uri})
+    coord = make_project(base / "coordinator", params)
+    env0 = project_env(coord)
+    run([sys.executable, "-m", "dvc", "remote", "add", "-d", "team", str(base / "dvc-remote")], coord, env0)
+    run(["git", "commit", "-qam", "team remote"], coord, env0)
+    prefect_env = {**env0, "DEPTHTUNE_PREFECT_DIR": str(base / "prefect"), "DEPTHTUNE_PREFECT_IDLE_S": "900"}
+    url = run([sys.executable, "-m", "flows.server", "start"], coord, prefect_env).strip().splitlines()[-1]
+    workers = {}
+    for name in ("worker-a", "worker-b"):
+        clone = base / name
+        run(["git", "clone", "-q", str(coord), str(clone)], base, env0)
+        log = open(base / f"{name}.log", "ab")
+        workers[name] = subprocess.Popen(
+            [sys.executable, "-m", "flows.distributed", "worker", "--pool", POOL, "--name", name, "--heartbeat", "2"],
+            cwd=clone, env=project_env(clone, PREFECT_API_URL=url), stdout=log, stderr=log, start_new_session=True)
+    yield {"base": base, "coord": coord, "url": url, "workers": workers, "params": params}
+    for proc in workers.values():
+        kill_tree(proc.pid)
+    subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=coord, env=prefect_env, capture_output=True)
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL a process and every descendant (the worker, its flow-run process, dvc, the stage)."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    return [p.pid for p in procs]
+
+
+def coordinate(cluster, timeout=600):
+    env = project_env(cluster["coord"], PREFECT_API_URL=cluster["url"])
+    return subprocess.Popen([sys.executable, "-m", "flows.pipeline", "--pool", POOL], cwd=cluster["coord"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def last_report(coord: Path) -> dict:
+    return json.loads((coord / ".depthtune" / "last_distributed.json").read_text())
+
+
+def eval_metric(project: Path, variant: str) -> float:
+    return json.loads((project / "metrics" / "eval" / f"{variant}.json").read_text())["accuracy"]
+
+
+def mlflow_variant_runs(uri: str, key: str) -> dict:
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("depthtune")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`depthtune.pipeline_key` = '{key}'",
+                              run_view_type=ViewType.ACTIVE_ONLY)
+    out: dict = {}
+    for r in runs:
+        if r.data.tags.get("depthtune.role") == "variant":
+            out.setdefault(r.data.tags["depthtune.variant"], []).append(r)
+    return out
+
+
+def test_variants_on_two_workers_give_what_a_local_run_gives(cluster, shared_data, tmp_path):
+    coord = cluster["coord"]
+    out = finish(coordinate(cluster))
+    rep = last_report(coord)
+    assert set(rep["variants"]) == set(VARIANTS)
+    assert {r["worker"] for r in rep["variants"].values()} == {"worker-a", "worker-b"}, out[-3000:]
+    assert all(len(r["attempts"]) == 1 for r in rep["variants"].values())
+    # the lock records every stage as made: nothing left to run, the outputs are here
+    status = run([sys.executable, "-m", "dvc", "status"], coord, project_env(coord))
+    assert "up to date" in status, status
+    for v in VARIANTS:
+        assert (coord / "models" / v / "model.safetensors").is_file()
+
+    # the same params run locally (SQLite MLflow, plain dvc repro): the same models and metrics
+    local_params = {**cluster["params"], "tracking": {"enabled": True}}
+    local = make_project(tmp_path / "local", local_params)
+    run([sys.executable, "-m", "dvc", "repro"], local, project_env(local, DEPTHTUNE_PREFECT="0"))
+    lock_d = yaml.safe_load((coord / "dvc.lock").read_text())["stages"]
+    lock_l = yaml.safe_load((local / "dvc.lock").read_text())["stages"]
+    assert set(lock_d) == set(lock_l)
+    for v in VARIANTS:
+        assert eval_metric(coord, v) == eval_metric(local, v)
+        model_d, model_l = ([o for o in lock[f"finetune@{v}"]["outs"] if o["path"] == f"models/{v}"]
+                            for lock in (lock_d, lock_l))
+        assert model_d and model_d == model_l  # bit-identical models (timings in the metrics files differ)
+    prom_d = json.loads((coord / "reports" / "promotion.json").read_text())
+    prom_l = json.loads((local / "reports" / "promotion.json").read_text())
+    assert prom_d["candidate"]["variant"] == prom_l["candidate"]["variant"]
+    assert prom_d["decision"] == prom_l["decision"] == "promoted"
+
+    # one MLflow server on PostgreSQL holds it all: one run per variant, the champion in its registry
+    from mlflow import MlflowClient
+
+    runs = mlflow_variant_runs(cluster["params"]["tracking"]["uri"], rep["pipeline_key"])
+    assert {v: len(r) for v, r in runs.items()} == {v: 1 for v in VARIANTS}
+    client = MlflowClient(tracking_uri=cluster["params"]["tracking"]["uri"])
+    champ = client.get_model_version_by_alias("tiny-classifier", "champion")
+    assert champ.tags["depthtune.variant"] == prom_d["candidate"]["variant"]
+    # a second distributed run sends nothing: every variant is up to date
+    finish(coordinate(cluster))
+    assert last_report(coord)["variants"] == {} and set(last_report(coord)["up_to_date"]) == set(VARIANTS)
+
+
+def running_flow_runs(api_url: str) -> list[dict]:
+    """The Prefect server's RUNNING flow runs, through its REST API."""
+    import urllib.request
+
+    body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}}}).encode()
+    req = urllib.request.Request(f"{api_url}/flow_runs/filter", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_a_killed_workers_variant_runs_again_on_the_other(cluster):
+    coord = cluster["coord"]
+    params = yaml.safe_load((coord / "params.yaml").read_text())
+    params["train"]["epochs"] = 3  # every variant must train again
+    (coord / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "3 epochs"], coord, project_env(coord))
+    proc = coordinate(cluster)
+
+    victim, deadline = None, time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        for fr in running_flow_runs(cluster["url"]):
+            name = (fr.get("labels") or {}).get("prefect.worker.name")
+            if name in cluster["workers"] and fr["name"].endswith("attempt1"):
+                victim = (name, fr["name"].rsplit("-attempt", 1)[0])
+                break
+        time.sleep(0.5)
+    if victim is None:
+        proc.kill()
+    assert victim, f"no variant started on a worker: {proc.communicate()[0][-4000:]}"
+    time.sleep(3)  # into its finetune stage
+    killed = kill_tree(cluster["workers"][victim[0]].pid)
+    assert len(killed) >= 2  # the worker and its flow-run process at least
+    out = finish(proc)
+    rep = last_report(coord)
+    attempts = rep["variants"][victim[1]]["attempts"]
+    assert len(attempts) == 2, out[-3000:]
+    assert attempts[0]["worker"] == victim[0] and attempts[0]["state"] == "CRASHED"
+    assert "stopped heartbeating" in attempts[0]["reason"]
+    survivor = next(n for n in cluster["workers"] if n != victim[0])
+    assert attempts[1]["worker"] == survivor and rep["variants"][victim[1]]["worker"] == survivor
+    status = run([sys.executable, "-m", "dvc", "status"], coord, project_env(coord))
+    assert "up to date" in status, status
+    # one MLflow run for the variant, finished: the second attempt re-attached to the first's run
+    runs = mlflow_variant_runs(cluster["params"]["tracking"]["uri"], rep["pipeline_key"])
+    assert len(runs[victim[1]]) == 1 and runs[victim[1]][0].info.status == "FINISHED"
