@@ -2,7 +2,8 @@
 #   make repro   # create .venv, install, run the default pipeline (dvc repro) offline
 #                # (make repro DVC_ARGS=--force: re-run every stage)
 #   make test    # create .venv, install, run the test suite
-#   make setup   # .venv, the offline DVC plots template (npm), chromium for the report tests (apt-get, as root)
+#   make setup   # .venv, the offline DVC plots template (npm), chromium for the report tests and PostgreSQL
+#                # for the team-server tests (apt-get, as root)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -15,7 +16,7 @@ export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup browser repro test bench clean-outputs
+.PHONY: setup browser postgres repro test bench clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,7 +42,19 @@ browser:
 	      || echo "chromium: apt-get install failed; tests/test_offline_report.py fails until it is installed"; \
 	  else echo "chromium missing: apt-get install chromium (Debian's), for tests/test_offline_report.py"; fi; }
 
-setup: $(STAMP) $(PLOTS_TEMPLATE) browser
+# Debian's PostgreSQL: tests/test_distributed.py starts a private cluster (initdb + pg_ctl in a temp dir)
+# under a real `mlflow server`. Installed when root with apt-get (~1 min once); the package's own
+# cluster is not used (nor started).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing postgresql (apt-get, for the team-server tests)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	      apt-get install -y -qq --no-install-recommends postgresql; } >/dev/null 2>&1 \
+	      || echo "postgresql: apt-get install failed; tests/test_distributed.py fails until it is installed"; \
+	  else echo "postgresql missing: apt-get install postgresql (Debian's), for tests/test_distributed.py"; fi; }
+
+setup: $(STAMP) $(PLOTS_TEMPLATE) browser postgres
 
 repro: $(STAMP) $(PLOTS_TEMPLATE)
 	test -d .git || git init -q

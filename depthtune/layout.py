@@ -94,7 +94,8 @@ def stage_io(stage: str, variant: str = "${key}") -> dict[str, dict[str, str]]:
         "evaluation": ({"model": model_dir(v), "seed-models": seed_models_dir(v), "tokenized": TOKENIZED,
                         "labels": LABELS, "pretrained": PRETRAINED},
                        {"metrics": eval_record(v), "confusion-plot": confusion_plot(v)}),
-        "compare": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS}, {"out": REPORTS}),
+        "compare": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS, "pretrain": PRETRAIN_METRICS},
+                    {"out": REPORTS}),
         "promote": ({"audit": AUDIT, "train": TRAIN_METRICS, "eval": EVAL_METRICS,
                      "test": prepared_split("test"), "labels": LABELS}, {"out": PROMOTION}),
     }

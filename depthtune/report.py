@@ -129,6 +129,7 @@ def build_row(res: VariantResults) -> dict:
     return {
         "variant": res.variant,
         "description": a.description,
+        "init": (a.spec or {}).get("init") or "pretrained",
         "depth": t.depth,
         "trainable_params": a.trainable_params,
         "total_params": a.total_params,
@@ -365,9 +366,28 @@ def per_layer(results: Sequence[VariantResults]) -> dict:
 # ----------------------------------------------------------------------------- the report
 
 
+def pretraining_summary(record: dict | None) -> dict | None:
+    """What developing the base model cost (the pretrain stage's record), or None when pretraining was off."""
+    if not record or not record.get("enabled"):
+        return None
+    cov = record.get("coverage") or {}
+    val = record.get("val_curve") or []
+    return {"objective": record.get("objective"), "base": record.get("base"), "steps": record.get("steps"),
+            "stopped_by": record.get("stopped_by"), "tokens": record.get("tokens"),
+            "train_time_s": record.get("train_time_s"), "tokens_per_s": record.get("tokens_per_s"),
+            "mfu": record.get("mfu"), "total_params": record.get("total_params"),
+            "perplexity_start": val[0].get("perplexity") if val else None,
+            "perplexity_final": record.get("final_perplexity"),
+            "tokenizer": {k: (record.get("tokenizer") or {}).get(k) for k in ("trained", "kind", "vocab_size")},
+            "unk_fraction": {split: (cov.get(split) or {}).get("unk_fraction") for split in cov}}
+
+
 def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy", tolerance: float = 0.01,
-                 alpha: float = 0.05) -> dict:
-    """Rows (with p vs best), both Pareto fronts (marked on the rows), the verdict and the per-layer counts."""
+                 alpha: float = 0.05, pretraining: dict | None = None) -> dict:
+    """Rows (with p vs best), both Pareto fronts (marked on the rows), the verdict and the per-layer counts.
+
+    `pretraining`: the pretrain stage's record; when it ran, its cost goes into the report and each row
+    built from it gets `with_pretraining_s` (its own train time + the pretraining that made its start)."""
     rows = [build_row(r) for r in results]
     fronts = pareto_fronts(rows)
     for r in rows:
@@ -377,10 +397,14 @@ def build_report(results: Sequence[VariantResults], *, metric: str = "accuracy",
     for r in rows:
         r["p_vs_best"] = None if r["variant"] == best else p_values[r["variant"]]
     verdict = best_and_cheapest(rows, metric, tolerance, alpha)
+    pre = pretraining_summary(pretraining)
+    for r in rows:
+        r["with_pretraining_s"] = (r["train_time_s"] + pre["train_time_s"]
+                                   if pre and pre.get("train_time_s") is not None and r["init"] != "scratch" else None)
     kinds = sorted({r["peak_memory_kind"] for r in rows if r["peak_memory_kind"]})
     top = next(r for r in results if r.variant == best)
     return {"rows": rows, "fronts": fronts, "verdict": verdict, "layers": per_layer(results),
-            "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds,
+            "metric": metric, "tolerance": tolerance, "alpha": alpha, "memory_kinds": kinds, "pretraining": pre,
             "classes": class_section(top.eval), "loss_curves": {r.variant: r.train.loss_curve for r in results},
             "unknown_fraction": max((r.audit.unknown_fraction for r in results if r.audit.unknown_fraction is not None),
                                     default=None)}

@@ -48,6 +48,7 @@ def comparison_json(report: dict) -> dict:
         # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
         "pareto": dict(report["fronts"]),
         "classes": report.get("classes"),  # the top variant's worst classes and most confused pairs
+        "pretraining": report.get("pretraining"),  # what developing the base model cost (None: pretraining off)
         "rows": report["rows"],
         "layers": [{"name": n,
                     "trainable": {v: t[n] for v, t in layers["trainable"].items() if n in t},
@@ -159,6 +160,30 @@ def cost_table(rows: Sequence[dict]) -> list[str]:
                     "per second over that GEMM rate.", ""]
 
 
+def pretraining_section(pre: dict | None, rows: Sequence[dict]) -> list[str]:
+    """The pretrain stage's cost beside the variants': what developing the base model took."""
+    if not pre:
+        return []
+    minutes = (pre.get("train_time_s") or 0.0) / 60
+    unk = ", ".join(f"{k} {v:.1%}" for k, v in (pre.get("unk_fraction") or {}).items() if v is not None)
+    tok = pre.get("tokenizer") or {}
+    lines = ["## Pretraining: the base model the variants start from", "",
+             "| objective | from | parameters | steps | tokens | minutes | tokens/s | MFU | held-out perplexity | "
+             "tokenizer | unknown tokens |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+             f"| {pre.get('objective')} | {pre.get('base')} | {_int(pre.get('total_params'))} | "
+             f"{_int(pre.get('steps'))} ({pre.get('stopped_by')}) | {_int(pre.get('tokens'))} | {minutes:.1f} | "
+             f"{_num(pre.get('tokens_per_s'), ',.0f')} | {_num(pre.get('mfu'), '.2f')} | "
+             f"{_num(pre.get('perplexity_start'), ',.0f')} -> {_num(pre.get('perplexity_final'), ',.1f')} | "
+             f"{'trained ' + str(tok.get('kind')) if tok.get('trained') else 'the model' + chr(39) + 's'} "
+             f"({_int(tok.get('vocab_size'))}) | {unk or '—'} |", ""]
+    paid = [r for r in rows if r.get("with_pretraining_s") is not None]
+    if paid:
+        lines += ["Train time with the pretraining that made each variant's start (a variant at `init: scratch` "
+                  "did not use it): " + ", ".join(f"{r['variant']} {r['train_time_s'] / 60:.1f} + {minutes:.1f} = "
+                                                  f"{r['with_pretraining_s'] / 60:.1f} min" for r in paid) + ".", ""]
+    return lines
+
+
 def convergence_notes(rows: Sequence[dict]) -> list[str]:
     """Markdown lines naming every not-converged variant with its note (empty when all converged)."""
     flagged = [r for r in rows if r["not_converged"]]
@@ -206,6 +231,7 @@ def comparison_markdown(report: dict) -> str:
         *convergence_notes(report["rows"]),
         *training_table(report["rows"]),
         *cost_table(report["rows"]),
+        *pretraining_section(report.get("pretraining"), report["rows"]),
         *class_markdown(report.get("classes")),
         "Memory: *est.* is the audit's training-memory estimate, *peak* the measured peak"
         + (f" ({', '.join(kinds)})" if kinds else "") + "; train s is the optimizer loop only; "

@@ -114,22 +114,30 @@ def merge_lock(lock_path: Path, entries: dict) -> None:
     tmp.replace(lock_path)
 
 
-def uncached_files(root: Path, stages: list[str]) -> dict[str, str]:
-    """The outputs of `stages` that DVC keeps out of its cache (metrics, plots, the audit: the small files a
-    local run leaves to git), base64 by path: they travel with the flow run, the rest through the DVC remote."""
-    from dvc.repo import Repo
+def uncached_paths(root: Path, stage: str) -> list[str]:
+    """The outputs dvc.yaml keeps out of DVC's cache (`cache: false`) for `stage` (`name` or `name@variant`)."""
+    name, _, variant = stage.partition("@")
+    spec = (yaml.safe_load((root / "dvc.yaml").read_text()).get("stages") or {}).get(name) or {}
+    body = spec.get("do", spec)  # foreach stages: the template under `do`, the variant as ${key}
+    paths = []
+    for section in ("outs", "metrics", "plots"):
+        for item in body.get(section) or []:
+            if isinstance(item, dict):
+                for path, opts in item.items():
+                    if isinstance(opts, dict) and opts.get("cache") is False:
+                        paths.append(path.replace("${key}", variant))
+    return paths
 
-    files, wanted = {}, set(stages)
-    with Repo(str(root)) as repo:
-        for stage in repo.index.stages:
-            if getattr(stage, "name", None) not in wanted:
-                continue
-            for out in stage.outs:
-                path = Path(out.fs_path)
-                if out.use_cache or not path.exists():
-                    continue
-                for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-                    files[str(f.relative_to(root))] = base64.b64encode(f.read_bytes()).decode()
+
+def uncached_files(root: Path, stages: list[str]) -> dict[str, str]:
+    """The uncached outputs of `stages` (metrics, plots, the audit: the small files a local run leaves to
+    git), base64 by path: they travel with the flow run, everything else through the DVC remote."""
+    files = {}
+    for stage in stages:
+        for rel in uncached_paths(root, stage):
+            path = root / rel
+            for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+                files[str(f.relative_to(root))] = base64.b64encode(f.read_bytes()).decode()
     return files
 
 

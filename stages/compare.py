@@ -2,7 +2,8 @@
 
 Reads params sections `variants` (names, in order), `compare` (`tolerance`, `alpha`)
 and `evaluation.metric`; reads every variant's audit record (--audit), train record
-(--train) and eval record (--eval); no model is loaded: the intervals come from the
+(--train) and eval record (--eval), and the pretrain record (--pretrain: what developing
+the base model cost, shown beside the variants when pretraining ran); no model is loaded: the intervals come from the
 eval records, the paired tests against the best variant run on their stored test
 predictions. Writes, each file atomically, under --out (reports/): comparison.md,
 comparison.json (also a DVC metrics file: its `variants` section), variants.csv (DVC
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from depthtune import layout, stopwatch, tracking
 from depthtune.config import load_params
+from depthtune.errors import DepthtuneError
 from depthtune.files import run_main, write_bytes_atomic
 from depthtune.report import build_report, load_results
 from depthtune.report_text import comparison_table, render_outputs
@@ -30,7 +32,7 @@ def main(argv: list | None = None) -> dict:
     print(f"compare: {len(variants)} variants; records from {args.audit}/, {args.train}/, {args.eval}/")
     results = load_results(variants, audit_dir=args.audit, train_dir=args.train, eval_dir=args.eval)
     report = build_report(results, metric=params.evaluation.metric, tolerance=params.compare.tolerance,
-                          alpha=params.compare.alpha)
+                          alpha=params.compare.alpha, pretraining=read_pretraining(args.pretrain))
     outputs = render_outputs(report)
     for name, data in outputs.items():
         write_bytes_atomic(args.out / name, data)
@@ -40,6 +42,19 @@ def main(argv: list | None = None) -> dict:
     print(f"compare: {len(report['rows'])} variants -> {args.out}/ ({', '.join(outputs)})")
     log_evaluations(params.tracking, results)
     return report
+
+
+def read_pretraining(path) -> dict | None:
+    """The pretrain stage's record (its cost goes into the report), None when absent or pretraining was off."""
+    import json
+
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise DepthtuneError(f"{path}: not a JSON pretrain record ({exc}); rerun the pretrain stage") from None
+    return record if isinstance(record, dict) and record.get("enabled") else None
 
 
 def log_evaluations(cfg, results) -> None:

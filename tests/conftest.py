@@ -167,3 +167,30 @@ def project_env(project: Path, **extra) -> dict:
     env.pop("PREFECT_API_URL", None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture(scope="session")
+def local_pipeline(tmp_path_factory, shared_data):
+    """The tiny default project run once with plain `dvc repro` (every stage a Prefect flow, MLflow on SQLite).
+
+    Shared by tests/test_pipeline_dvc.py (which then changes the project) and tests/test_distributed.py
+    (which compares a distributed run against it): `made` is what the first run made, kept before any change.
+    """
+    import json
+    import subprocess
+    import time
+
+    import yaml
+
+    proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj", tiny_params(shared_data))
+    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=300)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=env, capture_output=True, text=True,
+                          timeout=900)
+    first = time.perf_counter() - t
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    made = {"lock": yaml.safe_load((proj / "dvc.lock").read_text())["stages"],
+            "eval": {f.stem: json.loads(f.read_text()) for f in sorted((proj / "metrics" / "eval").glob("*.json"))},
+            "promotion": json.loads((proj / "reports" / "promotion.json").read_text())}
+    yield {"proj": proj, "env": env, "out": proc.stdout + proc.stderr, "first": first, "made": made}
+    subprocess.run([sys.executable, "-m", "flows.server", "stop"], cwd=proj, env=env, capture_output=True)

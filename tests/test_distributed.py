@@ -122,7 +122,7 @@ def mlflow_variant_runs(uri: str, key: str) -> dict:
     return out
 
 
-def test_variants_on_two_workers_give_what_a_local_run_gives(cluster, shared_data, tmp_path):
+def test_variants_on_two_workers_give_what_a_local_run_gives(cluster, shared_data, local_pipeline):
     coord = cluster["coord"]
     out = finish(coordinate(cluster))
     rep = last_report(coord)
@@ -135,22 +135,19 @@ def test_variants_on_two_workers_give_what_a_local_run_gives(cluster, shared_dat
     for v in VARIANTS:
         assert (coord / "models" / v / "model.safetensors").is_file()
 
-    # the same params run locally (SQLite MLflow, plain dvc repro): the same models and metrics
-    local_params = {**cluster["params"], "tracking": {"enabled": True}}
-    local = make_project(tmp_path / "local", local_params)
-    run([sys.executable, "-m", "dvc", "repro"], local, project_env(local, DEPTHTUNE_PREFECT="0"))
+    # the same params run locally (SQLite MLflow, plain dvc repro): the same models, metrics and promotion
+    local = local_pipeline["made"]
+    assert tiny_params(shared_data, variants=VARIANTS) == tiny_params(shared_data)  # the local run's params
     lock_d = yaml.safe_load((coord / "dvc.lock").read_text())["stages"]
-    lock_l = yaml.safe_load((local / "dvc.lock").read_text())["stages"]
-    assert set(lock_d) == set(lock_l)
+    assert set(lock_d) == set(local["lock"])
     for v in VARIANTS:
-        assert eval_metric(coord, v) == eval_metric(local, v)
+        assert eval_metric(coord, v) == local["eval"][v]["accuracy"]
         model_d, model_l = ([o for o in lock[f"finetune@{v}"]["outs"] if o["path"] == f"models/{v}"]
-                            for lock in (lock_d, lock_l))
+                            for lock in (lock_d, local["lock"]))
         assert model_d and model_d == model_l  # bit-identical models (timings in the metrics files differ)
     prom_d = json.loads((coord / "reports" / "promotion.json").read_text())
-    prom_l = json.loads((local / "reports" / "promotion.json").read_text())
-    assert prom_d["candidate"]["variant"] == prom_l["candidate"]["variant"]
-    assert prom_d["decision"] == prom_l["decision"] == "promoted"
+    assert prom_d["candidate"]["variant"] == local["promotion"]["candidate"]["variant"]
+    assert prom_d["decision"] == local["promotion"]["decision"] == "promoted"
 
     # one MLflow server on PostgreSQL holds it all: one run per variant, the champion in its registry
     from mlflow import MlflowClient
@@ -160,9 +157,6 @@ def test_variants_on_two_workers_give_what_a_local_run_gives(cluster, shared_dat
     client = MlflowClient(tracking_uri=cluster["params"]["tracking"]["uri"])
     champ = client.get_model_version_by_alias("tiny-classifier", "champion")
     assert champ.tags["depthtune.variant"] == prom_d["candidate"]["variant"]
-    # a second distributed run sends nothing: every variant is up to date
-    finish(coordinate(cluster))
-    assert last_report(coord)["variants"] == {} and set(last_report(coord)["up_to_date"]) == set(VARIANTS)
 
 
 def running_flow_runs(api_url: str) -> list[dict]:
@@ -179,9 +173,9 @@ def running_flow_runs(api_url: str) -> list[dict]:
 def test_a_killed_workers_variant_runs_again_on_the_other(cluster):
     coord = cluster["coord"]
     params = yaml.safe_load((coord / "params.yaml").read_text())
-    params["train"]["epochs"] = 3  # every variant must train again
+    params["variants"]["probe"]["train"]["lr"] = 4e-3  # probe trains again, the others are up to date
     (coord / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "commit", "-qam", "3 epochs"], coord, project_env(coord))
+    run(["git", "commit", "-qam", "probe lr 4e-3"], coord, project_env(coord))
     proc = coordinate(cluster)
 
     victim, deadline = None, time.monotonic() + 240
@@ -204,6 +198,7 @@ def test_a_killed_workers_variant_runs_again_on_the_other(cluster):
     assert len(attempts) == 2, out[-3000:]
     assert attempts[0]["worker"] == victim[0] and attempts[0]["state"] == "CRASHED"
     assert "stopped heartbeating" in attempts[0]["reason"]
+    assert victim[1] == "probe" and set(rep["up_to_date"]) == {"full", "top1"}
     survivor = next(n for n in cluster["workers"] if n != victim[0])
     assert attempts[1]["worker"] == survivor and rep["variants"][victim[1]]["worker"] == survivor
     status = run([sys.executable, "-m", "dvc", "status"], coord, project_env(coord))
@@ -211,3 +206,49 @@ def test_a_killed_workers_variant_runs_again_on_the_other(cluster):
     # one MLflow run for the variant, finished: the second attempt re-attached to the first's run
     runs = mlflow_variant_runs(cluster["params"]["tracking"]["uri"], rep["pipeline_key"])
     assert len(runs[victim[1]]) == 1 and runs[victim[1]][0].info.status == "FINISHED"
+
+
+LOCK_TAKER = """
+import sys, time
+from mlflow import MlflowClient
+from depthtune.mlflow_store import store_lock
+uri, log, hold_s, times = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+for _ in range(times):
+    with store_lock(client, "promote-tiny", timeout_s=60, lease_s=3):
+        with open(log, "a") as f:
+            f.write(f"in {time.time()}\\n")
+            f.flush()
+        time.sleep(hold_s)
+        with open(log, "a") as f:
+            f.write(f"out {time.time()}\\n")
+"""
+
+
+def test_the_promotion_lock_in_the_store_serialises_processes_and_outlives_a_dead_holder(team, tmp_path):
+    from mlflow import MlflowClient
+
+    env = project_env(Path.cwd())
+    log = tmp_path / "lock.log"
+    takers = [subprocess.Popen([sys.executable, "-c", LOCK_TAKER, team.tracking_uri, str(log), "0.3", "3"], env=env)
+              for _ in range(2)]
+    assert [p.wait(timeout=120) for p in takers] == [0, 0]
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert len(events) == 12
+    assert [e[0] for e in events] == ["in", "out"] * 6  # never two holders at once
+    # a holder killed while it holds: the lock stays until its lease (3 s) runs out, then the next taker breaks it
+    dead = subprocess.Popen([sys.executable, "-c", LOCK_TAKER, team.tracking_uri, str(tmp_path / "dead.log"), "60", "1"],
+                            env=env)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "dead.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dead.kill()
+    dead.wait()
+    client = MlflowClient(tracking_uri=team.tracking_uri)
+    assert client.get_registered_model("promote-tiny--lock")  # left behind by the dead holder
+    t = time.monotonic()
+    assert subprocess.run([sys.executable, "-c", LOCK_TAKER, team.tracking_uri, str(log), "0", "1"], env=env,
+                          timeout=120).returncode == 0
+    assert 0.5 < time.monotonic() - t < 30
+    assert log.read_text().count("in ") == 7
+    assert not [m for m in client.search_registered_models() if m.name == "promote-tiny--lock"]  # released

@@ -23,15 +23,9 @@ def ran_stages(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, shared_data):
-    proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj", tiny_params(shared_data))
-    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=300)
-    t = time.perf_counter()
-    proc = run([sys.executable, "-m", "dvc", "repro"], proj, env)
-    first = time.perf_counter() - t
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    yield proj, env, proc.stdout + proc.stderr, first
-    run([sys.executable, "-m", "flows.server", "stop"], proj, env)
+def project(local_pipeline):
+    p = local_pipeline
+    return p["proj"], p["env"], p["out"], p["first"]
 
 
 def test_repro_runs_every_stage_and_writes_every_variant(project):

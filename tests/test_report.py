@@ -385,6 +385,35 @@ def test_stage_main(results_dir, capsys):
     assert "| variant |" in printed and "Cheapest within 0.005 of it: top2" in printed
 
 
+def test_pretraining_cost_is_shown_beside_the_variants(results_dir):
+    from stages.compare import main
+    params = results_dir / "params.yaml"
+    params.write_text("variants:\n" + "".join(f"  {v}: {{}}\n" for v in VARIANTS)
+                      + "evaluation: {metric: accuracy}\ncompare: {tolerance: 0.005}\n")
+    record = {"enabled": True, "objective": "mlm", "base": "scratch (bert)", "steps": 1500, "stopped_by": "max_steps",
+              "tokens": 2_919_147, "train_time_s": 420.0, "tokens_per_s": 6950.4, "mfu": 0.41, "total_params": 4_934_519,
+              "val_curve": [{"step": 0, "perplexity": 6712.0}, {"step": 1500, "perplexity": 229.8}],
+              "final_perplexity": 229.8, "tokenizer": {"trained": True, "kind": "wordpiece", "vocab_size": 6519},
+              "coverage": {"train": {"unk_fraction": 0.0}, "test": {"unk_fraction": 0.0058}}}
+    (results_dir / "pretrain.json").write_text(json.dumps(record))
+    dirs = ["--audit", str(results_dir / "audit"), "--train", str(results_dir / "metrics" / "train"),
+            "--eval", str(results_dir / "metrics" / "eval")]
+    main(["--params", str(params), "--out", str(results_dir / "reports"), "--pretrain", str(results_dir / "pretrain.json"),
+          *dirs])
+    md = (results_dir / "reports" / "comparison.md").read_text()
+    assert "## Pretraining: the base model the variants start from" in md
+    assert "| mlm | scratch (bert) | 4,934,519 | 1,500 (max_steps) | 2,919,147 | 7.0 | 6,950 | 0.41 | 6,712 -> 229.8 |" in md
+    assert "trained wordpiece (6,519) | train 0.0%, test 0.6% |" in md
+    assert "top2 0.7 + 7.0 = 7.7 min" in md  # top2 trains 40 s: its own time + the pretraining it started from
+    doc = json.loads((results_dir / "reports" / "comparison.json").read_text())
+    assert doc["pretraining"]["train_time_s"] == 420.0 and doc["rows"][2]["with_pretraining_s"] == 460.0
+    # pretraining off (the pass-through record): no section, nothing added
+    (results_dir / "pretrain.json").write_text(json.dumps({"enabled": False}))
+    main(["--params", str(params), "--out", str(results_dir / "reports"), "--pretrain", str(results_dir / "pretrain.json"),
+          *dirs])
+    assert "## Pretraining" not in (results_dir / "reports" / "comparison.md").read_text()
+
+
 def test_single_variant_renders(results_dir):
     rep = _report(results_dir, variants=["probe"])
     assert rep["fronts"] == {FRONT_PARAMS: ["probe"], FRONT_TIME: ["probe"]}
