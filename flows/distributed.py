@@ -233,7 +233,7 @@ def worker(pool: str, gpu: Optional[str], name: Optional[str], checkout: Optiona
     print(f"worker {name}: pool {pool}, checkout {root}, {'GPU ' + gpu if gpu is not None else 'CPU'}, "
           f"server {os.environ['PREFECT_API_URL']}", flush=True)
     args = [tool("prefect"), "worker", "start", "--pool", pool, "--type", "process", "--limit", "1", "--name", name]
-    os.execve(args[0], args, env) if os.path.isabs(args[0]) else os.execvpe(args[0], args, env)
+    os.execvpe(args[0], args, env)  # this process becomes the worker: a signal to it reaches Prefect
 
 
 # ----------------------------------------------------------------------------- the coordinator's side

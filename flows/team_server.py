@@ -1,7 +1,7 @@
 """A team's tracking server on one machine: PostgreSQL + `mlflow server` with proxied artifacts.
 
     python -m flows.team_server start --dir ~/depthtune-team            # prints the tracking URI
-    python -m flows.team_server start --dir DIR --host 0.0.0.0 --port 5000   # reachable by the team's machines
+    python -m flows.team_server start --dir DIR --host 10.0.0.5 --port 5000  # this host's LAN address: the team reaches it
     python -m flows.team_server status --dir DIR
     python -m flows.team_server stop --dir DIR
 
@@ -73,8 +73,13 @@ class TeamServer:
 
     @property
     def tracking_uri(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.mlflow_port}"
+        import ipaddress
+
+        try:
+            wildcard = ipaddress.ip_address(self.host).is_unspecified  # bound to every interface
+        except ValueError:  # a host name
+            wildcard = False
+        return f"http://{'127.0.0.1' if wildcard else self.host}:{self.mlflow_port}"
 
     @property
     def backend_uri(self) -> str:  # no password: it is in PGPASSFILE

@@ -183,7 +183,7 @@ def local_pipeline(tmp_path_factory, shared_data):
     import yaml
 
     proj = make_project(tmp_path_factory.mktemp("pipeline") / "proj", tiny_params(shared_data))
-    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=300)
+    env = project_env(proj, DEPTHTUNE_PREFECT_IDLE_S=3600)  # its server outlives the modules run in between
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=proj, env=env, capture_output=True, text=True,
                           timeout=900)
