@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import make_project, project_env, tiny_params
+from tests.conftest import make_project, project_env, tiny_params
 from flows import team_server
 
 pytestmark = pytest.mark.timeout(900)
