@@ -193,6 +193,8 @@ def known_calibration(key: str) -> Optional[dict]:
     """{efficiency | step_floor_s, variant, when} measured on this machine for this kind, or None."""
     entry = read_calibration().get(key)
     ok = isinstance(entry, dict) and any(isinstance(entry.get(k), (int, float)) for k in ("efficiency", "step_floor_s"))
+    if ok and isinstance(entry.get("efficiency"), (int, float)) and not 0 < entry["efficiency"] <= 1:
+        return None  # kept by an older version: a GEMM timed while other work held the cores
     return entry if ok else None
 
 
@@ -249,7 +251,10 @@ def after_training(prediction: dict, *, steps: int, train_time_s: float, trainab
     per_step_flops = prediction["flops_per_epoch"] / max(prediction["steps_per_epoch"], 1)
     eff = measured_efficiency(per_step_flops, steps, train_time_s, trainable, tp)
     if steps >= 20 and prediction["matmul_share"] >= 0.5 and eff is not None:
-        remember(prediction["calibration_key"], {"efficiency": eff}, variant)
+        # above 1 the GEMM timed before training ran slower than the training itself: other work held the
+        # cores then (seen: 1.37 after a contended GEMM, then the next variants predicted 3.3x too fast)
+        if 0 < eff <= 1:
+            remember(prediction["calibration_key"], {"efficiency": eff}, variant)
     elif steps >= 20:  # step-bound (a probe): what a step costs beyond its matmuls and optimizer
         matmul_s = steps * per_step_flops / (tp.gemm_flops_per_s * tp.efficiency)
         floor = (train_time_s - matmul_s) / steps - trainable * tp.optimizer_s_per_param

@@ -133,6 +133,11 @@ def test_calibration_is_measured_once_then_used_for_the_same_kind(tmp_path, monk
     probe = prediction_with(fast, lora["calibration_key"], 0)
     step_time.after_training(probe, steps=50, train_time_s=50 * 3e-3, trainable=0, variant="probe")
     assert step_time.known_calibration(lora["calibration_key"])["step_floor_s"] == pytest.approx(3e-3, rel=1e-3)
+    # a run faster than the GEMM timed before it (other work held the cores then): not kept, the 0.2 stays
+    quick = other + steps * pred["flops_per_epoch"] / 16 / (1e9 * 1.3)
+    assert step_time.after_training(pred, steps=steps, train_time_s=quick, trainable=trainable,
+                                    variant="full")["efficiency_measured"] == pytest.approx(1.3, rel=1e-4)
+    assert step_time.known_calibration(key)["efficiency"] == pytest.approx(0.2, rel=1e-4)
     (tmp_path / "calibration.json").write_text("not json")  # a damaged file costs the calibration, nothing else
     assert step_time.known_calibration(key) is None
 
