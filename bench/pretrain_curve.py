@@ -37,6 +37,7 @@ def one_budget(base: Path, example: str, steps: int, variant: str) -> dict:
     subprocess.run(["git", "clone", "-q", str(REPO), str(proj)], check=True)
     params = yaml.safe_load((REPO / "examples" / example / "params.yaml").read_text())
     params["pretrain"]["max_steps"] = steps
+    params["pretrain"]["max_minutes"] = None  # the steps decide, whatever else runs on the machine
     params["variants"] = {variant: params["variants"][variant]}
     params["tracking"]["enabled"] = False
     (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
