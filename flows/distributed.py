@@ -114,27 +114,22 @@ def merge_lock(lock_path: Path, entries: dict) -> None:
     tmp.replace(lock_path)
 
 
-def uncached_paths(root: Path, stage: str) -> list[str]:
+def uncached_paths(dvc_yaml: dict, stage: str) -> list[str]:
     """The outputs dvc.yaml keeps out of DVC's cache (`cache: false`) for `stage` (`name` or `name@variant`)."""
     name, _, variant = stage.partition("@")
-    spec = (yaml.safe_load((root / "dvc.yaml").read_text()).get("stages") or {}).get(name) or {}
+    spec = (dvc_yaml.get("stages") or {}).get(name) or {}
     body = spec.get("do", spec)  # foreach stages: the template under `do`, the variant as ${key}
-    paths = []
-    for section in ("outs", "metrics", "plots"):
-        for item in body.get(section) or []:
-            if isinstance(item, dict):
-                for path, opts in item.items():
-                    if isinstance(opts, dict) and opts.get("cache") is False:
-                        paths.append(path.replace("${key}", variant))
-    return paths
+    return [path.replace("${key}", variant)
+            for section in ("outs", "metrics", "plots") for item in body.get(section) or [] if isinstance(item, dict)
+            for path, opts in item.items() if isinstance(opts, dict) and opts.get("cache") is False]
 
 
 def uncached_files(root: Path, stages: list[str]) -> dict[str, str]:
     """The uncached outputs of `stages` (metrics, plots, the audit: the small files a local run leaves to
     git), base64 by path: they travel with the flow run, everything else through the DVC remote."""
-    files = {}
+    dvc_yaml, files = yaml.safe_load((root / "dvc.yaml").read_text()) or {}, {}
     for stage in stages:
-        for rel in uncached_paths(root, stage):
+        for rel in uncached_paths(dvc_yaml, stage):
             path = root / rel
             for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
                 files[str(f.relative_to(root))] = base64.b64encode(f.read_bytes()).decode()
