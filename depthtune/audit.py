@@ -18,6 +18,7 @@ from torch import nn
 from depthtune.config import GQA_TYPES, ModelConfig, Params, VariantSpec, to_dict
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
+from depthtune.lm_scoring import scoring_batch_size
 from depthtune.precision import resolve_precision
 from depthtune.records import AuditRecord, LabelSet, TokenReport
 from depthtune.runtime import pick_device
@@ -217,6 +218,7 @@ def block_activation_bytes(cfg, precision: str, seq_len: int, lora: Optional[tup
       LoRA on an encoder (lora = (r, targets)): the frozen base matmuls keep no input (grads w.r.t.
       their weights are not needed): - 2.5H - I; each adapter keeps its dropout mask, the dropped
       input and lora_A's output: + targets * (1.25H + r). Measured (r 8, query+value): 8,398 vs 8,392.
+      BitFit freezes every matmul weight too (biases and LayerNorms train): lora = (0, 0), - 2.5H - I.
       GPT-2 and encoders in bf16: 2 bytes each; bf16 autocast: the residual stream and LayerNorm inputs
       (4H) fp32, the rest bf16.
     """
@@ -317,36 +319,56 @@ def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_le
     return int(acts)
 
 
+def forward_buffer_bytes(cfg, tokens: int, seq_len: int) -> int:
+    """One layer's no-grad forward at its peak, fp32: the FFN's pre- and post-activation (2I), the
+    residual stream (H) and the attention scores or probabilities (A*S, encoders and GPT-2) per token
+    (fitted: a 4-layer BERT, H 256, at 64 x 128, 2,840 floats per token measured, this gives 2,816)."""
+    d = _dims(cfg)
+    d_attn = 0 if cfg.model_type in GQA_TYPES else d["A"] * seq_len
+    return int(tokens * (2 * d["I"] + d["H"] + d_attn) * FP32)
+
+
+def lm_scoring_bytes(cfg, seq_len: int) -> int:
+    """Validation of a causal LM (lm_scoring.score_texts): the logits of one scoring batch, the batch
+    capped so they hold <= MAX_LOGIT_FLOATS, three times over: the logits, cross_entropy's contiguous
+    copy of their transpose and its log-softmax (measured: a 4-layer Llama, V 8,000, at 64 x 128,
+    3.3 x 248 MiB over the weights and optimizer states)."""
+    V = _dims(cfg)["V"]
+    return int(3 * scoring_batch_size(V, seq_len, EVAL_BATCH) * seq_len * V * FP32)
+
+
 def process_peaks(cfg, parts: dict, *, batch_size: int, seq_len: int, precision: str, backprop_layers: int,
-                  pretrained: bool) -> dict:
+                  pretrained: bool, task: str = "classification") -> dict:
     """Every memory term and the three peaks of a finetune process; total = the largest peak.
     `parts`: weights, gradients, adamw_states, activations, autocast_weight_copies, prefix_cache, best_weights."""
-    d = _dims(cfg)
-    H = d["H"]
     weights, grads, adamw, cache, best = (parts[k] for k in ("weights", "gradients", "adamw_states",
                                                              "prefix_cache", "best_weights"))
     # backward: the parameters' grads grow while a block's own temporaries (grads of its FFN and attention
     # tensors) come and go; the peak holds the larger of the two on top of the activations (measured,
     # MiniLM-L6 at 16 x 78, trimmed heap: full/depth3 +37 MiB over weights + AdamW + best + activations,
-    # where grads are 86/66 MiB; LoRA, grads ~0: +35 MiB = one block's temporaries)
+    # where grads are 86/66 MiB; LoRA, grads ~0: +35 MiB = one block's temporaries). With nothing to
+    # backpropagate and no prefix cache (a probe run on the whole model), the step's transient is the
+    # layers' no-grad forward at the training batch instead
     temporaries = backward_temporary_bytes(cfg, batch_size * seq_len, seq_len, precision) if backprop_layers else 0
-    grads_or_temps = max(grads, temporaries)
+    forward = forward_buffer_bytes(cfg, batch_size * seq_len, seq_len) if not backprop_layers and not cache else 0
+    grads_or_temps = max(grads, temporaries, forward)
     training = sum(parts.values()) - grads + grads_or_temps
     # building: the weights once. transformers 5 builds on the meta device and maps the safetensors
     # checkpoint, so a pretrained build holds 1x too (measured MiniLM-L6, fresh process: 11 MiB after the
     # build, 87 MiB once every weight is read, for 87 MiB of weights; transformers 4's random init + copy
     # held 2x). The step peak comes later, so the process peak is the larger of the two
     build = weights
-    # no-grad forwards at the evaluation batch (64: the prefix cache's build, validation): one layer's
-    # peak, I + H + A*S floats per token (fitted: MiniLM-L6 probe, cache build at 64 x 78, +57 MiB),
-    # on top of what lives then: weights, AdamW states, best weights, the prefix cache (no grads, no
-    # activations); it sets the total when the step peak is small (probe: weights + cache + this)
-    d_attn = 0 if cfg.model_type in GQA_TYPES else d["A"] * seq_len
-    eval_buffers = EVAL_BATCH * seq_len * (d["I"] + H + d_attn) * FP32
+    # validation (and the prefix cache's build): no-grad forwards at the evaluation batch (64), on top of
+    # what lives then: weights, AdamW states, best weights, the prefix cache (no grads, no activations);
+    # a causal LM's scoring holds its logits instead (lm_scoring_bytes, when larger). It sets the total
+    # when the step peak is small (a probe: weights + cache + this)
+    eval_buffers = forward_buffer_bytes(cfg, EVAL_BATCH * seq_len, seq_len)
+    if task == "causal_lm":
+        eval_buffers = max(eval_buffers, lm_scoring_bytes(cfg, seq_len))
     evaluation = weights + adamw + best + cache + eval_buffers
-    return {**parts, "backward_temporaries": temporaries, "evaluation_buffers": eval_buffers,
-            "training_peak": training, "build_peak": build, "evaluation_peak": evaluation,
-            "total": max(training, build, evaluation)}
+    return {**parts, "backward_temporaries": temporaries, "forward_buffers": forward,
+            "evaluation_buffers": eval_buffers, "training_peak": training, "build_peak": build,
+            "evaluation_peak": evaluation, "total": max(training, build, evaluation)}
 
 
 def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
@@ -356,8 +378,9 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
 
     memory = max(training_peak, build_peak, evaluation_peak)
-      evaluation_peak = weights + AdamW + best + prefix cache + EVAL_BATCH*S*(I + H + A*S)*4 (no-grad forwards)
-      training_peak = weights + max(grads, backward temporaries) + AdamW states + activations + autocast weight copies + prefix cache
+      evaluation_peak = weights + AdamW + best + prefix cache + EVAL_BATCH*S*(2I + H + A*S)*4 (no-grad
+                    forwards; a causal LM's scoring: 3 x its logits when larger, lm_scoring_bytes)
+      training_peak = weights + max(grads, backward temporaries, forward buffers) + AdamW states + activations + autocast weight copies + prefix cache
              + best weights (trainable * wb: training.BestWeights' copy, alive from the first validation on)
       build_peak  = weights (transformers 5 builds on the meta device and maps the checkpoint)
       seq_len: for the step peak, the LONGEST batch: batching.length_grouped_batches sorts each
@@ -440,7 +463,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
              "autocast_weight_copies": copies, "prefix_cache": cache, "best_weights": best}
     return {
         "memory_bytes": process_peaks(cfg, parts, batch_size=batch_size, seq_len=seq_len, precision=precision,
-                                      backprop_layers=n_bp, pretrained=pretrained),
+                                      backprop_layers=n_bp, pretrained=pretrained, task=task),
         "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd), "step": step},
         "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
                         "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
@@ -478,6 +501,8 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
                                 f"the config gives {expected:,} ({formula})")
     cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
     lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
+    if spec.bitfit:  # every matmul weight frozen, no adapter: LoRA's activation formula with no targets
+        lora = (0, 0)
     pretrained = model_source != "scratch" and spec.init != "scratch"
     settings = {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing,
                 "lora": lora, "pretrained": pretrained}

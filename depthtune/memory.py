@@ -12,6 +12,10 @@
           RSS growth 880 MiB, allocated 675 MiB; with every block over 128 KiB mmapped
           (MALLOC_MMAP_THRESHOLD_=131072, nothing retained) RSS growth is 680 MiB: the same live bytes.
           Without glibc (macOS, musl) allocated falls back to the RSS growth (kind "rss_growth").
+          anonymous=True counts anonymous memory only (RSS less file-backed pages, Linux): for a process
+          forked after its imports, which pages its parent's library code in again as it runs (fork does
+          not copy the page tables of read-only file mappings: tens of MiB that no tensor holds). Not for
+          the finetune stage: a pretrained checkpoint's weights are file-backed there (safetensors mmap).
 """
 from __future__ import annotations
 
@@ -51,8 +55,8 @@ def heap_free_bytes(libc: Optional[ctypes.CDLL]) -> int:
 class PeakMemory:
     """`peak_growth` = peak allocated over the start, `peak_reserved` = peak reserved over the start (bytes)."""
 
-    def __init__(self, device: str = "cpu", interval: float = 0.02):
-        self.device, self.interval = device, interval
+    def __init__(self, device: str = "cpu", interval: float = 0.02, anonymous: bool = False):
+        self.device, self.interval, self.anonymous = device, interval, anonymous
         self.libc = None if device == "cuda" else glibc()
         self.kind = ("cuda_max_allocated" if device == "cuda" else
                      "heap_allocated" if self.libc is not None else "rss_growth")
@@ -63,6 +67,10 @@ class PeakMemory:
     def _allocated(self, rss: int) -> int:
         return rss - heap_free_bytes(self.libc)
 
+    def _rss(self) -> int:
+        info = self._proc.memory_info()  # Linux: `shared` = resident file-backed + shmem pages (statm)
+        return info.rss - getattr(info, "shared", 0) if self.anonymous else info.rss
+
     def __enter__(self):
         if self.device == "cuda":
             import torch
@@ -71,7 +79,7 @@ class PeakMemory:
             self._base_reserved = torch.cuda.memory_reserved()
             return self
         self._proc = psutil.Process()
-        rss = self._proc.memory_info().rss
+        rss = self._rss()
         self._base, self._base_reserved = self._allocated(rss), rss
         self._peak, self._peak_reserved = self._base, self._base_reserved
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -79,7 +87,7 @@ class PeakMemory:
         return self
 
     def _take_sample(self):
-        rss = self._proc.memory_info().rss
+        rss = self._rss()
         self._peak_reserved = max(self._peak_reserved, rss)
         self._peak = max(self._peak, self._allocated(rss))
 

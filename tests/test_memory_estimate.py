@@ -1,10 +1,12 @@
 """The audit's training-memory estimate against a measured CPU peak, per variant kind and family.
 
 Each case trains a few AdamW steps in its own process (forked, one after the other, from one that imported
-torch and transformers: the same post-import heap, glibc's default settings, as the finetune stage runs), keeping training.BestWeights' copy from the first step on, under
-depthtune.memory.PeakMemory (allocated = RSS less glibc's free heap bytes; reserved = RSS growth); the
-model is sized so the tensors dominate the runtime's fixed cost (~tens of MiB). The error before issue 15
-was ~2x: the band below catches it.
+torch and transformers: the same post-import heap, glibc's default settings, as the finetune stage runs),
+keeping training.BestWeights' copy from the first step on, then runs one validation pass at the evaluation
+batch (64) as training does, under depthtune.memory.PeakMemory (allocated = anonymous RSS less glibc's free
+heap bytes: a forked child pages its parent's library code in again, file-backed memory no tensor holds, and
+these from-scratch models hold no file-backed weights). The model is sized so the tensors dominate the
+runtime's fixed cost. The error before issue 15 was ~2x: the band below catches it.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from depthtune.memory import PeakMemory
 from depthtune.audit import audit_built
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.next_token import mean_loss, token_nll
+from depthtune.audit import EVAL_BATCH
+from depthtune.batching import Examples, predict_logits
+from depthtune.lm_scoring import score_texts
 from depthtune.training import BestWeights, build_optimizer
 from depthtune.variants import build_variant
 torch.set_num_threads(1)
@@ -32,7 +37,8 @@ def measure(arch, vdict, task):
     cfg = parse_section(TrainConfig, {"lr": 1e-4}, "train")
     torch.manual_seed(0)
     ids = torch.randint(5, arch["vocab_size"], (B, S))
-    with PeakMemory("cpu") as mem:
+    val = Examples(input_ids=torch.randint(5, arch["vocab_size"], (EVAL_BATCH, S)).tolist(), labels=[0] * EVAL_BATCH)
+    with PeakMemory("cpu", anonymous=True) as mem:
         built = build_variant(mc, spec, 2, device="cpu", task=task)
         model = built.model
         model.train()
@@ -50,6 +56,10 @@ def measure(arch, vdict, task):
             opt.zero_grad(set_to_none=True)
             if step == 0:
                 best.keep(model)
+        if task == "causal_lm":  # validation as training runs it: no-grad forwards at the evaluation batch
+            score_texts(model, val, batch_size=EVAL_BATCH, device="cpu", pad_id=0)
+        else:
+            predict_logits(model, val, EVAL_BATCH, "cpu", 0)
     est = audit_built(built, variant_name="v", spec=spec, num_labels=2 if task != "causal_lm" else 0,
                       batch_size=B, seq_len=S, task=task, model_source="scratch").estimates["memory_bytes"]
     return {"peak": mem.peak_growth, "reserved": mem.peak_reserved, "kind": mem.kind, "estimate": est}
@@ -104,12 +114,13 @@ def test_estimate_matches_measured_peak(name, arch, variant, task, measured):
     est = got["estimate"]
     ratio = got["peak"] / est["total"]
     parts = {k: round(v / 2**20, 1) for k, v in est.items()}
-    # every component is listed: the step peak is their sum, grads and one block's backward temporaries
-    # counted as the larger of the two; the process peak the larger of that and the build's
-    peaks = ("total", "training_peak", "build_peak", "evaluation_peak", "evaluation_buffers")
+    # every component is listed: the step peak is their sum, grads, one block's backward temporaries and
+    # (nothing backpropagated) the no-grad forward's buffers counted as the largest; the process peak the
+    # largest of that, the build's and validation's
+    peaks = ("total", "training_peak", "build_peak", "evaluation_peak", "evaluation_buffers", "forward_buffers")
     parts = {k: v for k, v in est.items() if k not in peaks}
-    assert est["training_peak"] == (sum(parts.values()) - est["gradients"] - est["backward_temporaries"]
-                                    + max(est["gradients"], est["backward_temporaries"]))
+    transients = (est["gradients"], est["backward_temporaries"], est["forward_buffers"])
+    assert est["training_peak"] == sum(parts.values()) - est["gradients"] - est["backward_temporaries"] + max(transients)
     assert est["total"] == max(est["training_peak"], est["build_peak"], est["evaluation_peak"])
     assert got["kind"] == "heap_allocated" and got["reserved"] >= 0.95 * got["peak"]  # glibc here (Debian)
     assert 0.75 <= ratio <= 1.3, f"{name}: measured {got['peak'] / 2**20:.0f} MiB / estimate = {ratio:.2f}; {parts}"
