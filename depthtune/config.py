@@ -281,6 +281,9 @@ class PretrainConfig:
     tokenizer: PretrainTokenizer = field(default_factory=PretrainTokenizer)
     corpus: list = _f([])  # unlabeled local .txt (a text a line) / .csv / .tsv / .jsonl (`corpus_column`) files
     corpus_column: str = _f("text")
+    # all: every training-split text, the rows data.max_train_samples keeps out of fine-tuning included
+    # (data/prepared/train_left_out.jsonl) | capped: only the rows the variants fine-tune on
+    train_texts: str = _f("all", choices=("all", "capped"))
     max_steps: int = _f(1000, lo=1)  # optimizer steps (the schedule spans them)
     max_minutes: Optional[float] = _f(None, lo=0.0, lo_open=True)  # a wall-clock budget too; null = steps only
     batch_size: int = _f(32, lo=1)

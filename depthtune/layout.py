@@ -6,6 +6,7 @@ does); the stages' argument defaults, the report, the registry and the tests tak
 them from here, and `tests/test_layout.py` checks `dvc.yaml` against `STAGE_IO`.
 
     data/prepared/{train,validation,test}.jsonl, labels.json, report.json   prepare
+    data/prepared/train_left_out.jsonl (training rows the cap left out)     prepare
     pretrained/ (HF folder when pretrain is on; pretrain.json alone when off)  pretrain
     metrics/pretrain.json, plots/pretrain.csv                               pretrain
     checkpoints/_pretrain/ (while pretraining; removed on success)          pretrain
@@ -27,6 +28,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where params.yaml and d
 SPLITS = ("train", "validation", "test")
 
 PREPARED = "data/prepared"
+TRAIN_LEFT_OUT_FILE = "train_left_out.jsonl"  # in PREPARED: training rows data.max_train_samples left out
 PRETRAINED = "pretrained"  # the base model every variant starts from when pretrain is on (config.load_params)
 PRETRAIN_METRICS = "metrics/pretrain.json"
 PRETRAIN_PLOT = "plots/pretrain.csv"

@@ -24,7 +24,8 @@ Pipeline, in this order:
 5. leakage: a text in train is removed from validation and test, a text in
    validation is removed from test;
 6. cap: `max_train_samples` caps train, `max_eval_samples` caps validation and test
-   (stratified, seeded);
+   (stratified, seeded); the training rows the cap leaves out are kept apart (train_left_out.jsonl):
+   never fine-tuned on, they are training-split text the pretrain stage may read;
 7. labels -> ids: the order of `data.labels` when declared, else the source's own
    documented order (builtin: rotten=0, fresh=1; a Hub ClassLabel's names), else
    the labels found sorted (numerically when all are integers, else as strings).
@@ -45,7 +46,7 @@ from depthtune.config import DataConfig
 from depthtune.data_readers import RawSplit, SourceData, normalize_label, read_source
 from depthtune.errors import DataError
 from depthtune.files import atomic_dir
-from depthtune.layout import SPLITS
+from depthtune.layout import SPLITS, TRAIN_LEFT_OUT_FILE
 from depthtune.records import LabelSet, PreparedExample, prepared_split_text
 
 EVAL_SPLITS = ("validation", "test")
@@ -71,6 +72,7 @@ class Prepared:
     names: list  # label names, id = index
     splits: dict  # split name -> list of PreparedExample (text, label id)
     report: dict
+    train_left_out: list = field(default_factory=list)  # training rows max_train_samples left out (pretraining may read them)
 
 
 def sort_labels(found: Iterable[str]) -> list:
@@ -340,8 +342,9 @@ def remove_leakage(splits: dict) -> dict:
     return removed
 
 
-def cap_splits(splits: dict, *, max_train: Optional[int], max_eval: Optional[int], seed: int) -> dict:
-    """Stratified, seeded caps; returns rows removed per split."""
+def cap_splits(splits: dict, *, max_train: Optional[int], max_eval: Optional[int], seed: int,
+               left_out: Optional[dict] = None) -> dict:
+    """Stratified, seeded caps; returns rows removed per split (and puts them in `left_out`[split])."""
     removed = {}
     for name in SPLITS:
         cap = max_train if name == "train" else max_eval
@@ -353,6 +356,9 @@ def cap_splits(splits: dict, *, max_train: Optional[int], max_eval: Optional[int
         keep = stratified_sample([e[1] for e in examples], cap, rng=rng, one_each_from=1)  # every class stays
         splits[name] = [examples[i] for i in keep]
         removed[name] = len(examples) - cap
+        if left_out is not None:
+            kept = set(keep)
+            left_out[name] = [e for i, e in enumerate(examples) if i not in kept]
     return removed
 
 
@@ -519,7 +525,9 @@ def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Opt
     except DataError as exc:  # name the file the rows came from
         raise DataError(f"{cleaned['train'].origin}: {exc}") from None
     leakage = remove_leakage(splits)
-    capped = cap_splits(splits, max_train=cfg.max_train_samples, max_eval=cfg.max_eval_samples, seed=cfg.seed)
+    left_out: dict = {}
+    capped = cap_splits(splits, max_train=cfg.max_train_samples, max_eval=cfg.max_eval_samples, seed=cfg.seed,
+                        left_out=left_out)
     names, order = label_names(splits, declared=declared, source_order=source.label_order)
     check_splits(splits, cleaned=cleaned, leakage=leakage, labelled=labelled)
     warnings = split_warnings(splits, names=names, cleaned=cleaned, leakage=leakage)
@@ -527,17 +535,21 @@ def prepare(cfg: DataConfig, *, cache_dir: str | Path | None = None, source: Opt
                           splits=splits, names=names, label_order=order, cfg=cfg, warnings=warnings)
     ids = {name: i for i, name in enumerate(names)}
     out = {name: [PreparedExample(text, ids[label]) for text, label, _ in splits[name]] for name in SPLITS}
-    return Prepared(names=names, splits=out, report=report)
+    # every class survives the cap (one_each_from=1), so every left-out label has an id
+    train_left_out = [PreparedExample(text, ids[label]) for text, label, _ in left_out.get("train", [])]
+    return Prepared(names=names, splits=out, report=report, train_left_out=train_left_out)
 
 
 def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
-    """Write {train,validation,test}.jsonl, labels.json, report.json into out_dir, all or nothing."""
+    """Write {train,validation,test}.jsonl, train_left_out.jsonl, labels.json, report.json into out_dir, all
+    or nothing."""
     out_dir = Path(out_dir)
     labels = LabelSet(names=list(prepared.names)).to_dict()
     # plain writes: atomic_dir swaps the whole directory in at once
     with atomic_dir(out_dir) as tmp:
         for name in SPLITS:
             (tmp / f"{name}.jsonl").write_text(prepared_split_text(prepared.splits[name]), encoding="utf-8")
+        (tmp / TRAIN_LEFT_OUT_FILE).write_text(prepared_split_text(prepared.train_left_out), encoding="utf-8")
         (tmp / "labels.json").write_text(json.dumps(labels, ensure_ascii=False) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(prepared.report, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")

@@ -41,6 +41,7 @@ from depthtune.checkpoints import latest_checkpoint, load_checkpoint, save_check
 from depthtune.config import DECODER_TYPES, ENCODER_TYPES, Params, VariantSpec, to_dict
 from depthtune.coverage import split_coverage, unk_token_id
 from depthtune.errors import ConfigError, DataError, ModelError, first_line
+from depthtune.layout import TRAIN_LEFT_OUT_FILE
 from depthtune.files import atomic_dir
 from depthtune.masked_lm import IGNORE, mask_tokens, step_generator
 from depthtune.next_token import mean_loss, token_nll
@@ -94,6 +95,7 @@ class Texts:
     train: list  # the training split's texts (labels dropped) + the corpus: all that pretraining sees
     validation: list
     test: list
+    left_out: int = 0  # training rows the cap left out of fine-tuning, read too (pretrain.train_texts: all)
     corpus_read: int = 0
     corpus_dropped: int = 0  # corpus lines equal to a validation/test text
 
@@ -132,15 +134,26 @@ def read_corpus_file(path: Path, column: str) -> list[str]:
         raise DataError(f"pretrain.corpus: cannot read {path} ({first_line(exc)})") from None
 
 
-def pretrain_texts(prepared_dir: Path, corpus: tuple = (), column: str = "text") -> Texts:
-    """The texts pretraining may use (train split + corpus, never a validation or test text) and the
-    held-out ones."""
+def left_out_texts(prepared_dir: Path) -> list:
+    """The training rows data.max_train_samples left out of fine-tuning, labels dropped ([] when none, or
+    for data prepared before the file existed)."""
+    path = Path(prepared_dir) / TRAIN_LEFT_OUT_FILE
+    if not path.exists():
+        return []
+    num_labels = len(LabelSet.read(Path(prepared_dir) / "labels.json").names)
+    return [r.text.replace(PROMPT_SEP, " ") for r in read_prepared_split(path, num_labels)]
+
+
+def pretrain_texts(prepared_dir: Path, corpus: tuple = (), column: str = "text", train_texts: str = "all") -> Texts:
+    """The texts pretraining may use (train split, with the rows the cap left out unless train_texts is
+    "capped", + corpus; never a validation or test text) and the held-out ones."""
     splits = split_texts(Path(prepared_dir))
+    left_out = left_out_texts(Path(prepared_dir)) if train_texts == "all" else []
     held_out = set(splits["validation"]) | set(splits["test"])
     extra = [t for p in corpus for t in read_corpus_file(Path(p), column) if t]
     kept = [t for t in extra if t not in held_out]
-    return Texts(train=splits["train"] + kept, validation=splits["validation"], test=splits["test"],
-                 corpus_read=len(extra), corpus_dropped=len(extra) - len(kept))
+    return Texts(train=splits["train"] + left_out + kept, validation=splits["validation"], test=splits["test"],
+                 left_out=len(left_out), corpus_read=len(extra), corpus_dropped=len(extra) - len(kept))
 
 
 # ----------------------------------------------------------------------------- what to build
@@ -557,8 +570,9 @@ def pretrain(params: Params, prepared_dir: Path, out_dir: Path, *, checkpoint_di
              extra_meta: Optional[dict] = None, log: Callable[[str], None] = print) -> PretrainRecord:
     """The stage's work when pretrain is on: train, measure, save pretrained/ (its record is returned)."""
     pre = params.pretrain
-    texts = pretrain_texts(prepared_dir, pre.corpus, pre.corpus_column)
-    log(f"pretrain: {len(texts.train):,} training texts (the train split's, labels dropped, + "
+    texts = pretrain_texts(prepared_dir, pre.corpus, pre.corpus_column, pre.train_texts)
+    log(f"pretrain: {len(texts.train):,} training texts (the train split's, labels dropped, "
+        f"{texts.left_out:,} of them left out of fine-tuning by data.max_train_samples; + "
         f"{texts.corpus_read - texts.corpus_dropped:,} corpus lines; {texts.corpus_dropped:,} corpus lines equal to a "
         f"validation/test text dropped), {len(texts.validation):,} validation texts for the held-out perplexity")
     run, plan, tokenizer = setup(params, texts, checkpoint_dir=checkpoint_dir, device=device, log=log)
@@ -578,7 +592,7 @@ def pretrain(params: Params, prepared_dir: Path, out_dir: Path, *, checkpoint_di
         base=f"scratch ({plan.model_type})" if pre.start_from == "scratch" else params.model.source,
         tokenizer={"trained": plan.tokenizer_kind is not None, "kind": plan.tokenizer_kind or "the model's",
                    "vocab_size": len(tokenizer), "trained_on_texts": len(texts.train) if plan.tokenizer_kind else 0},
-        data={"train_texts": len(texts.train), "corpus_lines": texts.corpus_read, "corpus_dropped": texts.corpus_dropped,
+        data={"train_texts": len(texts.train), "train_left_out_texts": texts.left_out, "corpus_lines": texts.corpus_read, "corpus_dropped": texts.corpus_dropped,
               "train_sequences": len(run.train), "validation_sequences": len(run.validation),
               "train_tokens": sum(run.train.lengths)},
         coverage=coverage_of(tokenizer, texts), total_params=total, trainable_params=trainable, steps=state.step,

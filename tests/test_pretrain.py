@@ -156,13 +156,25 @@ def test_tokenizer_and_mlm_from_zero_make_the_base_model_of_every_variant(tmp_pa
 
 
 def test_no_validation_or_test_text_reaches_pretraining(tmp_path, shared_data):
+    """Pretraining reads the train split (the rows max_train_samples keeps out of fine-tuning too, unless
+    train_texts: capped) and the corpus less any validation/test text; never a validation or test text."""
     from depthtune.pretraining import pretrain_texts
+    from depthtune.records import read_prepared_split
     from stages import prepare
 
-    proj = make_project(tmp_path / "proj", pretrain_params(shared_data, tmp_path), git=False)
+    params = pretrain_params(shared_data, tmp_path)
+    params["data"]["max_train_samples"] = 200  # of the 240 training rows: 40 left out of fine-tuning
+    proj = make_project(tmp_path / "proj", params, git=False)
+    corpus = (str(tmp_path / "data" / "corpus.txt"),)
     with in_project(proj):
         prepare.main([])
-        texts = pretrain_texts(Path("data/prepared"), (str(tmp_path / "data" / "corpus.txt"),))
+        tuned = [r.text for r in read_prepared_split(Path("data/prepared/train.jsonl"), 2)]
+        left_out = [r.text for r in read_prepared_split(Path("data/prepared/train_left_out.jsonl"), 2)]
+        texts = pretrain_texts(Path("data/prepared"), corpus)
+        capped = pretrain_texts(Path("data/prepared"), corpus, train_texts="capped")
+    assert len(tuned) == 200 and len(left_out) == 40 and not set(tuned) & set(left_out)
+    assert texts.train == tuned + left_out + ["an unlabeled line about films"] and texts.left_out == 40
+    assert capped.train == tuned + ["an unlabeled line about films"] and capped.left_out == 0
     assert texts.train and not any(MARKER_TEST in t or MARKER_VAL in t for t in texts.train)
     assert all(MARKER_TEST in t for t in texts.test) and texts.corpus_dropped == 1
 
