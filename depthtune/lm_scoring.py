@@ -21,9 +21,11 @@ from torch import nn
 from depthtune.batching import Examples, autocast, collate
 from depthtune.next_token import token_nll
 
-# logits of one scoring batch kept under ~2^26 floats (256 MiB in fp32): 8 texts x 128 tokens x 30,522 vocab
-# = 31M floats; a batch of 32 would hold 125M (500 MiB) just for the logits
-MAX_LOGIT_FLOATS = 1 << 26
+# logits of one scoring batch kept under 2^24 floats (64 MiB in fp32): 4 texts x 128 tokens x 30,522 vocab
+# = 15.6M floats. Scoring holds ~3 copies (the logits, cross_entropy's contiguous transpose, its log-softmax:
+# audit.lm_scoring_bytes), so validation peaks ~200 MiB over the weights whatever the vocabulary; at 2^26 it
+# was ~770 MiB, more than many small variants' whole training step
+MAX_LOGIT_FLOATS = 1 << 24
 
 
 def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:

@@ -138,7 +138,7 @@ def left_out_texts(prepared_dir: Path) -> list:
     """The training rows data.max_train_samples left out of fine-tuning, labels dropped ([] when none, or
     for data prepared before the file existed)."""
     path = Path(prepared_dir) / TRAIN_LEFT_OUT_FILE
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:  # empty: the cap left nothing out
         return []
     num_labels = len(LabelSet.read(Path(prepared_dir) / "labels.json").names)
     return [r.text.replace(PROMPT_SEP, " ") for r in read_prepared_split(path, num_labels)]
