@@ -441,7 +441,7 @@ def test_stage_writes_outputs_and_failed_run_keeps_them(tmp_path, capsys):
     prepare_stage.main(["--params", str(good), "--out", str(out)])
     printed = capsys.readouterr().out
     assert "train" in printed and "300 rows" in printed
-    assert sorted(os.listdir(out)) == ["labels.json", "report.json", "test.jsonl", "train.jsonl",
+    assert sorted(os.listdir(out)) == ["labels.json", "report.json", "test.jsonl", "train.jsonl", "train_left_out.jsonl",
                                        "validation.jsonl"]
     assert json.loads((out / "labels.json").read_text()) == {"names": ["0", "1"]}
     rows = [json.loads(ln) for ln in (out / "train.jsonl").read_text(encoding="utf-8").splitlines()]
