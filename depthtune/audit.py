@@ -18,10 +18,10 @@ from torch import nn
 from depthtune.config import GQA_TYPES, ModelConfig, Params, VariantSpec, to_dict
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
-from depthtune.lm_scoring import scoring_batch_size
 from depthtune.precision import resolve_precision
 from depthtune.records import AuditRecord, LabelSet, TokenReport
 from depthtune.runtime import pick_device
+from depthtune.scoring_batch import scoring_batch_size
 from depthtune.variants import (BuiltVariant, build_variant, classify_param, coarse_bucket, load_base_config,
                                 num_layers_of)
 

@@ -20,7 +20,8 @@ import torch
 from depthtune.batching import Examples, collate, predict_logits
 from depthtune.config import EvaluationConfig
 from depthtune.errors import ModelError, first_line
-from depthtune.lm_scoring import continuations, lm_metrics, score_texts, scoring_batch_size
+from depthtune.lm_scoring import continuations, lm_metrics, score_texts
+from depthtune.scoring_batch import scoring_batch_size
 from depthtune.metric_modules import ClassificationReport, quick_scores
 from depthtune.progress import QUIET_FOR_S, Progress, counting_forwards
 from depthtune.records import EvalRecord

@@ -20,12 +20,7 @@ from torch import nn
 
 from depthtune.batching import Examples, autocast, collate
 from depthtune.next_token import token_nll
-
-# logits of one scoring batch kept under 2^24 floats (64 MiB in fp32): 4 texts x 128 tokens x 30,522 vocab
-# = 15.6M floats. Scoring holds ~3 copies (the logits, cross_entropy's contiguous transpose, its log-softmax:
-# audit.lm_scoring_bytes), so validation peaks ~200 MiB over the weights whatever the vocabulary; at 2^26 it
-# was ~770 MiB, more than many small variants' whole training step
-MAX_LOGIT_FLOATS = 1 << 24
+from depthtune.scoring_batch import scoring_batch_size
 
 
 def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:
@@ -36,11 +31,6 @@ def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray
     if n_bytes is not None:
         out["bits_per_byte"] = total_nll / math.log(2) / max(1, int(np.sum(n_bytes)))
     return out
-
-
-def scoring_batch_size(vocab_size: int, longest: int, requested: int) -> int:
-    """A batch size whose logits fit MAX_LOGIT_FLOATS (at least 1)."""
-    return max(1, min(requested, MAX_LOGIT_FLOATS // max(1, vocab_size * longest)))
 
 
 @torch.no_grad()
