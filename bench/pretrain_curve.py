@@ -7,7 +7,7 @@ as params.yaml with `pretrain.max_steps` set (the lr schedule spans it: each bud
 snapshot of a longer one) and only `--variant` kept, MLflow off, stages without Prefect; `dvc repro`. (Budget 0, random init with
 the same tokenizer, is the example's own `scratch` variant.) One row per budget: pretraining steps,
 tokens, minutes, held-out perplexity, the variant's test accuracy with its 95% interval.
-Writes bench/results/pretrain-curve-<example>-<date>.{json,md}.
+Writes bench/results/pretrain-curve-<example>-<date>[-<tag>].{json,md}.
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ def main(argv=None) -> None:
     ap.add_argument("--example", default="from-zero-zh")
     ap.add_argument("--steps", type=int, nargs="+", default=[500, 3000])
     ap.add_argument("--variant", default="full")
+    ap.add_argument("--tag", default="", help="appended to the results file names (runs of one day kept apart)")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="depthtune-curve-"))
     rows = []
@@ -82,10 +83,11 @@ def main(argv=None) -> None:
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    res = {"example": args.example, "variant": args.variant, "date": str(date.today()),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    res = {"example": args.example, "variant": args.variant, "date": str(date.today()), "commit": commit,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"pretrain-curve-{args.example}-{date.today()}"
+    stem = RESULTS / f"pretrain-curve-{args.example}-{date.today()}{'-' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
