@@ -56,7 +56,7 @@ def one_budget(base: Path, example: str, steps: int, variant: str) -> dict:
 
 def markdown(res: dict) -> str:
     lines = [f"# {res['example']}: {res['variant']}'s test accuracy against the pretraining budget "
-             f"({res['machine']}, {res['date']})", "",
+             f"({res['machine']}, {res['date']}, commit {res.get('commit', '?')})", "",
              "Each budget a whole pretraining run (its lr schedule spans max_steps), then the variant fine-tuned "
              "from it; the same splits and seed as the example.", "",
              "| pretraining steps | tokens | pretraining min | held-out perplexity | accuracy (95% CI) | repro wall s |",
