@@ -475,6 +475,14 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
 # ----------------------------------------------------------------------------- the audit
 
 
+def frozen_matmuls_shape(spec: VariantSpec) -> Optional[tuple[int, int]]:
+    """block_activation_bytes' `lora` argument: (r, targets) for LoRA; (0, 0) for BitFit (every matmul weight
+    frozen, no adapter: the same formula with no targets); None when the matmul weights train."""
+    if spec.lora is not None:
+        return spec.lora.r, len(spec.lora.targets)
+    return (0, 0) if spec.bitfit else None
+
+
 def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, num_labels: int,
                 batch_size: int, seq_len: int, typical_seq_len: Optional[int] = None, check: bool = True,
                 cache_tokens: int = 0, task: str = "classification", precision: str = "fp32",
@@ -500,9 +508,7 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
             raise AuditMismatch(f"variant {variant_name}: counted {total:,} parameters but the closed form from "
                                 f"the config gives {expected:,} ({formula})")
     cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
-    lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
-    if spec.bitfit:  # every matmul weight frozen, no adapter: LoRA's activation formula with no targets
-        lora = (0, 0)
+    lora = frozen_matmuls_shape(spec)
     pretrained = model_source != "scratch" and spec.init != "scratch"
     settings = {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing,
                 "lora": lora, "pretrained": pretrained}

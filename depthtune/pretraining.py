@@ -100,12 +100,19 @@ class Texts:
     corpus_dropped: int = 0  # corpus lines equal to a validation/test text
 
 
-def split_texts(prepared_dir: Path) -> dict:
-    """{split: [text]} of the prepared splits, labels dropped (a prompt/completion pair becomes one text)."""
+def split_texts(prepared_dir: Path, *, left_out: bool = False) -> dict:
+    """{split: [text]} of the prepared splits, labels dropped (a prompt/completion pair becomes one text);
+    left_out=True adds "train_left_out": the training rows data.max_train_samples kept out of fine-tuning
+    ([] when the cap left none out, or for data prepared before that file existed)."""
     num_labels = len(LabelSet.read(prepared_dir / "labels.json").names)
-    return {split: [r.text.replace(PROMPT_SEP, " ") for r in read_prepared_split(prepared_dir / f"{split}.jsonl",
-                                                                               num_labels)]
-            for split in ("train", "validation", "test")}
+
+    def texts(path: Path) -> list:
+        return [r.text.replace(PROMPT_SEP, " ") for r in read_prepared_split(path, num_labels)]
+    out = {split: texts(prepared_dir / f"{split}.jsonl") for split in ("train", "validation", "test")}
+    if left_out:
+        path = prepared_dir / TRAIN_LEFT_OUT_FILE  # empty when the cap left nothing out
+        out["train_left_out"] = texts(path) if path.exists() and path.stat().st_size else []
+    return out
 
 
 def read_corpus_file(path: Path, column: str) -> list[str]:
@@ -134,21 +141,11 @@ def read_corpus_file(path: Path, column: str) -> list[str]:
         raise DataError(f"pretrain.corpus: cannot read {path} ({first_line(exc)})") from None
 
 
-def left_out_texts(prepared_dir: Path) -> list:
-    """The training rows data.max_train_samples left out of fine-tuning, labels dropped ([] when none, or
-    for data prepared before the file existed)."""
-    path = Path(prepared_dir) / TRAIN_LEFT_OUT_FILE
-    if not path.exists() or path.stat().st_size == 0:  # empty: the cap left nothing out
-        return []
-    num_labels = len(LabelSet.read(Path(prepared_dir) / "labels.json").names)
-    return [r.text.replace(PROMPT_SEP, " ") for r in read_prepared_split(path, num_labels)]
-
-
 def pretrain_texts(prepared_dir: Path, corpus: tuple = (), column: str = "text", train_texts: str = "all") -> Texts:
     """The texts pretraining may use (train split, with the rows the cap left out unless train_texts is
     "capped", + corpus; never a validation or test text) and the held-out ones."""
-    splits = split_texts(Path(prepared_dir))
-    left_out = left_out_texts(Path(prepared_dir)) if train_texts == "all" else []
+    splits = split_texts(Path(prepared_dir), left_out=train_texts == "all")
+    left_out = splits.get("train_left_out", [])
     held_out = set(splits["validation"]) | set(splits["test"])
     extra = [t for p in corpus for t in read_corpus_file(Path(p), column) if t]
     kept = [t for t in extra if t not in held_out]

@@ -398,6 +398,23 @@ def test_audit_stage_passes_task_and_resolved_precision(tmp_path, capsys):
     assert "precision fp32 (train.precision auto)" in capsys.readouterr().out
 
 
+def kept_for_backward(model, forward) -> int:
+    """Bytes autograd keeps for backward while `forward()` runs, the parameters' own storage left out."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(kept.values())
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_block_activation_formula_equals_the_tensors_autograd_saves(family, precision):
@@ -415,19 +432,12 @@ def test_block_activation_formula_equals_the_tensors_autograd_saves(family, prec
         model.train()
         if precision == "bf16":
             model.to(torch.bfloat16)
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                kept[ptr] = t.untyped_storage().nbytes()
-            return t
         ids = torch.randint(0, 128, (3, 20))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+
+        def forward():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
                 model(input_ids=ids, labels=ids)
-        return sum(kept.values())
+        return kept_for_backward(model, forward)
 
     cfg = AutoConfig.for_model(family, num_hidden_layers=1, **shape)
     per_block_weights = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96
@@ -456,21 +466,12 @@ def test_encoder_block_activation_formula_against_the_tensors_autograd_saves(var
         built = build_variant(mc, spec, 2, device="cpu", task="classification")
         model = built.model
         model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        kept = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                kept[ptr] = t.untyped_storage().nbytes()
-            return t
         torch.manual_seed(0)
         ids = torch.randint(5, 128, (B, S))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, 0] % 2)
-        return sum(kept.values()), built.config
+        kept = kept_for_backward(model, lambda: model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                      labels=ids[:, 0] % 2))
+        return kept, built.config
 
     (one, cfg), (two, _) = saved(1), saved(2)
-    lora = (8, 2) if spec.lora is not None else (0, 0) if spec.bitfit else None
-    formula = B * S * audit_mod.block_activation_bytes(cfg, "fp32", S, lora)
+    formula = B * S * audit_mod.block_activation_bytes(cfg, "fp32", S, audit_mod.frozen_matmuls_shape(spec))
     assert abs((two - one) - formula) <= 0.07 * formula, (two - one, formula)
