@@ -317,7 +317,52 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
                      "gap": round(metric_sign(metric) * (best[metric] - cheap[metric]), 12)},
     }
     verdict["sentence"] = verdict_sentence(verdict, best, cheap, others, tied)
+    seeds = seed_verdict(rows, metric, best)
+    if seeds is not None:
+        verdict["seeds"] = seeds
+        verdict["sentence"] += " " + seeds["sentence"]
     return verdict
+
+
+def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
+    """train.seeds > 1: does the verdict above (the first seed's models) hold across seeds?
+
+    Ranks the variants trained with several seeds by their mean over the seeds (`seed_<metric>`, or the
+    task's first metric when the selection metric has no per-seed score) and sets the leader's lead over the
+    runner-up against the larger of their two seed-to-seed standard deviations: a lead below it means the
+    seeds do not separate the two, whatever the first seed's paired test said. None without seeded rows.
+    """
+    key = f"seed_{metric}" if any(r.get(f"seed_{metric}") for r in rows) else next(
+        (k for r in rows for k in r if k.startswith("seed_") and r[k]), None)
+    seeded = [r for r in rows if key and r.get(key) and r.get("seeds", 1) > 1]
+    if not seeded:
+        return None
+    m = key[len("seed_"):]
+    sign = metric_sign(m)
+    ranked = sorted(seeded, key=lambda r: -sign * r[key]["mean"])
+    top = ranked[0]
+
+    def spread(r: dict) -> str:
+        return f"{r['variant']}'s {fmt_metric(r[key]['mean'])} ± {fmt_metric(r[key]['sd'])}"
+
+    seeds = sorted({r["seeds"] for r in seeded})
+    n = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    out = {"metric": m, "by_mean": [r["variant"] for r in ranked], "lead": None, "separated": None}
+    text = f"Across seeds ({n} each, mean ± sd of {metric_label(m)}): the highest mean is {spread(top)}"
+    if len(ranked) > 1:
+        nxt = ranked[1]
+        lead = sign * (top[key]["mean"] - nxt[key]["mean"])
+        sd = max(top[key]["sd"], nxt[key]["sd"])
+        out.update(lead=round(lead, 12), separated=lead > sd)
+        text += (f", {lead:.4f} ahead of {spread(nxt)}: "
+                 + ("more than either's seed-to-seed sd." if lead > sd else
+                    f"less than their seed-to-seed sd ({sd:.4f}), so the seeds do not separate the two."))
+    else:
+        text += " (the only variant trained with several seeds)."
+    if best["variant"] != top["variant"] and best.get(key):
+        text += f" The first seed's best, {best['variant']}, averages {fmt_metric(best[key]['mean'])}."
+    out["sentence"] = text
+    return out
 
 
 def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list) -> str:

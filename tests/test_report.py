@@ -231,6 +231,39 @@ def test_best_ties_prefer_fewer_params():
         best_and_cheapest(rows, "f2")
 
 
+
+def _seeded(name, acc, mean, sd, p, params=100):
+    return {"variant": name, "accuracy": acc, "accuracy_ci": [acc - 0.03, acc + 0.03], "p_vs_best": p,
+            "trainable_params": params, "n_test": 1000, "seeds": 3,
+            "seed_accuracy": {"mean": mean, "sd": sd, "min": mean - sd, "max": mean + sd}}
+
+
+def test_verdict_says_whether_the_seeds_confirm_the_first_seeds_best():
+    # the from-zero example's figures: random init wins on seed 42 (p = 0.02) but is 0.578-0.699 over 3 seeds
+    rows = [_seeded("full", 0.660, 0.6573, 0.0031, 0.02), _seeded("scratch", 0.699, 0.6580, 0.0693, None)]
+    v = best_and_cheapest(rows, "accuracy")
+    assert v["best"]["variant"] == "scratch" and v["significant"]
+    assert v["seeds"]["by_mean"] == ["scratch", "full"] and not v["seeds"]["separated"]
+    assert abs(v["seeds"]["lead"] - 0.0007) < 1e-9
+    assert "scratch's 0.6580 ± 0.0693, 0.0007 ahead of full's 0.6573 ± 0.0031" in v["sentence"]
+    assert "the seeds do not separate the two" in v["sentence"]
+    # a lead larger than either sd: confirmed; the mean's leader differs from the first seed's best: said
+    rows = [_seeded("full", 0.758, 0.775, 0.015, 0.93), _seeded("lora8", 0.760, 0.762, 0.005, None),
+            _seeded("scratch", 0.727, 0.726, 0.010, 0.01)]
+    v = best_and_cheapest(rows, "accuracy")
+    assert v["best"]["variant"] == "lora8" and v["seeds"]["by_mean"] == ["full", "lora8", "scratch"]
+    assert not v["seeds"]["separated"]  # 0.013 lead < full's sd 0.015
+    assert "The first seed's best, lora8, averages 0.7620." in v["sentence"]
+    rows[0]["seed_accuracy"]["sd"] = 0.004
+    assert best_and_cheapest(rows, "accuracy")["seeds"]["separated"]
+    assert "more than either's seed-to-seed sd" in best_and_cheapest(rows, "accuracy")["sentence"]
+    # one seed: no seed sentence at all
+    for r in rows:
+        r.update(seeds=1, seed_accuracy=None)
+    v = best_and_cheapest(rows, "accuracy")
+    assert "seeds" not in v and "Across seeds" not in v["sentence"]
+
+
 # ----------------------------------------------------------------------------- eval records
 
 
