@@ -359,7 +359,7 @@ def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
                     f"less than their seed-to-seed sd ({sd:.4f}), so the seeds do not separate the two."))
     else:
         text += " (the only variant trained with several seeds)."
-    if best["variant"] != top["variant"] and best.get(key):
+    if best["variant"] not in out["by_mean"][:2] and best.get(key):  # neither of the two named above
         text += f" The first seed's best, {best['variant']}, averages {fmt_metric(best[key]['mean'])}."
     out["sentence"] = text
     return out

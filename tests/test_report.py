@@ -253,7 +253,9 @@ def test_verdict_says_whether_the_seeds_confirm_the_first_seeds_best():
     v = best_and_cheapest(rows, "accuracy")
     assert v["best"]["variant"] == "lora8" and v["seeds"]["by_mean"] == ["full", "lora8", "scratch"]
     assert not v["seeds"]["separated"]  # 0.013 lead < full's sd 0.015
-    assert "The first seed's best, lora8, averages 0.7620." in v["sentence"]
+    assert "ahead of lora8's 0.7620" in v["sentence"] and "first seed's best" not in v["sentence"]
+    rows[1]["seed_accuracy"]["mean"] = 0.70  # the first seed's best is third over the seeds: named
+    assert "The first seed's best, lora8, averages 0.7000." in best_and_cheapest(rows, "accuracy")["sentence"]
     rows[0]["seed_accuracy"]["sd"] = 0.004
     assert best_and_cheapest(rows, "accuracy")["seeds"]["separated"]
     assert "more than either's seed-to-seed sd" in best_and_cheapest(rows, "accuracy")["sentence"]
