@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 SETTINGS = [("fp32", False), ("bf16-autocast", False), ("bf16", False), ("fp32", True), ("bf16", True)]
-RESULTS = Path(__file__).resolve().parent / "results" / "memory-estimate-cpu-2026-11-28.md"
+RESULTS = Path(__file__).resolve().parent / "results" / "memory-estimate-cpu-2026-11-29.md"
 MiB = 1 << 20
 TRIM_ENV = "MALLOC_MMAP_THRESHOLD_=131072"  # glibc: a fixed mmap threshold, freed large blocks go back to the OS
 
@@ -41,6 +41,7 @@ def measure_one(args, precision: str, checkpointing: bool) -> dict:
     from depthtune.audit import audit_built
     from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
     from depthtune.memory import PeakMemory
+    from depthtune.next_token import mean_loss, token_nll
     from depthtune.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing
     from depthtune.training import build_optimizer
     from depthtune.variants import build_variant
@@ -65,7 +66,11 @@ def measure_one(args, precision: str, checkpointing: bool) -> dict:
     def step(batch_size: int, seq_len: int) -> torch.Tensor:
         ids = torch.randint(0, args.vocab, (batch_size, seq_len), generator=gen)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            loss = model(input_ids=ids, labels=ids).loss
+            logits = model(input_ids=ids).logits
+        # the training loop's loss (depthtune.training.batch_lm_loss), not transformers' labels= loss:
+        # token_nll's fp32 shifted copy of the logits is memory the estimate counts (20 B per logit)
+        nll, tokens = token_nll(logits, ids, torch.ones_like(ids))
+        loss = mean_loss(nll, tokens)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
