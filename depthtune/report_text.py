@@ -44,7 +44,7 @@ def comparison_json(report: dict) -> dict:
         "variants": {r["variant"]: _flat_metrics(r) for r in report["rows"]},
         "best": v["best"],
         "cheapest": v["cheapest"],
-        "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "sentence")},
+        "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "sentence", "seeds") if k in v},
         # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
         "pareto": dict(report["fronts"]),
         "classes": report.get("classes"),  # the top variant's worst classes and most confused pairs

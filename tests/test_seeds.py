@@ -59,6 +59,12 @@ def test_evaluation_scores_every_seed_on_the_same_texts_and_the_report_shows_the
     md = (seeded / "reports/comparison.md").read_text()
     assert "accuracy across seeds" in md
     assert f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f} ({min(accs):.4f}-{max(accs):.4f})" in md
+    # the verdict says whether the seeds separate the two best means, in the markdown and in comparison.json
+    seeds = json.loads((seeded / "reports/comparison.json").read_text())["verdict"]["seeds"]
+    full = EvalRecord.read(seeded / "metrics/eval/full.json").seed_scores
+    means = {"probe": statistics.mean(accs), "full": statistics.mean(s["accuracy"] for s in full)}
+    assert sorted(seeds["by_mean"]) == ["full", "probe"] and means[seeds["by_mean"][0]] >= means[seeds["by_mean"][1]]
+    assert abs(seeds["lead"] - abs(means["full"] - means["probe"])) < 1e-9 and "Across seeds (3 each" in md
 
 
 def test_one_seed_writes_an_empty_seed_folder_and_no_spread(shared_data, tmp_path):
