@@ -126,8 +126,8 @@ def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 
     """Hold an exclusive lock kept in the tracking store's own database, for every machine that uses it.
 
     The lock is a registered model named `<purpose>--lock`: creating one is atomic in the store (a
-    unique name; the second creator gets RESOURCE_ALREADY_EXISTS from the database, through any server),
-    and deleting it is the release. The holder renews a lease tag every lease_s / 3 seconds; a lock
+    unique name; the second creator gets RESOURCE_ALREADY_EXISTS from the database, through any server, or
+    RESOURCE_DOES_NOT_EXIST when the holder released between the two), and deleting it is the release. The holder renews a lease tag every lease_s / 3 seconds; a lock
     whose lease ran out (its holder died: SIGKILL, a lost machine) is broken by the next waiter.
     Two coordinators on two machines promoting at once through one `mlflow server` serialise here;
     a file lock could not see the other machine. Raises TimeoutError after `timeout_s`.
@@ -152,6 +152,11 @@ def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 
                                            description=f"depthtune {purpose}: held while a promotion runs")
             break
         except MlflowException as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in code(exc):
+                # lost the insert to a holder that released before the store could name it: the store
+                # answers a unique-name violation by reading the existing model (mlflow's SqlAlchemyStore),
+                # which is gone by then. Nothing was created; try again at once.
+                continue
             if "RESOURCE_ALREADY_EXISTS" not in code(exc):
                 raise
         try:
