@@ -127,8 +127,8 @@ def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 
 
     The lock is a registered model named `<purpose>--lock`: creating one is atomic in the store (a
     unique name; the second creator gets RESOURCE_ALREADY_EXISTS from the database, through any server, or
-    RESOURCE_DOES_NOT_EXIST when the holder released between the two), and deleting it is the release. The holder renews a lease tag every lease_s / 3 seconds; a lock
-    whose lease ran out (its holder died: SIGKILL, a lost machine) is broken by the next waiter.
+    RESOURCE_DOES_NOT_EXIST when the holder released between the two), and deleting it is the release.
+    The holder renews a lease tag every lease_s / 3 seconds; a lock whose lease ran out (its holder died: SIGKILL, a lost machine) is broken by the next waiter.
     Two coordinators on two machines promoting at once through one `mlflow server` serialise here;
     a file lock could not see the other machine. Raises TimeoutError after `timeout_s`.
     """

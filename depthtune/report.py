@@ -332,8 +332,9 @@ def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
     runner-up against the larger of their two seed-to-seed standard deviations: a lead below it means the
     seeds do not separate the two, whatever the first seed's paired test said. None without seeded rows.
     """
-    key = f"seed_{metric}" if any(r.get(f"seed_{metric}") for r in rows) else next(
-        (k for r in rows for k in r if k.startswith("seed_") and r[k]), None)
+    # seed_spread scores the seeds by the task's first metric: the selection metric's own when it is that one
+    keys = [f"seed_{metric}"] + [f"seed_{ms[0]}" for ms in METRICS_OF_TASK.values()]
+    key = next((k for k in keys if any(r.get(k) for r in rows)), None)
     seeded = [r for r in rows if key and r.get(key) and r.get("seeds", 1) > 1]
     if not seeded:
         return None
@@ -345,10 +346,9 @@ def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
     def spread(r: dict) -> str:
         return f"{r['variant']}'s {fmt_metric(r[key]['mean'])} ± {fmt_metric(r[key]['sd'])}"
 
-    seeds = sorted({r["seeds"] for r in seeded})
-    n = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     out = {"metric": m, "by_mean": [r["variant"] for r in ranked], "lead": None, "separated": None}
-    text = f"Across seeds ({n} each, mean ± sd of {metric_label(m)}): the highest mean is {spread(top)}"
+    # train.seeds is one setting for every variant: one count
+    text = f"Across seeds ({top['seeds']} each, mean ± sd of {metric_label(m)}): the highest mean is {spread(top)}"
     if len(ranked) > 1:
         nxt = ranked[1]
         lead = sign * (top[key]["mean"] - nxt[key]["mean"])
