@@ -701,9 +701,10 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
     saved: dict = {}
     model.train()
     n_layers = built.num_layers
-    if spec.train_top is not None:  # as the loop runs it: the frozen prefix in eval mode
+    frozen = spec.method.cached_prefix_layers(spec.options, n_layers)
+    if frozen:  # as the loop runs it: the frozen prefix in eval mode
         from depthtune.prefix_cache import set_train_mode
-        set_train_mode(model, n_layers - spec.train_top)
+        set_train_mode(model, frozen)
 
     def pack(t):
         st = t.untyped_storage()
@@ -731,7 +732,7 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
             "measured": measured, "estimated": est,
             "ratio": {k: (measured[k] / est[k] if est[k] else None) for k in measured},
             "activations_per_token_layer_floats": (sum(saved.values()) / 4 / (batch_size * seq_len * n_layers)
-                                                   if spec.train_top is None else None),
+                                                   if not frozen else None),
             "rss_growth": {"after_build": rss_build, "after_forward": rss_fwd, "after_step": rss_step}}
 
 

@@ -22,8 +22,8 @@ from depthtune.precision import resolve_precision
 from depthtune.records import AuditRecord, LabelSet, TokenReport
 from depthtune.runtime import pick_device
 from depthtune.scoring_batch import scoring_batch_size
-from depthtune.variants import (BuiltVariant, build_variant, classify_param, coarse_bucket, load_base_config,
-                                num_layers_of)
+from depthtune.param_names import classify_param, coarse_bucket
+from depthtune.variants import BuiltVariant, build_variant, load_base_config, num_layers_of
 
 FP32 = 4  # bytes per fp32 element
 
@@ -475,12 +475,14 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
 # ----------------------------------------------------------------------------- the audit
 
 
-def frozen_matmuls_shape(spec: VariantSpec) -> Optional[tuple[int, int]]:
-    """block_activation_bytes' `lora` argument: (r, targets) for LoRA; (0, 0) for BitFit (every matmul weight
-    frozen, no adapter: the same formula with no targets); None when the matmul weights train."""
-    if spec.lora is not None:
-        return spec.lora.r, len(spec.lora.targets)
-    return (0, 0) if spec.bitfit else None
+def estimate_settings(spec: VariantSpec, model_source: str, *, task: str, precision: str,
+                      gradient_checkpointing: bool) -> dict:
+    """estimate()'s keyword arguments that the variant's kind decides: the activations its frozen matmuls keep
+    (`Method.frozen_matmuls`) and whether it starts from pretrained weights. The audit and the planner both call
+    it, so `depthtune plan` and the audit record give one memory figure for every kind."""
+    return {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing,
+            "lora": spec.method.frozen_matmuls(spec.options),
+            "pretrained": model_source != "scratch" and spec.method.pretrained}
 
 
 def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, num_labels: int,
@@ -507,11 +509,10 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
         if check and expected != total:
             raise AuditMismatch(f"variant {variant_name}: counted {total:,} parameters but the closed form from "
                                 f"the config gives {expected:,} ({formula})")
-    cache_tokens = cache_tokens if spec.train_top is not None else 0  # only train_top variants cache
-    lora = frozen_matmuls_shape(spec)
-    pretrained = model_source != "scratch" and spec.init != "scratch"
-    settings = {"task": task, "precision": precision, "gradient_checkpointing": gradient_checkpointing,
-                "lora": lora, "pretrained": pretrained}
+    # only kinds with a cacheable frozen prefix (train_top, probe) keep its outputs
+    cache_tokens = cache_tokens if spec.method.cached_prefix_layers(spec.options, built.num_layers) else 0
+    settings = estimate_settings(spec, model_source, task=task, precision=precision,
+                                 gradient_checkpointing=gradient_checkpointing)
     typical = None
     if typical_seq_len:
         typical = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len, cache_tokens, **settings)

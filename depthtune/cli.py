@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     pl.add_argument("--gradient-checkpointing", action="store_true")
     pl.add_argument("--mfu", type=float, default=None,
                     help="the share of the GEMM rate a training step reaches, for every variant (default: the "
-                         "kind's measured value on this machine, else depthtune.step_time.EFFICIENCY_ASSUMED)")
+                         "kind's measured value on this machine, else the kind's assumed efficiency in depthtune/methods/<kind>.py)")
     pl.add_argument("--tflops", type=float, default=None,
                     help="the target machine's GEMM TFLOP/s (e.g. 790 for an H200 in bf16); default: measured here")
     pl.add_argument("--variant", action="append", help="e.g. train_top=2, depth=3,lora.r=8 (repeatable; default: "

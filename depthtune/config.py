@@ -3,30 +3,19 @@ what was expected (`variants.top9.train_top: 9 exceeds the model's 6 layers`); i
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from depthtune import layout
+from depthtune import layout, methods
 from depthtune.errors import ConfigError
+from depthtune.schema import parse_section, setting as _f
 
 # DVC stage names become `finetune@<name>`: keep to letters, digits, '_' and '-'.
 VARIANT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-# 3e-4, 1E+2, -2.5e-3: numbers in YAML 1.2, strings to PyYAML (its floats need a dot)
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def _f(default, lo=None, hi=None, lo_open=False, hi_open=False, choices=None, doc=""):
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices, "doc": doc}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -130,15 +119,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LoraSpec:
-    r: int = _f(8, lo=1, hi=1024)
-    alpha: float = _f(16.0, lo=0.0, lo_open=True)
-    dropout: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
-    targets: list = _f(["query", "value"])
-    layers: Optional[list] = _f(None)  # encoder layer indices that get adapters (None = all kept layers)
-
-
-@dataclass(frozen=True)
 class VariantTrain:
     """Per-variant overrides of the `train` section (None = inherit)."""
     lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)
@@ -148,27 +128,39 @@ class VariantTrain:
 
 
 @dataclass(frozen=True)
-class VariantSpec:
-    depth: Optional[int] = _f(None, lo=1)
-    train_top: Optional[int] = _f(None, lo=0)
-    lora: Optional[LoraSpec] = _f(None)
-    bitfit: bool = _f(False)
-    init: str = _f("pretrained", choices=("pretrained", "scratch"))
+class VariantCommon:
+    """The keys of a variant every kind shares (its kind's own key is read by depthtune.methods)."""
+    depth: Optional[int] = _f(None, lo=1)  # keep the embeddings and the first `depth` blocks
     train: VariantTrain = field(default_factory=VariantTrain)
 
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant: its kind (depthtune.methods: full, top, probe, lora, bitfit, scratch) with the kind's typed
+    options, a truncation to the first `depth` blocks (any kind combines with it) and its training overrides.
+    params.yaml writes the kind as one key (`lora: {...}`, `train_top: 2`, ...): `as_params` gives that shape."""
+    depth: Optional[int] = None
+    kind: str = "full"
+    options: Any = None  # the kind's parsed options (LoraSpec, the t of train_top, ...)
+    train: VariantTrain = field(default_factory=VariantTrain)
+
+    @property
+    def method(self) -> methods.Method:
+        return methods.get(self.kind)
+
     def describe(self) -> str:
-        parts = []
-        if self.depth is not None:
-            parts.append(f"depth={self.depth}")
-        if self.train_top is not None:
-            parts.append("linear probe" if self.train_top == 0 else f"train_top={self.train_top}")
-        if self.lora is not None:
-            parts.append(f"lora r={self.lora.r}")
-        if self.bitfit:
-            parts.append("bitfit")
-        if self.init == "scratch":
-            parts.append("scratch init")
-        return ", ".join(parts) or "full fine-tuning"
+        parts = [f"depth={self.depth}"] if self.depth is not None else []
+        own = self.method.describe(self.options)
+        return ", ".join(parts + ([own] if own else [])) or "full fine-tuning"
+
+    def as_params(self) -> dict:
+        """The variant as params.yaml writes it, every kind's key present (depthtune.json, MLflow params)."""
+        out = {"depth": self.depth}
+        out.update({m.key: m.unset for m in methods.ordered() if m.key})
+        if self.method.key:
+            out[self.method.key] = to_dict(self.method.to_params(self.options))
+        out["train"] = to_dict(self.train)
+        return out
 
 
 @dataclass(frozen=True)
@@ -201,7 +193,7 @@ class TrainConfig:
     batch_size: int = _f(16, lo=1)
     grad_accum: int = _f(1, lo=1)
     max_length: int = _f(128, lo=8, hi=8192)
-    lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)  # None = by variant kind (DEFAULT_LR)
+    lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)  # None = by variant kind (depthtune/methods: default_lr)
     weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
     warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
     max_grad_norm: float = _f(1.0, lo=0.0)
@@ -323,121 +315,26 @@ class Params:
 # ----------------------------------------------------------------------------- parsing
 
 
-def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
-            list: "a list", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check_range(path: str, value, meta) -> None:
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
-        op = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(f"{path}: {value} is out of range, expected {op} {lo}")
-    if hi is not None and (value > hi or (meta.get("hi_open") and value == hi)):
-        op = "<" if meta.get("hi_open") else "<="
-        raise ConfigError(f"{path}: {value} is out of range, expected {op} {hi}")
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _coerce(path: str, tp, value, meta):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(path, args[0], value, meta)
-    if dataclasses.is_dataclass(tp):
-        return parse_section(tp, value, path)
-    if value is None:
-        raise ConfigError(f"{path}: missing value, expected {_type_name(tp)}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: {value!r} is not true/false")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: {value!r} is not an integer")
-    elif tp is float:
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            value = float(value)  # PyYAML (YAML 1.1) reads `lr: 3e-4` as text; YAML 1.2 and DVC read a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: {value!r} is not a number")
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: {value!r} is not a string")
-    elif tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: {value!r} is not a list")
-        value = tuple(value)
-    elif tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: {value!r} is not a mapping")
-    if meta and not isinstance(value, (tuple, dict)):
-        _check_range(path, value, meta)
-    return value
-
-
-def parse_section(cls, raw, path: str):
-    """Build dataclass `cls` from a mapping; unknown keys, wrong types, bad ranges are errors."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in fields:
-            raise ConfigError(f"{path}.{key}: unknown key{_suggest(str(key), fields)}; "
-                              f"valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in raw:
-            continue
-        kwargs[name] = _coerce(f"{path}.{name}", hints[name], raw[name], dict(f.metadata))
-    return cls(**kwargs)
-
-
 def parse_variant(name: str, raw, path: str) -> VariantSpec:
+    """`variants.<name>` -> VariantSpec: `depth`, `train` and the one key that chooses the kind (depthtune.methods)."""
     if not isinstance(name, str) or not VARIANT_NAME_RE.match(name):
         raise ConfigError(f"{path}: invalid variant name {name!r}, expected a letter then letters, "
                           "digits, '_' or '-' (at most 64 characters; DVC stage names)")
     raw = {} if raw is None else raw
-    if isinstance(raw, dict) and isinstance(raw.get("lora"), dict) is False and raw.get("lora") is not None:
-        raise ConfigError(f"{path}.lora: expected a mapping like {{r: 8, alpha: 16}}, got {raw['lora']!r}")
-    spec = parse_section(VariantSpec, raw, path)
-    if spec.lora is not None:
-        if not spec.lora.targets:
-            raise ConfigError(f"{path}.lora.targets: empty, expected module names like [query, value]")
-        if spec.lora.layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                    for i in spec.lora.layers):
-            raise ConfigError(f"{path}.lora.layers: expected a list of layer indices >= 0, got {list(spec.lora.layers)}")
-    if spec.bitfit and spec.lora is not None:
-        raise ConfigError(f"{path}: bitfit and lora cannot be combined, choose one")
-    if spec.train_top is not None and (spec.lora is not None or spec.bitfit):
-        raise ConfigError(f"{path}: train_top cannot be combined with lora or bitfit")
-    if spec.init == "scratch" and spec.train_top is not None:
-        raise ConfigError(f"{path}: init: scratch with train_top freezes random layers; drop train_top")
-    return spec
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    kind_keys = methods.keys()
+    common = parse_section(VariantCommon, {k: v for k, v in raw.items() if k not in kind_keys}, path,
+                           extra_keys=kind_keys)
+    method, options = methods.choose(raw, path)
+    return VariantSpec(depth=common.depth, kind=method.name, options=options, train=common.train)
 
 
 def check_variant_against_model(spec: VariantSpec, num_layers: int, path: str) -> None:
     """Depth-dependent checks, once the model's layer count is known."""
     if spec.depth is not None and spec.depth > num_layers:
         raise ConfigError(f"{path}.depth: {spec.depth} exceeds the model's {num_layers} layers")
-    kept = spec.depth if spec.depth is not None else num_layers
-    if spec.train_top is not None and spec.train_top > kept:
-        raise ConfigError(f"{path}.train_top: {spec.train_top} exceeds the model's {kept} layers")
-    if spec.lora is not None and spec.lora.layers is not None:
-        bad = [i for i in spec.lora.layers if i >= kept]
-        if bad:
-            raise ConfigError(f"{path}.lora.layers: {bad} out of range, the variant has layers 0..{kept - 1}")
+    spec.method.check_against_model(spec.options, spec.depth if spec.depth is not None else num_layers, path)
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -555,6 +452,8 @@ def pretrained_model(params: Params, params_path: str | Path = "params.yaml") ->
 
 def to_dict(obj) -> Any:
     """Frozen config -> plain JSON-able structure (tuples become lists)."""
+    if isinstance(obj, VariantSpec):
+        return obj.as_params()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -564,36 +463,12 @@ def to_dict(obj) -> Any:
     return obj
 
 
-# The learning rate of each variant kind when neither variants.<v>.train.lr nor train.lr is set: AdamW,
-# batch 16, linear warmup and decay. The fewer and the newer the trained parameters, the higher:
-# - full / depth k: 8e-5. Every pretrained weight moves; BERT-family fine-tuning works at 2e-5..1e-4
-#   and MiniLM-L6 (small, 384 wide) at the upper end (measured: 8e-5 beat 3e-5 and 2e-4 on Rotten Tomatoes).
-# - train_top t >= 1: 2e-4. Only the top layers and the head move; the frozen bottom needs no protection.
-# - probe (train_top 0): 2e-3. Only the pooler and a freshly initialised head: a convex-ish problem.
-# - LoRA: 1e-3. The adapters start at zero (B = 0) and scale by alpha / r; 1e-4 barely moves them.
-# - BitFit: 1e-3. Biases only (Zaken et al. 2022 use 1e-4..1e-3 on BERT-base; small models want the top).
-# - scratch: 5e-4. Random weights: no pretrained features to protect; a small BERT's pretraining lr.
-DEFAULT_LR = {"full": 8e-5, "top": 2e-4, "probe": 2e-3, "lora": 1e-3, "bitfit": 1e-3, "scratch": 5e-4}
-
-
-def variant_kind(spec: VariantSpec) -> str:
-    """The key of DEFAULT_LR that describes the variant: what it trains decides, not its depth."""
-    if spec.init == "scratch":
-        return "scratch"
-    if spec.lora is not None:
-        return "lora"
-    if spec.bitfit:
-        return "bitfit"
-    if spec.train_top is not None:
-        return "probe" if spec.train_top == 0 else "top"
-    return "full"
-
-
 def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
-    """The train section with the variant's overrides applied; lr: the variant's, train.lr, else its kind's."""
+    """The train section with the variant's overrides applied; lr: the variant's, train.lr, else its kind's
+    (`default_lr` of depthtune.methods.<kind>, each with its reason)."""
     overrides = {k: v for k, v in to_dict(variant.train).items() if v is not None}
     cfg = dataclasses.replace(params.train, **overrides)
-    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=DEFAULT_LR[variant_kind(variant)])
+    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=variant.method.default_lr)
 
 
 def variant_of(params: Params, name: str) -> VariantSpec:

@@ -31,7 +31,7 @@ from depthtune.lr_search import search_and_train
 from depthtune.records import AuditRecord, TrainRecord
 from depthtune.step_time import after_training
 from depthtune.training import prefix_caches, train
-from depthtune.variants import BuiltVariant, build_variant, merge_lora
+from depthtune.variants import BuiltVariant, build_variant
 
 FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
 
@@ -191,7 +191,7 @@ def convergence_note(name: str, outcome, cfg, metric: str) -> str:
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,
                audit: AuditRecord, base: str, seed: Optional[int] = None, task: str = "classification") -> None:
     """Standard HF folder: safetensors weights, config with labels (classification) and true depth, tokenizer."""
-    model = merge_lora(model)
+    model = spec.method.finish(model)  # LoRA: the adapters merged into the weights
     if task == "classification":
         model.config.id2label = {i: n for i, n in enumerate(labels)}
         model.config.label2id = {n: i for i, n in enumerate(labels)}

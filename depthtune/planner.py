@@ -20,10 +20,10 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from depthtune.audit import bucket_counts, estimate
-from depthtune.config import ModelConfig, VariantSpec, variant_kind
+from depthtune.audit import bucket_counts, estimate, estimate_settings
+from depthtune.config import ModelConfig, VariantSpec
 from depthtune.errors import ConfigError
-from depthtune.step_time import EFFICIENCY_ASSUMED, Throughput, efficiency_key, known_calibration, predict
+from depthtune.step_time import Throughput, efficiency_key, known_calibration, predict
 from depthtune.variants import build_variant
 
 MAX_BATCH = 1 << 16
@@ -74,13 +74,11 @@ def plan_variant(model_cfg: ModelConfig, base_config, name: str, spec: VariantSp
     total = sum(b["total"] for b in buckets)
     trainable = sum(b["trainable"] for b in buckets)
 
-    lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
-    pretrained = model_cfg.source != "scratch" and spec.init != "scratch"
+    settings = estimate_settings(spec, model_cfg.source, task=s.task, precision=s.precision,
+                                 gradient_checkpointing=s.gradient_checkpointing)
 
-    def est(batch: int) -> dict:  # the audit's estimate (the same terms, the same figure)
-        return estimate(built.config, buckets, total, trainable, batch, s.seq_len, task=s.task,
-                        precision=s.precision, gradient_checkpointing=s.gradient_checkpointing, lora=lora,
-                        pretrained=pretrained)
+    def est(batch: int) -> dict:  # the audit's estimate (the same terms and settings, the same figure)
+        return estimate(built.config, buckets, total, trainable, batch, s.seq_len, **settings)
 
     batch = largest_batch(lambda b: est(b)["memory_bytes"]["total"], s.memory)
     at = est(max(batch, 1))
@@ -88,13 +86,13 @@ def plan_variant(model_cfg: ModelConfig, base_config, name: str, spec: VariantSp
     seconds, efficiency = None, None
     if s.throughput is not None and batch:
         tp = replace(s.throughput)
-        kind, family = variant_kind(spec), str(built.config.model_type)
-        known = known_calibration(efficiency_key(s.device, s.precision, kind, family))
-        tp.efficiency = s.mfu or (known or {}).get("efficiency") or EFFICIENCY_ASSUMED.get(kind, 0.45)
+        family = str(built.config.model_type)
+        known = known_calibration(efficiency_key(s.device, s.precision, spec.kind, family))
+        tp.efficiency = s.mfu or (known or {}).get("efficiency") or spec.method.efficiency
         tp.efficiency_source = "--mfu" if s.mfu else "measured here" if (known or {}).get("efficiency") else "assumed"
         shapes = [(batch, s.seq_len)] * math.ceil(s.examples / batch)
         seconds, efficiency = predict(at["flops_per_token"]["step"], trainable, shapes, 1, tp)["epoch_s"], tp
-    cache = spec.train_top is not None and spec.train_top < built.num_layers
+    cache = spec.method.cached_prefix_layers(spec.options, built.num_layers) > 0
     return {"variant": name, "description": spec.describe(), "total_params": total, "trainable_params": trainable,
             "max_batch": batch, "peak_bytes": at["memory_bytes"]["total"] if batch else None,
             "peak_bytes_at_1": est(1)["memory_bytes"]["total"], "memory_terms": at["memory_bytes"],

@@ -32,10 +32,9 @@ DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 
 
 def frozen_prefix_layers(spec: VariantSpec, num_layers: int) -> int:
-    """How many bottom layers/blocks (plus the embeddings) are frozen: train_top variants only."""
-    if spec.train_top is None:
-        return 0
-    return num_layers - spec.train_top
+    """How many bottom layers/blocks (plus the embeddings) are frozen and cacheable: the kind says
+    (`Method.cached_prefix_layers`; train_top and probe variants)."""
+    return spec.method.cached_prefix_layers(spec.options, num_layers)
 
 
 def is_decoder(model: nn.Module) -> bool:

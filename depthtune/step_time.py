@@ -12,7 +12,7 @@ measured throughput, shown next to the measured time afterwards.
                          tokens x H x 4H): at ~500 tokens x 384 a CPU runs below a big square GEMM's rate
     efficiency           the share of G that a training step's counted FLOPs reach: attention's batched
                          matmuls, softmax, norms, GELU, dropout and autograd's bookkeeping are not big GEMMs.
-                         EFFICIENCY_ASSUMED[kind] until a variant of the same kind and family has trained
+                         the kind's assumed `efficiency` (depthtune.methods) until a variant of the same kind and family has trained
                          on this machine; then the latest such run's measured value (the calibration file,
                          one per user and machine)
     optimizer_s_per_param  gradient clipping + fused AdamW + zero_grad over a 2M-parameter tensor, timed now
@@ -34,17 +34,12 @@ from typing import Optional
 
 import torch
 
+from depthtune import methods
 from depthtune.batching import Examples, collate, length_grouped_batches
 from depthtune.errors import DepthtuneError
 from depthtune.files import write_json_atomic
 from depthtune.records import AuditRecord
 
-# The assumption before a variant kind has been measured on this machine: what the default pipeline's
-# variants reached on this project's CPU machine (2 cores, fp32, MiniLM-L6, batch 16 x ~30 tokens,
-# 2026-11-28): full 0.45 and depth3 0.43 (kind full), top2 0.59, lora8 0.39 (LoRA adds small r-wide
-# matmuls and elementwise dropout/scale/add per adapted module, none of them GEMM-bound). bitfit and
-# scratch train like full; a probe's step is mostly the step floor, its efficiency barely matters.
-EFFICIENCY_ASSUMED = {"full": 0.45, "scratch": 0.45, "bitfit": 0.45, "top": 0.55, "probe": 0.55, "lora": 0.4}
 # The training loop's own per-step work beyond the micro-benchmarked floor (training.run_epoch: the
 # progress line, the loss curve, the schedule, the evaluation check; HF head modules' dispatch): measured
 # here as a linear probe's step (1.76 ms) less its floor, its collate and its head's arithmetic: ~1 ms
@@ -231,7 +226,7 @@ def before_training(audit: AuditRecord, examples: Examples, *, batch_size: int, 
         tp.step_floor_s += batch_assembly(examples, batches[median]) + LOOP_BOOKKEEPING_S
     key = efficiency_key(device, precision, kind, str(audit.architecture.get("model_type")))
     known = known_calibration(key)
-    tp.efficiency = EFFICIENCY_ASSUMED.get(kind, 0.45)
+    tp.efficiency = methods.get(kind).efficiency
     if known:  # a matmul-bound kind keeps its efficiency, a step-bound one (a probe) its step floor
         if "efficiency" in known:
             tp.efficiency = float(known["efficiency"])

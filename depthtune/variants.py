@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,70 +19,10 @@ from torch import nn
 from depthtune.config import (DECODER_TYPES, GQA_TYPES, ModelConfig, ScratchArch, VariantSpec,
                               check_variant_against_model)
 from depthtune.errors import ConfigError, ModelError, first_line
+from depthtune.methods import Param
 from depthtune.runtime import seed_everything
 from depthtune import sources
-
-# ----------------------------------------------------------------------------- parameter names
-
-# `...encoder.layer.3.`, `...transformer.layer.3.`, `...h.3.`, `...layers.3.`
-LAYER_RE = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)\.")
-HEAD_NAMES = ("classifier", "score", "pre_classifier", "lm_head", "qa_outputs")
-
-
-def canonical_name(name: str) -> str:
-    """Strip peft wrappers so a LoRA model's base weights keep their plain names."""
-    name = name.replace("base_model.model.", "", 1) if name.startswith("base_model.model.") else name
-    return name.replace(".base_layer.", ".")
-
-
-def layer_index(name: str) -> Optional[int]:
-    m = LAYER_RE.search(canonical_name(name))
-    return int(m.group(1)) if m else None
-
-
-def classify_param(name: str) -> str:
-    """Parameter name -> fine bucket, e.g. `layer.3.attention.q`, `embeddings.word`, `head`."""
-    n = canonical_name(name)
-    idx = layer_index(n)
-    leaf = n.rsplit(".", 1)[0]  # module path without .weight/.bias
-    if ".lora_" in n or n.startswith("lora_"):
-        return f"layer.{idx}.adapter" if idx is not None else "adapter"
-    if idx is None:
-        if "embed" in n or re.search(r"(^|\.)(wte|wpe)\.", n):
-            kind = ("word" if re.search(r"word|wte|embed_tokens", n) else
-                    "position" if re.search(r"position|wpe", n) else
-                    "type" if "token_type" in n else
-                    "norm" if re.search(r"norm", n, re.I) else "other")
-            return f"embeddings.{kind}"
-        if "pooler" in n:
-            return "pooler"
-        if any(re.search(rf"(^|\.){h}(\.|$)", leaf) for h in HEAD_NAMES):
-            return "head"
-        if re.search(r"norm|ln_f", n, re.I):
-            return "final_norm"
-        return "other"
-    within = n[LAYER_RE.search(n).end():]
-    if re.search(r"norm|ln_\d", within, re.I):
-        return f"layer.{idx}.norm"
-    if re.search(r"attention|attn", within):
-        for key, pat in (("q", r"query|q_lin|q_proj"), ("k", r"key|k_lin|k_proj"), ("v", r"value|v_lin|v_proj"),
-                         ("qkv", r"c_attn|qkv"), ("out", r"output|out_lin|o_proj|c_proj|out_proj|dense")):
-            if re.search(pat, within):
-                return f"layer.{idx}.attention.{key}"
-        return f"layer.{idx}.attention.other"
-    for key, pat in (("gate", r"gate_proj"), ("in", r"intermediate|lin1|c_fc|up_proj|fc1|wi"),
-                     ("out", r"output|lin2|c_proj|down_proj|fc2|wo")):
-        if re.search(pat, within):
-            return f"layer.{idx}.ffn.{key}"
-    return f"layer.{idx}.other"
-
-
-def coarse_bucket(fine: str) -> str:
-    """`layer.3.attention.q` -> `layer.3`; `embeddings.word` -> `embeddings`."""
-    if fine.startswith("layer."):
-        return ".".join(fine.split(".")[:2])
-    return fine.split(".")[0]
-
+from depthtune.param_names import classify_param, coarse_bucket, layer_index
 
 # ----------------------------------------------------------------------------- configs
 
@@ -183,52 +122,19 @@ def variant_config(base_config, spec: VariantSpec, num_labels: int, path: str = 
 # ----------------------------------------------------------------------------- trainability
 
 
-def is_trainable(name: str, spec: VariantSpec, num_layers: int, task: str = "classification") -> bool:
-    """The freezing rule of every variant kind, for one parameter name.
-
-    A classifier's head is new (random init): every variant trains it. A causal LM's `lm_head` is
-    pretrained: LoRA and BitFit leave it frozen (an untied Llama-7B head alone is 131M parameters);
-    train_top trains it with the top blocks (when tied, it is the input embeddings and stays frozen).
-    """
+def param_of(name: str) -> Param:
     fine = classify_param(name)
-    coarse = coarse_bucket(fine)
-    new_head = coarse == "head" and task == "classification"
-    if spec.lora is not None:
-        return new_head or "adapter" in fine
-    if spec.bitfit:
-        return new_head or name.endswith(".bias")
-    if spec.train_top is not None:
-        if coarse in ("head", "pooler", "final_norm"):
-            return True
-        idx = layer_index(name)
-        return idx is not None and idx >= num_layers - spec.train_top
-    return True  # full fine-tuning (pretrained or scratch)
+    return Param(name=name, fine=fine, coarse=coarse_bucket(fine), layer=layer_index(name))
 
 
 def set_trainable(model: nn.Module, spec: VariantSpec, num_layers: int, task: str = "classification") -> int:
-    """The one freezing function: sets requires_grad on every parameter, returns the trainable count."""
-    count = 0
+    """The one freezing function: sets requires_grad on every parameter by the kind's rule (`Method.trains`),
+    returns the trainable count."""
+    method, count = spec.method, 0
     for name, p in model.named_parameters():
-        p.requires_grad_(is_trainable(name, spec, num_layers, task))
+        p.requires_grad_(method.trains(param_of(name), spec.options, num_layers, task))
         count += p.numel() if p.requires_grad else 0
     return count
-
-
-def refuse_head_only(model: nn.Module, spec: VariantSpec, model_type: str, path: str) -> None:
-    """A BitFit or LoRA variant whose only trainable parameters are the head's is a mistake, not a
-    variant: BitFit on a model without biases (Llama, Mistral, Qwen3) would silently be a linear probe."""
-    if not (spec.bitfit or spec.lora is not None):
-        return
-    if any(p.requires_grad and coarse_bucket(classify_param(n)) != "head" for n, p in model.named_parameters()):
-        return
-    if spec.bitfit:
-        kind, why = "bitfit", "it has no bias parameters outside the head; use lora or train_top"
-        if not any(p.requires_grad for p in model.parameters()):
-            why = "it has no bias parameters; use lora or train_top"  # causal_lm: the lm_head stays frozen
-    else:
-        kind, why = "lora", "no adapter sits in a kept layer"
-    what = "only the head" if any(p.requires_grad for p in model.parameters()) else "nothing"
-    raise ConfigError(f"{path}: {kind} on this {model_type} would train {what}: {why}")
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -238,47 +144,6 @@ def count_params(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
     return total, trainable
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-
-def block_linear_names(model: nn.Module, layers: Optional[list] = None) -> list[str]:
-    """Leaf names of the linear modules inside the blocks (only blocks `layers` when given):
-    query, value, dense... (BERT), q_proj ... down_proj (Llama family), c_attn, c_proj, c_fc (GPT-2)."""
-    names = set()
-    for name, mod in model.named_modules():
-        if not (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"):
-            continue
-        idx = layer_index(name + ".")
-        if idx is not None and (layers is None or idx in layers):
-            names.add(name.rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def add_lora(model: nn.Module, spec: VariantSpec, path: str = "variant") -> nn.Module:
-    """Adapters on `lora.targets` in the kept blocks (`lora.layers` of them). A target found in no such
-    block (the head, the pooler, a name of another family) would leave LoRA training only the head: refused."""
-    from peft import LoraConfig, get_peft_model
-
-    lora = spec.lora
-    available = block_linear_names(model, list(lora.layers) if lora.layers is not None else None)
-    missing = [t for t in lora.targets if t not in available]
-    if missing:
-        where = "the kept layers" if lora.layers is None else f"layers {list(lora.layers)}"
-        raise ConfigError(f"{path}.lora.targets: {missing} match no module; linear modules are: "
-                          f"{', '.join(available)} (in {where})")
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.targets),
-                     layers_to_transform=list(lora.layers) if lora.layers is not None else None,
-                     fan_in_fan_out=type(model).__name__.startswith("GPT2"))  # GPT-2's Conv1D stores W as in x out
-    return get_peft_model(model, cfg)
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the base weights: a plain transformers model comes back."""
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
 
 
 # ----------------------------------------------------------------------------- the builder
@@ -329,7 +194,7 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     auto = model_class(task, num_labels, getattr(base_config, "model_type", None), path)
     cfg = variant_config(base_config, spec, num_labels if task == "classification" else 0, path,
                          pad_token_id=pad_id)
-    scratch = model_cfg.source == "scratch" or spec.init == "scratch"
+    scratch = model_cfg.source == "scratch" or not spec.method.pretrained
     try:
         if device == "meta" or scratch:
             seed_everything(seed)  # the random init (scratch) is the seed's
@@ -351,11 +216,10 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as exc:
         # SafetensorError / UnpicklingError: a corrupted or truncated weights file
         raise ModelError(f"{path}: cannot build the model from {model_cfg.source} ({first_line(exc, 300)})") from None
-    if spec.lora is not None:
-        model = add_lora(model, spec, path)
+    model = spec.method.prepare(model, spec.options, path)  # adapters (LoRA) before freezing
     k = num_layers_of(cfg)
     trainable = set_trainable(model, spec, k, task)
-    refuse_head_only(model, spec, cfg.model_type, path)
+    spec.method.refuse_useless(model, spec.options, cfg.model_type, path)
     total, counted = count_params(model)
     assert counted == trainable
     if device not in ("meta", "cpu"):

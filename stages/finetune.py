@@ -21,7 +21,7 @@ from pathlib import Path
 from depthtune import finetuning, layout, runtime, step_time, stopwatch, tracking
 from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.batching import Examples
-from depthtune.config import effective_train, load_params, to_dict, variant_kind, variant_of
+from depthtune.config import effective_train, load_params, to_dict, variant_of
 from depthtune.data_parallel import init_distributed
 from depthtune.files import write_text_atomic
 from depthtune.memory import PeakMemory
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     # the train time predicted before training (GEMM, optimizer and step floor timed now: ~0.5 s)
     prediction = step_time.before_training(audit, train_ex, batch_size=cfg.batch_size, seed=cfg.seed,
                                            epochs=cfg.epochs, device=device, precision=resolve_precision(cfg.precision, device),
-                                           kind=variant_kind(spec))
+                                           kind=spec.kind)
     print(f"finetune {name}: predicted {prediction['train_s']:.1f} s for {cfg.epochs} epochs of "
           f"{prediction['steps_per_epoch']} steps ({1e3 * prediction['step_s']:.0f} ms/step; GEMM "
           f"{prediction['throughput']['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s x efficiency "

@@ -25,9 +25,7 @@ def test_every_shipped_params_file_loads():
     specs = list(default.variants.values())
     assert any(s.describe() == "full fine-tuning" for s in specs)
     assert any(s.depth is not None for s in specs)
-    assert any(s.train_top not in (None, 0) for s in specs)
-    assert any(s.train_top == 0 for s in specs)
-    assert any(s.lora is not None for s in specs)
+    assert {s.kind for s in specs} >= {"full", "top", "probe", "lora"}
 
 
 def test_config_objects_are_frozen_and_overrides_apply():
@@ -40,19 +38,20 @@ def test_config_objects_are_frozen_and_overrides_apply():
 
 
 def test_learning_rate_comes_from_the_variant_then_train_lr_then_the_variant_kind():
-    from depthtune.config import DEFAULT_LR, variant_kind
+    from depthtune import methods
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["variants"] = {"full": {}, "d3": {"depth": 3}, "top2": {"train_top": 2}, "probe": {"train_top": 0},
                        "lora": {"lora": {"r": 4}}, "bitfit": {"bitfit": True}, "scratch": {"init": "scratch"},
                        "own": {"train_top": 0, "train": {"lr": 5e-3, "epochs": 3}}}
     p = parse_params(raw)
-    kinds = {name: variant_kind(spec) for name, spec in p.variants.items()}
+    kinds = {name: spec.kind for name, spec in p.variants.items()}
     assert kinds == {"full": "full", "d3": "full", "top2": "top", "probe": "probe", "lora": "lora",
                      "bitfit": "bitfit", "scratch": "scratch", "own": "probe"}
     lrs = {name: effective_train(p, spec).lr for name, spec in p.variants.items()}
-    assert lrs == {**{n: DEFAULT_LR[k] for n, k in kinds.items()}, "own": 5e-3}
-    assert DEFAULT_LR["probe"] > DEFAULT_LR["lora"] > DEFAULT_LR["top"] > DEFAULT_LR["full"]
+    default_lr = {m.name: m.default_lr for m in methods.ordered()}
+    assert lrs == {**{n: default_lr[k] for n, k in kinds.items()}, "own": 5e-3}
+    assert default_lr["probe"] > default_lr["lora"] > default_lr["top"] > default_lr["full"]
     assert effective_train(p, p.variants["own"]).epochs == 3
     raw["train"]["lr"] = 1e-4  # train.lr set: every variant without its own lr takes it
     p = parse_params(raw)
@@ -99,7 +98,7 @@ BAD = [
     ("lora not a mapping", with_change("variants", {"l": {"lora": 8}}), r"variants\.l\.lora: expected a mapping"),
     ("lora rank zero", with_change("variants", {"l": {"lora": {"r": 0}}}), r"variants\.l\.lora\.r: 0 is out of range"),
     ("lora empty targets", with_change("variants", {"l": {"lora": {"targets": []}}}), r"variants\.l\.lora\.targets: empty"),
-    ("lora + bitfit", with_change("variants", {"l": {"lora": {}, "bitfit": True}}), r"variants\.l: bitfit and lora cannot be combined"),
+    ("lora + bitfit", with_change("variants", {"l": {"lora": {}, "bitfit": True}}), r"variants\.l: lora and bitfit cannot be combined \(each chooses a variant kind: lora, bitfit\); keep one"),
     ("bad init", with_change("variants", {"s": {"init": "random"}}), r"variants\.s\.init: 'random' is not one of pretrained, scratch"),
     ("split fraction too big", with_change("data.split", {"validation": 0.7}), r"params\.data\.split\.validation: 0\.7 is out of range"),
     ("section not a mapping", with_change("train", 5), r"params\.train: expected a mapping"),

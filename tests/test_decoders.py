@@ -23,7 +23,8 @@ from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_vari
 from depthtune.errors import ConfigError
 from depthtune.sources import load_tokenizer, packaged_path
 from depthtune.training import train
-from depthtune.variants import build_variant, layer_index, num_layers_of
+from depthtune.param_names import layer_index
+from depthtune.variants import build_variant, num_layers_of
 from tests.conftest import read_sst2
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")

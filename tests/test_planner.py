@@ -44,7 +44,7 @@ def test_plan_rows_fit_their_budget_and_lora_fits_more_than_full():
         buckets = bucket_counts(built.model)
         total = sum(b["total"] for b in buckets)
         trainable = sum(b["trainable"] for b in buckets)
-        lora = (spec.lora.r, len(spec.lora.targets)) if spec.lora is not None else None
+        lora = (spec.options.r, len(spec.options.targets)) if spec.kind == "lora" else None
         over = estimate(built.config, buckets, total, trainable, r["max_batch"] + 1, 64, task="causal_lm", lora=lora,
                         pretrained=False)
         assert over["memory_bytes"]["total"] > s.memory  # one more sequence would not fit

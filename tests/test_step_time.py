@@ -53,7 +53,7 @@ def one_step_flops(built, spec, task) -> int:
         model.set_attn_implementation("eager")
     ids = torch.randint(5, 1000, (B, S))
     mask = torch.ones_like(ids)
-    k = built.num_layers - spec.train_top if spec.train_top is not None else 0
+    k = spec.method.cached_prefix_layers(spec.options, built.num_layers)
     with FlopCounterMode(display=False) as counter:
         if k:
             logits = top_forward(model, torch.randn(B, S, model.config.hidden_size), mask, k)
@@ -68,7 +68,7 @@ def one_step_flops(built, spec, task) -> int:
 @pytest.mark.parametrize("name,arch,variant,task", CASES, ids=[c[0] for c in CASES])
 def test_counted_step_flops_are_the_flops_a_step_does(name, arch, variant, task):
     built, spec = built_variant(arch, variant, task)
-    cached = spec.train_top is not None  # training caches every train_top prefix it can split
+    cached = spec.method.cached_prefix_layers(spec.options, built.num_layers) > 0  # training caches every such prefix
     audit = audit_built(built, variant_name="v", spec=spec, num_labels=2 if task == "classification" else 0,
                         batch_size=B, seq_len=S, task=task, model_source="scratch",
                         cache_tokens=1000 if cached else 0)
@@ -78,7 +78,7 @@ def test_counted_step_flops_are_the_flops_a_step_does(name, arch, variant, task)
     # whole-model count was 2-6x off for cached variants (and a probe's head counted per token: 30x)
     assert 0.94 <= counted / done <= 1.06, f"{name}: counted {counted:,} vs {done:,} done ({counted / done:.3f})"
     if cached:
-        assert step["cached_layers"] == built.num_layers - spec.train_top
+        assert step["cached_layers"] == spec.method.cached_prefix_layers(spec.options, built.num_layers)
 
 
 def test_predict_is_the_sum_over_the_batches():

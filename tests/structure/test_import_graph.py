@@ -7,7 +7,7 @@ import ast
 import pytest
 import yaml
 
-from import_graph import PACKAGES, ROOT, as_path, closure, cycles, graph, module_path, project_modules
+from import_graph import PACKAGES, ROOT, as_path, closure, cycles, generated, graph, module_path, project_modules
 
 STAGES = ("prepare", "pretrain", "tokenization", "audit", "finetune", "evaluation", "compare", "promote")
 
@@ -81,3 +81,9 @@ def test_dvc_deps_are_the_stage_import_closure(stage):
     missing, extra = sorted(code - deps), sorted(deps - code)
     assert not missing, f"dvc.yaml {stage}: modules it imports but does not list as deps: {missing}"
     assert not extra, f"dvc.yaml {stage}: lists modules it does not import: {extra}"
+
+
+def test_dvc_yaml_code_deps_are_generated():
+    """`python -m flows.dvc_deps` wrote dvc.yaml's `.py` deps: nobody edits them by hand."""
+    text = (ROOT / "dvc.yaml").read_text()
+    assert generated(text) == text, "dvc.yaml code deps are stale: run python -m flows.dvc_deps"
