@@ -15,7 +15,8 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from depthtune.config import GQA_TYPES, ModelConfig, Params, VariantSpec, to_dict
+from depthtune.config import ModelConfig, Params, VariantSpec, to_dict
+from depthtune.families import attr, family_of, is_tied
 from depthtune.errors import DepthtuneError
 from depthtune.layer_order import ordered_layer_names
 from depthtune.precision import resolve_precision
@@ -77,73 +78,15 @@ def coarse_counts(buckets: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- closed form
 
 
-def _g(cfg, *names, default=None):
-    for n in names:
-        v = getattr(cfg, n, None)
-        if v is not None:
-            return v
-    return default
-
-
-def is_tied(cfg) -> bool:
-    """A causal LM's lm_head shares the input embedding matrix (GPT-2 by default; Llama-family configs say)."""
-    return bool(getattr(cfg, "tie_word_embeddings", False))
-
-
 def closed_form_total(cfg, num_labels: int, task: str = "classification") -> Optional[tuple[int, str]]:
-    """Total parameters from the config alone (no model built), or None for unknown architectures.
+    """Total parameters from the config alone (no model built), or None for a family without a closed form
+    (depthtune.families: each row's `closed_form`).
 
     task classification: num_labels=0 the bare model as AutoModel builds it; N AutoModelForSequenceClassification.
     task causal_lm (decoders): AutoModelForCausalLM, the lm_head V*H counted only when untied.
     """
-    mt = cfg.model_type
-    N = 0 if task == "causal_lm" else num_labels
-    lm_head = task == "causal_lm" and not is_tied(cfg)  # a tied lm_head is the embedding matrix: no own params
-    if mt in ("bert", "roberta"):
-        V, H, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-        I, P, T = cfg.intermediate_size, cfg.max_position_embeddings, cfg.type_vocab_size
-        emb = (V + P + T) * H + 2 * H  # word + position + type tables, LayerNorm (gain, bias)
-        layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 2 * 2 * H  # q,k,v,out; ffn in,out; 2 LayerNorms
-        if N == 0:
-            rest, what = H * H + H, "pooler H^2+H"
-        elif mt == "bert":
-            rest, what = (H * H + H) + (H * N + N), "pooler H^2+H + head H*N+N"
-        else:  # RobertaClassificationHead: dense H->H, out_proj H->N; no pooler
-            rest, what = (H * H + H) + (H * N + N), "head dense H^2+H + out_proj H*N+N"
-        return emb + L * layer + rest, (f"(V+P+T)*H+2H + L*(4(H^2+H) + 2HI+I+H + 4H) + {what}; "
-                                        f"V={V} P={P} T={T} H={H} I={I} L={L} N={N}")
-    if mt == "distilbert":
-        V, D, L, Hd, P = cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.hidden_dim, cfg.max_position_embeddings
-        emb = (V + P) * D + 2 * D
-        layer = 4 * (D * D + D) + 2 * D + (D * Hd + Hd) + (Hd * D + D) + 2 * D
-        rest = 0 if N == 0 else (D * D + D) + (D * N + N)  # pre_classifier + classifier
-        return emb + L * layer + rest, f"(V+P)*D+2D + L*(4(D^2+D)+2D + 2D*Hd+Hd+D + 2D) + [D^2+D + D*N+N]; D={D} L={L}"
-    if mt == "gpt2":
-        V, D, L, P = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_positions
-        I = cfg.n_inner or 4 * D
-        emb = V * D + P * D
-        layer = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * I + I) + (I * D + D)
-        rest = 2 * D + (D * N if N else 0) + (V * D if lm_head else 0)  # ln_f + score (no bias) | lm_head untied
-        return emb + L * layer + rest, (f"(V+P)*D + L*(4D + 3D^2+3D + D^2+D + 2DI+I+D) + 2D + "
-                                        f"{'V*D' if lm_head else 'D*N'}; D={D} I={I} L={L}")
-    if mt in ("llama", "mistral", "qwen2", "qwen3"):
-        V, H, L, I = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-        nh = cfg.num_attention_heads
-        nkv = _g(cfg, "num_key_value_heads", default=nh)
-        hd = _g(cfg, "head_dim", default=H // nh)
-        attn = H * nh * hd + 2 * H * nkv * hd + nh * hd * H
-        if getattr(cfg, "attention_bias", False) or mt == "qwen2":
-            attn += nh * hd + 2 * nkv * hd + (H if getattr(cfg, "attention_bias", False) else 0)
-        if mt == "qwen3":
-            attn += 2 * hd  # q_norm, k_norm
-        mlp = 3 * H * I + ((2 * I + H) if getattr(cfg, "mlp_bias", False) else 0)
-        layer = attn + mlp + 2 * H  # input + post-attention RMSNorm
-        emb = V * H
-        rest = H + (H * N if N else 0) + (V * H if lm_head else 0)  # final norm + score (no bias) | lm_head untied
-        head = "V*H untied lm_head" if lm_head else ("tied lm_head" if task == "causal_lm" else "H*N")
-        return emb + L * layer + rest, (f"V*H + L*(H*nh*hd + 2H*nkv*hd + nh*hd*H + 3HI + 2H) + H + {head}; "
-                                        f"V={V} H={H} L={L} I={I} nh={nh} nkv={nkv} hd={hd}")
-    return None
+    form = family_of(cfg.model_type).closed_form
+    return None if form is None else form(cfg, 0 if task == "causal_lm" else num_labels, task)
 
 
 def closed_form_adapters(model: nn.Module) -> int:
@@ -160,18 +103,23 @@ def closed_form_adapters(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- estimates
 
 
+def sdpa_block(cfg) -> bool:
+    """Pre-RMSNorm (Llama-layout) blocks run fused SDPA without dropout: no S x S attention probabilities kept."""
+    return family_of(cfg.model_type).block == "pre_rms"
+
+
 def _dims(cfg) -> dict:
-    H = _g(cfg, "hidden_size", "dim", "n_embd")
-    A = _g(cfg, "num_attention_heads", "n_heads", "n_head")
-    hd = _g(cfg, "head_dim", default=H // A)
+    H = attr(cfg, "hidden_size", "dim", "n_embd")
+    A = attr(cfg, "num_attention_heads", "n_heads", "n_head")
+    hd = attr(cfg, "head_dim", default=H // A)
     return {
         "H": H,
-        "I": _g(cfg, "intermediate_size", "hidden_dim", "n_inner") or 4 * H,
+        "I": attr(cfg, "intermediate_size", "hidden_dim", "n_inner") or 4 * H,
         "A": A,
         "L": num_layers_of(cfg),
-        "V": _g(cfg, "vocab_size"),
+        "V": attr(cfg, "vocab_size"),
         "q": A * hd,  # query width: heads x head_dim (= H unless head_dim says otherwise, qwen3)
-        "kv": _g(cfg, "num_key_value_heads", default=A) * hd,  # grouped-query attention: fewer k/v heads
+        "kv": attr(cfg, "num_key_value_heads", default=A) * hd,  # grouped-query attention: fewer k/v heads
     }
 
 
@@ -224,11 +172,11 @@ def block_activation_bytes(cfg, precision: str, seq_len: int, lora: Optional[tup
     """
     d = _dims(cfg)
     H, I, A, q, kv = d["H"], d["I"], d["A"], d["q"], d["kv"]
-    mt = cfg.model_type
-    if mt in GQA_TYPES:
+    family = family_of(cfg.model_type)
+    if family.block == "pre_rms":
         rest = 2 * q + 2 * kv + 4 * I  # attention + SwiGLU
         small = 4 * (2 + A)  # fp32 in every precision: each RMSNorm's rstd (1 per token) and SDPA's logsumexp per head
-        if mt == "qwen3":  # q_norm, k_norm (RMSNorm per head): fp32 input + x*rstd (bf16 in bf16 / autocast) + rstd
+        if family.qk_norm:  # q_norm, k_norm (RMSNorm per head): fp32 input + x*rstd (bf16 in bf16 / autocast) + rstd
             kv_heads = kv // (q // A)
             small += (8 if precision == "fp32" else 6) * (q + kv) + 4 * (A + kv_heads)
         if precision == "fp32":
@@ -237,7 +185,7 @@ def block_activation_bytes(cfg, precision: str, seq_len: int, lora: Optional[tup
             return 2 * (4 * H + 2 * H + 2 * H) + 2 * rest + small
         # autocast, per norm: fp32 input 4H + fp32 x*rstd 4H + the matmul's bf16 copy 2H; fp32 rotary q, k
         return 2 * (4 * H + 4 * H + 2 * H) + 4 * (q + kv) + 2 * rest + small
-    if mt == "gpt2":
+    if family.block == "pre_ln":
         elements = 10 * H + 5 * I + 3 * A * seq_len
     else:
         elements = 10.5 * H + 2 * I + 3 * A * seq_len
@@ -288,7 +236,7 @@ def backward_temporary_bytes(cfg, tokens: int, seq_len: int, precision: str) -> 
     residual stream and attention outputs (~4H) per token, and for attention that materializes
     probabilities (encoders, GPT-2) their grad, the softmax backward's and the dropout's (3*A*S)."""
     d = _dims(cfg)
-    attn = 0 if cfg.model_type in GQA_TYPES else 3 * d["A"] * seq_len
+    attn = 0 if sdpa_block(cfg) else 3 * d["A"] * seq_len
     return int(tokens * (2 * d["I"] + 4 * d["H"] + attn) * (FP32 if precision == "fp32" else 2))
 
 
@@ -299,7 +247,7 @@ def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_le
     d = _dims(cfg)
     H, V = d["H"], d["V"]
     tokens = batch_size * seq_len
-    per_block = block_activation_bytes(cfg, precision, seq_len, lora if cfg.model_type not in GQA_TYPES else None)
+    per_block = block_activation_bytes(cfg, precision, seq_len, lora if not sdpa_block(cfg) else None)
     if gradient_checkpointing and n_bp:
         # each backpropagated block keeps only its input, B*S*H (fp32 residual stream, bf16 with bf16
         # weights), and one block's full activations exist at a time while backward recomputes it
@@ -324,7 +272,7 @@ def forward_buffer_bytes(cfg, tokens: int, seq_len: int) -> int:
     residual stream (H) and the attention scores or probabilities (A*S, encoders and GPT-2) per token
     (fitted: a 4-layer BERT, H 256, at 64 x 128, 2,840 floats per token measured, this gives 2,816)."""
     d = _dims(cfg)
-    d_attn = 0 if cfg.model_type in GQA_TYPES else d["A"] * seq_len
+    d_attn = 0 if sdpa_block(cfg) else d["A"] * seq_len
     return int(tokens * (2 * d["I"] + d["H"] + d_attn) * FP32)
 
 
@@ -427,7 +375,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
                      and layer_index(b) < cached)
     step = {"dense": 2 * M_step + 2 * M_bp + 2 * M_train, "per_position": 4 * H * (L - cached) + 8 * H * n_bp,
             "per_sequence": 0, "cached_layers": cached}
-    if task == "classification" and cfg.model_type not in GQA_TYPES + ("gpt2",):
+    if task == "classification" and not family_of(cfg.model_type).decoder:
         # an encoder's pooler and head read one token per text ([CLS]), not every token: a probe's whole
         # step (a decoder's score head runs on every position, as transformers computes it)
         tops = [b for b in buckets if b["name"] in ("pooler", "head")]  # pooler below head

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from depthtune.config import DECODER_TYPES, ModelConfig, load_params, parse_variant
+from depthtune.config import ModelConfig, load_params, parse_variant
+from depthtune.families import family_of
 from depthtune.errors import ConfigError, DepthtuneError
 from depthtune.runtime import configure_process
 
@@ -116,8 +117,7 @@ def cmd_plan(args) -> int:
         base = load_base_config(model_cfg)
     else:
         raise ConfigError("plan: give --config PATH/config.json or --model SOURCE")
-    targets = {"gpt2": "c_attn"}.get(base.model_type, "q_proj+v_proj") if base.model_type in DECODER_TYPES \
-        else "query+value"
+    targets = "+".join(family_of(base.model_type).lora_targets) or "query+value"  # the family's q/v projections
     specs = [(s, parse_variant("v", parse_variant_arg(s), f"--variant {s}"))
              for s in args.variant or ["full", "train_top=2", f"lora.r=8,lora.targets={targets}"]]
     device = "cuda" if args.precision != "fp32" and torch.cuda.is_available() else "cpu"

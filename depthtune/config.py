@@ -12,6 +12,7 @@ import yaml
 
 from depthtune import layout, methods
 from depthtune.errors import ConfigError
+from depthtune.families import DECODER_TYPES, ENCODER_TYPES, GQA_TYPES
 from depthtune.schema import parse_section, setting as _f
 
 # DVC stage names become `finetune@<name>`: keep to letters, digits, '_' and '-'.
@@ -21,9 +22,6 @@ VARIANT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 # ----------------------------------------------------------------------------- sections
 
 
-ENCODER_TYPES = ("bert", "roberta", "distilbert")
-DECODER_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
-GQA_TYPES = ("llama", "qwen2", "qwen3", "mistral")  # grouped-query attention: fewer key/value heads
 
 # What the variants are trained to do. classification: one label per text (encoders read the first token,
 # decoders the last non-pad one). causal_lm: next-token prediction on the texts (decoders only).
@@ -41,7 +39,7 @@ def higher_is_better(metric: str) -> bool:
 @dataclass(frozen=True)
 class ScratchArch:
     """Architecture for `model.source: scratch` (random init) and pretrain.start_from: scratch. One set of names for
-    every family; depthtune.variants.scratch_config maps them to each family's own (gpt2: n_embd, n_layer, ...)."""
+    every family; depthtune.families.config_kwargs maps them to each family's own (gpt2: n_embd, n_layer, ...)."""
     model_type: str = _f("bert", choices=ENCODER_TYPES + DECODER_TYPES)
     vocab_size: int = _f(30522, lo=2)
     hidden_size: int = _f(384, lo=1)

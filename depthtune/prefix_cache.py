@@ -25,10 +25,9 @@ from torch import nn
 
 from depthtune.batching import Examples, autocast, collate
 from depthtune.config import VariantSpec
+from depthtune.families import Family, family_of
 from depthtune.progress import QUIET_FOR_S, Progress
 
-ENCODERS = ("bert", "roberta")
-DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 
 
 def frozen_prefix_layers(spec: VariantSpec, num_layers: int) -> int:
@@ -37,20 +36,23 @@ def frozen_prefix_layers(spec: VariantSpec, num_layers: int) -> int:
     return spec.method.cached_prefix_layers(spec.options, num_layers)
 
 
+def family(model: nn.Module) -> Family:
+    return family_of(getattr(model.config, "model_type", None))
+
+
 def is_decoder(model: nn.Module) -> bool:
-    return getattr(model.config, "model_type", None) in DECODERS
+    return family(model).decoder
 
 
 def supports_split_forward(model: nn.Module) -> bool:
-    """True when prefix_forward/top_forward can run this model in two halves."""
-    model_type = getattr(model.config, "model_type", None)
-    base = getattr(model, "base_model", None)
-    if model_type in ENCODERS:
+    """True when prefix_forward/top_forward can run this model in two halves (the family's `prefix_cache`)."""
+    row, base = family(model), getattr(model, "base_model", None)
+    if not row.prefix_cache:
+        return False
+    if not row.decoder:
         return hasattr(base, "embeddings") and hasattr(getattr(base, "encoder", None), "layer")
-    if model_type in DECODERS:
-        return decoder_blocks(base) is not None and (isinstance(getattr(model, "score", None), nn.Linear)
-                                                     or is_causal_lm(model))
-    return False
+    return decoder_blocks(base) is not None and (isinstance(getattr(model, "score", None), nn.Linear)
+                                                 or is_causal_lm(model))
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -82,7 +84,7 @@ def encoder_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tenso
     mask = _bidirectional_mask(model, hidden, attention_mask)
     for layer in base.encoder.layer[k:]:
         hidden = layer(hidden, mask)
-    if model.config.model_type == "roberta":
+    if family(model).first_token_head:
         return model.classifier(hidden)  # RobertaClassificationHead reads the <s> token itself
     pooled = base.pooler(hidden) if base.pooler is not None else hidden[:, 0]
     return model.classifier(model.dropout(pooled))
@@ -92,16 +94,16 @@ def encoder_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tenso
 
 
 def decoder_blocks(base) -> Optional[nn.ModuleList]:
-    """The block list of a decoder's base model: `h` for gpt2, `layers` for the llama-like families."""
-    blocks = getattr(base, "h", None) if base.config.model_type == "gpt2" else getattr(base, "layers", None)
+    """The block list of a decoder's base model (the family's `blocks`: `h` for gpt2, `layers` for the llama-like)."""
+    blocks = getattr(base, family_of(base.config.model_type).blocks or "layers", None)
     return blocks if isinstance(blocks, nn.ModuleList) else None
 
 
 def decoder_embedding_modules(base) -> list[nn.Module]:
-    """What runs before block 0: gpt2's word + position tables and its embedding dropout; else embed_tokens."""
-    if base.config.model_type == "gpt2":
-        return [base.wte, base.wpe, base.drop]
-    return [base.embed_tokens]
+    """What runs before block 0: rotary families' embed_tokens; gpt2's word + position tables and its dropout."""
+    if family_of(base.config.model_type).rotary:
+        return [base.embed_tokens]
+    return [base.wte, base.wpe, base.drop]
 
 
 def mask_kinds(config) -> list[str]:
@@ -109,10 +111,10 @@ def mask_kinds(config) -> list[str]:
     qwen2/qwen3 per block from config.layer_types (sliding on some blocks when use_sliding_window),
     mistral sliding on every block when config.sliding_window is set (its default is 4,096),
     llama and gpt2 plain causal."""
-    n = config.num_hidden_layers
-    if config.model_type in ("qwen2", "qwen3") and getattr(config, "layer_types", None):
+    n, attention = config.num_hidden_layers, family_of(config.model_type).attention
+    if attention == "per_layer" and getattr(config, "layer_types", None):
         return list(config.layer_types)
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+    if attention == "sliding" and getattr(config, "sliding_window", None) is not None:
         return ["sliding_attention"] * n
     return ["full_attention"] * n
 
@@ -147,7 +149,7 @@ def block_inputs(model, hidden: torch.Tensor, attention_mask: torch.Tensor, star
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     kinds = mask_kinds(config)[start:stop]
     by_kind = decoder_masks(config, hidden, attention_mask, position_ids, set(kinds))
-    rotary = None if config.model_type == "gpt2" else model.base_model.rotary_emb(hidden, position_ids)
+    rotary = model.base_model.rotary_emb(hidden, position_ids) if family_of(config.model_type).rotary else None
     return BlockInputs(position_ids=position_ids, masks=[by_kind[kind] for kind in kinds], rotary=rotary)
 
 
@@ -183,7 +185,7 @@ def decoder_embed(model, batch: dict) -> torch.Tensor:
     """Token embeddings of a batch, as the base model's forward computes them before block 0."""
     base = model.base_model
     ids = batch["input_ids"]
-    if base.config.model_type != "gpt2":
+    if family_of(base.config.model_type).rotary:
         return base.embed_tokens(ids)
     positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     h = base.wte(ids) + base.wpe(positions)
@@ -208,7 +210,7 @@ def decoder_lm_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Te
         inputs = block_inputs(model, hidden, attention_mask, k, L)
         for block, mask in zip(blocks[k:], inputs.masks):
             hidden = run_block(block, hidden, inputs, mask)
-    final_norm = model.base_model.ln_f if model.config.model_type == "gpt2" else model.base_model.norm
+    final_norm = getattr(model.base_model, family(model).final_norm)
     return model.lm_head(final_norm(hidden))
 
 
@@ -229,7 +231,7 @@ def decoder_top_forward(model, hidden: torch.Tensor, attention_mask: torch.Tenso
         pooled = run_block_pooled(blocks[L - 1], hidden, inputs, inputs.masks[-1], last)
     else:  # train_top 0, a probe: every block is in the cache
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    final_norm = model.base_model.ln_f if model.config.model_type == "gpt2" else model.base_model.norm
+    final_norm = getattr(model.base_model, family(model).final_norm)
     return model.score(final_norm(pooled))
 
 

@@ -38,7 +38,8 @@ from depthtune import sources, step_time
 from depthtune.audit import audit_built
 from depthtune.batching import Examples, autocast, collate, length_grouped_batches
 from depthtune.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from depthtune.config import DECODER_TYPES, ENCODER_TYPES, Params, VariantSpec, to_dict
+from depthtune.config import Params, VariantSpec, to_dict
+from depthtune.families import FAMILIES, family_of, is_decoder
 from depthtune.coverage import split_coverage, unk_token_id
 from depthtune.errors import ConfigError, DataError, ModelError, first_line
 from depthtune.layout import TRAIN_LEFT_OUT_FILE
@@ -166,10 +167,10 @@ class Plan:
 def resolve_plan(params: Params, model_type: Optional[str]) -> Plan:
     """The objective and tokenizer kind for the model pretraining starts from (auto: by family)."""
     pre = params.pretrain
-    if model_type not in ENCODER_TYPES + DECODER_TYPES:
+    if model_type not in FAMILIES:
         raise ConfigError(f"pretrain: cannot pretrain a {model_type or 'model of unknown type'} "
-                          f"(known: {', '.join(ENCODER_TYPES + DECODER_TYPES)})")
-    encoder = model_type in ENCODER_TYPES
+                          f"(known: {', '.join(FAMILIES)})")
+    encoder = not is_decoder(model_type)
     objective = pre.objective if pre.objective != "auto" else ("mlm" if encoder else "causal_lm")
     if (objective == "mlm") != encoder:
         raise ConfigError(f"pretrain.objective: {objective} does not fit a {model_type} "
@@ -200,7 +201,7 @@ def make_tokenizer(params: Params, plan: Plan, texts: list, keep_dir: Path):
         train_tokenizer(texts, folder, kind=plan.tokenizer_kind, vocab_size=pre.tokenizer.vocab_size,
                         min_frequency=pre.tokenizer.min_frequency, max_length=max_length)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    if plan.model_type in DECODER_TYPES:
+    if is_decoder(plan.model_type):
         tokenizer.model_input_names = ["input_ids", "attention_mask"]
     return tokenizer
 
@@ -217,7 +218,7 @@ def build_model(params: Params, plan: Plan, tokenizer, seed: int) -> nn.Module:
         arch = params.model.scratch
         cfg = scratch_config(type(arch)(**{**to_dict(arch), "vocab_size": len(tokenizer)}))
         cfg.pad_token_id = tokenizer.pad_token_id
-        if plan.model_type in DECODER_TYPES:
+        if is_decoder(plan.model_type):
             cfg.bos_token_id = cfg.eos_token_id = tokenizer.eos_token_id
         return auto.from_config(cfg)
     src = sources.resolve_source(params.model.source)
@@ -324,15 +325,12 @@ def fingerprint_of(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-# The masked-LM head on top of `model.base_model`, per family: run on the chosen positions only (15% of them).
-# Measured: the packaged MiniLM's 30,522-way output at every position costs about what its encoder does.
-MLM_HEAD = {"bert": "cls", "roberta": "lm_head"}
-
-
 def mlm_logits(model: nn.Module, masked: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """[chosen positions, vocabulary] logits: the encoder on every token, the MLM head only where a token is
     predicted (the same numbers as the full model's logits there); other families: the full model's."""
-    head = getattr(model, MLM_HEAD.get(model.config.model_type, ""), None)
+    # the family's masked-LM head (depthtune.families: mlm_head), run on the chosen positions only (15% of them);
+    # measured: the packaged MiniLM's 30,522-way output at every position costs about what its encoder does
+    head = getattr(model, family_of(model.config.model_type).mlm_head or "", None)
     if head is None:
         return model(input_ids=masked, attention_mask=mask).logits[chosen]
     return head(model.base_model(input_ids=masked, attention_mask=mask)[0][chosen])
@@ -342,7 +340,7 @@ def flops_per_token(model: nn.Module, objective: str, predicted_share: float) ->
     """Training FLOPs per token: 6 x the parameters (2 forward + 4 backward), the MLM head's output matrix
     counted only for the predicted share of tokens when mlm_logits runs it there alone."""
     total = sum(p.numel() for p in model.parameters())
-    if objective != "mlm" or model.config.model_type not in MLM_HEAD:
+    if objective != "mlm" or family_of(model.config.model_type).mlm_head is None:
         return 6.0 * total
     output = model.get_output_embeddings().weight.numel()
     return 6.0 * (total - output * (1.0 - predicted_share))
@@ -543,7 +541,7 @@ def setup(params: Params, texts: Texts, *, checkpoint_dir: Optional[Path], devic
     if model.config.vocab_size < len(tokenizer):
         raise ModelError(f"pretrain: the tokenizer has {len(tokenizer):,} tokens, the model's vocabulary "
                          f"{model.config.vocab_size:,}")
-    decoder = plan.model_type in DECODER_TYPES
+    decoder = is_decoder(plan.model_type)
     train = encode(tokenizer, texts.train, pre.max_length, decoder)
     validation = encode(tokenizer, texts.validation, pre.max_length, decoder)
     if not train.input_ids or not validation.input_ids:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from depthtune.config import DECODER_TYPES, ModelConfig
+from depthtune.config import ModelConfig
+from depthtune.families import is_decoder
 from depthtune.errors import ModelError, first_line
 from depthtune.runtime import is_offline
 
@@ -127,7 +128,7 @@ def load_tokenizer(model: ModelConfig):
 
     src = tokenizer_source(model)
     kwargs = {}
-    if model_type_of(model) in DECODER_TYPES:
+    if is_decoder(model_type_of(model)):
         # a scratch decoder uses MiniLM's BERT tokenizer: its token_type_ids mean nothing to a decoder
         # (GPT-2 would even add them to its inputs as word embeddings)
         kwargs["model_input_names"] = ["input_ids", "attention_mask"]

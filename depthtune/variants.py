@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from depthtune.config import (DECODER_TYPES, GQA_TYPES, ModelConfig, ScratchArch, VariantSpec,
-                              check_variant_against_model)
+from depthtune.config import ModelConfig, ScratchArch, VariantSpec, check_variant_against_model
+from depthtune.families import DECODER_TYPES, config_kwargs, is_decoder
 from depthtune.errors import ConfigError, ModelError, first_line
 from depthtune.methods import Param
 from depthtune.runtime import seed_everything
@@ -48,38 +48,13 @@ def set_num_layers(config, k: int) -> None:
     raise ModelError(f"cannot truncate a {type(config).__name__}: no layer-count attribute")
 
 
-def family_kwargs(arch: ScratchArch) -> dict:
-    """model.scratch (one set of names) -> the keyword arguments of the family's config class."""
-    mt, H, A = arch.model_type, arch.hidden_size, arch.num_attention_heads
-    if mt == "distilbert":
-        return {"vocab_size": arch.vocab_size, "dim": H, "n_layers": arch.num_hidden_layers, "n_heads": A,
-                "hidden_dim": arch.intermediate_size, "max_position_embeddings": arch.max_position_embeddings}
-    if mt == "gpt2":
-        kw = {"vocab_size": arch.vocab_size, "n_embd": H, "n_layer": arch.num_hidden_layers, "n_head": A,
-              "n_inner": arch.intermediate_size, "n_positions": arch.max_position_embeddings}
-        if arch.vocab_size <= 50256:  # gpt2's bos/eos 50256 lie outside a smaller vocabulary (MiniLM's 30,522)
-            kw.update(bos_token_id=None, eos_token_id=None)
-    else:
-        kw = {"vocab_size": arch.vocab_size, "hidden_size": H, "num_hidden_layers": arch.num_hidden_layers,
-              "num_attention_heads": A, "intermediate_size": arch.intermediate_size,
-              "max_position_embeddings": arch.max_position_embeddings}
-    if mt in ("bert", "roberta"):
-        kw["type_vocab_size"] = arch.type_vocab_size
-    if mt in GQA_TYPES:
-        kw["num_key_value_heads"] = arch.num_key_value_heads or A
-        if arch.head_dim is not None or mt != "qwen2":  # qwen3's own default is 128 whatever H: always say it
-            kw["head_dim"] = arch.head_dim or H // A
-    if mt in DECODER_TYPES and arch.tie_word_embeddings is not None:
-        kw["tie_word_embeddings"] = arch.tie_word_embeddings
-    return kw
-
-
 def scratch_config(arch: ScratchArch):
-    """The family's transformers config for `model.source: scratch` (shapes already validated by ScratchArch)."""
+    """The family's transformers config for `model.source: scratch` (shapes already validated by ScratchArch;
+    the names mapped by depthtune.families.config_kwargs)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.for_model(arch.model_type, **family_kwargs(arch))
+        return AutoConfig.for_model(arch.model_type, **config_kwargs(arch))
     except ValueError as exc:  # a shape transformers refuses that ScratchArch let through
         raise ConfigError(f"model.scratch: {first_line(exc)}") from None
 
@@ -163,7 +138,7 @@ def model_class(task: str, num_labels: int, model_type: str, path: str = "varian
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if task == "causal_lm":
-        if model_type not in DECODER_TYPES:
+        if not is_decoder(model_type):
             raise ConfigError(f"{path}: task causal_lm needs a decoder ({', '.join(DECODER_TYPES)}); "
                               f"the model is a {model_type}")
         return AutoModelForCausalLM
@@ -189,7 +164,7 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     # A decoder's classifier reads the last token that is not the pad id: it must be the tokenizer's,
     # the batches' (encoders read the first token: their config's pad id stays). The audit's meta build
     # needs no tokenizer (`depthtune audit --config` has none): the pad id changes no parameter count.
-    decoder = getattr(base_config, "model_type", None) in DECODER_TYPES
+    decoder = is_decoder(getattr(base_config, "model_type", None))
     pad_id = sources.tokenizer_pad_id(model_cfg) if decoder and device != "meta" else None
     auto = model_class(task, num_labels, getattr(base_config, "model_type", None), path)
     cfg = variant_config(base_config, spec, num_labels if task == "classification" else 0, path,

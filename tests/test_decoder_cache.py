@@ -90,7 +90,7 @@ def test_cached_logits_equal_the_whole_model_on_a_right_padded_batch(family, top
 def test_sliding_window_blocks_get_the_masks_the_model_gives_them(family, sliding, k, data, tokenizer):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from depthtune.variants import family_kwargs
+    from depthtune.families import config_kwargs as family_kwargs
 
     train_ex, _ = data
     config = AutoConfig.for_model(family, **family_kwargs(model_cfg(family).scratch), **sliding, num_labels=2,

@@ -53,6 +53,11 @@ class Method:
         probe, not the top-t kind; bitfit: false is no kind). Bad values: a one-line ConfigError naming `path`."""
         return value
 
+    def example(self, family) -> dict:
+        """A variant's params that choose this kind on a model of `family` (depthtune.families row): what
+        `depthtune plan` shows by default and what the tests build for every kind x family."""
+        return {self.key: True} if self.key else {}
+
     def check_against_model(self, options: Any, kept_layers: int, path: str) -> None:
         """Checks that need the variant's layer count (after depth)."""
 
@@ -134,7 +139,7 @@ def choose(raw: dict, path: str) -> tuple[Method, Any]:
     """The kind a variant's raw params choose, and its options; two kinds at once is a one-line error."""
     chosen = []
     for m in ordered():
-        if m.key is not None and m.key in raw:
+        if m.key is not None and raw.get(m.key) is not None:  # `train_top: null`: not chosen
             options = m.parse(raw[m.key], f"{path}.{m.key}")
             if options is not None:
                 chosen.append((m, options))

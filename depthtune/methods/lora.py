@@ -60,6 +60,9 @@ class Lora(Method):
             raise ConfigError(f"{path}.layers: expected a list of layer indices >= 0, got {list(spec.layers)}")
         return spec
 
+    def example(self, family) -> dict:
+        return {"lora": {"r": 2, "targets": list(family.lora_targets)}}  # the family's query and value projections
+
     def check_against_model(self, options: LoraSpec, kept_layers: int, path: str) -> None:
         if options.layers is not None:
             bad = [i for i in options.layers if i >= kept_layers]

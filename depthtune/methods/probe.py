@@ -18,6 +18,9 @@ class Probe(TrainTop):
     def parse(self, value, path: str):
         return 0 if parse_top(value, path) == 0 else None
 
+    def example(self, family) -> dict:
+        return {"train_top": 0}
+
     def describe(self, options) -> str:
         return "linear probe"
 

@@ -25,6 +25,9 @@ class Scratch(Method):
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(INITS)}")
         return "scratch" if value == "scratch" else None
 
+    def example(self, family) -> dict:
+        return {"init": "scratch"}
+
     def describe(self, options) -> str:
         return "scratch init"
 

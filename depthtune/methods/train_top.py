@@ -28,6 +28,9 @@ class TrainTop(Method):
         t = parse_top(value, path)
         return t if t >= 1 else None
 
+    def example(self, family) -> dict:
+        return {"train_top": 1}
+
     def check_against_model(self, options, kept_layers: int, path: str) -> None:
         if options > kept_layers:
             raise ConfigError(f"{path}.{self.key}: {options} exceeds the model's {kept_layers} layers")
