@@ -12,7 +12,7 @@ The job: a random-init Llama classifier (hidden 256, 8 blocks, 4 query heads and
 validation phrases (../shared/data/sst2/train.tsv, a seeded sample), 3 epochs of batch 16, validated
 at each epoch's end, no early stopping: 3 x 32 = 96 optimizer steps either way.
 
-`depthtune.training.train` runs it with `train.cache_frozen_prefix` true and false, alternating which
+`depthtune.training.loop.train` runs it with `train.cache_frozen_prefix` true and false, alternating which
 goes first over --repeats (cached-uncached, uncached-cached, ...): both meet the same machine load.
 Per run: the seconds of the whole train() call (caching the training and validation texts included,
 the per-epoch validations included), its steps, samples/s (training samples / those seconds), the
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_data(tokenizer, n_train: int, n_val: int):
     """(train, validation) Examples: a seeded sample of SST-2 phrases, split in two."""
-    from depthtune.batching import Examples
+    from depthtune.data.batching import Examples
 
     texts, labels = H.read_sst2(H.SHARED_DATA / "sst2" / "train.tsv", n_train + n_val, seed=0)
     enc = tokenizer(texts, truncation=True, max_length=H.MAX_LENGTH)
@@ -75,8 +75,8 @@ def load_data(tokenizer, n_train: int, n_val: int):
 
 def one_run(model_cfg, spec, train_ex, val_ex, cfg, pad_id: int, task: str = "classification") -> dict:
     """Build the variant (seed 0: the same weights every run), train it, time the train() call."""
-    from depthtune.training import train
-    from depthtune.variants import build_variant
+    from depthtune.training.loop import train
+    from depthtune.model.variants import build_variant
 
     built = build_variant(model_cfg, spec, 2, device="cpu", path="variants.top2", seed=0, task=task)
     metric = "accuracy" if task == "classification" else "perplexity"
@@ -98,7 +98,7 @@ def run(args) -> dict:
     import torch
 
     from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
-    from depthtune.sources import load_tokenizer
+    from depthtune.model.sources import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

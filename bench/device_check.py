@@ -9,8 +9,8 @@ on big-model shapes, in bf16 autocast, on one GPU.
 The GPU machine has torch and an older transformers but no datasets, mlflow, prefect or dvc, and no
 network: the script carries what it needs as wheels in `.whl/` (ignored by git), downloaded here
 beforehand with --download-wheels, and device_check.sh installs them into /tmp/depthtune-site first.
-It imports only depthtune.training (setup / start_or_resume / run_epoch), depthtune.variants
-(build_variant) and depthtune.audit (audit_built): no pipeline, no tracking.
+It imports only depthtune.training.loop (setup / start_or_resume / run_epoch), depthtune.model.variants
+(build_variant) and depthtune.planning.audit (audit_built): no pipeline, no tracking.
 
 The jobs (random init, classification with 2 labels, batch 32 x 128 synthetic tokens, no padding):
   bert-full   BERT-base shape (768 hidden, 12 layers, 12 heads, 3072 intermediate): full fine-tuning
@@ -75,10 +75,10 @@ WHEELS = {
     "transformers": "the version our tests ran (the machine has 5.17)",
     "peft": "LoRA; the version our tests ran",
     "regex": "transformers checks regex>=2025.10.22 at import",
-    # depthtune.training -> depthtune.metric_modules imports datasets and evaluate at import time
+    # depthtune.training.loop -> depthtune.evaluation.metric_modules imports datasets and evaluate at import time
     # (validation scores through the evaluate API); these four go once that import is lazy
-    "datasets": "imported by depthtune.metric_modules (via depthtune.training)",
-    "evaluate": "imported by depthtune.metric_modules (via depthtune.training)",
+    "datasets": "imported by depthtune.evaluation.metric_modules (via depthtune.training.loop)",
+    "evaluate": "imported by depthtune.evaluation.metric_modules (via depthtune.training.loop)",
     "dill": "needed by datasets/evaluate",
     "multiprocess": "needed by datasets/evaluate",
 }
@@ -200,7 +200,7 @@ class PeakCounter:
     """CUDA max allocated bytes over a block (reset at entry); on the CPU (dry run) the RSS growth."""
 
     def __init__(self, device: str):
-        from depthtune.memory import PeakMemory
+        from depthtune.training.memory import PeakMemory
 
         self.inner = PeakMemory(device)
 
@@ -249,7 +249,7 @@ def synthetic_examples(n: int, seq_len: int, vocab: int, seed: int):
     """n texts of exactly seq_len token ids in [2, vocab) (0 is the pad id), labels 0/1 alternating."""
     import torch
 
-    from depthtune.batching import Examples
+    from depthtune.data.batching import Examples
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (n, seq_len), generator=g)
@@ -270,7 +270,7 @@ def model_and_spec(plan: Plan, job: str, tok_dir: str):
 
 def audit_of(built, job: str, spec, plan: Plan, cache_tokens: int) -> dict:
     """The audit record's estimates for this batch shape, at the run's precision."""
-    from depthtune.audit import audit_built
+    from depthtune.planning.audit import audit_built
 
     rec = audit_built(built, variant_name=job, spec=spec, num_labels=NUM_LABELS, batch_size=plan.batch_size,
                       seq_len=plan.seq_len, check=False, cache_tokens=cache_tokens, precision=plan.precision)
@@ -297,9 +297,9 @@ def rates(plan: Plan, seconds: float, steps: int, flops_per_token: int, peak: fl
 
 def run_depthtune(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
     """build_variant -> setup (prefix caches for train_top) -> run_epoch: warmup steps, then timed steps."""
-    from depthtune.prefix_cache import set_train_mode
-    from depthtune.training import run_epoch, setup, start_or_resume
-    from depthtune.variants import build_variant
+    from depthtune.training.prefix_cache import set_train_mode
+    from depthtune.training.loop import run_epoch, setup, start_or_resume
+    from depthtune.model.variants import build_variant
 
     model_cfg, spec, lr, arch = model_and_spec(plan, job, tok_dir)
     n = (plan.warmup + plan.steps) * plan.batch_size
@@ -348,7 +348,7 @@ def run_trainer(plan: Plan, job: str, tok_dir: str, peak: float) -> dict:
     import torch
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
-    from depthtune.variants import build_variant
+    from depthtune.model.variants import build_variant
 
     model_cfg, spec, lr, arch = model_and_spec(plan, job, tok_dir)
     total = plan.warmup + plan.steps
@@ -449,11 +449,11 @@ HEAVY = ("datasets", "evaluate", "mlflow", "prefect", "dvc")
 def import_core() -> dict:
     """Import the modules the check uses (first: nothing else has imported anything heavy yet) and name the
     packages the GPU machine lacks that came with them (today datasets and evaluate, through
-    depthtune.training -> depthtune.metric_modules)."""
+    depthtune.training.loop -> depthtune.evaluation.metric_modules)."""
     import importlib
 
     t = time.perf_counter()
-    for name in ("depthtune.training", "depthtune.variants", "depthtune.audit"):
+    for name in ("depthtune.training.loop", "depthtune.model.variants", "depthtune.planning.audit"):
         importlib.import_module(name)
     return {"seconds": round(time.perf_counter() - t, 2),
             "heavy_imported": sorted(m for m in HEAVY if m in sys.modules)}

@@ -11,8 +11,8 @@ Recipes (same variant, same data, same optimizer steps, same hyperparameters):
              front, the full model (no freezing), no length grouping
   plain      the best plain Trainer: dynamic padding (DataCollatorWithPadding),
              train_sampling_strategy="group_by_length", the variant's frozen
-             parameters (built by depthtune.variants.build_variant)
-  depthtune  depthtune.training.train (frozen-prefix caching for train_top variants)
+             parameters (built by depthtune.model.variants.build_variant)
+  depthtune  depthtune.training.loop.train (frozen-prefix caching for train_top variants)
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def read_rotten_tomatoes(n_train: int, n_val: int, seed: int) -> tuple[tuple, tu
     Reads the verified builtin cache; falls back to data/prepared/{train,validation}.jsonl.
     """
     try:
-        from depthtune import builtin_data
+        from depthtune.data import builtin_data
 
         loaded = builtin_data.load_rows()
         rows = [(t, builtin_data.LABELS.index(lab)) for _, t, lab in loaded.rows]
@@ -116,7 +116,7 @@ class Split:
     """Texts, labels and their tokenization: truncated unpadded (Examples) and padded to MAX_LENGTH."""
     texts: list
     labels: list
-    ex: object = None  # depthtune.training.Examples
+    ex: object = None  # depthtune.training.loop.Examples
     padded: Optional[dict] = None  # input_ids / token_type_ids / attention_mask padded to MAX_LENGTH
 
     @property
@@ -125,7 +125,7 @@ class Split:
 
 
 def tokenize_split(tokenizer, texts: list, labels: list, max_length: int = MAX_LENGTH) -> Split:
-    from depthtune.batching import Examples
+    from depthtune.data.batching import Examples
 
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     ex = Examples(input_ids=enc["input_ids"], labels=list(labels), token_type_ids=enc.get("token_type_ids"))
@@ -135,7 +135,7 @@ def tokenize_split(tokenizer, texts: list, labels: list, max_length: int = MAX_L
 
 
 def subset(split: Split, n: int) -> Split:
-    from depthtune.batching import Examples
+    from depthtune.data.batching import Examples
 
     ex = split.ex
     sub = Examples(input_ids=ex.input_ids[:n], labels=ex.labels[:n],
@@ -262,7 +262,7 @@ def audit_subprocess(config: dict, workdir: Path, timeout: float = 600, import_b
     exe = Path(sys.executable).parent / "depthtune"
     audit_cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "depthtune.cli"]
     audit_cmd += ["audit", "--config", str(path), "--labels", "0", "--json"]
-    import_cmd = [sys.executable, "-c", "import depthtune.runtime, depthtune.cli, depthtune.audit, depthtune.variants, "
+    import_cmd = [sys.executable, "-c", "import depthtune.runtime, depthtune.cli, depthtune.planning.audit, depthtune.model.variants, "
                   "transformers; from transformers import AutoModel, AutoConfig"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
@@ -318,8 +318,8 @@ def audit_subprocess(config: dict, workdir: Path, timeout: float = 600, import_b
 
 PRELOAD = ["depthtune.runtime", "bench.harness", "torch", "transformers", "transformers.trainer", "datasets",
            "peft", "psutil", "transformers.models.bert.modeling_bert", "transformers.masking_utils",
-           "depthtune.training", "depthtune.variants", "depthtune.audit", "depthtune.memory",
-           "depthtune.metric_modules"]
+           "depthtune.training.loop", "depthtune.model.variants", "depthtune.planning.audit", "depthtune.training.memory",
+           "depthtune.evaluation.metric_modules"]
 
 
 def _child(fn, args, conn):
@@ -393,12 +393,12 @@ def run_isolated(fn: Callable, *args, timeout: Optional[float] = None, isolate: 
 def warm_imports(model_cfg) -> None:
     """Import everything a job imports (model classes, peft, Trainer); no torch compute (meta device)."""
     from depthtune.config import parse_variant
-    from depthtune.variants import build_variant
+    from depthtune.model.variants import build_variant
     import transformers  # noqa: F401
     from transformers import Trainer, TrainingArguments, DataCollatorWithPadding  # noqa: F401
     import datasets  # noqa: F401
     import peft  # noqa: F401
-    from depthtune import metric_modules  # noqa: F401
+    from depthtune.evaluation import metric_modules  # noqa: F401
     from transformers.masking_utils import create_bidirectional_mask  # noqa: F401
 
     build_variant(model_cfg, parse_variant("w", VARIANTS["lora8"]["spec"], "w"), 2, device="meta")
@@ -481,7 +481,7 @@ def _run_depthtune(job, built, spec, train, val, pad_id):
     from depthtune.config import TrainConfig
 
     # loop_module: another copy of the loop (e.g. the previous version) for before/after figures
-    dt_train = importlib.import_module(job.get("loop_module") or "depthtune.training").train
+    dt_train = importlib.import_module(job.get("loop_module") or "depthtune.training.loop").train
 
     events = []
 
@@ -578,9 +578,9 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
     """
     import torch
 
-    from depthtune.audit import audit_built
-    from depthtune.memory import PeakMemory
-    from depthtune.variants import build_variant
+    from depthtune.planning.audit import audit_built
+    from depthtune.training.memory import PeakMemory
+    from depthtune.model.variants import build_variant
 
     torch.set_num_threads(job["threads"])
     train, val = subset(splits[job["data"]]["train"], job["n_train"]), subset(splits[job["data"]]["val"], job["n_val"])
@@ -642,7 +642,7 @@ def run_job(job: dict, splits: dict, tokenizer) -> dict:
         "steady_tokens_per_s": (acc["steady"]["steps"] * job["batch_size"] * stats["mean"] / acc["steady"]["seconds"]
                                 if acc["steady"] else None),
         "peak_memory_bytes": peak, "peak_memory_kind": mem.kind, "rss_after_build_bytes": rss_after_build,
-        # allocated bytes (depthtune.memory: RSS less glibc's free heap; CUDA max allocated) over build +
+        # allocated bytes (depthtune.training.memory: RSS less glibc's free heap; CUDA max allocated) over build +
         # train, against what this loop can hold: the estimate's build or step peak, the best-weights copy
         # only from the first validation on (after the measured steps)
         "training_peak_bytes": peak,
@@ -679,10 +679,10 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
     import torch
     from torch import nn
 
-    from depthtune.audit import audit_built
+    from depthtune.planning.audit import audit_built
     from depthtune.config import parse_variant
-    from depthtune.training import param_groups
-    from depthtune.variants import build_variant
+    from depthtune.training.loop import param_groups
+    from depthtune.model.variants import build_variant
 
     torch.set_num_threads(threads)
     malloc_trim()
@@ -703,7 +703,7 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
     n_layers = built.num_layers
     frozen = spec.method.cached_prefix_layers(spec.options, n_layers)
     if frozen:  # as the loop runs it: the frozen prefix in eval mode
-        from depthtune.prefix_cache import set_train_mode
+        from depthtune.training.prefix_cache import set_train_mode
         set_train_mode(model, frozen)
 
     def pack(t):
@@ -776,9 +776,9 @@ def step_profile(model_raw: dict, variant: str, spec_raw: dict, split: Split, ba
     from torch.profiler import ProfilerActivity, profile
 
     from depthtune.config import parse_variant
-    from depthtune.batching import collate, length_grouped_batches
-    from depthtune.training import param_groups
-    from depthtune.variants import build_variant
+    from depthtune.data.batching import collate, length_grouped_batches
+    from depthtune.training.loop import param_groups
+    from depthtune.model.variants import build_variant
 
     torch.set_num_threads(threads)
     spec = parse_variant(variant, spec_raw, variant)
@@ -841,9 +841,9 @@ def omp_probe(steps: int, threads: int, n_warm: int = 1, seed: int = 0) -> dict:
     import torch
 
     from depthtune.config import ModelConfig, TrainConfig, parse_variant
-    from depthtune.sources import load_tokenizer
-    from depthtune.training import train
-    from depthtune.variants import build_variant
+    from depthtune.model.sources import load_tokenizer
+    from depthtune.training.loop import train
+    from depthtune.model.variants import build_variant
 
     torch.set_num_threads(threads)
     tok = load_tokenizer(ModelConfig())

@@ -5,10 +5,10 @@
 
 A random-init Llama (causal_lm, untied lm_head) trains a few AdamW steps on random tokens. Each setting
 runs in its own process (a fresh heap: RSS growth is not hidden by memory an earlier setting freed).
-Measured: the weights' bytes (exact, from the parameters) and depthtune.memory.PeakMemory's RSS growth
+Measured: the weights' bytes (exact, from the parameters) and depthtune.training.memory.PeakMemory's RSS growth
 over the steps (grads + activations + autocast copies + allocator overhead) plus the AdamW states' bytes
 (allocated by a tiny warm-up step, with thread pools and kernel workspaces, before the measure); estimated:
-depthtune.audit.estimate for the same batch shape, total and the same total less the weights.
+depthtune.planning.audit.estimate for the same batch shape, total and the same total less the weights.
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ def measure_one(args, precision: str, checkpointing: bool) -> dict:
     """One setting in this process: build, audit, train `steps` steps under PeakMemory."""
     import torch
 
-    from depthtune.audit import audit_built
+    from depthtune.planning.audit import audit_built
     from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
-    from depthtune.memory import PeakMemory
-    from depthtune.next_token import mean_loss, token_nll
-    from depthtune.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing
-    from depthtune.training import build_optimizer
-    from depthtune.variants import build_variant
+    from depthtune.training.memory import PeakMemory
+    from depthtune.evaluation.next_token import mean_loss, token_nll
+    from depthtune.training.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing
+    from depthtune.training.loop import build_optimizer
+    from depthtune.model.variants import build_variant
 
     torch.set_num_threads(args.threads)
     model_cfg = parse_section(ModelConfig, {"source": "scratch", "scratch": arch(args)}, "model")
@@ -67,7 +67,7 @@ def measure_one(args, precision: str, checkpointing: bool) -> dict:
         ids = torch.randint(0, args.vocab, (batch_size, seq_len), generator=gen)
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(input_ids=ids).logits
-        # the training loop's loss (depthtune.training.batch_lm_loss), not transformers' labels= loss:
+        # the training loop's loss (depthtune.training.loop.batch_lm_loss), not transformers' labels= loss:
         # token_nll's fp32 shifted copy of the logits is memory the estimate counts (20 B per logit)
         nll, tokens = token_nll(logits, ids, torch.ones_like(ids))
         loss = mean_loss(nll, tokens)
@@ -120,12 +120,12 @@ def report(args, results: list[tuple[dict, dict]], shared: str) -> str:
         f"Model: random-init Llama, causal_lm, untied lm_head: H {a['hidden_size']}, I {a['intermediate_size']}, "
         f"{a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_key_value_heads']} k/v heads, "
         f"vocab {a['vocab_size']}; batch {args.batch_size} x {args.seq_len} random tokens, full fine-tuning, "
-        f"fused AdamW (depthtune.training.build_optimizer), {args.steps} steps, each setting in a fresh process.",
+        f"fused AdamW (depthtune.training.loop.build_optimizer), {args.steps} steps, each setting in a fresh process.",
         "",
-        "Peak growth = depthtune.memory.PeakMemory RSS growth over the measured steps + the AdamW states' bytes "
+        "Peak growth = depthtune.training.memory.PeakMemory RSS growth over the measured steps + the AdamW states' bytes "
         "(allocated by a 1 x 8-token warm-up step before them, with the thread pools and kernel workspaces; "
         "the weights exist before too). "
-        "Estimate beyond weights = depthtune.audit.estimate total - weights (grads + AdamW + activations "
+        "Estimate beyond weights = depthtune.planning.audit.estimate total - weights (grads + AdamW + activations "
         "incl. the logits + autocast weight copies). MiB. Two heaps: glibc's default, which keeps freed large "
         "blocks once its dynamic mmap threshold has grown (RSS then holds memory no tensor uses), and "
         f"`{TRIM_ENV}` (every block over 128 KiB is its own mmap, returned on free: RSS ~ live tensors).",

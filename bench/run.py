@@ -333,7 +333,7 @@ def markdown(res: dict) -> str:
               "## Speed: short runs, repeats interleaved — median (min–max)", "",
               "samples/s over the whole train()/Trainer.train() call (evaluation excluded); steady = steps 2..N "
               "(no set-up, no first step). MFU = audit train FLOPs/token x steady real tokens/s / measured GEMM "
-              "peak. Memory: training peak = allocated bytes over the job's baseline (depthtune.memory: RSS less "
+              "peak. Memory: training peak = allocated bytes over the job's baseline (depthtune.training.memory: RSS less "
               "glibc's free heap blocks), build + optimizer steps, vs the audit estimate at the longest batch (S) "
               "for that window (build or step peak; no best-weights copy before the first validation).", "",
               "| data | variant | recipe | steps x batch | samples/s (call) | samples/s (steady) | real tokens/s "
@@ -364,7 +364,7 @@ def markdown(res: dict) -> str:
                   f"{e0['eval_every']} steps on {e0['n_val']} texts. Train s = the call minus evaluations (frozen-"
                   "prefix caching, of training and validation texts, counts as training); time to target = training "
                   "time until the step after which validation first reached the target. Peak = allocated bytes "
-                  "(depthtune.memory) over build + the whole call (evaluations and depthtune's kept best weights "
+                  "(depthtune.training.memory) over build + the whole call (evaluations and depthtune's kept best weights "
                   "included), vs the audit's estimate (its total).", "",
                   "| variant | recipe | steps | train s | wall s (incl. eval) | time to target s | step | "
                   "best val acc | peak MiB | estimate MiB | measured / estimate |",
@@ -463,7 +463,7 @@ def interleaved(jobs_per_repeat: list, repeats: int) -> list:
 def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, sst2_dir: Path | None = None,
              isolate: bool = True, resume: bool = False) -> dict:
     from depthtune.config import ModelConfig
-    from depthtune.sources import load_tokenizer
+    from depthtune.model.sources import load_tokenizer
 
     t_start = time.perf_counter()
     threads = plan["threads"] or os.cpu_count() or 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from depthtune.config import ModelConfig, load_params, parse_variant
-from depthtune.families import family_of
+from depthtune.model.families import family_of
 from depthtune.errors import ConfigError, DepthtuneError
 from depthtune.runtime import configure_process
 
@@ -79,7 +79,7 @@ def load_config_file(path: str):
 
 def cmd_audit(args) -> int:
     # imported here, not at the top: torch and transformers cost seconds that `depthtune predict --help` need not pay
-    from depthtune.audit import audit_specs, audit_variants, fmt_int, summary_markdown
+    from depthtune.planning.audit import audit_specs, audit_variants, fmt_int, summary_markdown
 
     if args.params:
         records = audit_variants(load_params(args.params), args.labels)  # batch shape from params `train`
@@ -106,9 +106,9 @@ def cmd_audit(args) -> int:
 def cmd_plan(args) -> int:
     import torch
 
-    from depthtune.planner import PlanSettings, at_hidden, parse_memory, plan, plan_table
-    from depthtune.step_time import measure
-    from depthtune.variants import load_base_config
+    from depthtune.planning.planner import PlanSettings, at_hidden, parse_memory, plan, plan_table
+    from depthtune.planning.step_time import measure
+    from depthtune.model.variants import load_base_config
 
     if args.config:
         model_cfg, base = ModelConfig(source=str(args.config)), load_config_file(args.config)

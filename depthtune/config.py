@@ -12,7 +12,7 @@ import yaml
 
 from depthtune import layout, methods
 from depthtune.errors import ConfigError
-from depthtune.families import DECODER_TYPES, ENCODER_TYPES, GQA_TYPES
+from depthtune.model.families import DECODER_TYPES, ENCODER_TYPES, GQA_TYPES
 from depthtune.schema import parse_section, setting as _f
 
 # DVC stage names become `finetune@<name>`: keep to letters, digits, '_' and '-'.
@@ -39,7 +39,7 @@ def higher_is_better(metric: str) -> bool:
 @dataclass(frozen=True)
 class ScratchArch:
     """Architecture for `model.source: scratch` (random init) and pretrain.start_from: scratch. One set of names for
-    every family; depthtune.families.config_kwargs maps them to each family's own (gpt2: n_embd, n_layer, ...)."""
+    every family; depthtune.model.families.config_kwargs maps them to each family's own (gpt2: n_embd, n_layer, ...)."""
     model_type: str = _f("bert", choices=ENCODER_TYPES + DECODER_TYPES)
     vocab_size: int = _f(30522, lo=2)
     hidden_size: int = _f(384, lo=1)
@@ -264,7 +264,7 @@ class PretrainTokenizer:  # trained on the train split's texts (+ pretrain.corpu
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """pretrain: develop the base model every variant starts from (depthtune.pretraining). Off by default."""
+    """pretrain: develop the base model every variant starts from (depthtune.training.pretraining). Off by default."""
     enabled: bool = _f(False)
     start_from: str = _f("scratch", choices=("scratch", "model"))  # random init (model.scratch) | model.source's
     objective: str = _f("auto", choices=("auto", "mlm", "causal_lm"))  # auto: mlm for encoders, causal_lm decoders

@@ -196,7 +196,7 @@ class TokenReport(Record):
 
     def unknown_fraction(self) -> Optional[float]:
         """The largest share of unknown tokens or unrepresentable characters over the splits
-        (depthtune.coverage); None for a report written before coverage was measured."""
+        (depthtune.data.coverage); None for a report written before coverage was measured."""
         shares = [float(c.get(k, 0.0)) for c in self.coverage.values() if isinstance(c, dict)
                   for k in ("unk_fraction", "uncovered_char_fraction")]
         return max(shares) if shares else None
@@ -292,9 +292,9 @@ class TrainRecord(VariantResult):
     estimated_memory_bytes: Optional[int] = None
     memory_ratio: Optional[float] = None  # peak_memory_bytes / estimated_memory_bytes
     # what the process held beyond live tensors too: CPU = peak RSS growth (glibc's free heap blocks
-    # included), CUDA = max_memory_reserved growth (depthtune.memory)
+    # included), CUDA = max_memory_reserved growth (depthtune.training.memory)
     peak_reserved_bytes: int = 0
-    # depthtune.step_time: the prediction made before training (for train.epochs: train_s, epoch_s,
+    # depthtune.planning.step_time: the prediction made before training (for train.epochs: train_s, epoch_s,
     # step_s, throughput {gemm_flops_per_s, optimizer_s_per_param, step_floor_s, efficiency,
     # efficiency_source}) and, after it, predicted_s_for_steps_run, time_ratio (measured / predicted),
     # efficiency_measured, mfu

@@ -27,10 +27,10 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-from depthtune import mlflow_store
+from depthtune.tracking import store as mlflow_store
 from depthtune.errors import ModelError, first_line
 from depthtune.records import PROMPT_SEP
-from depthtune.tokenized import encode_pair
+from depthtune.data.tokenized import encode_pair
 
 ARTIFACT_KEY = "hf_model"  # name of the HF folder inside the logged MLflow model
 EXAMPLE_TEXTS = ["a great film", "a dull, lifeless film"]
@@ -187,7 +187,7 @@ class TextGenerator(FolderModel):
 
     def score_texts(self, texts: list[str]) -> dict:
         """{nll, tokens, n_bytes}: per text, summed next-token nll (nats), predicted tokens, UTF-8 bytes."""
-        from depthtune.next_token import token_nll  # torch: only once a model scores
+        from depthtune.evaluation.next_token import token_nll  # torch: only once a model scores
 
         torch, nll, tokens, n_bytes = self._torch, [], [], []
         with torch.inference_mode():
@@ -214,7 +214,7 @@ class TextGenerator(FolderModel):
         return self.generate(_texts(model_input), (params or {}).get("max_new_tokens"))
 
 
-# ----------------------------------------------------------------------------- logging (called by depthtune.tracking)
+# ----------------------------------------------------------------------------- logging (called by depthtune.tracking.log_runs)
 
 
 def pip_requirements() -> list[str]:

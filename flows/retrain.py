@@ -53,7 +53,7 @@ def count_rows(path: Path) -> Optional[int]:
 
 def snapshot(root: Path) -> dict:
     """What the pipeline's outputs say right now: rows per split, eval metrics, promotion."""
-    from depthtune.mlflow_runs import data_fingerprint
+    from depthtune.tracking.runs import data_fingerprint
 
     prepared = root / "data" / "prepared"
     rows = {split: count_rows(prepared / f"{split}.jsonl") for split in ("train", "validation", "test")}

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from depthtune.db_templates import database_template, sqlite_copy
+from depthtune.tracking.db_templates import database_template, sqlite_copy
 from depthtune.layout import PROJECT_ROOT
 
 STATE_DIR = Path(os.environ.get("DEPTHTUNE_PREFECT_DIR", PROJECT_ROOT / ".prefect"))
@@ -235,7 +235,7 @@ if __name__ == "__main__":
         print(ensure_server())
     elif cmd == "prepare-db":  # one-time setup: migrated Prefect and MLflow databases to copy from
         from depthtune import runtime
-        from depthtune.mlflow_store import prepare_store_template
+        from depthtune.tracking.store import prepare_store_template
 
         runtime.configure_process()  # offline, telemetry off
         print(prepare_database())

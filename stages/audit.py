@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from depthtune import layout
-from depthtune.audit import (audit_variants, planned_precision, read_num_labels, read_token_stats, summary_markdown,
+from depthtune.planning.audit import (audit_variants, planned_precision, read_num_labels, read_token_stats, summary_markdown,
                              summary_table)
 from depthtune.config import load_params
 from depthtune.files import atomic_dir, run_main, write_text_atomic

@@ -16,12 +16,14 @@ evaluation stage (params `tracking`; logging failures warn once and change no ou
 """
 from __future__ import annotations
 
-from depthtune import layout, stopwatch, tracking
+from depthtune import layout, stopwatch
+
+from depthtune.tracking import log_runs as tracking
 from depthtune.config import load_params
 from depthtune.errors import DepthtuneError
 from depthtune.files import run_main, write_bytes_atomic
-from depthtune.report import build_report, load_results
-from depthtune.report_text import comparison_table, render_outputs
+from depthtune.report.comparison import build_report, load_results
+from depthtune.report.text import comparison_table, render_outputs
 from depthtune.runtime import configure_process
 
 

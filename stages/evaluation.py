@@ -14,15 +14,15 @@ from __future__ import annotations
 import statistics
 
 from depthtune import layout, runtime
-from depthtune.batching import Examples
-from depthtune.class_summary import worst_classes
+from depthtune.data.batching import Examples
+from depthtune.evaluation.class_summary import worst_classes
 from depthtune.config import load_params, variant_of
-from depthtune.evaluator import check_labels, confusion_csv, evaluate_lm, evaluate_model, load_saved_model, seed_scores
+from depthtune.evaluation.evaluator import check_labels, confusion_csv, evaluate_lm, evaluate_model, load_saved_model, seed_scores
 from depthtune.files import write_text_atomic
 from depthtune.provenance import provenance
 from depthtune.records import EvalRecord, LabelSet
-from depthtune.sources import load_tokenizer_folder
-from depthtune.tokenized import load_tokenized
+from depthtune.model.sources import load_tokenizer_folder
+from depthtune.data.tokenized import load_tokenized
 
 
 def main(argv=None) -> None:

@@ -6,7 +6,7 @@
 
 Reads params `model`, `variants.<variant>`, `train`, `evaluation.metric`, `tracking`.
 With `train.lr_search.enabled` the variant's learning rate is chosen on the validation split by
-successive halving (depthtune.lr_search: one line per rung) and the winning run trains on.
+successive halving (depthtune.training.lr_search: one line per rung) and the winning run trains on.
 Writes the model folder (a standard Hugging Face folder, LoRA merged, true depth), the
 train record (depthtune.records.TrainRecord) and the loss curve CSV. Checkpoints go to
 checkpoints/<variant>/ while training (resumed after a kill) and are removed on success.
@@ -18,19 +18,25 @@ import shutil
 import time
 from pathlib import Path
 
-from depthtune import finetuning, layout, runtime, step_time, stopwatch, tracking
-from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
-from depthtune.batching import Examples
+from depthtune import layout, runtime, stopwatch
+
+from depthtune.training import finetuning
+
+from depthtune.planning import step_time
+
+from depthtune.tracking import log_runs as tracking
+from depthtune.training.checkpoints import checkpoint_meta, latest_checkpoint
+from depthtune.data.batching import Examples
 from depthtune.config import effective_train, load_params, to_dict, variant_of
-from depthtune.data_parallel import init_distributed
+from depthtune.training.data_parallel import init_distributed
 from depthtune.files import write_text_atomic
-from depthtune.memory import PeakMemory
-from depthtune.precision import resolve_precision
+from depthtune.training.memory import PeakMemory
+from depthtune.training.precision import resolve_precision
 from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.records import AuditRecord, LabelSet, read_variant_record
-from depthtune.sources import load_tokenizer
-from depthtune.tokenized import check_vocab, load_tokenized
-from depthtune.training import fingerprint_of
+from depthtune.model.sources import load_tokenizer
+from depthtune.data.tokenized import check_vocab, load_tokenized
+from depthtune.training.loop import fingerprint_of
 
 
 def main(argv=None) -> None:

@@ -15,9 +15,9 @@ import time
 
 from depthtune import layout, runtime
 from depthtune.config import load_params
-from depthtune.data_readers import read_source
+from depthtune.data.readers import read_source
 from depthtune.files import run_main
-from depthtune.preparation import prepare, summary_lines, write_prepared
+from depthtune.data.preparation import prepare, summary_lines, write_prepared
 
 
 def main(argv: list | None = None) -> None:

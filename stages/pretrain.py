@@ -23,7 +23,11 @@ import shutil
 import time
 from pathlib import Path
 
-from depthtune import layout, pretraining, runtime, stopwatch, tracking
+from depthtune import layout, runtime, stopwatch
+
+from depthtune.training import pretraining
+
+from depthtune.tracking import log_runs as tracking
 from depthtune.config import load_params, to_dict
 from depthtune.files import run_main, write_text_atomic
 from depthtune.provenance import provenance

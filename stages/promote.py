@@ -8,14 +8,14 @@ Reads params `registry` and `tracking`; the eval, train and audit records of eve
 evaluated variant; the prepared test split + labels (candidate and champion are both
 re-scored on them now, and their predictions paired: the candidate replaces the champion only
 when a paired test says it is better at `registry.alpha` and by `registry.min_delta`). Writes the
-promotion report. The steps are depthtune/registry.py.
+promotion report. The steps are depthtune/tracking/registry.py.
 """
 from __future__ import annotations
 
 from depthtune import layout, runtime
 from depthtune.config import load_params
 from depthtune.files import run_main, write_json_atomic
-from depthtune.registry import promote, summary_lines
+from depthtune.tracking.registry import promote, summary_lines
 
 
 def main(argv=None) -> dict:

@@ -21,8 +21,8 @@ import time
 from depthtune import layout, runtime
 from depthtune.config import load_params
 from depthtune.files import run_main
-from depthtune.sources import load_tokenizer
-from depthtune.token_stats import run, summary_lines, warn, write_tokenized
+from depthtune.model.sources import load_tokenizer
+from depthtune.data.token_stats import run, summary_lines, warn, write_tokenized
 
 
 def main(argv: list | None = None) -> None:

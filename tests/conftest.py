@@ -27,7 +27,7 @@ TINY_ARCH = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 32, "num_
 def _hf_home(tmp_path_factory):
     # evaluate writes lock files under HF_HOME; keep tests off the user's cache
     os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
-    # depthtune.step_time's per-machine calibration: the tests' runs must not calibrate the user's predictions
+    # depthtune.planning.step_time's per-machine calibration: the tests' runs must not calibrate the user's predictions
     os.environ["DEPTHTUNE_CALIBRATION"] = str(tmp_path_factory.mktemp("calibration") / "step_time.json")
 
 
@@ -41,7 +41,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     from depthtune.config import ModelConfig
-    from depthtune.sources import load_tokenizer
+    from depthtune.model.sources import load_tokenizer
 
     return load_tokenizer(ModelConfig())
 
@@ -49,7 +49,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def data(shared_data, tokenizer):
     """(96 training, 32 validation) SST-2 phrases as tokenized Examples: the tiny training tests' data."""
-    from depthtune.batching import Examples
+    from depthtune.data.batching import Examples
 
     def make(n, offset):
         texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", n, offset)

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from depthtune import audit as audit_mod
-from depthtune.audit import audit_built, closed_form_total
+from depthtune.planning import audit as audit_mod
+from depthtune.planning.audit import audit_built, closed_form_total
 from depthtune.cli import load_config_file, parse_variant_arg
 from depthtune.config import ModelConfig, parse_variant
 from depthtune.errors import ConfigError
-from depthtune.param_names import classify_param
-from depthtune.variants import build_variant
+from depthtune.model.param_names import classify_param
+from depthtune.model.variants import build_variant
 from tests.conftest import ROOT
 
 CONFIGS = {
@@ -455,7 +455,7 @@ def test_encoder_block_activation_formula_against_the_tensors_autograd_saves(var
     formula counted BitFit as full fine-tuning before, +50%)."""
     import torch
     from depthtune.config import ModelConfig, parse_section, parse_variant
-    from depthtune.variants import build_variant
+    from depthtune.model.variants import build_variant
 
     arch = {"model_type": "bert", "vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4,
             "intermediate_size": 256, "max_position_embeddings": 64, "type_vocab_size": 2}

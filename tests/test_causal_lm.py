@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from depthtune.batching import Examples, collate
+from depthtune.data.batching import Examples, collate
 from depthtune.config import ConfigError, parse_variant
-from depthtune.lm_scoring import continuations, lm_metrics, score_texts
-from depthtune.next_token import mean_loss, token_nll
-from depthtune.training import batch_loss, improves, setup, train
-from depthtune.variants import build_variant
+from depthtune.evaluation.lm_scoring import continuations, lm_metrics, score_texts
+from depthtune.evaluation.next_token import mean_loss, token_nll
+from depthtune.training.loop import batch_loss, improves, setup, train
+from depthtune.model.variants import build_variant
 from tests.conftest import read_sst2
 from tests.test_decoders import CFG, FAMILIES, decoder_tokenizer, model_cfg  # noqa: F401 (a fixture)
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from depthtune import coverage
+from depthtune.data import coverage
 from depthtune.config import ModelConfig
 from depthtune.errors import DataError
-from depthtune.preparation import Prepared, write_prepared
+from depthtune.data.preparation import Prepared, write_prepared
 from depthtune.records import PreparedExample, TokenReport
-from depthtune.sources import load_tokenizer
-from depthtune.token_stats import run
+from depthtune.model.sources import load_tokenizer
+from depthtune.data.token_stats import run
 from stages import tokenization as tokenization_stage
 
 # ~50 hotel-review-like sentences (written for this test), label 1 = positive, 0 = negative

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from depthtune.batching import Examples, predict_logits
+from depthtune.data.batching import Examples, predict_logits
 from depthtune.config import ModelConfig, TrainConfig, parse_variant
-from depthtune.training import train
-from depthtune.variants import build_variant
+from depthtune.training.loop import train
+from depthtune.model.variants import build_variant
 from tests.conftest import make_project, project_env, read_sst2, tiny_params
 
 

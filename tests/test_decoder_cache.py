@@ -1,4 +1,4 @@
-"""The frozen prefix of a decoder's train_top variant, cached (depthtune.prefix_cache), at tiny size.
+"""The frozen prefix of a decoder's train_top variant, cached (depthtune.training.prefix_cache), at tiny size.
 
 Every decoder family (llama, qwen2, qwen3, mistral, gpt2; the builders of tests/test_decoders.py),
 `train_top: 2` of 4 blocks, so the prefix is the embeddings + blocks 0-1 and the top blocks 2-3,
@@ -17,11 +17,11 @@ import dataclasses
 import pytest
 import torch
 
-from depthtune.batching import Examples, collate
-from depthtune.prefix_cache import (PrefixCache, frozen_prefix_layers, frozen_prefix_modules, pooled_lengths,
+from depthtune.data.batching import Examples, collate
+from depthtune.training.prefix_cache import (PrefixCache, frozen_prefix_layers, frozen_prefix_modules, pooled_lengths,
                                     set_train_mode, supports_split_forward, top_forward)
-from depthtune.sources import load_tokenizer
-from depthtune.training import batch_logits, setup, train
+from depthtune.model.sources import load_tokenizer
+from depthtune.training.loop import batch_logits, setup, train
 from tests.conftest import read_sst2
 from tests.test_decoders import CFG, FAMILIES, build, model_cfg, save_tokenizer_without_pad
 
@@ -90,7 +90,7 @@ def test_cached_logits_equal_the_whole_model_on_a_right_padded_batch(family, top
 def test_sliding_window_blocks_get_the_masks_the_model_gives_them(family, sliding, k, data, tokenizer):
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from depthtune.families import config_kwargs as family_kwargs
+    from depthtune.model.families import config_kwargs as family_kwargs
 
     train_ex, _ = data
     config = AutoConfig.for_model(family, **family_kwargs(model_cfg(family).scratch), **sliding, num_labels=2,

@@ -17,14 +17,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depthtune.audit import audit_built
-from depthtune.batching import Examples, predict_logits
+from depthtune.planning.audit import audit_built
+from depthtune.data.batching import Examples, predict_logits
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.errors import ConfigError
-from depthtune.sources import load_tokenizer, packaged_path
-from depthtune.training import train
-from depthtune.param_names import layer_index
-from depthtune.variants import build_variant, num_layers_of
+from depthtune.model.sources import load_tokenizer, packaged_path
+from depthtune.training.loop import train
+from depthtune.model.param_names import layer_index
+from depthtune.model.variants import build_variant, num_layers_of
 from tests.conftest import read_sst2
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
@@ -284,7 +284,7 @@ def test_a_tokenizer_without_pad_token_pads_with_eos(tmp_path):
 
 def test_a_tokenizer_with_nothing_to_pad_with_is_refused():
     from depthtune.errors import ModelError
-    from depthtune.sources import ensure_pad_token
+    from depthtune.model.sources import ensure_pad_token
 
     bare = SimpleNamespace(pad_token=None, eos_token=None, unk_token=None)
     with pytest.raises(ModelError, match=r"^model\.tokenizer: the tokenizer of src has no pad, eos or unk token"):
@@ -302,7 +302,7 @@ def test_a_depth2_decoder_saves_at_its_true_depth_and_reloads_with_the_same_logi
                                                                                    decoder_tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from depthtune.finetuning import save_model
+    from depthtune.training.finetuning import save_model
 
     _, val_ex = decoder_data
     spec, built = build(family, "depth2")
@@ -324,8 +324,8 @@ def test_a_pretrained_decoder_folder_keeps_its_first_blocks_and_pads_with_its_eo
     truncated with the blocks)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from depthtune.finetuning import save_model
-    from depthtune.variants import scratch_config
+    from depthtune.training.finetuning import save_model
+    from depthtune.model.variants import scratch_config
 
     folder = tmp_path / "pretrained"
     torch.manual_seed(0)

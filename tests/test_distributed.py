@@ -203,7 +203,7 @@ def test_variants_on_two_workers_survive_a_killed_worker_and_give_what_a_local_r
 LOCK_TAKER = """
 import sys, time
 from mlflow import MlflowClient
-from depthtune.mlflow_store import store_lock
+from depthtune.tracking.store import store_lock
 uri, log, hold_s, times = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 for _ in range(times):

@@ -178,7 +178,7 @@ def test_from_zero_example_runs_end_to_end(tmp_path, shared_data):
 
 
 def test_from_zero_zh_example_runs_end_to_end(tmp_path, shared_data):
-    from depthtune import builtin_data
+    from depthtune.data import builtin_data
     from depthtune.errors import DataError
 
     try:

@@ -13,14 +13,14 @@ import pytest
 import torch
 import yaml
 
-from depthtune import training
+from depthtune.training import loop as training
 from depthtune.errors import ConfigError
 from depthtune.config import LrSearch, ModelConfig, TrainConfig, parse_section, parse_variant
-from depthtune.lr_search import KEEP, candidate_lrs, ranked, rung_steps, search_and_train
-from depthtune.prefix_cache import PrefixCache
+from depthtune.training.lr_search import KEEP, candidate_lrs, ranked, rung_steps, search_and_train
+from depthtune.training.prefix_cache import PrefixCache
 from depthtune.records import AuditRecord, TrainRecord
-from depthtune.tracking import training_metrics
-from depthtune.variants import build_variant
+from depthtune.tracking.log_runs import training_metrics
+from depthtune.model.variants import build_variant
 from tests.conftest import TINY_ARCH, in_project, run_stages, tiny_params
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
@@ -67,7 +67,7 @@ def test_rungs_end_at_evaluations_that_triple():
 
 
 def test_the_configured_lr_survives_every_rung_but_the_last():
-    from depthtune.lr_search import survivors
+    from depthtune.training.lr_search import survivors
 
     class Run:
         def __init__(self, lr):
@@ -217,7 +217,11 @@ def test_finetune_stage_records_the_search_only_when_enabled(stage_runs):
 def test_mlflow_gets_the_search_in_the_variant_run(stage_runs, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from depthtune import mlflow_runs, mlflow_store, tracking
+    from depthtune.tracking import runs as mlflow_runs
+
+    from depthtune.tracking import store as mlflow_store
+
+    from depthtune.tracking import log_runs as tracking
     from depthtune.config import TrackingConfig
 
     monkeypatch.delenv(mlflow_runs.PIPELINE_KEY_ENV, raising=False)

@@ -3,7 +3,7 @@
 Each case trains a few AdamW steps in its own process (forked, one after the other, from one that imported
 torch and transformers: the same post-import heap, glibc's default settings, as the finetune stage runs),
 keeping training.BestWeights' copy from the first step on, then runs one validation pass at the evaluation
-batch (64) as training does, under depthtune.memory.PeakMemory (allocated = anonymous RSS less glibc's free
+batch (64) as training does, under depthtune.training.memory.PeakMemory (allocated = anonymous RSS less glibc's free
 heap bytes: a forked child pages its parent's library code in again, file-backed memory no tensor holds, and
 these from-scratch models hold no file-backed weights). The model is sized so the tensors dominate the
 runtime's fixed cost. The error before issue 15 was ~2x: the band below catches it.
@@ -18,15 +18,15 @@ import pytest
 
 SCRIPT = r"""
 import json, os, sys, traceback, torch
-from depthtune.memory import PeakMemory
-from depthtune.audit import audit_built
+from depthtune.training.memory import PeakMemory
+from depthtune.planning.audit import audit_built
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
-from depthtune.next_token import mean_loss, token_nll
-from depthtune.audit import EVAL_BATCH
-from depthtune.batching import Examples, predict_logits
-from depthtune.lm_scoring import score_texts
-from depthtune.training import BestWeights, build_optimizer
-from depthtune.variants import build_variant
+from depthtune.evaluation.next_token import mean_loss, token_nll
+from depthtune.planning.audit import EVAL_BATCH
+from depthtune.data.batching import Examples, predict_logits
+from depthtune.evaluation.lm_scoring import score_texts
+from depthtune.training.loop import BestWeights, build_optimizer
+from depthtune.model.variants import build_variant
 torch.set_num_threads(1)
 B, S, steps = 16, 128, 3
 

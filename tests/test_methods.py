@@ -1,20 +1,22 @@
 """Every registered variant kind on every model family: the audit, `depthtune plan` and step-time's prediction
 read the same kind and give the same memory and time; a kind's refusals are one line naming the variant.
 
-The kinds and the families come from their registries (depthtune.methods, depthtune.families): a new kind or
+The kinds and the families come from their registries (depthtune.methods, depthtune.model.families): a new kind or
 family is checked here without editing this file.
 """
 from __future__ import annotations
 
 import pytest
 
-from depthtune import methods, step_time
-from depthtune.audit import audit_built
+from depthtune import methods
+
+from depthtune.planning import step_time
+from depthtune.planning.audit import audit_built
 from depthtune.config import ModelConfig, parse_section, parse_variant
 from depthtune.errors import ConfigError
-from depthtune.families import FAMILIES
-from depthtune.planner import PlanSettings, plan_variant
-from depthtune.variants import build_variant
+from depthtune.model.families import FAMILIES
+from depthtune.planning.planner import PlanSettings, plan_variant
+from depthtune.model.variants import build_variant
 
 TINY = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4,
         "intermediate_size": 64, "max_position_embeddings": 128}
@@ -94,7 +96,7 @@ def test_bitfit_is_refused_exactly_where_the_family_has_no_biases():
 
 def test_step_time_before_training_assumes_the_kind_efficiency(tmp_path, monkeypatch):
     """The finetune stage's prediction (step_time.before_training) reads the same kind's efficiency the plan does."""
-    from depthtune.batching import Examples
+    from depthtune.data.batching import Examples
 
     monkeypatch.setenv("DEPTHTUNE_CALIBRATION", str(tmp_path / "calibration.json"))
     mc = model_cfg("bert")

@@ -2,7 +2,7 @@
 
 Issue 16: `dvc plots show` writes a page that loads vega, vega-lite and vega-embed from cdn.jsdelivr.net, so
 with no network it is blank. Two pages must show their figures with no network at all:
-- reports/index.html, written by the compare stage (depthtune/report_html.py): figures as data URIs;
+- reports/index.html, written by the compare stage (depthtune/report/page.py): figures as data URIs;
 - `dvc plots show` with the template of flows/plots_template.py (vega inlined), built by `make setup`.
 
 How a page is checked (`open_page`): Chromium runs twice on the page with `--host-resolver-rules=MAP * ~NOTFOUND`
@@ -142,7 +142,7 @@ def test_report_page_shows_every_figure_offline(project, tmp_path):
     assert seen["errors"] == [], "\n".join(seen["errors"])
     boxes = {b["id"]: b for b in seen["boxes"]}
     assert "fig-loss" in boxes, ("no loss-curve figure: the report dict lacks `loss_curves` ({variant: the train "
-                                 "record's loss_curve}), which depthtune.report.build_report puts there")
+                                 "record's loss_curve}), which depthtune.report.comparison.build_report puts there")
     assert set(boxes) == {"fig-pareto", "fig-loss", "fig-depth"}, boxes
     for b in boxes.values():
         assert b["decoded"] and b["w"] > 300 and b["h"] > 150, b

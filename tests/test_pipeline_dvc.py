@@ -135,8 +135,8 @@ def test_editing_a_module_reruns_exactly_the_stages_that_import_it(project):
         assert proc.returncode == 0, proc.stderr[-2000:]
         return set(json.loads(proc.stdout or "{}"))
 
-    assert changed_after_editing("depthtune/report.py") == {"compare"}
-    batching = changed_after_editing("depthtune/batching.py")
+    assert changed_after_editing("depthtune/report/comparison.py") == {"compare"}
+    batching = changed_after_editing("depthtune/data/batching.py")
     assert {f"finetune@{v}" for v in ("full", "top1", "probe")} <= batching
     assert {f"evaluation@{v}" for v in ("full", "top1", "probe")} <= batching
     assert not batching & {"prepare", "tokenization", "audit", "compare"}

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from depthtune.audit import bucket_counts, estimate
+from depthtune.planning.audit import bucket_counts, estimate
 from depthtune.config import ConfigError, parse_variant
-from depthtune.planner import PlanSettings, largest_batch, parse_memory, plan
-from depthtune.step_time import Throughput
-from depthtune.variants import build_variant
+from depthtune.planning.planner import PlanSettings, largest_batch, parse_memory, plan
+from depthtune.planning.step_time import Throughput
+from depthtune.model.variants import build_variant
 from tests.test_decoders import model_cfg
 
 

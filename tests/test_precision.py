@@ -6,9 +6,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModel
 
 from depthtune.errors import ModelError
-from depthtune.precision import (apply_precision, autocast_dtype, enable_gradient_checkpointing,
+from depthtune.training.precision import (apply_precision, autocast_dtype, enable_gradient_checkpointing,
                                  resolve_precision)
-from depthtune.prefix_cache import top_forward
+from depthtune.training.prefix_cache import top_forward
 
 LLAMA = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=64)

@@ -15,7 +15,7 @@ import torch
 
 from depthtune.config import load_params
 from depthtune.errors import ConfigError
-from depthtune.masked_lm import IGNORE, mask_tokens, step_generator
+from depthtune.training.masked_lm import IGNORE, mask_tokens, step_generator
 from tests.conftest import in_project, make_project, project_env, read_sst2, tiny_params
 from tests.reliability._util import assert_one_line_error
 
@@ -158,7 +158,7 @@ def test_tokenizer_and_mlm_from_zero_make_the_base_model_of_every_variant(tmp_pa
 def test_no_validation_or_test_text_reaches_pretraining(tmp_path, shared_data):
     """Pretraining reads the train split (the rows max_train_samples keeps out of fine-tuning too, unless
     train_texts: capped) and the corpus less any validation/test text; never a validation or test text."""
-    from depthtune.pretraining import pretrain_texts
+    from depthtune.training.pretraining import pretrain_texts
     from depthtune.records import read_prepared_split
     from stages import prepare
 
@@ -232,7 +232,7 @@ def test_a_bad_pretrain_key_is_a_one_line_error(tmp_path, shared_data, pretrain,
 
 def test_an_objective_of_the_other_family_is_refused(shared_data):
     from depthtune.config import parse_params
-    from depthtune.pretraining import resolve_plan
+    from depthtune.training.pretraining import resolve_plan
 
     params = parse_params({**tiny_params(shared_data), "pretrain": {"enabled": True, "objective": "causal_lm"}})
     with pytest.raises(ConfigError, match=r"pretrain\.objective: causal_lm does not fit a bert"):

@@ -11,10 +11,10 @@ import torch
 
 from depthtune import progress as progress_mod
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
-from depthtune.prefix_cache import PrefixCache
+from depthtune.training.prefix_cache import PrefixCache
 from depthtune.progress import Progress, counting_forwards, fmt_duration
-from depthtune.training import train
-from depthtune.variants import build_variant
+from depthtune.training.loop import train
+from depthtune.model.variants import build_variant
 from tests.conftest import TINY_ARCH
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")

@@ -16,10 +16,10 @@ import pytest
 
 from depthtune.config import ConfigError, parse_params, parse_section, DataConfig
 from depthtune.errors import DataError
-from depthtune.preparation import prepare
+from depthtune.data.preparation import prepare
 from depthtune.records import PROMPT_SEP
-from depthtune.sources import load_tokenizer
-from depthtune.tokenized import encode_pair
+from depthtune.model.sources import load_tokenizer
+from depthtune.data.tokenized import encode_pair
 from tests.conftest import in_project, make_project, read_sst2, tiny_params
 from tests.test_decoders import model_cfg
 

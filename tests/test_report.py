@@ -1,4 +1,4 @@
-"""The comparison report (depthtune/report.py, stages/compare.py) on synthetic result files."""
+"""The comparison report (depthtune/report/comparison.py, stages/compare.py) on synthetic result files."""
 from __future__ import annotations
 
 import csv
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from depthtune.errors import DepthtuneError
-from depthtune.layer_order import layer_order_key
+from depthtune.model.layer_order import layer_order_key
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord
-from depthtune.report import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, load_results, pareto_front,
+from depthtune.report.comparison import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, load_results, pareto_front,
                               pick_best)
-from depthtune.report_text import comparison_json, render_outputs
-from depthtune.significance import bootstrap_ci, macro_f1
+from depthtune.report.text import comparison_json, render_outputs
+from depthtune.evaluation.significance import bootstrap_ci, macro_f1
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EMB, LAYER, POOLER, HEAD = 11_918_592, 1_774_464, 147_840, 770
@@ -459,7 +459,7 @@ def test_single_variant_renders(results_dir):
 
 def test_per_class_section_names_the_worst_classes_and_confused_pairs():
     """77 classes stay readable: the worst 15 by F1 and the 10 largest confusions, by label name."""
-    from depthtune.class_summary import class_markdown, confused_pairs, worst_classes
+    from depthtune.evaluation.class_summary import class_markdown, confused_pairs, worst_classes
 
     labels = [f"intent_{i:02d}" for i in range(77)]
     per_class = {name: {"precision": 0.9, "recall": 0.9, "f1": 0.5 + i / 200, "support": 10}

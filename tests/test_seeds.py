@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from depthtune.batching import Examples
-from depthtune.evaluator import load_saved_model
-from depthtune.metric_modules import quick_scores
+from depthtune.data.batching import Examples
+from depthtune.evaluation.evaluator import load_saved_model
+from depthtune.evaluation.metric_modules import quick_scores
 from depthtune.records import EvalRecord, TrainRecord
-from depthtune.tokenized import load_tokenized
+from depthtune.data.tokenized import load_tokenized
 from tests.conftest import in_project, run_stages, tiny_params
 
 

@@ -1,4 +1,4 @@
-"""depthtune/significance.py against hand-computed values and the evaluation stage's metrics."""
+"""depthtune/evaluation/significance.py against hand-computed values and the evaluation stage's metrics."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from depthtune.significance import (accuracy, bootstrap_ci, compare_to_best, macro_f1, mcnemar, paired_bootstrap,
+from depthtune.evaluation.significance import (accuracy, bootstrap_ci, compare_to_best, macro_f1, mcnemar, paired_bootstrap,
                                     paired_test)
 
 
@@ -49,7 +49,7 @@ def test_mcnemar_matches_scipy_binomtest_at_large_counts():
 def test_macro_f1_matches_the_evaluation_stage():
     from sklearn.metrics import f1_score
 
-    from depthtune.metric_modules import ClassificationReport
+    from depthtune.evaluation.metric_modules import ClassificationReport
 
     refs = np.arange(300) % 4  # classes 0..3 present; the label set has 6 (4 and 5 absent everywhere)
     preds = noisy(refs, 0.7, seed=1, k=4)

@@ -1,4 +1,4 @@
-"""Issue 15: the train time predicted before training (depthtune.step_time) and the CPU memory measure.
+"""Issue 15: the train time predicted before training (depthtune.planning.step_time) and the CPU memory measure.
 
 The FLOPs the prediction counts are checked against the FLOPs a real training step does, counted by
 torch.utils.flop_counter.FlopCounterMode (every matmul, batched matmul and attention kernel, forward
@@ -14,13 +14,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from depthtune import step_time
-from depthtune.audit import audit_built
-from depthtune.batching import Examples
+from depthtune.planning import step_time
+from depthtune.planning.audit import audit_built
+from depthtune.data.batching import Examples
 from depthtune.config import ModelConfig, parse_section, parse_variant
-from depthtune.next_token import mean_loss, token_nll
-from depthtune.prefix_cache import top_forward
-from depthtune.variants import build_variant
+from depthtune.evaluation.next_token import mean_loss, token_nll
+from depthtune.training.prefix_cache import top_forward
+from depthtune.model.variants import build_variant
 
 BERT = {"model_type": "bert", "vocab_size": 1000, "hidden_size": 64, "num_hidden_layers": 4,
         "num_attention_heads": 4, "intermediate_size": 256, "max_position_embeddings": 256, "type_vocab_size": 2}
@@ -144,7 +144,7 @@ def test_calibration_is_measured_once_then_used_for_the_same_kind(tmp_path, monk
 
 HEAP = r"""
 import json, time, torch
-from depthtune.memory import PeakMemory
+from depthtune.training.memory import PeakMemory
 MiB = 1 << 20
 big = torch.empty(8 * MiB, dtype=torch.uint8); big[:] = 1; del big   # glibc's mmap threshold grows past 1 MiB
 held = [torch.ones(MiB, dtype=torch.uint8) for _ in range(200)]       # 200 MiB from the heap

@@ -1,4 +1,4 @@
-"""Tokenizers trained on the corpus (depthtune.tokenizer_training), on Chinese reviews and English snippets:
+"""Tokenizers trained on the corpus (depthtune.model.tokenizer_training), on Chinese reviews and English snippets:
 the packaged MiniLM vocabulary leaves much of Chinese text unknown, a WordPiece trained on the training texts
 almost nothing, a byte-level BPE nothing; the saved folder loads and round-trips through a scratch model."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from depthtune.config import ConfigError, ModelConfig, parse_section, parse_variant
-from depthtune.sources import load_tokenizer
-from depthtune.tokenizer_training import coverage, train_tokenizer
-from depthtune.variants import build_variant
+from depthtune.model.sources import load_tokenizer
+from depthtune.model.tokenizer_training import coverage, train_tokenizer
+from depthtune.model.variants import build_variant
 
 ZH = ["这本书写得非常好，推荐给大家。", "酒店的服务态度很差，房间也不干净。", "物流很快，包装完好，质量不错。",
       "价格太贵了，性价比不高，不会再买。", "故事情节引人入胜，人物刻画生动。", "屏幕有坏点，客服也不理人，差评。"] * 20

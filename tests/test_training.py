@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depthtune.batching import collate, length_grouped_batches, predict_logits
-from depthtune.checkpoints import checkpoint_meta, latest_checkpoint
+from depthtune.data.batching import collate, length_grouped_batches, predict_logits
+from depthtune.training.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.errors import ModelError
-from depthtune.prefix_cache import PrefixCache, frozen_prefix_layers, set_train_mode, top_forward
-from depthtune.training import TrainState, batch_logits, setup, train
-from depthtune.variants import build_variant
+from depthtune.training.prefix_cache import PrefixCache, frozen_prefix_layers, set_train_mode, top_forward
+from depthtune.training.loop import TrainState, batch_logits, setup, train
+from depthtune.model.variants import build_variant
 from tests.conftest import TINY_ARCH
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
@@ -111,7 +111,7 @@ def test_cached_prefix_matches_uncached_first_step_loss_and_gradients(data):
 def test_saved_model_reloads_and_predicts_the_same_logits(data, tokenizer, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from depthtune.finetuning import save_model
+    from depthtune.training.finetuning import save_model
 
     train_ex, val_ex = data
     spec, built = build("lora")
@@ -133,7 +133,7 @@ def test_saved_model_reloads_and_predicts_the_same_logits(data, tokenizer, tmp_p
 def test_truncated_variant_saves_its_true_depth(tokenizer, tmp_path):
     from transformers import AutoConfig
 
-    from depthtune.finetuning import save_model
+    from depthtune.training.finetuning import save_model
 
     spec, built = build("depth2")
     save_model(built.model, tokenizer, tmp_path / "d", variant="depth2", spec=spec, labels=["a", "b"],
@@ -249,7 +249,7 @@ def test_checkpoint_meta_gives_the_state_without_rng_and_refuses_a_garbled_file(
 
 
 def test_still_improving_flags_only_a_curve_that_set_a_new_best_at_its_end():
-    from depthtune.training import still_improving
+    from depthtune.training.loop import still_improving
 
     def curve(*accs):
         return [{"step": i, "epoch": i, "accuracy": a} for i, a in enumerate(accs)]
@@ -263,7 +263,7 @@ def test_still_improving_flags_only_a_curve_that_set_a_new_best_at_its_end():
 
 
 def test_evaluations_per_epoch_are_evenly_spaced_and_the_last_is_at_the_epoch_end():
-    from depthtune.training import is_eval_step
+    from depthtune.training.loop import is_eval_step
 
     cfg = TrainConfig(evals_per_epoch=2)
     # 125 steps an epoch (2,000 texts / 16): after steps 63 and 125, then 188 and 250

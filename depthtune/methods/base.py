@@ -6,7 +6,7 @@ and combines with any of them. The object answers, for the rest of the package:
 - its params: `parse` (the key's value -> typed, validated options), `check_against_model` (once the layer count
   is known), `describe`, `to_params` (the options as params.yaml writes them: depthtune.json, MLflow);
 - what it trains: `prepare` (adapters added before freezing), `trains` (the freezing rule, one parameter at a
-  time; depthtune.variants.set_trainable is the one loop that applies it), `refuse_useless` (a build that would
+  time; depthtune.model.variants.set_trainable is the one loop that applies it), `refuse_useless` (a build that would
   train only the head by accident), `finish` (what is saved: LoRA merged);
 - what it costs: `default_lr` (with the reason), `efficiency` (the share of the GEMM rate assumed before the kind
   has trained on this machine), `frozen_matmuls` (the activations its frozen matmul weights keep for the memory
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from depthtune.errors import ConfigError
-from depthtune.param_names import classify_param, coarse_bucket
+from depthtune.model.param_names import classify_param, coarse_bucket
 
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter as a freezing rule sees it (depthtune.param_names' buckets)."""
+    """One parameter as a freezing rule sees it (depthtune.model.param_names' buckets)."""
     name: str  # as named_parameters() gives it (peft's wrappers included)
     fine: str  # `layer.3.attention.q`, `layer.3.adapter`, `embeddings.word`, `head`
     coarse: str  # `layer.3`, `embeddings`, `head`, `pooler`, `final_norm`
@@ -54,7 +54,7 @@ class Method:
         return value
 
     def example(self, family) -> dict:
-        """A variant's params that choose this kind on a model of `family` (depthtune.families row): what
+        """A variant's params that choose this kind on a model of `family` (depthtune.model.families row): what
         `depthtune plan` shows by default and what the tests build for every kind x family."""
         return {self.key: True} if self.key else {}
 

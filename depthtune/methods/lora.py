@@ -8,7 +8,7 @@ from typing import Optional
 
 from depthtune.errors import ConfigError
 from depthtune.methods.base import Method, Param, register, trains_beyond_head
-from depthtune.param_names import layer_index
+from depthtune.model.param_names import layer_index
 from depthtune.schema import parse_section, setting
 
 

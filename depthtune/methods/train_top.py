@@ -1,5 +1,5 @@
 """`train_top: t` (t >= 1): freeze the embeddings and the bottom blocks, train the top t blocks, the pooler, the
-final norm and the head. The frozen bottom is a prefix the cache runs once (depthtune.prefix_cache)."""
+final norm and the head. The frozen bottom is a prefix the cache runs once (depthtune.training.prefix_cache)."""
 from __future__ import annotations
 
 from depthtune.errors import ConfigError

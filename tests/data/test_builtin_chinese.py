@@ -6,11 +6,11 @@ import tarfile
 
 import pytest
 
-from depthtune import builtin_data
+from depthtune.data import builtin_data
 from depthtune.config import DataConfig, parse_section
-from depthtune.data_readers import read_source
+from depthtune.data.readers import read_source
 from depthtune.errors import DataError
-from depthtune.preparation import prepare
+from depthtune.data.preparation import prepare
 
 
 @pytest.fixture(scope="session")

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from depthtune import builtin_data
+from depthtune.data import builtin_data
 from depthtune.config import DataConfig, SplitFractions
 from depthtune.errors import DataError
-from depthtune.data_readers import read_file, read_source
+from depthtune.data.readers import read_file, read_source
 from depthtune.layout import SPLITS
-from depthtune.preparation import prepare, stratified_sample, summary_lines, write_prepared
+from depthtune.data.preparation import prepare, stratified_sample, summary_lines, write_prepared
 from stages import prepare as prepare_stage
 
 ROOT = Path(__file__).resolve().parents[2]  # the project root (tests/data/<this file>)

@@ -22,7 +22,7 @@ import yaml
 from depthtune.config import DataConfig, load_params
 from depthtune.errors import ConfigError, DataError
 from depthtune.layout import SPLITS
-from depthtune.preparation import prepare
+from depthtune.data.preparation import prepare
 from stages import prepare as prepare_stage
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,10 +10,10 @@ import yaml
 
 from depthtune.config import DataConfig, ModelConfig
 from depthtune.errors import DataError
-from depthtune.preparation import prepare, write_prepared
+from depthtune.data.preparation import prepare, write_prepared
 from depthtune.records import PreparedExample
-from depthtune.sources import load_tokenizer
-from depthtune.token_stats import (
+from depthtune.model.sources import load_tokenizer
+from depthtune.data.token_stats import (
     choose_num_proc,
     load_prepared,
     run,
@@ -176,7 +176,7 @@ def test_no_progress_bars_after_configure_process(tmp_path):
         "from depthtune import runtime\n"
         "runtime.configure_process()\n"
         "from depthtune.config import ModelConfig, VariantSpec\n"
-        "from depthtune.variants import build_variant\n"
+        "from depthtune.model.variants import build_variant\n"
         "built = build_variant(ModelConfig(), VariantSpec(), num_labels=2, device='cpu')\n"
         "built.model.save_pretrained(tempfile.mkdtemp(dir=%r))\n" % str(tmp_path)
     )

@@ -1,8 +1,8 @@
 """Untrusted or broken model folders and checkpoints: refused with one line, never a traceback.
 
-`depthtune.variants.build_variant` (what the finetune stage builds) and
-`depthtune.evaluator.load_saved_model` (what the evaluation stage loads) on tiny hand-made folders;
-`depthtune.training.train` on a checkpoint folder whose files are damaged. Each refusal is also
+`depthtune.model.variants.build_variant` (what the finetune stage builds) and
+`depthtune.evaluation.evaluator.load_saved_model` (what the evaluation stage loads) on tiny hand-made folders;
+`depthtune.training.loop.train` on a checkpoint folder whose files are damaged. Each refusal is also
 pushed through `run_main`, the stage edge, to check the exit code and the single stderr line.
 The checkpoint-from-another-variant case is in tests/test_training.py (train level) and
 tests/reliability/test_fault_pipeline.py (stage level).
@@ -81,7 +81,7 @@ def one_line_exit(fn, capsys) -> str:
 
 
 def build(folder, device="cpu", **kw):
-    from depthtune.variants import build_variant
+    from depthtune.model.variants import build_variant
 
     return build_variant(model_cfg(folder, **kw), FULL, 2, device=device, path="variants.full")
 
@@ -130,7 +130,7 @@ def test_folder_without_weights(folders, capsys):
 
 @pytest.mark.parametrize("name", ["truncated", "garbage"])
 def test_evaluation_refuses_a_corrupted_saved_model(folders, name, capsys):
-    from depthtune.evaluator import load_saved_model
+    from depthtune.evaluation.evaluator import load_saved_model
 
     line = one_line_exit(lambda: load_saved_model(folders / name, "cpu"), capsys)
     assert line.startswith(f"error: {folders / name}: cannot load the model (Error while deserializing header")
@@ -142,9 +142,9 @@ def test_evaluation_refuses_a_corrupted_saved_model(folders, name, capsys):
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory, shared_data, tokenizer):
     """One epoch of a tiny scratch model with its epoch-end checkpoint on disk."""
-    from depthtune.batching import Examples
-    from depthtune.training import train
-    from depthtune.variants import build_variant
+    from depthtune.data.batching import Examples
+    from depthtune.training.loop import train
+    from depthtune.model.variants import build_variant
 
     texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", 64)
     enc = tokenizer(texts, truncation=True, max_length=32)

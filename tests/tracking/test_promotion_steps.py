@@ -1,4 +1,4 @@
-"""depthtune.registry's promotion steps one at a time, without an MLflow store."""
+"""depthtune.tracking.registry's promotion steps one at a time, without an MLflow store."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import pytest
 from depthtune.config import RegistryConfig
 from depthtune.errors import DataError, DepthtuneError
 from depthtune.records import EvalRecord
-from depthtune.registry import decide, paired_p_value, rank_variants, read_test_data, score
-from depthtune.significance import bootstrap_ci
+from depthtune.tracking.registry import decide, paired_p_value, rank_variants, read_test_data, score
+from depthtune.evaluation.significance import bootstrap_ci
 from tests.tracking.test_tracking import eval_result, train_result
 
 REG = RegistryConfig(model_name="m", metric="accuracy", min_delta=0.01, min_metric=0.5)
@@ -62,7 +62,7 @@ def test_a_tie_never_replaces_the_champion():
 
 
 def test_rescoring_pairs_both_models_on_the_same_texts():
-    from depthtune.registry import LabelledTexts
+    from depthtune.tracking.registry import LabelledTexts
 
     names = ["neg", "pos"]
     gold = ["pos"] * 30 + ["neg"] * 30

@@ -40,7 +40,7 @@ def write_test_data(root: Path, n_fresh: int, n_rotten: int, labels=LABELS) -> N
 def train_variant(root: Path, cfg: TrackingConfig, variant: str, favour: int, accuracy: float, labels=LABELS,
                   seed: int = 0, trainable: int = 1000) -> str:
     """What finetune + evaluation leave behind: model folder, audit/train/eval JSONs, an MLflow run with the model."""
-    from depthtune import tracking
+    from depthtune.tracking import log_runs as tracking
 
     model_dir = make_model(root / "models" / variant, labels=labels, favour=favour, seed=seed)
     audit = {"schema": "depthtune.audit/1", "variant": variant, "description": "full fine-tuning",
@@ -78,7 +78,7 @@ def env(tmp_path_factory):
 
 
 def test_refusals_without_a_store(tmp_path):
-    from depthtune.registry import promote
+    from depthtune.tracking.registry import promote
 
     reg = RegistryConfig(model_name=NAME)
     with pytest.raises(DepthtuneError, match="no candidate metrics"):
@@ -94,7 +94,7 @@ def test_refusals_without_a_store(tmp_path):
 def test_champion_challenger_promotion(env, monkeypatch, capsys):
     import mlflow
 
-    from depthtune.registry import promote, registry_state
+    from depthtune.tracking.registry import promote, registry_state
 
     tmp, cfg = env
     root = tmp / "proj"
@@ -181,7 +181,7 @@ def test_champion_challenger_promotion(env, monkeypatch, capsys):
 
 
 def test_label_mapping_mismatch_is_refused(env, monkeypatch):
-    from depthtune.registry import promote, registry_state
+    from depthtune.tracking.registry import promote, registry_state
 
     tmp, cfg = env
     root = tmp / "relabelled"
@@ -198,9 +198,9 @@ def test_label_mapping_mismatch_is_refused(env, monkeypatch):
 def test_candidate_that_fails_to_load_is_refused(env, monkeypatch):
     import mlflow
 
-    from depthtune import mlflow_store
-    from depthtune.mlflow_runs import TAG_MODEL_URI
-    from depthtune.registry import promote, registry_state
+    from depthtune.tracking import store as mlflow_store
+    from depthtune.tracking.runs import TAG_MODEL_URI
+    from depthtune.tracking.registry import promote, registry_state
 
     tmp, cfg = env
     root = tmp / "broken"
@@ -221,7 +221,7 @@ def test_candidate_that_fails_to_load_is_refused(env, monkeypatch):
 def test_unreachable_store_is_refused(tmp_path):
     import socket
 
-    from depthtune.registry import promote
+    from depthtune.tracking.registry import promote
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -242,7 +242,7 @@ WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from depthtune.config import RegistryConfig, TrackingConfig
-    from depthtune.registry import promote
+    from depthtune.tracking.registry import promote
     root, uri, art, go = sys.argv[1:5]
     while not Path(go).exists():
         time.sleep(0.05)
@@ -259,7 +259,7 @@ def test_two_concurrent_promotions_stay_consistent(env, monkeypatch):
     Serialised, the first is promoted and the second, now compared with it (0.9 vs 0.9),
     becomes challenger. Unserialised, both would read v1 and both claim the champion.
     """
-    from depthtune.registry import promote, registry_state
+    from depthtune.tracking.registry import promote, registry_state
 
     tmp, cfg = env
     reg = RegistryConfig(model_name="race-model", min_delta=0.005, min_metric=0.05)

@@ -1,4 +1,4 @@
-"""depthtune.tracking (+ mlflow_store, mlflow_runs, redaction) and depthtune.serving against a real MLflow
+"""depthtune.tracking.log_runs (+ mlflow_store, mlflow_runs, redaction) and depthtune.serving against a real MLflow
 (SQLite file, and a real server)."""
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def make_model(out: Path, labels=("rotten", "fresh"), favour: int | None = None,
 def audit_result(variant: str, model_dir: Path) -> dict:
     from transformers import AutoModelForSequenceClassification
 
-    from depthtune.audit import bucket_counts, coarse_counts
+    from depthtune.planning.audit import bucket_counts, coarse_counts
 
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
     buckets = bucket_counts(model)
@@ -108,8 +108,8 @@ def store(tmp_path: Path, experiment: str = "t") -> TrackingConfig:
 
 
 def test_uri_and_artifact_location():
-    from depthtune import mlflow_store
-    from depthtune.redaction import safe_uri
+    from depthtune.tracking import store as mlflow_store
+    from depthtune.tracking.redaction import safe_uri
 
     default = TrackingConfig()
     assert mlflow_store.tracking_uri(default) == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -122,7 +122,7 @@ def test_uri_and_artifact_location():
 
 
 def test_secret_detection(monkeypatch):
-    from depthtune.redaction import describe_error, is_secret_key, redact
+    from depthtune.tracking.redaction import describe_error, is_secret_key, redact
 
     for k in ("HF_TOKEN", "hub_token", "api_key", "db.password", "authToken", "AWS_SECRET_ACCESS_KEY"):
         assert is_secret_key(k), k
@@ -143,7 +143,13 @@ def test_log_variant_training_and_evaluation(tmp_path, tiny_model, monkeypatch, 
     import mlflow
     from mlflow import MlflowClient
 
-    from depthtune import mlflow_runs, mlflow_store, serving, tracking
+    from depthtune import serving
+
+    from depthtune.tracking import runs as mlflow_runs
+
+    from depthtune.tracking import store as mlflow_store
+
+    from depthtune.tracking import log_runs as tracking
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("MY_SERVICE_PASSWORD", PASSWORD)
@@ -237,7 +243,7 @@ def test_log_variant_training_and_evaluation(tmp_path, tiny_model, monkeypatch, 
 
 
 def test_tracking_disabled_is_a_no_op(tiny_model, tmp_path):
-    from depthtune import tracking
+    from depthtune.tracking import log_runs as tracking
 
     cfg = TrackingConfig(enabled=False, uri=f"sqlite:///{tmp_path / 'never.db'}")
     assert tracking.variant_run_id(cfg, "full") is None
@@ -289,7 +295,9 @@ def stop_server(proc: subprocess.Popen) -> None:
 def test_server_goes_down_mid_way(tmp_path, tiny_model, capfd, monkeypatch):
     from mlflow import MlflowClient
 
-    from depthtune import mlflow_runs, tracking
+    from depthtune.tracking import runs as mlflow_runs
+
+    from depthtune.tracking import log_runs as tracking
 
     monkeypatch.setenv(mlflow_runs.PIPELINE_KEY_ENV, "server-test")
     tracking.reset_warning()
