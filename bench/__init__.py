@@ -1,4 +1,4 @@
-"""Benchmark harness (issue 8): depthtune's loop against plain transformers.Trainer recipes.
+"""Benchmark harness: depthtune's loop against plain transformers.Trainer recipes.
 
 `python -m bench.run [--quick]`; see bench/README.md.
 """

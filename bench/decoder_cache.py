@@ -1,4 +1,4 @@
-"""A decoder's train_top variant with and without the frozen-prefix cache: same steps, one run (issue 14).
+"""A decoder's train_top variant with and without the frozen-prefix cache: same steps, one run.
 
     python -m bench.decoder_cache                  # ~20 s on 2 idle cores (minutes on shared ones)
     python -m bench.decoder_cache --threads 1      # one torch thread: steadier when other jobs share the cores
@@ -18,7 +18,7 @@ Per run: the seconds of the whole train() call (caching the training and validat
 the per-epoch validations included), its steps, samples/s (training samples / those seconds), the
 loop's own training seconds (train_time_s: no caching, no validation) and the final loss. The
 speed-up is the uncached call's seconds over the cached call's, paired within a repeat.
-Target (issue 14): at least 1.5x on the CPU.
+Target: at least 1.5x on the CPU.
 
 Where the saving comes from, per text and epoch (forward of one block = 1, its backward ~ 2):
 uncached 8 forward + 2 x 2 backward = 12 block-units; cached, the 6 frozen blocks once per text for

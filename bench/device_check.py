@@ -1,4 +1,4 @@
-"""The one-command GPU check (issue 14): depthtune's loop against plain `transformers.Trainer`
+"""The one-command GPU check: depthtune's loop against plain `transformers.Trainer`
 on big-model shapes, in bf16 autocast, on one GPU.
 
     bench/device_check.sh                    # on the GPU machine (H100/H200): ~3-5 min, under 8
@@ -119,7 +119,7 @@ TINY_QWEN2 = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 32, "num
 DECODER_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (model, variant spec as in params.yaml, lr). The lr changes no speed; it keeps the loss finite.
-# In this order: the two jobs with issue 14's targets first.
+# In this order: the two jobs with targets first.
 JOBS = {
     "bert-full": ("encoder", {}, 1e-4),
     "qwen-lora": ("decoder", {"lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": DECODER_LINEARS}}, 2e-4),
@@ -127,7 +127,7 @@ JOBS = {
     "qwen-top2": ("decoder", {"train_top": 2}, 1e-4),
 }
 NUM_LABELS = 2
-TARGET_RATIO, TARGET_MFU = 1.3, 0.35  # issue 14, for qwen-lora and bert-full
+TARGET_RATIO, TARGET_MFU = 1.3, 0.35  # the GPU targets, for qwen-lora and bert-full
 TARGET_JOBS = ("bert-full", "qwen-lora")
 
 

@@ -45,7 +45,7 @@ WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
 RECIPES = ("seeds", "plain", "depthtune")
 
-# The four variants of issue 8; learning rates per variant (the same for every recipe).
+# The four benchmarked variants; learning rates per variant (the same for every recipe).
 VARIANTS = {
     "full": {"spec": {}, "lr": 1e-4},
     "top2": {"spec": {"train_top": 2}, "lr": 3e-4},

@@ -1,4 +1,4 @@
-"""Benchmark depthtune's fine-tuning loop against plain transformers.Trainer recipes (issue 8).
+"""Benchmark depthtune's fine-tuning loop against plain transformers.Trainer recipes.
 
     python -m bench.run            # the full run (~20-25 min on 2 busy cores)
     python -m bench.run --quick    # a ~2-minute smoke run (results/<device>-<date>-quick.*)

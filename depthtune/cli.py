@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from depthtune import tasks
 from depthtune.config import ModelConfig, load_params, parse_variant
 from depthtune.model.families import family_of
 from depthtune.errors import ConfigError, DepthtuneError
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
     a.add_argument("--labels", type=int, default=2, help="0 = bare AutoModel; N = sequence classifier with N labels")
     a.add_argument("--batch-size", type=int, default=16)
     a.add_argument("--seq-len", type=int, default=128)
-    a.add_argument("--task", choices=("classification", "causal_lm"), default="classification",
+    a.add_argument("--task", choices=tasks.names(), default="classification",
                    help="causal_lm: a decoder with its language-model head (--labels unused)")
     a.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"), default="fp32",
                    help="training precision the memory estimate assumes")
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     pl.add_argument("--seq-len", type=int, default=256)
     pl.add_argument("--examples", type=int, default=10_000, help="examples per epoch, for the time prediction")
     pl.add_argument("--labels", type=int, default=2)
-    pl.add_argument("--task", choices=("classification", "causal_lm"), default="classification")
+    pl.add_argument("--task", choices=tasks.names(), default="classification")
     pl.add_argument("--precision", choices=("fp32", "bf16-autocast", "bf16"), default="bf16-autocast")
     pl.add_argument("--gradient-checkpointing", action="store_true")
     pl.add_argument("--mfu", type=float, default=None,

@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 import yaml
 
-from depthtune import layout, methods
+from depthtune import layout, methods, tasks
+from depthtune.evaluation import metrics
 from depthtune.errors import ConfigError
 from depthtune.model.families import DECODER_TYPES, ENCODER_TYPES, GQA_TYPES
 from depthtune.schema import parse_section, setting as _f
@@ -23,17 +24,10 @@ VARIANT_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
 
 
-# What the variants are trained to do. classification: one label per text (encoders read the first token,
-# decoders the last non-pad one). causal_lm: next-token prediction on the texts (decoders only).
-TASKS = ("classification", "causal_lm")
-CLASSIFICATION_METRICS = ("accuracy", "macro_f1")  # higher is better
-LM_METRICS = ("perplexity", "bits_per_byte")  # lower is better
-METRICS_OF_TASK = {"classification": CLASSIFICATION_METRICS, "causal_lm": LM_METRICS}
-
-
-def higher_is_better(metric: str) -> bool:
-    """The direction of a metric: early stopping, the comparison and the registry's gate all ask here."""
-    return metric not in LM_METRICS
+# What the variants are trained to do (depthtune.tasks: classification, causal_lm) and what ranks them
+# (depthtune.evaluation.metrics: accuracy, macro_f1 | perplexity, bits_per_byte; each with its direction).
+TASKS = tasks.names()
+METRIC_NAMES = metrics.NAMES
 
 
 @dataclass(frozen=True)
@@ -212,7 +206,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluationConfig:
     # classification: accuracy | macro_f1; causal_lm: perplexity | bits_per_byte (lower is better)
-    metric: str = _f("accuracy", choices=CLASSIFICATION_METRICS + LM_METRICS)
+    metric: str = _f("accuracy", choices=METRIC_NAMES)
     batch_size: int = _f(32, lo=1)
     latency_examples: int = _f(50, lo=1)  # batch-1 forward passes timed for p50/p95
     generations: int = _f(3, lo=0, hi=100)  # causal_lm: test texts continued by greedy decoding (result JSON)
@@ -237,7 +231,7 @@ class CompareConfig:
 @dataclass(frozen=True)
 class RegistryConfig:
     model_name: str = _f("depthtune-classifier")
-    metric: str = _f("accuracy", choices=CLASSIFICATION_METRICS + LM_METRICS)
+    metric: str = _f("accuracy", choices=METRIC_NAMES)
     min_delta: float = _f(0.005, lo=0.0)  # in the metric's units (accuracy: <= 1)
     # the candidate must beat the champion by a paired test at this level (and by min_delta)
     alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
@@ -374,24 +368,27 @@ def check_pretrain(params: Params) -> None:
 
 def check_task_metrics(params: Params) -> None:
     """evaluation.metric and registry.metric must be metrics of the task (perplexity ranks no classifier)."""
-    allowed = METRICS_OF_TASK[params.task]
+    task = tasks.get(params.task)
     for key, metric in (("evaluation.metric", params.evaluation.metric), ("registry.metric", params.registry.metric)):
-        if metric not in allowed:
-            raise ConfigError(f"{key}: {metric} is not a {params.task} metric; expected one of {', '.join(allowed)}")
-    units = (("compare.tolerance", params.compare.tolerance), ("registry.min_delta", params.registry.min_delta))
-    for key, value in units:
-        if params.task == "classification" and value > 1.0:
-            raise ConfigError(f"{key}: {value} is out of range, expected <= 1.0 (accuracy and macro-F1 lie in 0..1)")
+        if metric not in task.metrics:
+            raise ConfigError(f"{key}: {metric} is not a {task.name} metric; expected one of {', '.join(task.metrics)}")
+    units = (("compare.tolerance", params.compare.tolerance, params.evaluation.metric),
+             ("registry.min_delta", params.registry.min_delta, params.registry.metric))
+    for key, value, metric in units:
+        if metrics.get(metric).bounded and value > 1.0:
+            raise ConfigError(f"{key}: {value} is out of range, expected <= 1.0 ({metric} lies in 0..1)")
     data = params.data
     if (data.prompt_column is None) != (data.completion_column is None):
         raise ConfigError("data.prompt_column / data.completion_column: give both (the prompt is context, the "
                           "completion is trained on) or neither")
-    if data.prompt_column is not None and params.task != "causal_lm":
-        raise ConfigError("data.prompt_column: prompt/completion data is for task causal_lm; set task: causal_lm "
-                          "or the two columns to null")
-    if params.task == "causal_lm" and params.train.lr_search.enabled:
-        raise ConfigError("train.lr_search.enabled: the learning-rate search is built for classification "
-                          "(its paired gate compares predictions); set it to false for causal_lm")
+    prompt_tasks = [t.name for t in tasks.load().values() if t.prompts]
+    if data.prompt_column is not None and not task.prompts:
+        raise ConfigError(f"data.prompt_column: prompt/completion data is for task {' or '.join(prompt_tasks)}; set "
+                          f"task: {prompt_tasks[0]} or the two columns to null")
+    if params.train.lr_search.enabled and not task.lr_search:
+        searchable = " or ".join(t.name for t in tasks.load().values() if t.lr_search)
+        raise ConfigError(f"train.lr_search.enabled: the learning-rate search is built for {searchable} (its paired "
+                          f"gate compares predictions); set it to false for {task.name}")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

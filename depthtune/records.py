@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+from depthtune import tasks
 from depthtune.errors import DataError, DepthtuneError
 from depthtune.files import read_json, write_json_atomic
 
@@ -361,26 +362,19 @@ class EvalRecord(VariantResult):
     # train.seeds > 1: [{seed, <metrics>}] on the same test texts, this model's seed first; [] with one
     seed_scores: list = field(default_factory=list)
 
-    TASK_FIELDS: ClassVar[dict] = {
-        "classification": ("accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci", "macro_precision", "macro_recall",
-                           "per_class", "confusion_matrix", "predictions", "references"),
-        "causal_lm": ("loss", "perplexity", "bits_per_byte", "perplexity_ci", "bits_per_byte_ci", "nll", "tokens",
-                      "n_bytes", "tokens_per_s", "generations"),
-    }
-
     @classmethod
     def from_dict(cls, doc, where: str = "record"):
         rec = super().from_dict(doc, where)
-        if rec.task not in cls.TASK_FIELDS:
-            raise DepthtuneError(f"{where}: task {rec.task!r}, expected one of {', '.join(cls.TASK_FIELDS)}")
-        metrics = ("accuracy", "macro_f1") if rec.task == "classification" else ("perplexity", "bits_per_byte")
-        for m in metrics:
+        if rec.task not in tasks.names():
+            raise DepthtuneError(f"{where}: task {rec.task!r}, expected one of {', '.join(tasks.names())}")
+        task = tasks.get(rec.task)
+        for m in task.metrics:
             if not _is_type(getattr(rec, m), float) or not math.isfinite(getattr(rec, m)):
                 raise DepthtuneError(f"{where}: missing `{m}` for task {rec.task} (re-run {cls.WRITER})")
             ci = getattr(rec, f"{m}_ci")
             if not isinstance(ci, list) or len(ci) != 2 or not all(_is_type(x, float) for x in ci):
                 raise DepthtuneError(f"{where}: `{m}_ci` is {ci!r:.80}, expected [low, high]")
-        names = ("predictions", "references") if rec.task == "classification" else ("nll", "tokens")
+        names = task.paired_fields
         a, b = (getattr(rec, k) for k in names)
         if not len(a) == len(b) == rec.n:
             raise DepthtuneError(f"{where}: {len(a)} {names[0]} and {len(b)} {names[1]} for n={rec.n} test texts "
@@ -388,7 +382,8 @@ class EvalRecord(VariantResult):
         return rec
 
     def to_dict(self) -> dict:
-        other = [f for task, names in self.TASK_FIELDS.items() if task != self.task for f in names]
+        own = tasks.get(self.task).eval_fields  # the fields of the other tasks are left out
+        other = {f for t in tasks.load().values() for f in t.eval_fields if f not in own}
         return {k: v for k, v in super().to_dict().items() if k not in other}
 
     def metric(self, name: str) -> float:

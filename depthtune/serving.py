@@ -27,6 +27,7 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from depthtune import tasks
 from depthtune.tracking import store as mlflow_store
 from depthtune.errors import ModelError, first_line
 from depthtune.records import PROMPT_SEP
@@ -228,6 +229,11 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
+def served_class(task: str):
+    """The pyfunc class that serves a task's models (depthtune.tasks: `served_class`)."""
+    return {cls.__name__: cls for cls in (TextClassifier, TextGenerator)}[tasks.get(task).served_class]
+
+
 def model_task(model_dir: str | Path) -> str:
     """classification or causal_lm, from the folder's depthtune.json (classification when absent)."""
     meta = Path(model_dir) / "depthtune.json"
@@ -258,13 +264,14 @@ def log_pyfunc_model(model_dir: str | Path, *, name: str = "model", tags: dict |
     if not (model_dir / "config.json").is_file():
         raise ModelError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
     task = model_task(model_dir)
-    labels = model_labels(model_dir) if task == "classification" else []
+    row = tasks.get(task)
+    labels = model_labels(model_dir) if row.labelled else []
     example = list(EXAMPLE_TEXTS)
     # unnamed string column in and out: accepts ["a", "b"] and a one-column DataFrame (e.g. `text`);
     # a generator's params: {"max_new_tokens": int} per call
-    params = {"max_new_tokens": 32} if task == "causal_lm" else None
+    params = {"max_new_tokens": 32} if row.per_position else None
     signature = infer_signature(example, [labels[0] if labels else "a continuation"] * len(EXAMPLE_TEXTS), params)
-    cls = "TextGenerator" if task == "causal_lm" else "TextClassifier"
+    cls = row.served_class
     # "models from code": MLflow stores this 3-line file instead of a cloudpickle of the object
     with tempfile.TemporaryDirectory() as tmp:
         code = Path(tmp) / f"depthtune_{task}.py"
@@ -295,7 +302,7 @@ def load_predictor(uri_or_path: str) -> TextClassifier | TextGenerator:
     (a causal LM's: TextGenerator)."""
     path = Path(uri_or_path)
     if path.is_dir() and (path / "config.json").is_file():
-        return (TextGenerator if model_task(path) == "causal_lm" else TextClassifier).from_folder(path)
+        return served_class(model_task(path)).from_folder(path)
     if path.is_dir() and (path / "MLmodel").is_file():
         return _load_pyfunc(str(path))
     if _is_mlflow_uri(uri_or_path):

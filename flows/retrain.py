@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from depthtune import runtime
+from depthtune import runtime, tasks
 from depthtune.errors import DepthtuneError, first_line
 from depthtune.files import write_json_atomic
 from depthtune.layout import PROJECT_ROOT
@@ -37,7 +37,6 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 FLOW_NAME = "depthtune-retrain"
 DEPLOYMENT_NAME = "weekly-retrain"
-METRICS = ("accuracy", "macro_f1")
 
 
 # ----------------------------------------------------------------------------- plain functions (no Prefect)
@@ -63,7 +62,8 @@ def snapshot(root: Path) -> dict:
             ev = json.loads(f.read_text())
         except ValueError:
             continue
-        metrics[ev.get("variant", f.stem)] = {m: ev.get(m) for m in METRICS}
+        task = tasks.get(ev.get("task", "classification"))  # its metrics, the headline first
+        metrics[ev.get("variant", f.stem)] = {m: ev.get(m) for m in task.metrics}
     promotion = None
     report = root / "reports" / "promotion.json"
     if report.is_file():
@@ -89,7 +89,8 @@ def changes(before: dict, after: dict) -> dict:
     metrics = {}
     for v in sorted(set(before["metrics"]) | set(after["metrics"])):
         b, a = before["metrics"].get(v, {}), after["metrics"].get(v, {})
-        metrics[v] = {m: {"before": b.get(m), "after": a.get(m), "delta": _delta(b.get(m), a.get(m))} for m in METRICS}
+        names = list(dict.fromkeys([*a, *b]))  # the variant's task's metrics, the headline first
+        metrics[v] = {m: {"before": b.get(m), "after": a.get(m), "delta": _delta(b.get(m), a.get(m))} for m in names}
     p_before, p_after = before.get("promotion"), after.get("promotion")
     fresh = p_after is not None and (p_before is None or p_after.get("mtime") != p_before.get("mtime"))
     return {"data_changed": before["data_fingerprint"] != after["data_fingerprint"], "rows": rows,
@@ -101,10 +102,11 @@ def summary_markdown(report: dict) -> str:
              "| split | rows before | rows after | delta |", "|---|---:|---:|---:|"]
     for s, r in report["changes"]["rows"].items():
         lines.append(f"| {s} | {r['before']} | {r['after']} | {r['delta']} |")
-    lines += ["", "| variant | accuracy before | after | delta |", "|---|---:|---:|---:|"]
+    lines += ["", "| variant | metric | before | after | delta |", "|---|---|---:|---:|---:|"]
     for v, m in report["changes"]["metrics"].items():
-        a = m["accuracy"]
-        lines.append(f"| {v} | {a['before']} | {a['after']} | {a['delta']} |")
+        if m:  # the headline metric of the variant's task
+            name, a = next(iter(m.items()))
+            lines.append(f"| {v} | {name} | {a['before']} | {a['after']} | {a['delta']} |")
     p = report["changes"]["promotion"]
     lines += ["", f"promotion: **{p['decision']}** v{p['version']} ({p['variant']}): {p['reason']}" if p
               else "promotion: not re-run (nothing upstream changed)"]

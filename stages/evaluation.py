@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import statistics
 
-from depthtune import layout, runtime
+from depthtune import layout, runtime, tasks
 from depthtune.data.batching import Examples
 from depthtune.evaluation.class_summary import worst_classes
 from depthtune.config import load_params, variant_of
-from depthtune.evaluation.evaluator import check_labels, confusion_csv, evaluate_lm, evaluate_model, load_saved_model, seed_scores
+from depthtune.evaluation import metrics
+from depthtune.evaluation.evaluator import confusion_csv, evaluate, load_saved_model, seed_scores
 from depthtune.files import write_text_atomic
 from depthtune.provenance import provenance
 from depthtune.records import EvalRecord, LabelSet
-from depthtune.model.sources import load_tokenizer_folder
 from depthtune.data.tokenized import load_tokenized
 
 
@@ -35,18 +35,12 @@ def main(argv=None) -> None:
     labels = LabelSet.read(args.labels).names
     model = load_saved_model(args.model, device, params.task)
     test = Examples.from_dataset(load_tokenized(args.tokenized)["test"])
-    if params.task == "causal_lm":
-        record = evaluate_lm(model, load_tokenizer_folder(args.model), test, name=name, ev=params.evaluation,
-                             device=device, provenance=provenance())
-        preds = []
-    else:
-        check_labels(model, labels, args.model, args.labels)
-        record, preds = evaluate_model(model, test, name=name, labels=labels, ev=params.evaluation, device=device,
-                                       provenance=provenance())
+    record, preds = evaluate(model, test, task=params.task, name=name, labels=labels, ev=params.evaluation,
+                             device=device, provenance=provenance(), model_dir=args.model, labels_path=args.labels)
     # train.seeds > 1: the other seeds' models on the same texts (the spread of training randomness)
     record.seed_scores = seed_scores(args.model, args.seed_models, test, record=record, labels=labels,
                                      device=device, batch_size=params.evaluation.batch_size)
-    # the confusion plot (classification); a causal LM's file holds only the header (DVC tracks it either way)
+    # the confusion plot (a labelled task); a causal LM's file holds only the header (DVC tracks it either way)
     write_text_atomic(args.confusion_plot, confusion_csv(test.labels if preds else [], preds, labels))
     record.write(args.metrics)
     for line in summary_lines(record, params.evaluation.metric):
@@ -56,15 +50,16 @@ def main(argv=None) -> None:
 
 def summary_lines(record: EvalRecord, metric: str) -> list[str]:
     """What the stage prints: the test scores, their cost, the spread over seeds, the continuations."""
-    if record.task == "causal_lm":
-        lines = [f"evaluation {record.variant}: perplexity {record.perplexity:.3f}, bits/byte {record.bits_per_byte:.4f}, "
-                 f"loss {record.loss:.4f} on {record.n} test texts ({sum(record.tokens):,} tokens); "
-                 f"{record.tokens_per_s:,.0f} tokens/s, latency p50 {record.latency_ms['p50']:.1f} ms"]
+    task = tasks.get(record.task)
+    scores = ", ".join(f"{metrics.get(m).display} {record.metric(m):.4f}" for m in task.metrics)
+    if task.per_position:
+        lines = [f"evaluation {record.variant}: {scores}, loss {record.loss:.4f} on {record.n} test texts "
+                 f"({sum(record.tokens):,} tokens); {record.tokens_per_s:,.0f} tokens/s, latency p50 "
+                 f"{record.latency_ms['p50']:.1f} ms"]
         lines += [f"  {g['prompt']!r} -> {g['continuation']!r}" for g in record.generations]
     else:
-        lines = [f"evaluation {record.variant}: accuracy {record.accuracy:.4f}, macro-F1 {record.macro_f1:.4f} on "
-                 f"{record.n} test texts; latency p50 {record.latency_ms['p50']:.1f} ms, "
-                 f"{record.throughput_per_s:.0f} texts/s"]
+        lines = [f"evaluation {record.variant}: {scores} on {record.n} test texts; latency p50 "
+                 f"{record.latency_ms['p50']:.1f} ms, {record.throughput_per_s:.0f} texts/s"]
         worst = worst_classes(record.per_class, 3)
         if len(record.per_class) > 2:  # many classes: name the weakest (the report lists more)
             lines.append(f"evaluation {record.variant}: lowest F1: "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from depthtune import layout, runtime
+from depthtune import layout, runtime, tasks
 from depthtune.config import load_params
 from depthtune.data.readers import read_source
 from depthtune.files import run_main
@@ -24,7 +24,7 @@ def main(argv: list | None = None) -> None:
     args = layout.parse_stage_args("prepare", argv, __doc__)
     start = time.perf_counter()
     params = load_params(args.params)
-    cfg, labelled = params.data, params.task == "classification"  # causal_lm: texts only
+    cfg, labelled = params.data, tasks.get(params.task).labelled  # causal_lm: texts only
     source = read_source(cfg, labelled=labelled)
     if source.info.get("cache_path"):
         state = "cached" if source.info.get("from_cache") else "downloaded to"

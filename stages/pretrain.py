@@ -1,4 +1,4 @@
-"""DVC stage `pretrain`: the base model every variant starts from (issue 17: developing a model from zero).
+"""DVC stage `pretrain`: the base model every variant starts from (developing a model from zero, or continuing one).
 
     python -m stages.pretrain [--params params.yaml] [--prepared data/prepared] [--out pretrained]
         [--metrics metrics/pretrain.json] [--loss-plot plots/pretrain.csv]
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from depthtune import layout, runtime, stopwatch
+from depthtune.evaluation import metrics
 
 from depthtune.training import pretraining
 
@@ -60,7 +61,7 @@ def main(argv: list | None = None) -> None:
     cov = ", ".join(f"{s} {c['unk_fraction']:.2%}" for s, c in record.coverage.items())
     print(f"pretrain: {record.steps} steps ({record.stopped_by}) in {record.train_time_s:.1f} s, "
           f"{record.tokens_per_s:,.0f} tokens/s, MFU {record.mfu:.1%} of a {record.gemm_flops_per_s / 1e9:,.0f} "
-          f"GFLOP/s GEMM; held-out perplexity {record.val_curve[0]['perplexity']:.1f} -> {record.final_perplexity:.2f}; "
+          f"GFLOP/s GEMM; held-out perplexity {record.val_curve[0][metrics.PRETRAIN.name]:.1f} -> {record.final_perplexity:.2f}; "
           f"unknown tokens: {cov}")
     print(f"pretrain: wrote {args.out}/ (the base model of every variant), {args.metrics}, {args.loss_plot} "
           f"in {time.perf_counter() - start:.1f} s")

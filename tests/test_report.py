@@ -15,7 +15,8 @@ from depthtune.records import AuditRecord, EvalRecord, TrainRecord
 from depthtune.report.comparison import (FRONT_PARAMS, FRONT_TIME, best_and_cheapest, build_report, load_results, pareto_front,
                               pick_best)
 from depthtune.report.text import comparison_json, render_outputs
-from depthtune.evaluation.significance import bootstrap_ci, macro_f1
+from depthtune.evaluation.metrics import macro_f1
+from depthtune.evaluation.significance import bootstrap_ci
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EMB, LAYER, POOLER, HEAD = 11_918_592, 1_774_464, 147_840, 770

@@ -6,8 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from depthtune.evaluation.significance import (accuracy, bootstrap_ci, compare_to_best, macro_f1, mcnemar, paired_bootstrap,
-                                    paired_test)
+from depthtune.evaluation.metrics import accuracy, macro_f1
+from depthtune.evaluation.significance import (bootstrap_ci, compare_to_best, mcnemar, paired_bootstrap,
+                                               paired_test)
 
 
 def pair(b: int, c: int, both_right: int = 0, both_wrong: int = 0):

@@ -17,7 +17,7 @@ from typing import Optional
 WARN_FRACTION = 0.01  # above 1% unknown a person should know; the refusal threshold is a param
 TOP_UNCOVERED = 10
 WAY_OUT = ("use a model whose vocabulary fits the language (model.source), or develop a tokenizer "
-           "from the data (issue 17)")
+           "from the data (pretrain.enabled: true, as examples/from-zero-zh does)")
 
 
 def unk_token_id(tokenizer) -> Optional[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from depthtune import tasks
 from depthtune.records import EvalRecord
 
 WORST_CLASSES = 15  # all classes when there are at most this many
@@ -37,7 +38,7 @@ def confused_pairs(matrix: list, labels: list, k: int = CONFUSED_PAIRS) -> list[
 
 def class_section(ev: EvalRecord) -> Optional[dict]:
     """The per-class summary of one classifier's test record (None for a causal LM)."""
-    if ev.task != "classification" or not ev.per_class:
+    if not tasks.get(ev.task).labelled or not ev.per_class:
         return None
     return {"variant": ev.variant, "classes": len(ev.labels),
             "worst": worst_classes(ev.per_class), "confused": confused_pairs(ev.confusion_matrix, ev.labels)}

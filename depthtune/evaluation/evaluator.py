@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from depthtune.data.batching import Examples, collate, predict_logits
+from depthtune import tasks
 from depthtune.config import EvaluationConfig
+from depthtune.evaluation import metrics
 from depthtune.errors import ModelError, first_line
 from depthtune.evaluation.lm_scoring import continuations, lm_metrics, score_texts
 from depthtune.evaluation.scoring_batch import scoring_batch_size
@@ -26,6 +28,7 @@ from depthtune.evaluation.metric_modules import ClassificationReport, quick_scor
 from depthtune.progress import QUIET_FOR_S, Progress, counting_forwards
 from depthtune.records import EvalRecord
 from depthtune.evaluation.significance import bootstrap_ci, lm_bootstrap_ci
+from depthtune.model.sources import load_tokenizer_folder
 
 CI_RESAMPLES, CI_SEED, CI_LEVEL = 1000, 0, 0.95  # every variant: same resamples of the same texts
 
@@ -37,12 +40,12 @@ def scoring_progress(model, n: int, batch_size: int, name: str):
 
 
 def load_saved_model(model_dir: Path, device: str, task: str = "classification"):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").exists():
         raise ModelError(f"{model_dir}: no model.safetensors (run `dvc repro finetune` first)")
-    auto = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    auto = getattr(transformers, tasks.get(task).auto_class)  # the task's model class, as it was trained
     try:
         return auto.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
     except Exception as exc:  # noqa: BLE001  (any unloadable folder: one line naming it)
@@ -95,9 +98,9 @@ def evaluate_model(model, test: Examples, *, name: str, labels: list, ev: Evalua
     refs = [int(y) for y in test.labels]
     report = ClassificationReport().compute(predictions=preds, references=refs, num_labels=len(labels),
                                             label_names=labels)
-    # macro-F1 over every label id, as the report above (a class absent from the test split scores 0)
-    intervals = {f"{m}_ci": list(bootstrap_ci(refs, preds, m, n=CI_RESAMPLES, seed=CI_SEED, level=CI_LEVEL,
-                                              num_labels=len(labels))) for m in ("accuracy", "macro_f1")}
+    # every label metric's interval; macro-F1 over every label id, as the report above (an absent class scores 0)
+    intervals = {f"{m.name}_ci": list(bootstrap_ci(refs, preds, m.name, n=CI_RESAMPLES, seed=CI_SEED, level=CI_LEVEL,
+                                                   num_labels=len(labels))) for m in metrics.label_metrics()}
     cost = latency(model, test, n=ev.latency_examples, batch_size=ev.batch_size, device=device, pad_id=pad_id)
     record = EvalRecord.from_dict({"schema": EvalRecord.SCHEMA, "variant": name, "split": "test", "n": len(test),
                                    "labels": labels, "device": device, **report, **intervals, **cost,
@@ -107,9 +110,9 @@ def evaluate_model(model, test: Examples, *, name: str, labels: list, ev: Evalua
 
 
 def evaluate_lm(model, tokenizer, test: Examples, *, name: str, ev: EvaluationConfig, device: str,
-                provenance: dict) -> EvalRecord:
-    """causal_lm: loss, perplexity and bits per byte on the test split with 95% intervals, the per-text sums
-    that pair two variants, scoring tokens/s, batch-1 latency and a few greedy continuations."""
+                provenance: dict, task: str) -> EvalRecord:
+    """A per-position task (causal_lm): loss, perplexity and bits per byte on the test split with 95% intervals,
+    the per-text sums that pair two variants, scoring tokens/s, batch-1 latency and a few greedy continuations."""
     pad_id = model.config.pad_token_id or 0
     t = time.perf_counter()
     size = scoring_batch_size(model.config.vocab_size, max(test.lengths, default=1), ev.batch_size)  # score_texts'
@@ -118,22 +121,32 @@ def evaluate_lm(model, tokenizer, test: Examples, *, name: str, ev: EvaluationCo
     seconds = time.perf_counter() - t
     n_bytes = np.asarray(test.n_bytes if test.n_bytes is not None else [0] * len(test))
     scores = lm_metrics(nll, tokens, n_bytes)
-    intervals = {"perplexity_ci": list(lm_bootstrap_ci(nll, tokens, "perplexity", n=CI_RESAMPLES, seed=CI_SEED,
-                                                       level=CI_LEVEL)),
-                 "bits_per_byte_ci": list(lm_bootstrap_ci(nll, n_bytes, "bits_per_byte", n=CI_RESAMPLES,
-                                                          seed=CI_SEED, level=CI_LEVEL))}
+    per_text = {"tokens": tokens, "n_bytes": n_bytes}  # each ratio metric's denominator, per text
+    intervals = {f"{m.name}_ci": list(lm_bootstrap_ci(nll, per_text[m.denominator], m.name, n=CI_RESAMPLES,
+                                                      seed=CI_SEED, level=CI_LEVEL)) for m in metrics.ratio_metrics()}
     cost = latency(model, test, n=ev.latency_examples, batch_size=ev.batch_size, device=device, pad_id=pad_id,
                    throughput=False)
     real = sum(test.lengths)
     generations = continuations(model, tokenizer, test.input_ids[:ev.generations], max_new_tokens=ev.max_new_tokens,
                                 device=device, prompt_lengths=test.loss_start)
-    doc = {"schema": EvalRecord.SCHEMA, "variant": name, "split": "test", "task": "causal_lm", "n": len(test),
-           "labels": [], "device": device, "loss": scores["loss"], "perplexity": scores["perplexity"],
-           "bits_per_byte": scores["bits_per_byte"], **intervals, "nll": nll.tolist(), "tokens": tokens.tolist(),
+    doc = {"schema": EvalRecord.SCHEMA, "variant": name, "split": "test", "task": task, "n": len(test),
+           "labels": [], "device": device, "loss": scores["loss"],
+           **{m.name: scores[m.name] for m in metrics.ratio_metrics()}, **intervals, "nll": nll.tolist(), "tokens": tokens.tolist(),
            "n_bytes": n_bytes.tolist(), "tokens_per_s": real / seconds if seconds else 0.0,
            "throughput_per_s": len(test) / seconds if seconds else 0.0, "latency_ms": cost["latency_ms"],
            "generations": generations, **provenance}
     return EvalRecord.from_dict(doc, f"evaluation of {name}")
+
+
+def evaluate(model, test: Examples, *, task: str, name: str, labels: list, ev: EvaluationConfig, device: str,
+             provenance: dict, model_dir: Path, labels_path: Path) -> tuple[EvalRecord, list]:
+    """The task's evaluation of a loaded model: (its EvalRecord, predicted label ids; [] for a per-position task)."""
+    if tasks.get(task).per_position:
+        record = evaluate_lm(model, load_tokenizer_folder(model_dir), test, name=name, ev=ev, device=device,
+                             provenance=provenance, task=task)
+        return record, []
+    check_labels(model, labels, model_dir, labels_path)
+    return evaluate_model(model, test, name=name, labels=labels, ev=ev, device=device, provenance=provenance)
 
 
 def seed_models(seed_dir: Path) -> list[tuple[int, Path]]:
@@ -154,15 +167,15 @@ def seed_scores(model_dir: Path, seed_dir: Path, test: Examples, *, record: Eval
         return []
     meta_path = model_dir / "depthtune.json"
     seed = json.loads(meta_path.read_text()).get("seed") if meta_path.is_file() else None
-    names = ("accuracy", "macro_f1") if record.task == "classification" else ("perplexity", "bits_per_byte")
-    scores = [{"seed": seed, **{m: record.metric(m) for m in names}}]
+    task = tasks.get(record.task)
+    scores = [{"seed": seed, **{m: record.metric(m) for m in task.metrics}}]
     for s, folder in others:
         model = load_saved_model(folder, device, record.task)
         pad_id = model.config.pad_token_id or 0
-        if record.task == "causal_lm":
+        if task.per_position:
             nll, tokens = score_texts(model, test, batch_size=batch_size, device=device, pad_id=pad_id)
             lm = lm_metrics(nll, tokens, test.n_bytes)
-            scores.append({"seed": s, "perplexity": lm["perplexity"], "bits_per_byte": lm["bits_per_byte"]})
+            scores.append({"seed": s, **{m: lm[m] for m in task.metrics}})
             continue
         check_labels(model, labels, folder, folder / "config.json")
         preds = predict_logits(model, test, batch_size, device, pad_id).argmax(-1).tolist()

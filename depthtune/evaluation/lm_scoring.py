@@ -11,7 +11,6 @@ of sums, so texts weigh by their tokens, and a bootstrap over texts resamples (n
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import numpy as np
@@ -19,18 +18,20 @@ import torch
 from torch import nn
 
 from depthtune.data.batching import Examples, autocast, collate
+from depthtune.evaluation import metrics
 from depthtune.evaluation.next_token import token_nll
 from depthtune.evaluation.scoring_batch import scoring_batch_size
 
 
 def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:
-    """{loss, perplexity, bits_per_byte (when bytes are known), tokens} of per-text sums."""
+    """{loss, every ratio metric whose per-text count is known (perplexity; bits_per_byte with bytes), tokens} of
+    per-text sums (depthtune.evaluation.metrics: one implementation each)."""
     total_nll, total_tokens = float(np.sum(nll)), int(np.sum(tokens))
-    loss = total_nll / max(1, total_tokens)
-    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": total_tokens}
-    if n_bytes is not None:
-        out["bits_per_byte"] = total_nll / math.log(2) / max(1, int(np.sum(n_bytes)))
-    return out
+    sums = {"tokens": total_tokens, **({"n_bytes": int(np.sum(n_bytes))} if n_bytes is not None else {})}
+    out = {"loss": total_nll / max(1, total_tokens)}
+    out.update({m.name: m.of_sums(total_nll, sums[m.denominator]) for m in metrics.ratio_metrics()
+                if m.denominator in sums})
+    return {**out, "tokens": total_tokens}
 
 
 @torch.no_grad()

@@ -1,10 +1,9 @@
 """How sure is a test metric, and is one variant really better than another?
 
-Pure numpy/stdlib statistics over label ids (no torch, no sklearn), used by the
+Pure numpy/stdlib statistics over label ids (no torch, no sklearn), each metric computed by its one implementation
+(depthtune.evaluation.metrics: accuracy, macro_f1, perplexity, bits_per_byte), used by the
 evaluation stage (intervals), the comparison report and the registry (paired tests).
 
-    accuracy(refs, preds)                              fraction correct
-    macro_f1(refs, preds, num_labels=None)             mean per-class F1 (see below for which classes)
     bootstrap_ci(refs, preds, "accuracy")              -> (low, high), 95% percentile bootstrap over texts
     mcnemar(refs, pred_a, pred_b)                      -> two-sided p, exact binomial on discordant pairs
     paired_bootstrap(refs, pred_a, pred_b, "macro_f1") -> two-sided p, same resampled texts for both
@@ -26,73 +25,17 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-METRICS = ("accuracy", "macro_f1")
-# the paired test used per metric; a language model's per-text (nll, tokens, bytes) by the paired bootstrap
-TEST_NAME = {"accuracy": "McNemar", "macro_f1": "paired bootstrap", "perplexity": "paired bootstrap",
-             "bits_per_byte": "paired bootstrap"}
+from depthtune.evaluation import metrics
+from depthtune.evaluation.metrics import class_ids, label_ids
+
 _CHUNK = 4_000_000  # resample weights held at once (resamples x texts): ~32 MB of float64
 
 
-# ----------------------------------------------------------------------------- metrics over label ids
-
-
-def _ids(*arrays: Sequence[int]) -> list[np.ndarray]:
-    out = [np.asarray(a, dtype=np.int64).ravel() for a in arrays]
-    if any(len(a) != len(out[0]) for a in out):
-        raise ValueError(f"references and predictions differ in length: {[len(a) for a in out]}")
-    if len(out[0]) == 0:
-        raise ValueError("no texts to score")
-    return out
-
-
-def class_ids(refs: np.ndarray, preds: Sequence[np.ndarray], num_labels: Optional[int]) -> np.ndarray:
-    """The classes a macro average runs over.
-
-    num_labels given: every class 0..num_labels-1, a class absent from both references and
-    predictions scoring F1 0 (what the evaluation stage's ClassificationReport does: sklearn with
-    labels=range(num_labels), zero_division=0). None: the classes present in the references or
-    any predictions (sklearn's default).
-    """
-    if num_labels is not None:
-        return np.arange(num_labels)
-    return np.unique(np.concatenate([refs, *preds]))
-
-
-def accuracy(refs: Sequence[int], preds: Sequence[int], num_labels: Optional[int] = None) -> float:
-    r, p = _ids(refs, preds)
-    return float((r == p).mean())
-
-
-def macro_f1(refs: Sequence[int], preds: Sequence[int], num_labels: Optional[int] = None) -> float:
-    r, p = _ids(refs, preds)
-    return float(_weighted_macro_f1(np.ones((1, len(r))), r, p, class_ids(r, [p], num_labels))[0])
-
-
-def _weighted_macro_f1(weights: np.ndarray, refs: np.ndarray, preds: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Macro-F1 of each row of `weights` (resamples x texts, how often each text was drawn).
-
-    Per class c: F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (#true c + #predicted c); 0 when both are 0.
-    Three matrix products give every resample's per-class counts at once.
-    """
-    is_ref = (refs[:, None] == classes[None, :]).astype(np.float64)  # texts x classes
-    is_pred = (preds[:, None] == classes[None, :]).astype(np.float64)
-    tp = weights @ (is_ref * is_pred)
-    denom = weights @ is_ref + weights @ is_pred
-    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
-    return f1.mean(axis=1)
-
-
-def _weighted_accuracy(weights: np.ndarray, refs: np.ndarray, preds: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    return weights @ (refs == preds).astype(np.float64) / weights.sum(axis=1)
-
-
-_WEIGHTED: dict[str, Callable] = {"accuracy": _weighted_accuracy, "macro_f1": _weighted_macro_f1}
-
-
 def _weighted(metric: str) -> Callable:
-    if metric not in _WEIGHTED:
-        raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
-    return _WEIGHTED[metric]
+    m = metrics.get(metric)
+    if m.weighted is None:
+        raise ValueError(f"metric {metric!r} is not a function of label ids")
+    return m.weighted
 
 
 def _resample_weights(n_texts: int, n: int, seed: int):
@@ -116,7 +59,7 @@ def bootstrap_ci(references: Sequence[int], predictions: Sequence[int], metric: 
                  seed: int = 0, level: float = 0.95, num_labels: Optional[int] = None) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric` over test texts: resample the texts with
     replacement `n` times, score each resample, take the (1-level)/2 and (1+level)/2 quantiles."""
-    r, p = _ids(references, predictions)
+    r, p = label_ids(references, predictions)
     fn, classes = _weighted(metric), class_ids(r, [p], num_labels)
     stats = np.concatenate([fn(w, r, p, classes) for w in _resample_weights(len(r), n, seed)])
     lo, hi = np.quantile(stats, [(1 - level) / 2, (1 + level) / 2])
@@ -135,7 +78,7 @@ def mcnemar(refs: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int]) -
     binomial tail is summed in log space (lgamma), which stays accurate and takes microseconds
     even for a million discordant texts, so the chi-square approximation is never needed.
     """
-    r, a, b_ = _ids(refs, pred_a, pred_b)
+    r, a, b_ = label_ids(refs, pred_a, pred_b)
     right_a, right_b = a == r, b_ == r
     b, c = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
     m, k = b + c, min(b, c)
@@ -158,7 +101,7 @@ def paired_bootstrap(refs: Sequence[int], pred_a: Sequence[int], pred_b: Sequenc
     share of resamples at least as far from d as d is from 0: (1 + #|delta* - d| >= |d|) / (n + 1).
     Identical predictions: every delta* is 0 = d, p = 1.
     """
-    r, a, b = _ids(refs, pred_a, pred_b)
+    r, a, b = label_ids(refs, pred_a, pred_b)
     fn, classes = _weighted(metric), class_ids(r, [a, b], num_labels)
     ones = np.ones((1, len(r)))
     d = float(fn(ones, r, a, classes)[0] - fn(ones, r, b, classes)[0])
@@ -169,10 +112,11 @@ def paired_bootstrap(refs: Sequence[int], pred_a: Sequence[int], pred_b: Sequenc
 
 def paired_test(refs: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int], metric: str, *,
                 n: int = 1000, seed: int = 0, num_labels: Optional[int] = None) -> float:
-    """The p-value of the metric's paired test (TEST_NAME): McNemar for accuracy, paired bootstrap otherwise."""
-    if metric == "accuracy":
+    """The p-value of the metric's paired test (metrics.get(metric).paired_test): McNemar for accuracy, the paired
+    bootstrap otherwise."""
+    if metrics.get(metric).paired_test == "McNemar":
         return mcnemar(refs, pred_a, pred_b)
-    _weighted(metric)  # a clear error for an unknown metric
+    _weighted(metric)  # a clear error for a metric of another kind
     return paired_bootstrap(refs, pred_a, pred_b, metric, n=n, seed=seed, num_labels=num_labels)
 
 
@@ -190,13 +134,12 @@ def compare_to_best(references: Sequence[int], predictions: Mapping[str, Sequenc
 
 
 def _lm_stat(metric: str, weights: np.ndarray, nll: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Perplexity exp(sum w*nll / sum w*tokens) or bits per byte sum w*nll / ln 2 / sum w*bytes, per weight row."""
-    ratio = (weights @ nll) / np.maximum(weights @ denominator, 1.0)
-    if metric == "perplexity":
-        return np.exp(np.minimum(ratio, 700.0))
-    if metric == "bits_per_byte":
-        return ratio / math.log(2)
-    raise ValueError(f"metric {metric!r} is not perplexity or bits_per_byte")
+    """The metric's ratio of weighted sums per weight row: perplexity exp(sum w*nll / sum w*tokens), bits per byte
+    sum w*nll / ln 2 / sum w*bytes."""
+    m = metrics.get(metric)
+    if m.ratio is None:
+        raise ValueError(f"metric {metric!r} is not a ratio of per-text sums")
+    return m.ratio((weights @ nll) / np.maximum(weights @ denominator, 1.0))
 
 
 def lm_bootstrap_ci(nll: Sequence[float], denominator: Sequence[float], metric: str, *, n: int = 1000,

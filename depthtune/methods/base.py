@@ -30,9 +30,10 @@ class Param:
     coarse: str  # `layer.3`, `embeddings`, `head`, `pooler`, `final_norm`
     layer: Optional[int]  # the block index, None outside the blocks
 
-    def is_new_head(self, task: str) -> bool:
-        """A classifier's head is new (random init): every kind trains it. A causal LM's lm_head is pretrained."""
-        return self.coarse == "head" and task == "classification"
+    def is_new_head(self, task) -> bool:
+        """A labelled task's head is new (random init): every kind trains it. A causal LM's lm_head is pretrained.
+        `task`: the depthtune.tasks object the model is built for."""
+        return self.coarse == "head" and task.labelled
 
 
 class Method:
@@ -75,8 +76,9 @@ class Method:
         """The model before freezing: adapters added here (LoRA); the base model otherwise."""
         return model
 
-    def trains(self, p: Param, options: Any, num_layers: int, task: str) -> bool:
-        """The freezing rule: whether parameter `p` of a model with `num_layers` kept blocks trains."""
+    def trains(self, p: Param, options: Any, num_layers: int, task) -> bool:
+        """The freezing rule: whether parameter `p` of a model with `num_layers` kept blocks trains, for `task`
+        (a depthtune.tasks object)."""
         return True
 
     def refuse_useless(self, model, options: Any, model_type: str, path: str) -> None:

@@ -25,7 +25,7 @@ class BitFit(Method):
     def describe(self, options) -> str:
         return "bitfit"
 
-    def trains(self, p: Param, options, num_layers: int, task: str) -> bool:
+    def trains(self, p: Param, options, num_layers: int, task) -> bool:
         return p.is_new_head(task) or p.name.endswith(".bias")
 
     def refuse_useless(self, model, options, model_type: str, path: str) -> None:

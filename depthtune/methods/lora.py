@@ -90,7 +90,7 @@ class Lora(Method):
                          fan_in_fan_out=type(model).__name__.startswith("GPT2"))  # GPT-2's Conv1D: W is in x out
         return get_peft_model(model, cfg)
 
-    def trains(self, p: Param, options, num_layers: int, task: str) -> bool:
+    def trains(self, p: Param, options, num_layers: int, task) -> bool:
         # a causal LM's lm_head is pretrained and stays frozen (an untied Llama-7B head alone is 131M parameters)
         return p.is_new_head(task) or "adapter" in p.fine
 

@@ -38,7 +38,7 @@ class TrainTop(Method):
     def describe(self, options) -> str:
         return f"train_top={options}"
 
-    def trains(self, p: Param, options, num_layers: int, task: str) -> bool:
+    def trains(self, p: Param, options, num_layers: int, task) -> bool:
         # the head, the pooler and the final norm sit above every block: they train with the top ones (a causal
         # LM's lm_head too; when tied, it is the input embeddings and stays frozen)
         if p.coarse in ("head", "pooler", "final_norm"):

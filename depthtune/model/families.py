@@ -28,18 +28,18 @@ def is_tied(cfg) -> bool:
 
 
 # ----------------------------------------------------------------------------- closed forms
-# (cfg, N labels (0: none or a causal LM), task) -> (total parameters, the formula with its values); a causal LM's
-# lm_head counts only when untied (a tied one is the embedding matrix)
+# (cfg, N labels (0: none), lm_head: the model ends in a language-model head) -> (total parameters, the formula
+# with its values); the lm_head counts only when untied (a tied one is the embedding matrix)
 
 
-def bert_like(cfg, N: int, task: str) -> tuple[int, str]:
+def bert_like(cfg, N: int, lm_head: bool) -> tuple[int, str]:
     V, H, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
     I, P, T = cfg.intermediate_size, cfg.max_position_embeddings, cfg.type_vocab_size
     emb = (V + P + T) * H + 2 * H  # word + position + type tables, LayerNorm (gain, bias)
     layer = 4 * (H * H + H) + (H * I + I) + (I * H + H) + 2 * 2 * H  # q,k,v,out; ffn in,out; 2 LayerNorms
     if N == 0:
         rest, what = H * H + H, "pooler H^2+H"
-    elif cfg.model_type == "bert":
+    elif not FAMILIES[cfg.model_type].first_token_head:  # bert: the pooler, then the head
         rest, what = (H * H + H) + (H * N + N), "pooler H^2+H + head H*N+N"
     else:  # RobertaClassificationHead: dense H->H, out_proj H->N; no pooler
         rest, what = (H * H + H) + (H * N + N), "head dense H^2+H + out_proj H*N+N"
@@ -47,7 +47,7 @@ def bert_like(cfg, N: int, task: str) -> tuple[int, str]:
                                     f"V={V} P={P} T={T} H={H} I={I} L={L} N={N}")
 
 
-def distilbert(cfg, N: int, task: str) -> tuple[int, str]:
+def distilbert(cfg, N: int, lm_head: bool) -> tuple[int, str]:
     V, D, L, Hd, P = cfg.vocab_size, cfg.dim, cfg.n_layers, cfg.hidden_dim, cfg.max_position_embeddings
     emb = (V + P) * D + 2 * D
     layer = 4 * (D * D + D) + 2 * D + (D * Hd + Hd) + (Hd * D + D) + 2 * D
@@ -55,18 +55,18 @@ def distilbert(cfg, N: int, task: str) -> tuple[int, str]:
     return emb + L * layer + rest, f"(V+P)*D+2D + L*(4(D^2+D)+2D + 2D*Hd+Hd+D + 2D) + [D^2+D + D*N+N]; D={D} L={L}"
 
 
-def gpt2(cfg, N: int, task: str) -> tuple[int, str]:
+def gpt2(cfg, N: int, lm_head: bool) -> tuple[int, str]:
     V, D, L, P = cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.n_positions
     I = cfg.n_inner or 4 * D
     emb = V * D + P * D
     layer = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * I + I) + (I * D + D)
-    lm_head = task == "causal_lm" and not is_tied(cfg)
-    rest = 2 * D + (D * N if N else 0) + (V * D if lm_head else 0)  # ln_f + score (no bias) | lm_head untied
+    untied = lm_head and not is_tied(cfg)
+    rest = 2 * D + (D * N if N else 0) + (V * D if untied else 0)  # ln_f + score (no bias) | lm_head untied
     return emb + L * layer + rest, (f"(V+P)*D + L*(4D + 3D^2+3D + D^2+D + 2DI+I+D) + 2D + "
-                                    f"{'V*D' if lm_head else 'D*N'}; D={D} I={I} L={L}")
+                                    f"{'V*D' if untied else 'D*N'}; D={D} I={I} L={L}")
 
 
-def llama_like(cfg, N: int, task: str) -> tuple[int, str]:
+def llama_like(cfg, N: int, lm_head: bool) -> tuple[int, str]:
     V, H, L, I = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
     nh = cfg.num_attention_heads
     nkv = attr(cfg, "num_key_value_heads", default=nh)
@@ -80,9 +80,9 @@ def llama_like(cfg, N: int, task: str) -> tuple[int, str]:
     mlp = 3 * H * I + ((2 * I + H) if getattr(cfg, "mlp_bias", False) else 0)
     layer = attn + mlp + 2 * H  # input + post-attention RMSNorm
     emb = V * H
-    lm_head = task == "causal_lm" and not is_tied(cfg)
-    rest = H + (H * N if N else 0) + (V * H if lm_head else 0)  # final norm + score (no bias) | lm_head untied
-    head = "V*H untied lm_head" if lm_head else ("tied lm_head" if task == "causal_lm" else "H*N")
+    untied = lm_head and not is_tied(cfg)
+    rest = H + (H * N if N else 0) + (V * H if untied else 0)  # final norm + score (no bias) | lm_head untied
+    head = "V*H untied lm_head" if untied else ("tied lm_head" if lm_head else "H*N")
     return emb + L * layer + rest, (f"V*H + L*(H*nh*hd + 2H*nkv*hd + nh*hd*H + 3HI + 2H) + H + {head}; "
                                     f"V={V} H={H} L={L} I={I} nh={nh} nkv={nkv} hd={hd}")
 

@@ -1,4 +1,4 @@
-"""A tokenizer trained on the corpus itself (issue 17: developing a model from zero).
+"""A tokenizer trained on the corpus itself (developing a model from zero: `pretrain.tokenizer`).
 
 When the packaged vocabulary does not fit the data (MiniLM's 30,522 English word pieces hold 244 single
 Chinese characters), a model that is to be pretrained from zero gets a tokenizer of its own, trained with

@@ -18,6 +18,7 @@ from torch import nn
 
 from depthtune.config import ModelConfig, ScratchArch, VariantSpec, check_variant_against_model
 from depthtune.model.families import DECODER_TYPES, config_kwargs, is_decoder
+from depthtune import tasks
 from depthtune.errors import ConfigError, ModelError, first_line
 from depthtune.methods import Param
 from depthtune.runtime import seed_everything
@@ -105,9 +106,9 @@ def param_of(name: str) -> Param:
 def set_trainable(model: nn.Module, spec: VariantSpec, num_layers: int, task: str = "classification") -> int:
     """The one freezing function: sets requires_grad on every parameter by the kind's rule (`Method.trains`),
     returns the trainable count."""
-    method, count = spec.method, 0
+    method, row, count = spec.method, tasks.get(task), 0
     for name, p in model.named_parameters():
-        p.requires_grad_(method.trains(param_of(name), spec.options, num_layers, task))
+        p.requires_grad_(method.trains(param_of(name), spec.options, num_layers, row))
         count += p.numel() if p.requires_grad else 0
     return count
 
@@ -134,15 +135,15 @@ class BuiltVariant:
 
 
 def model_class(task: str, num_labels: int, model_type: str, path: str = "variant"):
-    """The transformers auto class of the task: a sequence classifier, a causal LM, or the bare model."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The transformers auto class of the task (depthtune.tasks: `auto_class`): a sequence classifier, a causal
+    LM; the bare model for a labelled task without labels (the audit's bare count)."""
+    import transformers
 
-    if task == "causal_lm":
-        if not is_decoder(model_type):
-            raise ConfigError(f"{path}: task causal_lm needs a decoder ({', '.join(DECODER_TYPES)}); "
-                              f"the model is a {model_type}")
-        return AutoModelForCausalLM
-    return AutoModelForSequenceClassification if num_labels else AutoModel
+    row = tasks.get(task)
+    if row.needs_decoder and not is_decoder(model_type):
+        raise ConfigError(f"{path}: task {row.name} needs a decoder ({', '.join(DECODER_TYPES)}); "
+                          f"the model is a {model_type}")
+    return getattr(transformers, row.auto_class if num_labels or not row.labelled else "AutoModel")
 
 
 def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, device: str = "cpu",
@@ -167,7 +168,7 @@ def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, de
     decoder = is_decoder(getattr(base_config, "model_type", None))
     pad_id = sources.tokenizer_pad_id(model_cfg) if decoder and device != "meta" else None
     auto = model_class(task, num_labels, getattr(base_config, "model_type", None), path)
-    cfg = variant_config(base_config, spec, num_labels if task == "classification" else 0, path,
+    cfg = variant_config(base_config, spec, tasks.get(task).num_labels(num_labels), path,
                          pad_token_id=pad_id)
     scratch = model_cfg.source == "scratch" or not spec.method.pretrained
     try:

@@ -15,6 +15,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from depthtune import tasks
 from depthtune.config import ModelConfig, Params, VariantSpec, to_dict
 from depthtune.model.families import attr, family_of, is_tied
 from depthtune.errors import DepthtuneError
@@ -86,7 +87,8 @@ def closed_form_total(cfg, num_labels: int, task: str = "classification") -> Opt
     task causal_lm (decoders): AutoModelForCausalLM, the lm_head V*H counted only when untied.
     """
     form = family_of(cfg.model_type).closed_form
-    return None if form is None else form(cfg, 0 if task == "causal_lm" else num_labels, task)
+    row = tasks.get(task)
+    return None if form is None else form(cfg, row.num_labels(num_labels), row.lm_head)
 
 
 def closed_form_adapters(model: nn.Module) -> int:
@@ -257,7 +259,7 @@ def activation_bytes(cfg, low: Optional[int], n_bp: int, batch_size: int, seq_le
         acts = tokens * n_bp * per_block
     # embeddings output when they train (2H/token) and the pooler/classifier head: B * 2H, all in fp32 bytes
     acts += tokens * (2 * H if low == -1 else 0) * FP32 + batch_size * 2 * H * FP32
-    if task == "causal_lm" and any_trainable:
+    if tasks.get(task).per_position and any_trainable:
         # the LM head's logits, B*S*V, in fp32 for the loss in every precision. depthtune's token_nll
         # (cross_entropy over logits[:, :-1] transposed): the logits (4 B) and the log-softmax of a
         # contiguous copy (4 B) stay until backward, which then holds the log-softmax's grad, its input's
@@ -311,7 +313,7 @@ def process_peaks(cfg, parts: dict, *, batch_size: int, seq_len: int, precision:
     # a causal LM's scoring holds its logits instead (lm_scoring_bytes, when larger). It sets the total
     # when the step peak is small (a probe: weights + cache + this)
     eval_buffers = forward_buffer_bytes(cfg, EVAL_BATCH * seq_len, seq_len)
-    if task == "causal_lm":
+    if tasks.get(task).per_position:
         eval_buffers = max(eval_buffers, lm_scoring_bytes(cfg, seq_len))
     evaluation = weights + adamw + best + cache + eval_buffers
     return {**parts, "backward_temporaries": temporaries, "forward_buffers": forward,
@@ -365,7 +367,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     H, L = d["H"], d["L"]
     low = lowest_trainable_layer(buckets)
     n_bp = 0 if low is None else L - max(low, 0)
-    tied_head = d["V"] * H if task == "causal_lm" and is_tied(cfg) else 0
+    tied_head = d["V"] * H if tasks.get(task).lm_head and is_tied(cfg) else 0
     M, M_bp, M_train = matmul_params(buckets, low, tied_head)
     fwd = 2 * M + 4 * seq_len * H * L
     bwd = 2 * M_bp + 8 * seq_len * H * n_bp + 2 * M_train
@@ -375,7 +377,7 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
                      and layer_index(b) < cached)
     step = {"dense": 2 * M_step + 2 * M_bp + 2 * M_train, "per_position": 4 * H * (L - cached) + 8 * H * n_bp,
             "per_sequence": 0, "cached_layers": cached}
-    if task == "classification" and not family_of(cfg.model_type).decoder:
+    if tasks.get(task).labelled and not family_of(cfg.model_type).decoder:
         # an encoder's pooler and head read one token per text ([CLS]), not every token: a probe's whole
         # step (a decoder's score head runs on every position, as transformers computes it)
         tops = [b for b in buckets if b["name"] in ("pooler", "head")]  # pooler below head
@@ -465,8 +467,8 @@ def audit_built(built: BuiltVariant, *, variant_name: str, spec: VariantSpec, nu
     if typical_seq_len:
         typical = estimate(cfg, buckets, total, trainable, batch_size, typical_seq_len, cache_tokens, **settings)
     architecture = {"model_type": cfg.model_type, "num_layers": built.num_layers, "hidden_size": _dims(cfg)["H"],
-                    "num_labels": num_labels if task == "classification" else 0}
-    if task == "causal_lm":
+                    "num_labels": tasks.get(task).num_labels(num_labels)}
+    if tasks.get(task).lm_head:
         architecture["task"] = task
         architecture["tied_lm_head"] = is_tied(cfg)
     return AuditRecord(

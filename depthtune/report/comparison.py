@@ -32,16 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from depthtune import tasks
+from depthtune.evaluation import metrics
 from depthtune import layout
 from depthtune.evaluation.class_summary import class_section
-from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.errors import DepthtuneError
 from depthtune.model.layer_order import ordered_layer_names
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
-from depthtune.evaluation.significance import TEST_NAME, compare_to_best, lm_paired_bootstrap
+from depthtune.evaluation.significance import compare_to_best, lm_paired_bootstrap
 
 SCHEMA = "depthtune.compare/2"
-METRICS = tuple(m for ms in METRICS_OF_TASK.values() for m in ms)
 FRONT_PARAMS = "accuracy_vs_trainable_params"  # classification's fronts; a causal LM's: perplexity_vs_...
 FRONT_TIME = "accuracy_vs_train_time"
 NOT_CONVERGED = "⚠"  # marks a variant whose validation metric was still improving when training stopped
@@ -143,7 +143,7 @@ def build_row(res: VariantResults) -> dict:
         "train_time_s": float(t.train_time_s),
         "samples_per_s": t.samples_per_s,
         "task": e.task,
-        **{k: v for m in METRICS_OF_TASK[e.task] for k, v in ((m, e.metric(m)), (f"{m}_ci", list(e.interval(m))))},
+        **{k: v for m in tasks.get(e.task).metrics for k, v in ((m, e.metric(m)), (f"{m}_ci", list(e.interval(m))))},
         "n_test": e.n,
         "p_vs_best": None,  # filled by build_report: the paired test against the best variant
         "not_converged": bool(t.not_converged),
@@ -154,7 +154,7 @@ def build_row(res: VariantResults) -> dict:
         "epochs_run": t.epochs_run,
         "best_epoch": t.best_epoch,
         "stopped_early": bool(t.stopped_early),
-        **seed_spread(e.seed_scores, res.paths["eval"], METRICS_OF_TASK[e.task][0]),
+        **seed_spread(e.seed_scores, res.paths["eval"], tasks.get(e.task).metrics[0]),
         "latency_p50_ms": _optional_number(e.latency_ms.get("p50"), res.paths["eval"], "latency_ms.p50"),
         "latency_p95_ms": _optional_number(e.latency_ms.get("p95"), res.paths["eval"], "latency_ms.p95"),
     }
@@ -193,19 +193,20 @@ def pareto_front(points: Iterable[tuple[str, float, float]]) -> list[str]:
 
 
 def quality_metric(rows: Sequence[dict]) -> str:
-    """What the Pareto fronts and plots trade against cost: accuracy (classification), perplexity (causal_lm)."""
-    return "perplexity" if rows and rows[0].get("task") == "causal_lm" else "accuracy"
+    """What the Pareto fronts and plots trade against cost: the task's headline metric (depthtune.tasks: the first of
+    its `metrics`; accuracy for classification, perplexity for causal_lm)."""
+    return tasks.get(rows[0].get("task", "classification") if rows else "classification").metrics[0]
 
 
 def front_names(quality: str) -> tuple[str, str]:
-    return (FRONT_PARAMS, FRONT_TIME) if quality == "accuracy" else \
-        (f"{quality}_vs_trainable_params", f"{quality}_vs_train_time")
+    """The two fronts' keys: FRONT_PARAMS and FRONT_TIME for a classification report."""
+    return f"{quality}_vs_trainable_params", f"{quality}_vs_train_time"
 
 
 def pareto_fronts(rows: Sequence[dict]) -> dict[str, list[str]]:
     """Both fronts; the value goes up (a lower-is-better metric is negated)."""
     q = quality_metric(rows)
-    sign = 1 if higher_is_better(q) else -1
+    sign = metrics.get(q).sign
     params_front, time_front = front_names(q)
     return {params_front: pareto_front((r["variant"], sign * r[q], r["trainable_params"]) for r in rows),
             time_front: pareto_front((r["variant"], sign * r[q], r["train_time_s"]) for r in rows)}
@@ -226,19 +227,19 @@ def fmt_p(p: float | None) -> str:
 
 
 def metric_label(metric: str) -> str:
-    return {"macro_f1": "macro-F1", "bits_per_byte": "bits/byte"}.get(metric, metric)
+    return metrics.get(metric).display
 
 
 def metric_sign(metric: str) -> int:
     """+1 when higher is better, -1 when lower is (perplexity, bits per byte): `sign * value` goes up."""
-    return 1 if higher_is_better(metric) else -1
+    return metrics.get(metric).sign
 
 
 def pick_best(rows: Sequence[dict], metric: str = "accuracy") -> dict:
     """The row with the best `metric`, the highest (the lowest for perplexity, bits per byte)
     (ties: fewer trainable params, then params order)."""
-    if metric not in METRICS:
-        raise DepthtuneError(f"evaluation.metric: {metric!r} is not one of {', '.join(METRICS)}")
+    if metric not in metrics.NAMES:
+        raise DepthtuneError(f"evaluation.metric: {metric!r} is not one of {', '.join(metrics.NAMES)}")
     if not rows:
         raise DepthtuneError("compare: no variants to compare")
     order = {r["variant"]: i for i, r in enumerate(rows)}
@@ -254,7 +255,7 @@ def paired_p_values(results: Sequence[VariantResults], metric: str, best: str) -
     on the same test texts (same references, same order).
     """
     ref = next(r for r in results if r.variant == best)
-    if ref.eval.task == "causal_lm":
+    if tasks.get(ref.eval.task).per_position:
         return lm_p_values(results, metric, ref)
     for r in results:
         if r.eval.references != ref.eval.references:
@@ -272,7 +273,7 @@ def lm_p_values(results: Sequence[VariantResults], metric: str, ref: VariantResu
         if r.eval.tokens != ref.eval.tokens or r.eval.n_bytes != ref.eval.n_bytes:
             raise DepthtuneError(f"{r.paths['eval']}: scored on other test texts than {ref.paths['eval']} "
                                  "(re-run the evaluation stages on the current data)")
-    denominator = ref.eval.tokens if metric == "perplexity" else ref.eval.n_bytes
+    denominator = getattr(ref.eval, metrics.get(metric).denominator)  # tokens (perplexity) or bytes per text
     return {r.variant: 1.0 if r is ref else lm_paired_bootstrap(ref.eval.nll, r.eval.nll, denominator, metric)
             for r in results}
 
@@ -282,7 +283,7 @@ def _within(r: dict, best: dict, metric: str, tolerance: float, alpha: float) ->
     is better) AND r is not significantly worse than the best (p >= alpha). The best itself always qualifies."""
     if r is best:
         return True
-    if higher_is_better(metric):
+    if metrics.higher_is_better(metric):
         reaches = r[f"{metric}_ci"][1] >= best[metric] - tolerance - _EPS
     else:
         reaches = r[f"{metric}_ci"][0] <= best[metric] + tolerance + _EPS
@@ -307,7 +308,7 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
     within = [r for r in rows if _within(r, best, metric, tolerance, alpha)]
     cheap = min(within, key=lambda r: (r["trainable_params"], -metric_sign(metric) * r[metric], order[r["variant"]]))
     verdict = {
-        "metric": metric, "tolerance": tolerance, "alpha": alpha, "test": TEST_NAME[metric],
+        "metric": metric, "tolerance": tolerance, "alpha": alpha, "test": metrics.get(metric).paired_test,
         "n_test": best.get("n_test"),
         "best": {"variant": best["variant"], metric: best[metric], "trainable_params": best["trainable_params"]},
         "significant": not tied,  # the best is significantly better than every other variant
@@ -333,7 +334,7 @@ def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
     seeds do not separate the two, whatever the first seed's paired test said. None without seeded rows.
     """
     # seed_spread scores the seeds by the task's first metric: the selection metric's own when it is that one
-    keys = [f"seed_{metric}"] + [f"seed_{ms[0]}" for ms in METRICS_OF_TASK.values()]
+    keys = [f"seed_{metric}"] + [f"seed_{t.metrics[0]}" for t in tasks.load().values()]
     key = next((k for k in keys if any(r.get(k) for r in rows)), None)
     seeded = [r for r in rows if key and r.get(key) and r.get("seeds", 1) > 1]
     if not seeded:
@@ -421,7 +422,7 @@ def pretraining_summary(record: dict | None) -> dict | None:
             "stopped_by": record.get("stopped_by"), "tokens": record.get("tokens"),
             "train_time_s": record.get("train_time_s"), "tokens_per_s": record.get("tokens_per_s"),
             "mfu": record.get("mfu"), "total_params": record.get("total_params"),
-            "perplexity_start": val[0].get("perplexity") if val else None,
+            "perplexity_start": val[0].get(metrics.PRETRAIN.name) if val else None,
             "perplexity_final": record.get("final_perplexity"),
             "tokenizer": {k: (record.get("tokenizer") or {}).get(k) for k in ("trained", "kind", "vocab_size")},
             "unk_fraction": {split: (cov.get(split) or {}).get("unk_fraction") for split in cov}}

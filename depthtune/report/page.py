@@ -19,7 +19,7 @@ import html
 import re
 from typing import Optional
 
-from depthtune.config import METRICS_OF_TASK
+from depthtune import tasks
 from depthtune.report.comparison import NOT_CONVERGED, fmt_metric, fmt_p, metric_label, unknown_text_caution
 from depthtune.report.plots import loss_png
 
@@ -64,7 +64,7 @@ def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozense
 def results_table(report: dict) -> str:
     """One row per variant: cost, quality with 95% intervals, p vs best, Pareto membership."""
     v = report["verdict"]
-    m1, m2 = METRICS_OF_TASK[report["rows"][0].get("task", "classification")]
+    m1, m2 = tasks.get(report["rows"][0].get("task", "classification")).metrics
     best, cheap = v["best"]["variant"], v["cheapest"]["variant"]
     top = "best" if v["significant"] else "top"
     header = ["variant", "description", "depth", "trainable", "trainable %", "train s", "samples/s",

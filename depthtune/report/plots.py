@@ -49,7 +49,7 @@ def _log_limits(values: Sequence[float]) -> tuple[float, float]:
     return 10 ** (math.log10(lo) - pad), 10 ** (math.log10(hi) + pad)
 
 
-def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=None, ylabel="test accuracy"):
+def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=None, ylabel="test quality"):
     on = [r for r in rows if r["variant"] in front]
     off = [r for r in rows if r["variant"] not in front]
 
@@ -57,17 +57,17 @@ def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=Non
         return max(r[cost_key], 1) if log_x else r[cost_key]
 
     # each variant's 95% interval (bootstrap over test texts) as a vertical error bar
-    ax.errorbar([cost(r) for r in rows], [r["accuracy"] for r in rows],
-                yerr=[[r["accuracy"] - r["accuracy_ci"][0] for r in rows],
-                      [r["accuracy_ci"][1] - r["accuracy"] for r in rows]],
+    ax.errorbar([cost(r) for r in rows], [r["quality"] for r in rows],
+                yerr=[[r["quality"] - r["quality_ci"][0] for r in rows],
+                      [r["quality_ci"][1] - r["quality"] for r in rows]],
                 fmt="none", ecolor="#555555", elinewidth=1.1, capsize=4, zorder=2.5, label="95% interval")
     if off:
-        ax.scatter([cost(r) for r in off], [r["accuracy"] for r in off], s=70, color="#9e9e9e",
+        ax.scatter([cost(r) for r in off], [r["quality"] for r in off], s=70, color="#9e9e9e",
                    edgecolor="black", linewidth=0.6, zorder=3, label="dominated")
-    ax.scatter([cost(r) for r in on], [r["accuracy"] for r in on], s=110, marker="D", color="#d62728",
+    ax.scatter([cost(r) for r in on], [r["quality"] for r in on], s=110, marker="D", color="#d62728",
                edgecolor="black", linewidth=0.6, zorder=4, label="Pareto front")
-    f_rows = sorted(on, key=lambda r: (cost(r), r["accuracy"]))
-    xs, ys = [cost(r) for r in f_rows], [r["accuracy"] for r in f_rows]
+    f_rows = sorted(on, key=lambda r: (cost(r), r["quality"]))
+    xs, ys = [cost(r) for r in f_rows], [r["quality"] for r in f_rows]
     if len(xs) > 1:
         ax.step(xs, ys, where="post", color="#d62728", linewidth=1.6, alpha=0.8, zorder=2)
     if floor is not None:
@@ -79,7 +79,7 @@ def _scatter_panel(ax, rows, front, cost_key, *, log_x, xlabel, title, floor=Non
     else:
         hi = max(cost(r) for r in rows) or 1.0
         ax.set_xlim(-0.06 * hi, 1.12 * hi)
-    accs = [x for r in rows for x in r["accuracy_ci"]] + ([floor] if floor is not None else [])
+    accs = [x for r in rows for x in r["quality_ci"]] + ([floor] if floor is not None else [])
     span = max(max(accs) - min(accs), 0.02)
     ax.set_ylim(min(accs) - 0.2 * span, max(accs) + 0.2 * span)
     ax.set_xlabel(xlabel)
@@ -112,9 +112,9 @@ def _label_points(ax, points, front, *, best=None, cheap=None, best_tag="best") 
     obstacles = [legend.get_window_extent(renderer)] if legend is not None else []
     px = fig.dpi / 72.0
     for r, c in points:
-        x, y = ax.transData.transform((c, r["accuracy"]))
+        x, y = ax.transData.transform((c, r["quality"]))
         obstacles.append(Bbox.from_extents(x - 6 * px, y - 6 * px, x + 6 * px, y + 6 * px))
-        lo, hi = (ax.transData.transform((c, v))[1] for v in r["accuracy_ci"])
+        lo, hi = (ax.transData.transform((c, v))[1] for v in r["quality_ci"])
         # the error bar above and below the marker (split: a box holding the marker's own centre is ignored)
         obstacles += [Bbox.from_extents(x - 5 * px, y + 6.5 * px, x + 5 * px, max(hi, y + 7 * px)),
                       Bbox.from_extents(x - 5 * px, min(lo, y - 7 * px), x + 5 * px, y - 6.5 * px)]
@@ -126,7 +126,7 @@ def _label_points(ax, points, front, *, best=None, cheap=None, best_tag="best") 
         best_ann, best_score = None, None
         for i, (dx, dy, ha) in enumerate(near + _FAR):
             far = i >= len(near)
-            ann = ax.annotate(tag, (x, r["accuracy"]), xytext=(dx, dy), textcoords="offset points",
+            ann = ax.annotate(tag, (x, r["quality"]), xytext=(dx, dy), textcoords="offset points",
                               ha=ha, va="bottom" if dy > 0 else "top" if dy < -12 else "center",
                               fontsize=9.5, zorder=5, annotation_clip=False,
                               bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8},
@@ -134,8 +134,8 @@ def _label_points(ax, points, front, *, best=None, cheap=None, best_tag="best") 
                                           "shrinkA": 0, "shrinkB": 5} if far else None)
             ann.set_in_layout(False)
             box = ann.get_window_extent(renderer)
-            own = Bbox.from_extents(*ax.transData.transform((x, r["accuracy"])) - 6 * px,
-                                    *ax.transData.transform((x, r["accuracy"])) + 6 * px)
+            own = Bbox.from_extents(*ax.transData.transform((x, r["quality"])) - 6 * px,
+                                    *ax.transData.transform((x, r["quality"])) + 6 * px)
             hits = sum(box.overlaps(b) for b in obstacles if not b.contains(*own.get_points().mean(axis=0)))
             inside = axbox.contains(box.x0, box.y0) and axbox.contains(box.x1, box.y1)
             score = hits * 10 + (0 if inside else 5) + i * 0.01
@@ -151,13 +151,13 @@ def _label_points(ax, points, front, *, best=None, cheap=None, best_tag="best") 
 
 
 def pareto_png(rows: Sequence[dict], front_params: list, front_time: list, *, best: str, cheapest: str,
-               floor: float | None = None, best_tag: str = "best", quality: str = "accuracy",
+               quality: str, floor: float | None = None, best_tag: str = "best",
                lower_is_better: bool = False) -> bytes:
-    """Left: accuracy vs trainable params (log x); right: accuracy vs train time. Fronts and
+    """Left: quality vs trainable params (log x); right: quality vs train time. Fronts and
     95% intervals drawn; `floor` (best - tolerance) as a dotted line on the left panel.
 
-    rows: {variant, accuracy, accuracy_ci: [low, high], trainable_params, train_time_s}; `quality` names
-    what "accuracy" holds (a causal LM's rows carry perplexity there: lower is better).
+    rows: {variant, quality, quality_ci: [low, high], trainable_params, train_time_s}; `quality` names the
+    metric the rows' "quality" holds (accuracy; a causal LM's perplexity: lower is better).
     """
     ylabel = f"test {quality}" + (" (lower is better)" if lower_is_better else "")
     name = quality.capitalize()

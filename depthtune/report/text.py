@@ -11,21 +11,20 @@ import io
 import json
 from typing import Sequence
 
+from depthtune import tasks
+from depthtune.evaluation import metrics
 from depthtune.evaluation.class_summary import class_markdown
-from depthtune.config import METRICS_OF_TASK, higher_is_better
 from depthtune.report.comparison import (NOT_CONVERGED, SCHEMA, fmt_metric, fmt_p, front_names, metric_label, metric_sign,
                               quality_metric, unknown_text_caution)
 from depthtune.report.page import index_html
 from depthtune.report.plots import depth_png, human, pareto_png
 
-CSV_COLUMNS = ("variant", "depth", "trainable_params", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
-               "macro_f1", "train_time_s")
 
 
 def _flat_metrics(r: dict) -> dict:
     """One variant's numbers for `dvc metrics show` (numbers only: lists and nulls are skipped there)."""
     out = {}
-    for m in METRICS_OF_TASK[r.get("task", "classification")]:
+    for m in tasks.get(r.get("task", "classification")).metrics:
         out[m] = r[m]
         out[f"{m}_ci_low"], out[f"{m}_ci_high"] = r[f"{m}_ci"]
     out["p_vs_best"] = 1.0 if r["p_vs_best"] is None else r["p_vs_best"]  # the best against itself: p = 1
@@ -90,7 +89,7 @@ def _with_ci(r: dict, metric: str) -> str:
 
 def task_metrics(report: dict) -> tuple[str, str]:
     """The two test metrics of the rows' task: (accuracy, macro_f1) or (perplexity, bits_per_byte)."""
-    return METRICS_OF_TASK[report["rows"][0].get("task", "classification")]
+    return tasks.get(report["rows"][0].get("task", "classification")).metrics
 
 
 def comparison_table(report: dict) -> str:
@@ -206,7 +205,7 @@ def comparison_markdown(report: dict) -> str:
     rows = {r["variant"]: r for r in report["rows"]}
     metric, tol = report["metric"], report["tolerance"]
     q = quality_metric(report["rows"])
-    up = f"{q} {'up' if higher_is_better(q) else 'down'}"
+    up = f"{q} {'up' if metrics.higher_is_better(q) else 'down'}"
     front_params, front_time = front_names(q)
 
     def front_line(title: str, names: list[str], cost_key: str, cost_fmt) -> str:
@@ -256,7 +255,7 @@ def variants_csv(report: dict) -> str:
     m1, m2 = task_metrics(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow([c.replace("macro_f1", m2).replace("accuracy", m1) for c in CSV_COLUMNS])
+    w.writerow(["variant", "depth", "trainable_params", m1, f"{m1}_ci_low", f"{m1}_ci_high", m2, "train_time_s"])
     for r in report["rows"]:
         w.writerow([r["variant"], r["depth"], r["trainable_params"], f"{r[m1]:.6g}",
                     f"{r[f'{m1}_ci'][0]:.6g}", f"{r[f'{m1}_ci'][1]:.6g}", f"{r[m2]:.6g}",
@@ -281,8 +280,8 @@ def pareto_plot(report: dict) -> bytes:
     v, q = report["verdict"], quality_metric(report["rows"])
     floor = v["best"][q] - metric_sign(q) * v["tolerance"] if v["metric"] == q else None
     tag = _top_tag(v) if v["metric"] == q else f"{_top_tag(v)} by {metric_label(v['metric'])}"
-    rows = [{**r, "accuracy": r[q], "accuracy_ci": r[f"{q}_ci"]} for r in report["rows"]]  # what the plot draws
+    rows = [{**r, "quality": r[q], "quality_ci": r[f"{q}_ci"]} for r in report["rows"]]  # what the plot draws
     params_front, time_front = front_names(q)
     return pareto_png(rows, report["fronts"][params_front], report["fronts"][time_front],
                       best=v["best"]["variant"], cheapest=v["cheapest"]["variant"], floor=floor, best_tag=tag,
-                      quality=q, lower_is_better=not higher_is_better(q))
+                      quality=q, lower_is_better=not metrics.higher_is_better(q))

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from depthtune.evaluation import metrics
+from depthtune import tasks
 from depthtune.config import TrackingConfig
 from depthtune.tracking.runs import (TAG_MODEL_FP, TAG_MODEL_URI, TAG_PARENT, TAG_ROLE, TAG_VARIANT, data_fingerprint,
                                    dvc_lock_hash, git_commit, variant_run)
@@ -246,10 +248,10 @@ def _metric_name(text: str) -> str:
 def evaluation_metrics(ev: EvalRecord) -> dict:
     """<split>.accuracy/macro_*/n (causal_lm: loss/perplexity/bits_per_byte/tokens_per_s),
     <split>.class.<label>.<metric>, latency_ms.<p>, throughput_per_s, the intervals, the seeds' spread."""
-    if ev.task == "causal_lm":
-        names, scored = ("loss", "perplexity", "bits_per_byte", "tokens_per_s", "n"), ("perplexity", "bits_per_byte")
-    else:
-        names, scored = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "n"), ("accuracy", "macro_f1")
+    task = tasks.get(ev.task)
+    scored = task.metrics
+    names = (("loss",) + scored + ("tokens_per_s", "n") if task.per_position
+             else scored + ("macro_precision", "macro_recall", "n"))
     m = {f"{ev.split}.{k}": getattr(ev, k) for k in names}
     for name, row in ev.per_class.items():
         for k, v in row.items():
@@ -383,7 +385,7 @@ def log_variant_evaluation(cfg: TrackingConfig, variant: str, *, eval_result: Ev
     client, rid = steps.open_run(cfg, variant, run_id, root)
     steps.step("metrics", lambda: log_metrics(client, rid, evaluation_metrics(ev), {}))
     steps.step("eval_artifact", lambda: log_json_artifact(client, rid, ev.to_dict(), f"{variant}.json", "eval"))
-    if ev.task == "classification":
+    if tasks.get(ev.task).labelled:
         steps.step("confusion_matrix", lambda: _log_confusion(client, rid, ev))
     if confusion_csv_path is not None and Path(confusion_csv_path).is_file():
         steps.step("confusion_csv", lambda: client.log_artifact(rid, str(confusion_csv_path), artifact_path="eval"))
@@ -405,7 +407,7 @@ def _log_confusion(client, run_id: str, ev: EvalRecord) -> None:
         client.log_artifact(run_id, str(p), artifact_path="eval")
 
 
-# ----------------------------------------------------------------------------- pretraining (issue 17)
+# ----------------------------------------------------------------------------- pretraining
 
 from depthtune.tracking.runs import find_or_create_run, parent_run_id  # noqa: E402  (appended section)
 
@@ -433,7 +435,7 @@ def log_pretraining(cfg: TrackingConfig, record: dict, *, resolved_config: dict,
                                           "train_time_s", "total_params", "final_perplexity")}
     scalars.update({f"coverage.{s}.unk_fraction": c.get("unk_fraction") for s, c in record.get("coverage", {}).items()})
     curves = {"pretrain.loss": [(p["step"], p["loss"]) for p in record.get("loss_curve", [])],
-              "pretrain.val_perplexity": [(p["step"], p["perplexity"]) for p in record.get("val_curve", [])]}
+              "pretrain.val_perplexity": [(p["step"], p[metrics.PRETRAIN.name]) for p in record.get("val_curve", [])]}
     flat = {f"pretrain.{k}": v for k, v in resolved_config.get("pretrain", {}).items()}
     steps.step("params", lambda: log_params(client, rid, clean_params(flat)[0]))
     steps.step("tags", lambda: log_tags(client, rid, {"mlflow.note.content": f"pretrain: {record.get('objective')} "

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from depthtune import tasks
+from depthtune.evaluation import metrics
 from depthtune import layout
-from depthtune.config import METRICS_OF_TASK, RegistryConfig, TrackingConfig, higher_is_better
+from depthtune.config import RegistryConfig, TrackingConfig
 from depthtune.errors import DepthtuneError
 from depthtune.tracking.runs import TAG_MODEL_URI, TAG_VARIANT, data_fingerprint, dvc_lock_hash, git_commit
 from depthtune.tracking.store import exclusive, tracking_uri, use_store
@@ -38,7 +39,7 @@ from depthtune.provenance import provenance
 from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
                                read_variant_record)
 from depthtune.tracking.redaction import describe_error, safe_uri
-from depthtune.evaluation.significance import TEST_NAME, accuracy, lm_paired_bootstrap, macro_f1, paired_test
+from depthtune.evaluation.significance import lm_paired_bootstrap, paired_test
 
 SCHEMA = "depthtune.promotion/1"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -82,9 +83,9 @@ def constraint_failures(reg: RegistryConfig, metric: float, trainable: Optional[
                         latency: Optional[float]) -> list[str]:
     """Why a variant with these figures may not be promoted (empty: it may)."""
     reasons = []
-    if higher_is_better(reg.metric) and metric < reg.min_metric:
+    if metrics.higher_is_better(reg.metric) and metric < reg.min_metric:
         reasons.append(f"{reg.metric} {metric:.4f} < min_metric {reg.min_metric}")
-    if not higher_is_better(reg.metric) and reg.max_metric is not None and metric > reg.max_metric:
+    if not metrics.higher_is_better(reg.metric) and reg.max_metric is not None and metric > reg.max_metric:
         reasons.append(f"{reg.metric} {metric:.4f} > max_metric {reg.max_metric}")
     if reg.max_trainable_params is not None and (trainable is None or trainable > reg.max_trainable_params):
         reasons.append(f"trainable params {trainable} > max_trainable_params {reg.max_trainable_params}")
@@ -114,7 +115,7 @@ def rank_variants(reg: RegistryConfig, eval_dir: Path, train_dir: Path, audit_di
     if not files:
         raise DepthtuneError(f"no candidate metrics: {eval_dir}/*.json not found (run the evaluation stage first)")
     ranked = [read_candidate(reg, f, train_dir, audit_dir) for f in files]
-    sign = 1 if higher_is_better(reg.metric) else -1
+    sign = 1 if metrics.higher_is_better(reg.metric) else -1
     ranked.sort(key=lambda c: (-sign * c.metric, c.trainable_params if c.trainable_params is not None else 1 << 62,
                                c.variant))
     return ranked
@@ -180,7 +181,7 @@ def read_test_data(test_path: Path, labels_path: Path, task: str = "classificati
     causal_lm: the texts only (no label names: the prepared data's one pseudo-class is not the model's)."""
     names = LabelSet.read(labels_path).names
     rows = read_prepared_split(test_path, len(names))  # refuses an empty split too
-    if task == "causal_lm":
+    if not tasks.get(task).labelled:
         return LabelledTexts([r.text for r in rows], [], [])
     return LabelledTexts([r.text for r in rows], [names[r.label] for r in rows], list(names))
 
@@ -239,20 +240,17 @@ def label_ids(names: list[str], predicted: list[str]) -> list[int]:
 
 
 def score(predicted: list[str], gold: list[str], names: list[str]) -> dict:
-    """{accuracy, macro_f1 (over every label, absent ones 0, as the evaluation stage), n}."""
+    """{every label metric (macro-F1 over every label, absent ones 0, as the evaluation stage), n}."""
     refs, preds = label_ids(names, gold), label_ids(names, predicted)
-    return {"accuracy": accuracy(refs, preds), "macro_f1": macro_f1(refs, preds, num_labels=len(names)),
-            "n": len(gold)}
+    return {**{m.name: m.of_labels(refs, preds, len(names)) for m in metrics.label_metrics()}, "n": len(gold)}
 
 
 def rescore(model, data: LabelledTexts):
     """({accuracy, macro_f1, n}, predicted label names) of a loaded classifier on the current test data;
     a language model's: ({perplexity, bits_per_byte, n}, its per-text {nll, tokens, n_bytes})."""
-    if not data.names:  # causal_lm
+    if not data.names:  # a language model: every ratio metric of the per-text sums
         sums = model.score_texts(data.texts)
-        ratio = sum(sums["nll"]) / max(1, sum(sums["tokens"]))
-        return {"perplexity": math.exp(min(ratio, 700.0)),
-                "bits_per_byte": sum(sums["nll"]) / math.log(2) / max(1, sum(sums["n_bytes"])),
+        return {**{m.name: m.of_sums(sum(sums["nll"]), sum(sums[m.denominator])) for m in metrics.ratio_metrics()},
                 "n": len(data.texts)}, sums
     predicted = model.predict_names(data.texts)
     return score(predicted, data.gold, data.names), predicted
@@ -260,11 +258,12 @@ def rescore(model, data: LabelledTexts):
 
 def paired_p_value(metric: str, data: LabelledTexts, cand_pred, champ_pred) -> float:
     """Two-sided p-value that candidate and champion differ in `metric` on the same texts
-    (TEST_NAME[metric]: McNemar for accuracy, seeded paired bootstrap for macro-F1 and a language
-    model's perplexity / bits per byte, over the per-text sums rescore() returned)."""
-    if metric in ("perplexity", "bits_per_byte"):
-        denominator = cand_pred["tokens"] if metric == "perplexity" else cand_pred["n_bytes"]
-        return lm_paired_bootstrap(cand_pred["nll"], champ_pred["nll"], denominator, metric)
+    (metrics.get(metric).paired_test: McNemar for accuracy, seeded paired bootstrap for macro-F1 and a language
+    model's perplexity / bits per byte, over the per-text sums rescore() returned; both models' nll divided by the
+    candidate's per-text counts)."""
+    m = metrics.get(metric)
+    if m.ratio is not None:
+        return lm_paired_bootstrap(cand_pred["nll"], champ_pred["nll"], cand_pred[m.denominator], metric)
     return paired_test(label_ids(data.names, data.gold), label_ids(data.names, cand_pred),
                        label_ids(data.names, champ_pred), metric, num_labels=len(data.names))
 
@@ -290,7 +289,7 @@ def model_card(cand: Candidate, rescored: dict, reg: RegistryConfig) -> str:
              params,
              f"- {reg.metric}: {cand.metric:.4f} at evaluation (n={ev.n}); re-scored now "
              f"{rescored[reg.metric]:.4f} (n={rescored['n']})",
-             f"- {', '.join(f'{k} {getattr(ev, k)}' for k in METRICS_OF_TASK[ev.task] if k != reg.metric)}, "
+             f"- {', '.join(f'{k} {getattr(ev, k)}' for k in tasks.get(ev.task).metrics if k != reg.metric)}, "
              f"p95 latency {cand.latency_p95_ms} ms, throughput {ev.throughput_per_s}/s"]
     if tr is not None:
         lines += [f"- training: {tr.steps} steps, {tr.epochs_run} epochs, best val {tr.best_val}, "
@@ -310,7 +309,7 @@ def version_tags(reg: RegistryConfig, cand: Candidate, logged: LoggedModel, labe
             "depthtune.depth": cand.audit.architecture.get("num_layers") if cand.audit else None,
             "depthtune.trainable_params": cand.trainable_params, "depthtune.total_params": cand.total_params,
             f"depthtune.eval.{reg.metric}": cand.metric,
-            **{f"depthtune.eval.{k}": cand.eval.metric(k) for k in METRICS_OF_TASK[cand.eval.task]
+            **{f"depthtune.eval.{k}": cand.eval.metric(k) for k in tasks.get(cand.eval.task).metrics
                if k != reg.metric},
             "depthtune.task": cand.eval.task,
             "depthtune.latency_p95_ms": cand.latency_p95_ms,
@@ -379,7 +378,7 @@ def decide(reg: RegistryConfig, candidate_version: str, candidate_score: float, 
     """
     m = reg.metric
     if champion_version is None:
-        floor = (f">= min_metric {reg.min_metric}" if higher_is_better(m) else
+        floor = (f">= min_metric {reg.min_metric}" if metrics.higher_is_better(m) else
                  f"<= max_metric {reg.max_metric}" if reg.max_metric is not None else "(no max_metric)")
         return "promoted", f"first champion: {m} {candidate_score:.4f} {floor}"
     if champion_version == candidate_version:
@@ -387,9 +386,9 @@ def decide(reg: RegistryConfig, candidate_version: str, candidate_score: float, 
                              f"({m} {candidate_score:.4f} on the current test data)")
     if p_value is None:
         raise ValueError("decide: a candidate against a champion needs the paired test's p_value")
-    gain = (candidate_score - champion_score) * (1 if higher_is_better(m) else -1)  # > 0: the candidate is better
+    gain = (candidate_score - champion_score) * (1 if metrics.higher_is_better(m) else -1)  # > 0: the candidate is better
     versus = (f"{m} {candidate_score:.4f} vs champion v{champion_version} {champion_score:.4f} "
-              f"re-scored on the current test data: {gain:+.4f}, {TEST_NAME[m]} {_fmt_p(p_value)}")
+              f"re-scored on the current test data: {gain:+.4f}, {metrics.get(m).paired_test} {_fmt_p(p_value)}")
     significant = gain > 0 and p_value < reg.alpha
     if significant and gain >= reg.min_delta:
         return "promoted", (f"{versus}: significantly better at alpha {reg.alpha}, "
@@ -501,8 +500,8 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
             p_value = paired_p_value(reg.metric, data, cand_pred, champ_pred)  # the same texts, paired
             report["champion_before"] = {"version": champ_version, "variant": (champ_mv.tags or {}).get(TAG_VARIANT),
                                          "rescored": champ_score}
-            report["paired_test"] = {"test": TEST_NAME[reg.metric], "p_value": p_value, "alpha": reg.alpha}
-        scale = 1.0 if higher_is_better(reg.metric) else abs(cand.metric)  # perplexity: a relative tolerance
+            report["paired_test"] = {"test": metrics.get(reg.metric).paired_test, "p_value": p_value, "alpha": reg.alpha}
+        scale = 1.0 if metrics.higher_is_better(reg.metric) else abs(cand.metric)  # perplexity: a relative tolerance
         if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE * scale:  # other data or truncation?
             report["warning"] = rescore_warning(reg.metric, cand.metric, cand_score[reg.metric])
         with clock("register"):

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from depthtune import tasks
 from depthtune.config import Params, VariantSpec, to_dict
 from depthtune.errors import ConfigError, ModelError
 from depthtune.files import atomic_dir
@@ -45,7 +46,7 @@ def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, s
         raise ModelError(f"variants.{name}: built model has {built.trainable_params:,} trainable / "
                          f"{built.total_params:,} total parameters but the audit says "
                          f"{audit.trainable_params:,} / {audit.total_params:,} (re-run the audit stage)")
-    if params.task == "classification" and built.config.num_labels != len(labels):
+    if tasks.get(params.task).labelled and built.config.num_labels != len(labels):
         raise ModelError(f"variants.{name}: model has {built.config.num_labels} labels, data has {len(labels)}")
     return built
 
@@ -65,8 +66,6 @@ def train_variant(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_
     common = dict(spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, metric=metric,
                   device=device, pad_id=pad_id, num_labels=num_labels, checkpoint_dir=checkpoint_dir, log=log,
                   on_step=on_step)
-    if task != "classification":  # the lr search is classification's (config refuses it for causal_lm)
-        common["task"] = task
     if cfg.lr_search.enabled and resumed is None:
         caches = prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, cfg, device=device,
                                pad_id=pad_id, checkpoint_dir=checkpoint_dir, log=log)
@@ -76,7 +75,8 @@ def train_variant(built: BuiltVariant, *, spec: VariantSpec, cfg, train_ex, val_
     if resumed is not None:
         cfg = dataclasses.replace(cfg, lr=resumed["chosen_lr"])
         extra_meta = {**extra_meta, "lr_search": resumed}
-    outcome = train(model=built.model, cfg=cfg, fingerprint=fingerprint_for(cfg), extra_meta=extra_meta, **common)
+    outcome = train(model=built.model, cfg=cfg, fingerprint=fingerprint_for(cfg), extra_meta=extra_meta, task=task,
+                    **common)
     return outcome, cfg, resumed
 
 
@@ -190,9 +190,9 @@ def convergence_note(name: str, outcome, cfg, metric: str) -> str:
 
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,
                audit: AuditRecord, base: str, seed: Optional[int] = None, task: str = "classification") -> None:
-    """Standard HF folder: safetensors weights, config with labels (classification) and true depth, tokenizer."""
+    """Standard HF folder: safetensors weights, config with labels (a labelled task) and true depth, tokenizer."""
     model = spec.method.finish(model)  # LoRA: the adapters merged into the weights
-    if task == "classification":
+    if tasks.get(task).labelled:
         model.config.id2label = {i: n for i, n in enumerate(labels)}
         model.config.label2id = {n: i for i, n in enumerate(labels)}
     else:

@@ -32,12 +32,12 @@ from torch import nn
 from depthtune.data.batching import Examples, autocast, collate, length_grouped_batches, predict_logits
 from depthtune.training.checkpoints import (latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint,
                                    trainable_state)
-from depthtune.config import TrainConfig, VariantSpec, higher_is_better
+from depthtune import tasks
+from depthtune.config import TrainConfig, VariantSpec
+from depthtune.evaluation import metrics
 from depthtune.training.data_parallel import all_reduce_grads, dist_info, params_in_sync
 from depthtune.errors import ModelError
-from depthtune.evaluation.lm_scoring import lm_metrics, loss_starts, score_texts
-from depthtune.evaluation.next_token import mean_loss, token_nll
-from depthtune.evaluation.metric_modules import quick_scores
+from depthtune.evaluation.lm_scoring import loss_starts, score_texts
 from depthtune.training.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing, resolve_precision
 from depthtune.training.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, set_train_mode,
                                     supports_split_forward, top_forward)
@@ -183,7 +183,7 @@ def improves(score: float, best: Optional[float], metric: str) -> bool:
     """Whether a validation score beats the best so far, in the metric's direction (perplexity: lower)."""
     if best is None or best < 0:  # no evaluation yet (-1: the marker of checkpoints before the direction)
         return True
-    return score > best if higher_is_better(metric) else score < best
+    return metrics.get(metric).better(score, best)
 
 
 def still_improving(val_curve: list, metric: str, stopped_early: bool) -> bool:
@@ -228,7 +228,7 @@ class TrainSetup:
     steps_per_epoch: int = 1
     timer: LapTimer = field(default_factory=LapTimer)
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's rungs)
-    task: str = "classification"  # or causal_lm: next-token loss on the texts
+    task: tasks.Task = None  # what the loss and the validation scores are (setup: tasks.get(name))
     progress: Optional[Progress] = None  # the live progress line (finish() sets it; lr-search candidates run without)
 
 
@@ -299,7 +299,7 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
                       frozen=k, train_cache=caches[0], val_cache=caches[1], optimizer=optimizer,
                       scheduler=scheduler, total_steps=total_steps, checkpoint_dir=checkpoint_dir, metric=metric,
                       num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps,
-                      steps_per_epoch=steps_per_epoch(len(train_ex), cfg), task=task)
+                      steps_per_epoch=steps_per_epoch(len(train_ex), cfg), task=tasks.get(task))
 
 
 def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
@@ -350,7 +350,7 @@ def start_or_resume(run: TrainSetup, fingerprint: str,
 
 
 def batch_logits(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The one training forward pass: (logits, labels, non-pad tokens) for training examples `index`.
+    """A labelled task's training forward pass: (logits, labels, non-pad tokens) for training examples `index`.
 
     With a prefix cache only the trainable top runs, on the cached hidden states; otherwise the whole model.
     """
@@ -368,7 +368,8 @@ def batch_logits(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, torch
 
 
 def batch_lm_loss(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, int]:
-    """causal_lm's training forward: (nats per predicted token, non-pad tokens) for training examples `index`."""
+    """A per-position task's training forward (next token): (its loss, non-pad tokens) for training examples
+    `index`: the logits of every position, trained against the texts themselves."""
     batch = {k: v.to(run.device) for k, v in collate(run.train_ex, index, run.pad_id).items() if k != "labels"}
     with autocast(run.device, run.autocast_dtype):
         if run.train_cache is not None:  # the trainable top on the cached prefix: every position's logits
@@ -376,17 +377,16 @@ def batch_lm_loss(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, int]
             logits = top_forward(run.model, hidden, mask, run.frozen)
         else:
             logits = run.model(**batch).logits
-    nll, tokens = token_nll(logits, batch["input_ids"], batch["attention_mask"],
-                            loss_starts(run.train_ex, index, run.device))
-    return mean_loss(nll, tokens), int(batch["attention_mask"].sum())
+    targets = (batch["input_ids"], batch["attention_mask"], loss_starts(run.train_ex, index, run.device))
+    return run.task.loss(logits, targets), int(batch["attention_mask"].sum())
 
 
 def batch_loss(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, int]:
-    """The one training forward and loss of the task: (loss, non-pad tokens)."""
-    if run.task == "causal_lm":
+    """The one training forward and loss of the task (depthtune.tasks: `loss`): (loss, non-pad tokens)."""
+    if run.task.per_position:
         return batch_lm_loss(run, index)
     logits, labels, real = batch_logits(run, index)
-    return nn.functional.cross_entropy(logits.float(), labels), real
+    return run.task.loss(logits, labels), real
 
 
 def optimizer_step(run: TrainSetup) -> None:
@@ -485,12 +485,10 @@ def validation_nll(run: TrainSetup):
 
 
 def score_validation(run: TrainSetup) -> dict:
-    """The validation scores: {accuracy, macro_f1} (classification) or {loss, perplexity, bits_per_byte}."""
-    if run.task == "causal_lm":
-        nll, tokens = validation_nll(run)
-        scores = lm_metrics(nll, tokens, run.val_ex.n_bytes)
-        return {k: v for k, v in scores.items() if k != "tokens"}
-    return quick_scores(validation_predictions(run), run.val_ex.labels, run.num_labels)
+    """The task's validation scores (`validation_scores`): {accuracy, macro_f1} of the predicted labels
+    (classification) or {loss, perplexity, bits_per_byte} of the per-text nll (a per-position task)."""
+    outputs = validation_nll(run) if run.task.per_position else validation_predictions(run)
+    return run.task.validation_scores(outputs, run.val_ex, run.num_labels)
 
 
 def save(run: TrainSetup, state: TrainState, best: BestWeights) -> None:

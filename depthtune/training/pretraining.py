@@ -1,4 +1,4 @@
-"""The pretrain stage's core: a tokenizer from the corpus and masked-LM / causal-LM pretraining (issue 17).
+"""The pretrain stage's core: a tokenizer from the corpus and masked-LM / causal-LM pretraining (`pretrain:`).
 
     texts = pretrain_texts(prepared_dir)                  train split's texts (labels dropped); validation, test
     corpus = read_corpus(paths, column, held_out=...)     extra unlabeled texts, minus any validation/test text
@@ -34,6 +34,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import nn
 
+from depthtune.evaluation import metrics
 from depthtune.model import sources
 
 from depthtune.planning import step_time
@@ -57,6 +58,10 @@ from depthtune.model.variants import BuiltVariant, count_params, num_layers_of, 
 FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"  # "pretrain:N": SIGKILL right after step N (reliability tests)
 TOKENIZER_DIR = "tokenizer"  # inside the checkpoint folder: a resumed run keeps the tokenizer it started with
 EVAL_SEED_STEP = 10 ** 9  # the validation masks' generator step: the same masks at every evaluation
+
+# How the audit counts each objective's model: a masked LM as a labelled task's bare encoder (its vocabulary-wide
+# logits run on the masked positions only: not counted per position), a causal LM as the causal_lm task's.
+OBJECTIVE_TASK = {"mlm": "classification", "causal_lm": "causal_lm"}
 
 
 @dataclass(kw_only=True)
@@ -380,7 +385,7 @@ def held_out(run: Setup, batch_size: int = 32) -> dict:
         total, count = total + float(nll), count + int(counted)
     run.model.train()
     loss = total / max(1, count)
-    return {"loss": round(loss, 6), "perplexity": round(math.exp(min(loss, 50.0)), 4)}
+    return {"loss": round(loss, 6), metrics.PRETRAIN.name: round(math.exp(min(loss, 50.0)), 4)}
 
 
 def start_or_resume(run: Setup, extra: dict) -> tuple[State, Optional[int]]:
@@ -428,7 +433,7 @@ def run_pretraining(run: Setup, *, extra_meta: dict, keep: int = 2) -> tuple[Sta
     kill_at, stopped_by = kill_hook(), "max_steps"
     if not state.val_curve:
         state.val_curve.append({"step": 0, **held_out(run)})
-        run.log(f"pretrain: step 0 held-out perplexity {state.val_curve[-1]['perplexity']:.2f}")
+        run.log(f"pretrain: step 0 held-out perplexity {state.val_curve[-1][metrics.PRETRAIN.name]:.2f}")
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         one_step(run, state, batches)
@@ -437,7 +442,8 @@ def run_pretraining(run: Setup, *, extra_meta: dict, keep: int = 2) -> tuple[Sta
         if state.step % cfg.eval_every == 0 or last:
             state.val_curve.append({"step": state.step, **held_out(run)})
             run.log(f"pretrain: step {state.step}/{cfg.max_steps} loss {state.loss_curve[-1]['loss']:.4f}, held-out "
-                    f"perplexity {state.val_curve[-1]['perplexity']:.2f}, {state.tokens / state.train_time_s:,.0f} "
+                    f"perplexity {state.val_curve[-1][metrics.PRETRAIN.name]:.2f}, "
+                    f"{state.tokens / state.train_time_s:,.0f} "
                     "tokens/s")
         if kill_at == state.step:
             sys.stdout.flush()
@@ -509,7 +515,7 @@ def write_passthrough(record: PretrainRecord, out_dir: Path) -> None:
 
 def loss_csv(record: PretrainRecord) -> str:
     """plots/pretrain.csv: step, training loss, held-out perplexity where measured (DVC plots)."""
-    val = {v["step"]: v["perplexity"] for v in record.val_curve}
+    val = {v["step"]: v[metrics.PRETRAIN.name] for v in record.val_curve}
     lines = ["step,loss,val_perplexity"]
     lines += [f"{p['step']},{p['loss']},{val.get(p['step'], '')}" for p in record.loss_curve]
     return "\n".join(lines) + "\n"
@@ -521,8 +527,8 @@ def audit_model(model: nn.Module, plan: Plan, cfg, total: int) -> dict:
     built = BuiltVariant(model=model, config=model.config, num_layers=num_layers_of(model.config),
                          total_params=counted_total, trainable_params=trainable)
     rec = audit_built(built, variant_name="pretrain", spec=VariantSpec(), num_labels=0, batch_size=cfg.batch_size,
-                      seq_len=cfg.max_length, check=False, task="causal_lm" if plan.objective == "causal_lm"
-                      else "classification", model_source="scratch")
+                      seq_len=cfg.max_length, check=False, task=OBJECTIVE_TASK[plan.objective],
+                      model_source="scratch")
     if not (rec.trainable_params == trainable == total == rec.total_params):
         raise ModelError(f"pretrain: the audit counts {rec.trainable_params:,} trainable of {rec.total_params:,}, "
                          f"the model {trainable:,} of {total:,}: every parameter must train")
@@ -596,7 +602,7 @@ def pretrain(params: Params, prepared_dir: Path, out_dir: Path, *, checkpoint_di
         stopped_by=stopped_by, train_time_s=round(state.train_time_s, 3), tokens=state.tokens,
         tokens_per_s=round(tokens_per_s, 1), gemm_flops_per_s=gemm,
         mfu=round(flops * tokens_per_s / gemm, 4) if gemm else 0.0, flops_per_token=flops, loss_curve=state.loss_curve,
-        val_curve=state.val_curve, final_perplexity=state.val_curve[-1]["perplexity"], resumed_from_step=resumed,
+        val_curve=state.val_curve, final_perplexity=state.val_curve[-1][metrics.PRETRAIN.name], resumed_from_step=resumed,
         audit=audit, extra={"mlflow_run_id": state.extra.get("mlflow_run_id")} if state.extra.get("mlflow_run_id") else {})
     save_pretrained(run.model.cpu(), tokenizer, out_dir, record,
                     pooler_source=sources.resolve_source(params.model.source)

@@ -1,0 +1,30 @@
+"""classification: one label per text. Encoders read the first token, decoders the last non-pad one; the head is
+new (random init), so every variant kind trains it. Ranked by accuracy (McNemar) or macro-F1."""
+from __future__ import annotations
+
+from depthtune.tasks.base import Task, register
+
+
+class Classification(Task):
+    name = "classification"
+    metrics = ("accuracy", "macro_f1")
+    labelled = True
+    auto_class = "AutoModelForSequenceClassification"
+    served_class = "TextClassifier"
+    eval_fields = ("accuracy", "macro_f1", "accuracy_ci", "macro_f1_ci", "macro_precision", "macro_recall",
+                   "per_class", "confusion_matrix", "predictions", "references")
+    paired_fields = ("predictions", "references")
+    lr_search = True
+
+    def loss(self, logits, targets):
+        from torch import nn
+
+        return nn.functional.cross_entropy(logits.float(), targets)
+
+    def validation_scores(self, outputs, examples, num_labels: int) -> dict:
+        from depthtune.evaluation.metric_modules import quick_scores
+
+        return quick_scores(outputs, examples.labels, num_labels)
+
+
+register(Classification())
