@@ -308,6 +308,13 @@ RECIPE_NAMES = {"seeds": "seeds' recipe (Trainer, pad 128, full model)",
 
 
 def markdown(res: dict) -> str:
+    """The results file: every section that has data, in order."""
+    sections = (md_header, md_speed, md_epochs, md_targets, md_profile, md_omp, md_breakdown, md_audit8b,
+                md_tokenization, md_failures)
+    return "\n".join(line for section in sections for line in section(res)) + "\n"
+
+
+def md_header(res: dict) -> list[str]:
     m = res["machine"]
     g = res["gemm"]
     omp = res.get("omp_wait_policy") or {}
@@ -329,8 +336,11 @@ def markdown(res: dict) -> str:
         tl = d["train_lengths"]
         lines.append(f"- data {key}: {d['source']}; training texts mean {tl['mean']:.1f} tokens (p95 {tl['p95']}, "
                      f"max {tl['max']}); validation majority class {d['val_majority_fraction']:.3f}")
-    lines += ["", "Recipes: " + "; ".join(f"**{k}** = {v}" for k, v in res["recipes"].items()) + ".", "",
-              "## Speed: short runs, repeats interleaved — median (min–max)", "",
+    return lines + ["", "Recipes: " + "; ".join(f"**{k}** = {v}" for k, v in res["recipes"].items()) + "."]
+
+
+def md_speed(res: dict) -> list[str]:
+    lines = ["", "## Speed: short runs, repeats interleaved — median (min–max)", "",
               "samples/s over the whole train()/Trainer.train() call (evaluation excluded); steady = steps 2..N "
               "(no set-up, no first step). MFU = audit train FLOPs/token x steady real tokens/s / measured GEMM "
               "peak. Memory: training peak = allocated bytes over the job's baseline (depthtune.training.memory: RSS less "
@@ -356,90 +366,129 @@ def markdown(res: dict) -> str:
                        ("depthtune / seeds' recipe, whole call", "depthtune_over_seeds")):
         for k, v in res["ratios"].get(key, {}).items():
             lines.append(f"- {label}, {k}: {_mmm(v, '.2f')}")
+    return lines
+
+
+def md_epochs(res: dict) -> list[str]:
     ep = res.get("epochs") or []
-    if ep:
-        e0 = res["plan"]["epochs"]
-        lines += ["", f"## {e0['epochs']} epochs: wall time and time to accuracy {e0['target']}", "",
-                  f"{e0['data']}, {e0['n_train']} training texts, batch {res['plan']['batch_size']}, validation every "
-                  f"{e0['eval_every']} steps on {e0['n_val']} texts. Train s = the call minus evaluations (frozen-"
-                  "prefix caching, of training and validation texts, counts as training); time to target = training "
-                  "time until the step after which validation first reached the target. Peak = allocated bytes "
-                  "(depthtune.training.memory) over build + the whole call (evaluations and depthtune's kept best weights "
-                  "included), vs the audit's estimate (its total).", "",
-                  "| variant | recipe | steps | train s | wall s (incl. eval) | time to target s | step | "
-                  "best val acc | peak MiB | estimate MiB | measured / estimate |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in ep:
-            ttt = _mmm(r["time_to_target_s"]) if any(r["reached"]) else "not reached"
-            steps = f"{r['steps']}" + (" (stopped at target)" if r.get("stopped_at_target") and any(r["reached"])
-                                       else "")
-            lines.append(f"| {r['variant']} | {r['recipe']} | {steps} | {_mmm(r['train_s'])} | "
-                         f"{_mmm(r['wall_s'])} | {ttt} | {r['step_to_target'][0] if r['step_to_target'][0] else '—'} | "
-                         f"{_mmm(r['best_accuracy'], '.3f')} | {_mib(r['peak_memory_bytes']['median'])} | "
-                         f"{_mib(r.get('estimated_memory_bytes'))} | {_mmm(r['memory_ratio'], '.2f')} |")
-        lines += ["", "Plain Trainer / depthtune over the whole run:", ""]
-        for v, sp in res["epoch_speedups"].items():
-            lines.append(f"- {v}: train time {_fmt(sp['train_s_ratio'], '.2f')}x, wall incl. evaluation "
-                         f"{_fmt(sp['wall_s_ratio'], '.2f')}x, time to target {_fmt(sp['time_to_target_ratio'], '.2f')}x"
-                         f" (samples/s depthtune / plain {_fmt(sp['samples_per_s_ratio'], '.2f')})")
-    lines += ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---:|---|"]
+    if not ep:
+        return []
+    e0 = res["plan"]["epochs"]
+    lines = ["", f"## {e0['epochs']} epochs: wall time and time to accuracy {e0['target']}", "",
+              f"{e0['data']}, {e0['n_train']} training texts, batch {res['plan']['batch_size']}, validation every "
+              f"{e0['eval_every']} steps on {e0['n_val']} texts. Train s = the call minus evaluations (frozen-"
+              "prefix caching, of training and validation texts, counts as training); time to target = training "
+              "time until the step after which validation first reached the target. Peak = allocated bytes "
+              "(depthtune.training.memory) over build + the whole call (evaluations and depthtune's kept best weights "
+              "included), vs the audit's estimate (its total).", "",
+              "| variant | recipe | steps | train s | wall s (incl. eval) | time to target s | step | "
+              "best val acc | peak MiB | estimate MiB | measured / estimate |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ep:
+        ttt = _mmm(r["time_to_target_s"]) if any(r["reached"]) else "not reached"
+        steps = f"{r['steps']}" + (" (stopped at target)" if r.get("stopped_at_target") and any(r["reached"])
+                                   else "")
+        lines.append(f"| {r['variant']} | {r['recipe']} | {steps} | {_mmm(r['train_s'])} | "
+                     f"{_mmm(r['wall_s'])} | {ttt} | {r['step_to_target'][0] if r['step_to_target'][0] else '—'} | "
+                     f"{_mmm(r['best_accuracy'], '.3f')} | {_mib(r['peak_memory_bytes']['median'])} | "
+                     f"{_mib(r.get('estimated_memory_bytes'))} | {_mmm(r['memory_ratio'], '.2f')} |")
+    lines += ["", "Plain Trainer / depthtune over the whole run:", ""]
+    for v, sp in res["epoch_speedups"].items():
+        lines.append(f"- {v}: train time {_fmt(sp['train_s_ratio'], '.2f')}x, wall incl. evaluation "
+                     f"{_fmt(sp['wall_s_ratio'], '.2f')}x, time to target {_fmt(sp['time_to_target_ratio'], '.2f')}x"
+                     f" (samples/s depthtune / plain {_fmt(sp['samples_per_s_ratio'], '.2f')})")
+    return lines
+
+
+def md_targets(res: dict) -> list[str]:
+    lines = ["", "## Targets", "", "| target | measured | goal | met |", "|---|---|---:|---|"]
     for t in res["targets"]:
         meas = t["measured"]
         meas_s = _fmt(meas, ".3f") if isinstance(meas, float) else "not measured" if meas is None else str(meas)
         lines.append(f"| {t['target']} | {meas_s}{' (' + t['detail'] + ')' if t['detail'] else ''} | "
                      f"{t['goal'] if t['goal'] is not None else '—'} | "
                      f"{'yes' if t['met'] else 'no' if t['met'] is False else '—'} |")
-    if res.get("profile"):
-        p = res["profile"]
-        lines += ["", f"## Where the time goes: {p['variant']} fine-tuning step, batch {p['batch_size']} "
-                      f"({_fmt(p['real_tokens_per_step'], '.0f')} real tokens), {p['seconds_per_step']:.3f} s/step",
-                  "", "| phase | s/step | share |", "|---|---:|---:|"]
-        for k, v in p["phases"].items():
-            lines.append(f"| {k} | {v['s_per_step']:.3f} | {100 * v['share']:.0f}% |")
-        lines += ["", "| top operators (torch.profiler, self CPU) | s | calls | share |", "|---|---:|---:|---:|"]
-        for o in p["top_ops"][:12]:
-            lines.append(f"| {o['name']} | {o['self_cpu_s']:.3f} | {o['calls']} | {100 * o['share']:.0f}% |")
-    if omp.get("comparison"):
-        c = omp["comparison"]
-        lines += ["", "## OpenMP settings on shared cores", "",
-                  f"depthtune full fine-tuning, steady samples/s, {c['steps']} steps, {c['threads']} threads unless "
-                  "noted, fresh processes alternating (load average per run in the JSON):", ""]
-        for k, v in c["steady_samples_per_s"].items():
-            lines.append(f"- {k}: {_mmm(v)}")
-    if res.get("memory_breakdown"):
-        lines += ["", "## Memory breakdown: measured / audit estimate, MiB (one training step)", "",
-                  "Activations = distinct tensors autograd saved for backward (parameters excluded).", "",
-                  "| variant | B x S | weights | gradients | AdamW states | activations | total | activation "
-                  "floats per token per layer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for b in res["memory_breakdown"]:
-            ms, es = b["measured"], b["estimated"]
-            lines.append(f"| {b['variant']} | {b['batch_size']}x{b['seq_len']} | " + " | ".join(
-                f"{_mib(ms[k])} / {_mib(es[k])}" for k in ("weights", "gradients", "adamw_states", "activations",
-                                                         "total")) +
-                f" | {_fmt(b.get('activations_per_token_layer_floats'), '.0f')} |")
+    return lines
+
+
+def md_profile(res: dict) -> list[str]:
+    if not res.get("profile"):
+        return []
+    p = res["profile"]
+    lines = ["", f"## Where the time goes: {p['variant']} fine-tuning step, batch {p['batch_size']} "
+                  f"({_fmt(p['real_tokens_per_step'], '.0f')} real tokens), {p['seconds_per_step']:.3f} s/step",
+              "", "| phase | s/step | share |", "|---|---:|---:|"]
+    for k, v in p["phases"].items():
+        lines.append(f"| {k} | {v['s_per_step']:.3f} | {100 * v['share']:.0f}% |")
+    lines += ["", "| top operators (torch.profiler, self CPU) | s | calls | share |", "|---|---:|---:|---:|"]
+    for o in p["top_ops"][:12]:
+        lines.append(f"| {o['name']} | {o['self_cpu_s']:.3f} | {o['calls']} | {100 * o['share']:.0f}% |")
+    return lines
+
+
+def md_omp(res: dict) -> list[str]:
+    omp = res.get("omp_wait_policy") or {}
+    if not omp.get("comparison"):
+        return []
+    c = omp["comparison"]
+    lines = ["", "## OpenMP settings on shared cores", "",
+              f"depthtune full fine-tuning, steady samples/s, {c['steps']} steps, {c['threads']} threads unless "
+              "noted, fresh processes alternating (load average per run in the JSON):", ""]
+    for k, v in c["steady_samples_per_s"].items():
+        lines.append(f"- {k}: {_mmm(v)}")
+    return lines
+
+
+def md_breakdown(res: dict) -> list[str]:
+    if not res.get("memory_breakdown"):
+        return []
+    lines = ["", "## Memory breakdown: measured / audit estimate, MiB (one training step)", "",
+              "Activations = distinct tensors autograd saved for backward (parameters excluded).", "",
+              "| variant | B x S | weights | gradients | AdamW states | activations | total | activation "
+              "floats per token per layer |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for b in res["memory_breakdown"]:
+        ms, es = b["measured"], b["estimated"]
+        lines.append(f"| {b['variant']} | {b['batch_size']}x{b['seq_len']} | " + " | ".join(
+            f"{_mib(ms[k])} / {_mib(es[k])}" for k in ("weights", "gradients", "adamw_states", "activations",
+                                                     "total")) +
+            f" | {_fmt(b.get('activations_per_token_layer_floats'), '.0f')} |")
+    return lines
+
+
+def md_audit8b(res: dict) -> list[str]:
     a = res.get("audit8b")
-    if a:
-        lines += ["", "## Audit of an 8B Llama-style config", ""]
-        if a.get("returncode") == 0:
-            io = a.get("import_only")
-            lines.append(f"- `{a['command']}`: {a['wall_s']:.1f} s wall, peak RSS {_mib(a['peak_rss_bytes'])} MiB "
-                         f"({a['rss_measured_with']}); {a['total_params']:,} parameters (closed form matches: "
-                         f"{a['closed_form_matches']})" + (f"; a child that only imports the same modules: "
-                         f"{io['wall_s']:.1f} s, {_mib(io['peak_rss_bytes'])} MiB" if io else ""))
-        else:
-            lines.append(f"- failed: {str(a.get('error', ''))[:300]}")
+    if not a:
+        return []
+    lines = ["", "## Audit of an 8B Llama-style config", ""]
+    if a.get("returncode") == 0:
+        io = a.get("import_only")
+        lines.append(f"- `{a['command']}`: {a['wall_s']:.1f} s wall, peak RSS {_mib(a['peak_rss_bytes'])} MiB "
+                     f"({a['rss_measured_with']}); {a['total_params']:,} parameters (closed form matches: "
+                     f"{a['closed_form_matches']})" + (f"; a child that only imports the same modules: "
+                     f"{io['wall_s']:.1f} s, {_mib(io['peak_rss_bytes'])} MiB" if io else ""))
+    else:
+        lines.append(f"- failed: {str(a.get('error', ''))[:300]}")
+    return lines
+
+
+def md_tokenization(res: dict) -> list[str]:
     tk = res.get("tokenization")
-    if tk:
-        lines += ["", "## Tokenization", "",
-                  f"- {tk['tokenizer']} (fast: {tk['is_fast']}), {tk['examples']:,} SST-2 texts in one batched call "
-                  f"(truncation 128, TOKENIZERS_PARALLELISM={tk['TOKENIZERS_PARALLELISM']}): "
-                  f"{_mmm(tk['examples_per_s'], '.0f')} examples/s"]
-    if res.get("failures"):
-        lines += ["", "## Failed jobs", ""]
-        for f in res["failures"]:
-            lines.append(f"- {f['job']}: {f['error']}")
-    lines.append("")
-    return "\n".join(lines)
+    if not tk:
+        return []
+    lines = ["", "## Tokenization", "",
+              f"- {tk['tokenizer']} (fast: {tk['is_fast']}), {tk['examples']:,} SST-2 texts in one batched call "
+              f"(truncation 128, TOKENIZERS_PARALLELISM={tk['TOKENIZERS_PARALLELISM']}): "
+              f"{_mmm(tk['examples_per_s'], '.0f')} examples/s"]
+    return lines
+
+
+def md_failures(res: dict) -> list[str]:
+    if not res.get("failures"):
+        return []
+    lines = ["", "## Failed jobs", ""]
+    for f in res["failures"]:
+        lines.append(f"- {f['job']}: {f['error']}")
+    return lines
 
 
 def _loads(x):
@@ -460,158 +509,144 @@ def interleaved(jobs_per_repeat: list, repeats: int) -> list:
     return out
 
 
-def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, sst2_dir: Path | None = None,
-             isolate: bool = True, resume: bool = False) -> dict:
-    from depthtune.config import ModelConfig
-    from depthtune.model.sources import load_tokenizer
+class Runner:
+    """Jobs in fresh processes, each finished one appended to a partial file that --resume reuses after an
+    interruption (the report says so); failures collected, never fatal."""
 
-    t_start = time.perf_counter()
-    threads = plan["threads"] or os.cpu_count() or 1
-    device = plan["device"]
-    sst2_dir = sst2_dir or (H.SHARED_DATA / "sst2")
-    model_cfg = H._model_cfg(plan["model"])
-    tokenizer = load_tokenizer(model_cfg if plan["model"] else ModelConfig())
-    machine = H.machine_info(threads, device)
-    log(f"bench: {machine['cpu']}, {machine['cores']} cores, {threads} threads, device {device}")
-    splits, data_info = load_splits(plan, tokenizer, sst2_dir)
-    for k, v in data_info.items():
-        log(f"  data {k}: {v['train_lengths']['n']} train (mean {v['train_lengths']['mean']:.1f} tokens, "
-            f"max {v['train_lengths']['max']}), {v['val_lengths']['n']} val")
-    timeout = plan["timeout_s"]
-    failures = []
-    # every finished job is appended here; --resume reuses them after an interruption (the report says so)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / f".{tag}.partial.jsonl"
-    done = {}
-    if resume and partial.exists():
-        for line in partial.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["key"]] = rec["value"]
-            except (ValueError, KeyError):
-                continue
-        log(f"  resuming: {len(done)} finished jobs from {partial.name}")
-    elif partial.exists():
-        partial.unlink()
+    def __init__(self, plan: dict, out_dir: Path, tag: str, *, isolate: bool, resume: bool, log):
+        self.plan, self.isolate, self.log, self.failures = plan, isolate, log, []
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.partial = out_dir / f".{tag}.partial.jsonl"
+        self.done = {}
+        if resume and self.partial.exists():
+            for line in self.partial.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.done[rec["key"]] = rec["value"]
+                except (ValueError, KeyError):
+                    continue
+            log(f"  resuming: {len(self.done)} finished jobs from {self.partial.name}")
+        elif self.partial.exists():
+            self.partial.unlink()
 
-    def remember(key, value):
-        with open(partial, "a") as fh:
-            fh.write(json.dumps({"key": key, "value": value}, default=str) + "\n")
-
-    def run(fn, *args, what=""):
-        r = H.run_isolated(fn, *args, timeout=timeout, isolate=isolate)
+    def run(self, fn, *args, what=""):
+        r = H.run_isolated(fn, *args, timeout=self.plan["timeout_s"], isolate=self.isolate)
         if not r["ok"]:
-            failures.append({"job": what, "error": r["error"]})
-            log(f"  FAILED {what}: {r['error']}")
+            self.failures.append({"job": what, "error": r["error"]})
+            self.log(f"  FAILED {what}: {r['error']}")
             if r.get("traceback"):
-                log(r["traceback"][-1500:])
+                self.log(r["traceback"][-1500:])
             return None
         return r["value"]
 
-    # tokenization throughput (the parent: Rust tokenizer, no torch compute)
-    tk_texts, _ = H.read_sst2(sst2_dir / "train.tsv", plan["tokenization"]["n_texts"], plan["seed"] + 7)
-    tokenization = H.tokenization_throughput(tokenizer, tk_texts)
-    log(f"  tokenization: {tokenization['examples_per_s']['median']:.0f} examples/s")
+    def run_kept(self, what: str, fn, *args):
+        """A job whose result is kept for --resume: the finished one's result when there is one."""
+        if what in self.done:
+            return {**self.done[what], "resumed": True}
+        r = self.run(fn, *args, what=what)
+        if r:
+            with open(self.partial, "a") as fh:
+                fh.write(json.dumps({"key": what, "value": r}, default=str) + "\n")
+        return r
 
-    gemm_kw = dict(device=device, n=plan["gemm"]["n"], reps=plan["gemm"]["reps"])
-    g_start = run(H.gemm_peak, threads, gemm_kw["device"], gemm_kw["n"], gemm_kw["reps"], what="gemm start")
-    log(f"  GEMM peak (start): {g_start['peak_flops'] / 1e9:.1f} GFLOP/s" if g_start else "  GEMM failed")
 
-    def job(kind, data, variant, recipe, n_train, n_val, epochs, eval_every, target, stop_at_target=False):
-        return H.job_spec(kind=kind, recipe=recipe, variant=variant, data=data, epochs=epochs, n_train=n_train,
-                          n_val=n_val, batch_size=plan["batch_size"], lr=H.VARIANTS[variant]["lr"],
-                          eval_every=eval_every, target=target, threads=threads, seed=plan["seed"], device=device,
-                          model=plan["model"], stop_at_target=stop_at_target)
+def job_for(plan: dict, threads: int, kind, data, variant, recipe, n_train, n_val, epochs, eval_every, target,
+            stop_at_target=False) -> dict:
+    return H.job_spec(kind=kind, recipe=recipe, variant=variant, data=data, epochs=epochs, n_train=n_train,
+                      n_val=n_val, batch_size=plan["batch_size"], lr=H.VARIANTS[variant]["lr"],
+                      eval_every=eval_every, target=target, threads=threads, seed=plan["seed"], device=plan["device"],
+                      model=plan["model"], stop_at_target=stop_at_target)
 
-    # short speed runs: repeats interleaved
-    speed_jobs = []
+
+def run_speed(runner: Runner, splits: dict, tokenizer, threads: int) -> list:
+    """Short speed runs, repeats interleaved."""
+    plan, jobs, results = runner.plan, [], []
     for s in plan["speed"]:
         n_train = s["steps"] * plan["batch_size"]
         for variant in s["variants"]:
             for recipe in s["recipes"]:
                 if recipe == "seeds" and variant != s["variants"][0]:
                     continue  # the seeds' recipe ignores the variant (full model): run it once per repeat
-                speed_jobs.append(job("speed", s["data"], variant if recipe != "seeds" else "full", recipe,
-                                      n_train, 16, 1, 0, None))
-    speed_results = []
-    for j in interleaved(speed_jobs, plan["repeats"]):
+                jobs.append(job_for(plan, threads, "speed", s["data"], variant if recipe != "seeds" else "full",
+                                    recipe, n_train, 16, 1, 0, None))
+    for j in interleaved(jobs, plan["repeats"]):
         what = f"speed r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
-        r = done.get(what) or run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer,
-                                  what=what)
+        r = runner.run_kept(what, H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer)
         if r:
-            if what in done:
-                r["resumed"] = True
-            else:
-                remember(what, r)
-            speed_results.append(r)
-            log(f"  {what}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
-                f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB (x{r['memory_ratio']:.2f} of estimate)")
+            results.append(r)
+            runner.log(f"  {what}: {r['samples_per_s']:.1f} samples/s, {r['tokens_per_s']:.0f} tokens/s, "
+                       f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB (x{r['memory_ratio']:.2f} of estimate)")
+    return results
 
-    # 3-epoch runs
-    epoch_results = []
-    ep = plan["epochs"]
-    if ep and ep.get("variants"):
-        ejobs = [job("epochs", ep["data"], v if rc != "seeds" else "full", rc, ep["n_train"], ep["n_val"],
-                     ep["epochs"], ep["eval_every"], ep["target"],
-                     stop_at_target=rc == "seeds" and ep.get("seeds_stop_at_target", False))
-                 for v in ep["variants"] for rc in ep["recipes"] if rc != "seeds" or v == ep["variants"][0]]
-        for j in interleaved(ejobs, ep.get("repeats", 1)):
-            what = f"epochs r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
-            r = done.get(what) or run(H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer,
-                                      what=what)
-            if r:
-                if what in done:
-                    r["resumed"] = True
-                else:
-                    remember(what, r)
-                epoch_results.append(r)
-                ttt = f"{r['time_to_target_s']:.1f} s" if r["reached"] else "not reached"
-                log(f"  {what}: train {r['train_s']:.1f} s (wall {r['call_s']:.1f} s), best acc "
-                    f"{r['best_accuracy']}, to {ep['target']}: {ttt}")
 
-    # memory breakdown (one step per variant, saved tensors counted)
-    breakdown = []
-    bd = plan["breakdown"]
+def run_epochs(runner: Runner, splits: dict, tokenizer, threads: int) -> list:
+    """The multi-epoch runs (time to target accuracy)."""
+    ep, results = runner.plan["epochs"], []
+    if not (ep and ep.get("variants")):
+        return results
+    jobs = [job_for(runner.plan, threads, "epochs", ep["data"], v if rc != "seeds" else "full", rc, ep["n_train"],
+                    ep["n_val"], ep["epochs"], ep["eval_every"], ep["target"],
+                    stop_at_target=rc == "seeds" and ep.get("seeds_stop_at_target", False))
+            for v in ep["variants"] for rc in ep["recipes"] if rc != "seeds" or v == ep["variants"][0]]
+    for j in interleaved(jobs, ep.get("repeats", 1)):
+        what = f"epochs r{j['repeat']} {j['data']}/{j['variant']}/{j['recipe']}"
+        r = runner.run_kept(what, H.run_job, j, slim(splits, j["data"], j["n_train"], j["n_val"]), tokenizer)
+        if r:
+            results.append(r)
+            ttt = f"{r['time_to_target_s']:.1f} s" if r["reached"] else "not reached"
+            runner.log(f"  {what}: train {r['train_s']:.1f} s (wall {r['call_s']:.1f} s), best acc "
+                       f"{r['best_accuracy']}, to {ep['target']}: {ttt}")
+    return results
+
+
+def run_breakdown(runner: Runner, threads: int) -> list:
+    """Memory breakdown: one step per variant, saved tensors counted."""
+    plan, bd, out = runner.plan, runner.plan["breakdown"], []
     for v in bd["variants"]:
         for S in bd["seq_lens"] + (bd.get("full_seq_lens", []) if v == "full" else []):
-            r = run(H.memory_breakdown, plan["model"], v, H.VARIANTS[v]["spec"], plan["batch_size"], S, threads,
-                    what=f"memory breakdown {v} S={S}")
+            r = runner.run(H.memory_breakdown, plan["model"], v, H.VARIANTS[v]["spec"], plan["batch_size"], S,
+                           threads, what=f"memory breakdown {v} S={S}")
             if r:
-                breakdown.append(r)
-                log(f"  memory breakdown {v} {plan['batch_size']}x{S}: activations measured/estimate "
-                    f"{r['ratio']['activations']}")
+                out.append(r)
+                runner.log(f"  memory breakdown {v} {plan['batch_size']}x{S}: activations measured/estimate "
+                           f"{r['ratio']['activations']}")
+    return out
 
-    # where the time goes
-    pr = plan["profile"]
-    profile = None
+
+def run_profile_and_omp(runner: Runner, splits: dict, threads: int) -> tuple:
+    """Where the time of a step goes (torch.profiler), and OpenMP settings compared (CPU)."""
+    plan, pr, profile, omp = runner.plan, runner.plan["profile"], None, None
     if pr:
         n = pr["steps"] * plan["batch_size"] + plan["batch_size"]
         sp = splits[pr["data"]]["train"]
-        profile = run(H.step_profile, plan["model"], pr["variant"], H.VARIANTS[pr["variant"]]["spec"],
-                      H.subset(sp, min(n, len(sp.labels))), plan["batch_size"], pr["steps"], threads,
-                      what="step profile")
+        profile = runner.run(H.step_profile, plan["model"], pr["variant"], H.VARIANTS[pr["variant"]]["spec"],
+                             H.subset(sp, min(n, len(sp.labels))), plan["batch_size"], pr["steps"], threads,
+                             what="step profile")
         if profile:
-            log("  step profile: " + ", ".join(f"{k} {v['s_per_step']:.3f}" for k, v in profile["phases"].items()))
-
-    omp = None
-    if plan.get("omp") and device == "cpu":
+            runner.log("  step profile: " + ", ".join(f"{k} {v['s_per_step']:.3f}"
+                                                      for k, v in profile["phases"].items()))
+    if plan.get("omp") and plan["device"] == "cpu":
         o = plan["omp"]
         omp = H.omp_policy_comparison(o["configs"], o["repeats"], o["steps"], threads)
-        log("  OMP settings: " + ", ".join(f"{k} {v['median']:.1f} samples/s"
-                                               for k, v in omp["steady_samples_per_s"].items() if v["n"]))
+        runner.log("  OMP settings: " + ", ".join(f"{k} {v['median']:.1f} samples/s"
+                                                  for k, v in omp["steady_samples_per_s"].items() if v["n"]))
+    return profile, omp
 
-    g_end = run(H.gemm_peak, threads, gemm_kw["device"], gemm_kw["n"], gemm_kw["reps"], what="gemm end")
-    audit8b = None
-    if plan["audit8b"]:
-        import tempfile
 
-        cfg = plan["audit8b"] if isinstance(plan["audit8b"], dict) else H.LLAMA_8B
-        with tempfile.TemporaryDirectory(prefix="bench-audit8b-") as tmp:
-            audit8b = H.audit_subprocess(cfg, Path(tmp), import_baseline=plan.get("audit8b_import_baseline", True))
-        log(f"  audit 8B: {audit8b.get('wall_s', 0):.1f} s, peak RSS {(audit8b.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
+def run_audit8b(plan: dict, log):
+    if not plan["audit8b"]:
+        return None
+    import tempfile
 
-    gemms = [g for g in (g_start, g_end) if g]
-    peak = max((g["peak_flops"] for g in gemms), default=None)
+    cfg = plan["audit8b"] if isinstance(plan["audit8b"], dict) else H.LLAMA_8B
+    with tempfile.TemporaryDirectory(prefix="bench-audit8b-") as tmp:
+        audit8b = H.audit_subprocess(cfg, Path(tmp), import_baseline=plan.get("audit8b_import_baseline", True))
+    log(f"  audit 8B: {audit8b.get('wall_s', 0):.1f} s, peak RSS {(audit8b.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
+    return audit8b
+
+
+def summarize(speed_results: list, epoch_results: list, peak) -> dict:
+    """Speed rows, paired ratios, epoch rows, speedups and the targets from the jobs' results."""
     speed_rows = aggregate_speed(speed_results, peak)
     ratios = {"depthtune_over_plain": paired_ratios(speed_results, "depthtune", "plain"),
               "depthtune_over_plain_steady": paired_ratios(speed_results, "depthtune", "plain",
@@ -625,24 +660,56 @@ def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, ss
     targets = check_targets(ratios["depthtune_over_plain"], ratios["depthtune_over_plain_steady"],
                             ratios["depthtune_over_seeds"], ratios["depthtune_over_seeds_steady"], speedups,
                             speed_results, epoch_results, full_dt["mfu_steady"] if full_dt else {})
+    return {"speed": speed_rows, "ratios": ratios, "epochs": epoch_rows, "epoch_speedups": speedups,
+            "targets": targets}
+
+
+def run_plan(plan: dict, out_dir: Path, *, tag: str, command: str, log=print, sst2_dir: Path | None = None,
+             isolate: bool = True, resume: bool = False) -> dict:
+    from depthtune.config import ModelConfig
+    from depthtune.model.sources import load_tokenizer
+
+    t_start = time.perf_counter()
+    threads, device = plan["threads"] or os.cpu_count() or 1, plan["device"]
+    sst2_dir = sst2_dir or (H.SHARED_DATA / "sst2")
+    tokenizer = load_tokenizer(H._model_cfg(plan["model"]) if plan["model"] else ModelConfig())
+    machine = H.machine_info(threads, device)
+    log(f"bench: {machine['cpu']}, {machine['cores']} cores, {threads} threads, device {device}")
+    splits, data_info = load_splits(plan, tokenizer, sst2_dir)
+    for k, v in data_info.items():
+        log(f"  data {k}: {v['train_lengths']['n']} train (mean {v['train_lengths']['mean']:.1f} tokens, "
+            f"max {v['train_lengths']['max']}), {v['val_lengths']['n']} val")
+    runner = Runner(plan, out_dir, tag, isolate=isolate, resume=resume, log=log)
+    # tokenization throughput (the parent: Rust tokenizer, no torch compute)
+    tk_texts, _ = H.read_sst2(sst2_dir / "train.tsv", plan["tokenization"]["n_texts"], plan["seed"] + 7)
+    tokenization = H.tokenization_throughput(tokenizer, tk_texts)
+    log(f"  tokenization: {tokenization['examples_per_s']['median']:.0f} examples/s")
+    gemm_args = (threads, device, plan["gemm"]["n"], plan["gemm"]["reps"])
+    g_start = runner.run(H.gemm_peak, *gemm_args, what="gemm start")
+    log(f"  GEMM peak (start): {g_start['peak_flops'] / 1e9:.1f} GFLOP/s" if g_start else "  GEMM failed")
+    speed_results = run_speed(runner, splits, tokenizer, threads)
+    epoch_results = run_epochs(runner, splits, tokenizer, threads)
+    breakdown = run_breakdown(runner, threads)
+    profile, omp = run_profile_and_omp(runner, splits, threads)
+    g_end = runner.run(H.gemm_peak, *gemm_args, what="gemm end")
+    audit8b = run_audit8b(plan, log)
+    gemms = [g for g in (g_start, g_end) if g]
+    peak = max((g["peak_flops"] for g in gemms), default=None)
     machine["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res = {
         "schema": SCHEMA, "date": dt.date.today().isoformat(), "tag": tag, "command": command,
         "machine": machine, "plan": plan, "data": data_info,
         "gemm": {**({k: v for k, v in gemms[0].items() if k in ("dtype", "n", "reps", "threads")} if gemms else {}),
                  "start": g_start, "end": g_end},
-        "peak_flops": peak,
-        "recipes": RECIPE_NAMES,
-        "speed": speed_rows, "ratios": ratios, "epochs": epoch_rows, "epoch_speedups": speedups,
-        "targets": targets, "profile": profile, "memory_breakdown": breakdown, "audit8b": audit8b,
+        "peak_flops": peak, "recipes": RECIPE_NAMES, **summarize(speed_results, epoch_results, peak),
+        "profile": profile, "memory_breakdown": breakdown, "audit8b": audit8b,
         "omp_wait_policy": {"jobs_ran_with": H.OMP_WAIT_POLICY or "unset", "comparison": omp},
         "tokenization": tokenization, "runs": {"speed": speed_results, "epochs": epoch_results},
-        "failures": failures, "wall_s": time.perf_counter() - t_start,
+        "failures": runner.failures, "wall_s": time.perf_counter() - t_start, "resumed_jobs": sorted(runner.done),
     }
-    res["resumed_jobs"] = sorted(done)
     (out_dir / f"{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     (out_dir / f"{tag}.md").write_text(markdown(res))
-    partial.unlink(missing_ok=True)
+    runner.partial.unlink(missing_ok=True)
     log(f"wrote {out_dir / (tag + '.json')} and .md in {res['wall_s'] / 60:.1f} min")
     return res
 

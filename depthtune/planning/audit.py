@@ -290,7 +290,15 @@ def lm_scoring_bytes(cfg, seq_len: int) -> int:
 def process_peaks(cfg, parts: dict, *, batch_size: int, seq_len: int, precision: str, backprop_layers: int,
                   pretrained: bool, task: str = "classification") -> dict:
     """Every memory term and the three peaks of a finetune process; total = the largest peak.
-    `parts`: weights, gradients, adamw_states, activations, autocast_weight_copies, prefix_cache, best_weights."""
+    `parts` (memory_parts): weights, gradients, adamw_states, activations, autocast_weight_copies, prefix_cache,
+    best_weights.
+
+      training_peak   = weights + max(grads, backward temporaries, forward buffers) + AdamW states + activations
+                        + autocast weight copies + prefix cache + best weights
+      build_peak      = weights (transformers 5 builds on the meta device and maps the checkpoint)
+      evaluation_peak = weights + AdamW + best + prefix cache + EVAL_BATCH*S*(2I + H + A*S)*4 (no-grad
+                        forwards; a causal LM's scoring: 3 x its logits when larger, lm_scoring_bytes)
+    """
     weights, grads, adamw, cache, best = (parts[k] for k in ("weights", "gradients", "adamw_states",
                                                              "prefix_cache", "best_weights"))
     # backward: the parameters' grads grow while a block's own temporaries (grads of its FFN and attention
@@ -325,34 +333,38 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
              cache_tokens: int = 0, *, task: str = "classification", precision: str = "fp32",
              gradient_checkpointing: bool = False, lora: Optional[tuple[int, int]] = None,
              pretrained: bool = True) -> dict:
-    """Training memory (bytes) and FLOPs per token, with the formulas spelled out.
+    """Training memory (bytes, memory_parts and process_peaks) and FLOPs per token (flops_per_token), with the
+    formulas spelled out there.
 
     memory = max(training_peak, build_peak, evaluation_peak)
-      evaluation_peak = weights + AdamW + best + prefix cache + EVAL_BATCH*S*(2I + H + A*S)*4 (no-grad
-                    forwards; a causal LM's scoring: 3 x its logits when larger, lm_scoring_bytes)
-      training_peak = weights + max(grads, backward temporaries, forward buffers) + AdamW states + activations + autocast weight copies + prefix cache
-             + best weights (trainable * wb: training.BestWeights' copy, alive from the first validation on)
-      build_peak  = weights (transformers 5 builds on the meta device and maps the checkpoint)
       seq_len: for the step peak, the LONGEST batch: batching.length_grouped_batches sorts each
         mega-batch by length, so the longest examples share a batch padded to the longest one
         (read_token_stats gives the train split's max, not its p95; mean-length batches cost less)
       not counted: the allocator's free blocks (CUDA's cache, glibc's arenas: +30-90% on the CPU under
         glibc's dynamic mmap threshold). depthtune.training.memory measures allocated bytes apart from them
         (they are its "reserved" figure): the estimate is of allocated bytes, on both devices
-      wb          = 2 for bf16 weights, else 4 (fp32 and bf16 autocast keep fp32 weights)
-      weights     = total * wb                      (tied embeddings / lm_head counted once)
-      grads       = trainable * wb                  (grads have the params' dtype)
-      adamw       = trainable * 2 * wb              (exp_avg + exp_avg_sq: torch keeps them in the params' dtype)
-      activations = B*S * n_bp * block_activation_bytes   (see there; per family and precision)
-        n_bp = layers from the lowest trainable one to the top (frozen layers run without autograd and
-        store nothing); with gradient checkpointing B*S * (n_bp * H * 4 + one block's activations);
-        causal_lm adds the logits: B*S*V*20 (activation_bytes)
-      autocast weight copies = 2 * M_bp             (bf16 copy of every matmul weight backward needs;
-                                                     checkpointing: only the trainable ones, 2 * M_train,
-                                                     autocast's cache of the weights that require grad)
-      prefix cache = cache_tokens * H * 4       (frozen-prefix outputs kept for every
-                                                 train + validation token, train_top variants)
-    flops/token (S = seq_len):
+    """
+    flops = flops_per_token(cfg, buckets, seq_len, cache_tokens, task=task,
+                            gradient_checkpointing=gradient_checkpointing)
+    low, n_bp = flops.pop("low"), flops.pop("n_bp")
+    wb = 2 if precision == "bf16" else FP32
+    parts = memory_parts(cfg, buckets, total, trainable, batch_size, seq_len, cache_tokens, low=low, n_bp=n_bp,
+                         task=task, precision=precision, gradient_checkpointing=gradient_checkpointing, lora=lora)
+    return {
+        "memory_bytes": process_peaks(cfg, parts, batch_size=batch_size, seq_len=seq_len, precision=precision,
+                                      backprop_layers=n_bp, pretrained=pretrained, task=task),
+        "flops_per_token": flops,
+        "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
+                        "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
+                        "optimizer": f"AdamW, states {'bf16' if wb == 2 else 'fp32'}",
+                        "backprop_layers": n_bp, "lowest_trainable_layer": low},
+    }
+
+
+def flops_per_token(cfg, buckets: list[dict], seq_len: int, cache_tokens: int, *, task: str,
+                    gradient_checkpointing: bool) -> dict:
+    """FLOPs per token of a training step (S = seq_len), with the backpropagated span (low, n_bp) it rests on.
+
       forward  = 2 * M + 4*S*H*L               (M = matmul weights outside the embeddings, a tied lm_head's
                                                  V*H included; 4SH per layer for QK^T and AV)
       backward = 2 * M_bp + 8*S*H*n_bp + 2 * M_trainable
@@ -378,48 +390,66 @@ def estimate(cfg, buckets: list[dict], total: int, trainable: int, batch_size: i
     step = {"dense": 2 * M_step + 2 * M_bp + 2 * M_train, "per_position": 4 * H * (L - cached) + 8 * H * n_bp,
             "per_sequence": 0, "cached_layers": cached}
     if tasks.get(task).labelled and not family_of(cfg.model_type).decoder:
-        # an encoder's pooler and head read one token per text ([CLS]), not every token: a probe's whole
-        # step (a decoder's score head runs on every position, as transformers computes it)
-        tops = [b for b in buckets if b["name"] in ("pooler", "head")]  # pooler below head
-        top, top_train = sum(b["total"] for b in tops), sum(b["trainable"] for b in tops)
-        # input gradients: through all of them when layers below train; else only above the lowest
-        # trainable one (autograd computes no gradient for an input nothing below needs)
-        lowest = next((i for i, b in enumerate(tops) if b["trainable"]), len(tops))
-        top_bp = top if low is not None else sum(b["total"] for b in tops[lowest + 1:])
-        top_in_dense = sum(b["total"] for b in tops if b["trainable"] or low is not None)  # as M_bp had it
-        step["dense"] -= 2 * top + 2 * top_in_dense + 2 * top_train
-        step["per_sequence"] = 2 * top + 2 * top_bp + 2 * top_train
+        first_token_heads(step, buckets, low)
     if gradient_checkpointing and n_bp:
         M_blocks = sum(b["total"] for b in buckets if is_matmul(b) and layer_index(b) is not None
                        and layer_index(b) >= max(low, 0))
         bwd += 2 * M_blocks + 4 * seq_len * H * n_bp  # the recompute: one more forward of those blocks
         step["dense"] += 2 * M_blocks
         step["per_position"] += 4 * H * n_bp
+    return {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd), "step": step, "low": low,
+            "n_bp": n_bp}
+
+
+def first_token_heads(step: dict, buckets: list[dict], low: Optional[int]) -> None:
+    """An encoder's pooler and head read one token per text ([CLS]), not every token: moved from the per-token
+    `dense` term to `per_sequence` (a probe's whole step; a decoder's score head runs on every position, as
+    transformers computes it)."""
+    tops = [b for b in buckets if b["name"] in ("pooler", "head")]  # pooler below head
+    top, top_train = sum(b["total"] for b in tops), sum(b["trainable"] for b in tops)
+    # input gradients: through all of them when layers below train; else only above the lowest
+    # trainable one (autograd computes no gradient for an input nothing below needs)
+    lowest = next((i for i, b in enumerate(tops) if b["trainable"]), len(tops))
+    top_bp = top if low is not None else sum(b["total"] for b in tops[lowest + 1:])
+    top_in_dense = sum(b["total"] for b in tops if b["trainable"] or low is not None)  # as M_bp had it
+    step["dense"] -= 2 * top + 2 * top_in_dense + 2 * top_train
+    step["per_sequence"] = 2 * top + 2 * top_bp + 2 * top_train
+
+
+def memory_parts(cfg, buckets: list[dict], total: int, trainable: int, batch_size: int, seq_len: int,
+                 cache_tokens: int, *, low: Optional[int], n_bp: int, task: str, precision: str,
+                 gradient_checkpointing: bool, lora: Optional[tuple[int, int]]) -> dict:
+    """The terms process_peaks adds up (bytes).
+
+      wb          = 2 for bf16 weights, else 4 (fp32 and bf16 autocast keep fp32 weights)
+      weights     = total * wb                      (tied embeddings / lm_head counted once)
+      grads       = trainable * wb                  (grads have the params' dtype)
+      adamw       = trainable * 2 * wb              (exp_avg + exp_avg_sq: torch keeps them in the params' dtype)
+      activations = B*S * n_bp * block_activation_bytes   (see there; per family and precision)
+        n_bp = layers from the lowest trainable one to the top (frozen layers run without autograd and
+        store nothing); with gradient checkpointing B*S * (n_bp * H * 4 + one block's activations);
+        causal_lm adds the logits: B*S*V*20 (activation_bytes)
+      autocast weight copies = 2 * M_bp             (bf16 copy of every matmul weight backward needs;
+                                                     checkpointing: only the trainable ones, 2 * M_train,
+                                                     autocast's cache of the weights that require grad)
+      prefix cache = cache_tokens * H * 4       (frozen-prefix outputs kept for every
+                                                 train + validation token, train_top variants)
+      best weights = trainable * wb             (training.BestWeights' copy, alive from the first validation on:
+                                                 measured +1x trainable bytes on the step peak, MiniLM full 86 MiB)
+    """
+    d = _dims(cfg)
+    tied_head = d["V"] * d["H"] if tasks.get(task).lm_head and is_tied(cfg) else 0
+    _, M_bp, M_train = matmul_params(buckets, low, tied_head)
     wb = 2 if precision == "bf16" else FP32
-    weights = total * wb
-    grads = trainable * wb
-    adamw = trainable * 2 * wb
     activations = activation_bytes(cfg, low, n_bp, batch_size, seq_len, task=task, precision=precision,
                                    gradient_checkpointing=gradient_checkpointing, any_trainable=trainable > 0,
                                    lora=lora)
     copies = 0
     if precision == "bf16-autocast":
         copies = 2 * (M_train if gradient_checkpointing else M_bp)
-    cache = cache_tokens * H * FP32
-    # training.BestWeights: after the first validation a copy of the trainable weights stays alive
-    # through every later step (measured: +1x trainable bytes on the step peak, MiniLM full 86 MiB)
-    best = trainable * wb
-    parts = {"weights": weights, "gradients": grads, "adamw_states": adamw, "activations": activations,
-             "autocast_weight_copies": copies, "prefix_cache": cache, "best_weights": best}
-    return {
-        "memory_bytes": process_peaks(cfg, parts, batch_size=batch_size, seq_len=seq_len, precision=precision,
-                                      backprop_layers=n_bp, pretrained=pretrained, task=task),
-        "flops_per_token": {"forward": int(fwd), "backward": int(bwd), "train": int(fwd + bwd), "step": step},
-        "assumptions": {"batch_size": batch_size, "seq_len": seq_len, "task": task, "precision": precision,
-                        "gradient_checkpointing": gradient_checkpointing, "weights_bytes_per_param": wb,
-                        "optimizer": f"AdamW, states {'bf16' if wb == 2 else 'fp32'}",
-                        "backprop_layers": n_bp, "lowest_trainable_layer": low},
-    }
+    return {"weights": total * wb, "gradients": trainable * wb, "adamw_states": trainable * 2 * wb,
+            "activations": activations, "autocast_weight_copies": copies, "prefix_cache": cache_tokens * d["H"] * FP32,
+            "best_weights": trainable * wb}
 
 
 # ----------------------------------------------------------------------------- the audit

@@ -449,6 +449,30 @@ class _Clock:
         return {k: round(v, 3) for k, v in {**self.seconds, "total": time.perf_counter() - self.start}.items()}
 
 
+def score_against_champion(reg: RegistryConfig, client, cand, model, data: LabelledTexts, clock: _Clock,
+                           report: dict) -> tuple:
+    """Re-score the candidate and the current champion on the same test texts, and their paired test:
+    (candidate's scores, champion's version or None, champion's scores or None, p-value or None)."""
+    with clock("load_champion"):
+        champ_mv, champ = load_champion(client, reg.model_name, model.labels, cand.variant)
+    champ_version = str(champ_mv.version) if champ_mv else None
+    with clock("score_candidate"):
+        cand_score, cand_pred = rescore(model, data)
+    report["candidate"]["rescored"] = cand_score
+    champ_score = p_value = None
+    if champ is not None:
+        with clock("score_champion"):
+            champ_score, champ_pred = rescore(champ, data)
+        p_value = paired_p_value(reg.metric, data, cand_pred, champ_pred)  # the same texts, paired
+        report["champion_before"] = {"version": champ_version, "variant": (champ_mv.tags or {}).get(TAG_VARIANT),
+                                     "rescored": champ_score}
+        report["paired_test"] = {"test": metrics.get(reg.metric).paired_test, "p_value": p_value, "alpha": reg.alpha}
+    scale = 1.0 if metrics.higher_is_better(reg.metric) else abs(cand.metric)  # perplexity: a relative tolerance
+    if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE * scale:  # other data or truncation?
+        report["warning"] = rescore_warning(reg.metric, cand.metric, cand_score[reg.metric])
+    return cand_score, champ_version, champ_score, p_value
+
+
 def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Path = ".",
             eval_dir: str | Path = layout.EVAL_METRICS, train_dir: str | Path = layout.TRAIN_METRICS,
             audit_dir: str | Path = layout.AUDIT, test_path: str | Path = layout.prepared_split("test"),
@@ -487,23 +511,8 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
     with exclusive(client, uri, f"promote-{reg.model_name}", lock_timeout_s):
         with clock("load_candidate"):
             model = load_candidate(logged.model_uri, cand.variant, data.names, Path(labels_path))
-        with clock("load_champion"):
-            champ_mv, champ = load_champion(client, reg.model_name, model.labels, cand.variant)
-        champ_version = str(champ_mv.version) if champ_mv else None
-        with clock("score_candidate"):
-            cand_score, cand_pred = rescore(model, data)
-        report["candidate"]["rescored"] = cand_score
-        champ_score = p_value = None
-        if champ is not None:
-            with clock("score_champion"):
-                champ_score, champ_pred = rescore(champ, data)
-            p_value = paired_p_value(reg.metric, data, cand_pred, champ_pred)  # the same texts, paired
-            report["champion_before"] = {"version": champ_version, "variant": (champ_mv.tags or {}).get(TAG_VARIANT),
-                                         "rescored": champ_score}
-            report["paired_test"] = {"test": metrics.get(reg.metric).paired_test, "p_value": p_value, "alpha": reg.alpha}
-        scale = 1.0 if metrics.higher_is_better(reg.metric) else abs(cand.metric)  # perplexity: a relative tolerance
-        if abs(cand_score[reg.metric] - cand.metric) > RESCORE_TOLERANCE * scale:  # other data or truncation?
-            report["warning"] = rescore_warning(reg.metric, cand.metric, cand_score[reg.metric])
+        cand_score, champ_version, champ_score, p_value = score_against_champion(reg, client, cand, model, data,
+                                                                                 clock, report)
         with clock("register"):
             version, created = register_candidate(client, reg, cand, logged, model.labels, cand_score, root=root,
                                                   data_fp=data_fp)

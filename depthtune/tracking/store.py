@@ -121,43 +121,29 @@ def lock_model_name(purpose: str) -> str:
     return f"{purpose}--lock"
 
 
-@contextlib.contextmanager
-def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 60.0):
-    """Hold an exclusive lock kept in the tracking store's own database, for every machine that uses it.
+def error_code(exc) -> str:
+    return str(getattr(exc, "error_code", ""))
 
-    The lock is a registered model named `<purpose>--lock`: creating one is atomic in the store (a
-    unique name; the second creator gets RESOURCE_ALREADY_EXISTS from the database, through any server, or
-    RESOURCE_DOES_NOT_EXIST when the holder released between the two), and deleting it is the release.
-    The holder renews a lease tag every lease_s / 3 seconds; a lock whose lease ran out (its holder died: SIGKILL, a lost machine) is broken by the next waiter.
-    Two coordinators on two machines promoting at once through one `mlflow server` serialise here;
-    a file lock could not see the other machine. Raises TimeoutError after `timeout_s`.
-    """
-    import socket
-    import threading
-    import uuid
 
+def take_lock(client, name: str, holder: str, timeout_s: float, lease_s: float) -> None:
+    """Create the lock model `name` as `holder` (atomic in the store), breaking an expired lease on the way;
+    TimeoutError after `timeout_s`."""
     from mlflow.exceptions import MlflowException
 
-    name = lock_model_name(purpose)
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.monotonic() + timeout_s
-
-    def code(exc: MlflowException) -> str:
-        return str(getattr(exc, "error_code", ""))
-
     while True:
         try:
             client.create_registered_model(name, tags={LOCK_HOLDER_TAG: holder,
                                                        LOCK_EXPIRES_TAG: f"{time.time() + lease_s:.3f}"},
-                                           description=f"depthtune {purpose}: held while a promotion runs")
-            break
+                                           description=f"depthtune {name}: held while a promotion runs")
+            return
         except MlflowException as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in code(exc):
+            if "RESOURCE_DOES_NOT_EXIST" in error_code(exc):
                 # lost the insert to a holder that released before the store could name it: the store
                 # answers a unique-name violation by reading the existing model (mlflow's SqlAlchemyStore),
                 # which is gone by then. Nothing was created; try again at once.
                 continue
-            if "RESOURCE_ALREADY_EXISTS" not in code(exc):
+            if "RESOURCE_ALREADY_EXISTS" not in error_code(exc):
                 raise
         try:
             held = client.get_registered_model(name)
@@ -165,7 +151,7 @@ def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 
                 client.delete_registered_model(name)
                 continue
         except MlflowException as exc:
-            if "RESOURCE_DOES_NOT_EXIST" not in code(exc):  # released meanwhile: try again at once
+            if "RESOURCE_DOES_NOT_EXIST" not in error_code(exc):  # released meanwhile: try again at once
                 raise
             continue
         if time.monotonic() > deadline:
@@ -173,11 +159,18 @@ def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 
                                f"(held by {held.tags.get(LOCK_HOLDER_TAG, '?')})")
         time.sleep(0.2)
 
+
+@contextlib.contextmanager
+def renewing_lease(client, name: str, lease_s: float):
+    """While the block runs, renew the lock's lease tag every lease_s / 3 seconds (a failed renewal only shortens
+    the lease)."""
+    import threading
+
     stop = threading.Event()
 
     def renew():
         while not stop.wait(lease_s / 3):
-            with contextlib.suppress(Exception):  # a failed renewal only shortens the lease
+            with contextlib.suppress(Exception):
                 client.set_registered_model_tag(name, LOCK_EXPIRES_TAG, f"{time.time() + lease_s:.3f}")
 
     renewer = threading.Thread(target=renew, daemon=True)
@@ -187,6 +180,30 @@ def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 
     finally:
         stop.set()
         renewer.join()
+
+
+@contextlib.contextmanager
+def store_lock(client, purpose: str, timeout_s: float = 120.0, lease_s: float = 60.0):
+    """Hold an exclusive lock kept in the tracking store's own database, for every machine that uses it.
+
+    The lock is a registered model named `<purpose>--lock`: creating one is atomic in the store (a
+    unique name; the second creator gets RESOURCE_ALREADY_EXISTS from the database, through any server, or
+    RESOURCE_DOES_NOT_EXIST when the holder released between the two), and deleting it is the release.
+    The holder renews a lease tag every lease_s / 3 seconds; a lock whose lease ran out (its holder died:
+    SIGKILL, a lost machine) is broken by the next waiter.
+    Two coordinators on two machines promoting at once through one `mlflow server` serialise here;
+    a file lock could not see the other machine. Raises TimeoutError after `timeout_s`.
+    """
+    import socket
+    import uuid
+
+    name = lock_model_name(purpose)
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    take_lock(client, name, holder, timeout_s, lease_s)
+    try:
+        with renewing_lease(client, name, lease_s):
+            yield
+    finally:
         with contextlib.suppress(Exception):
             if client.get_registered_model(name).tags.get(LOCK_HOLDER_TAG) == holder:
                 client.delete_registered_model(name)

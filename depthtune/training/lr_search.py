@@ -151,6 +151,31 @@ def start_candidates(model: nn.Module, lrs: list[float], cfg: TrainConfig, make_
     return cands
 
 
+def halve(everyone: list, ends: list[int], prior: float, metric: str, log: Callable[[str], None]) -> tuple[list, int]:
+    """Successive halving: every live candidate trains to each rung's end step, the best third (and the configured
+    lr) go on; (the candidates alive at the end, the last rung run)."""
+    alive = list(everyone)
+    for rung, target in enumerate(ends):
+        for c in alive:
+            advance(c, target)
+            c.rung = rung
+        alive = ranked(alive, prior)
+        log(f"lr search, rung {rung} (to step {target}): "
+            + ", ".join(f"lr {c.lr:.3g} val {metric} {c.score():.4f}" for c in alive))
+        alive = survivors(alive, prior, last_rung=rung == len(ends) - 1)
+        if len(alive) == 1:
+            break
+    return alive, rung
+
+
+def free_losers(everyone: list, winner) -> None:
+    """Free the losers' optimizer states and weight copies before the winner goes on."""
+    for c in everyone:
+        if c is not winner:
+            c.run.optimizer.state.clear()
+            c.weights = c.best.tensors = None
+
+
 def search_and_train(model: nn.Module, *, spec: VariantSpec, num_layers: int, train_ex: Examples,
                      val_ex: Examples, cfg: TrainConfig, metric: str, device: str, pad_id: int, num_labels: int,
                      caches: tuple, fingerprint_for: Callable[[TrainConfig], str], extra_meta: dict,
@@ -174,18 +199,9 @@ def search_and_train(model: nn.Module, *, spec: VariantSpec, num_layers: int, tr
                      log=quiet, eval_batch_size=eval_batch_size, caches=caches)
 
     lrs = candidate_lrs(cfg.lr, cfg.lr_search.factors)
-    alive = start_candidates(model, lrs, cfg, make_setup)
-    everyone, key, ends = list(alive), f"val_{metric}", rung_steps(cfg, len(train_ex))
-    for rung, target in enumerate(ends):
-        for c in alive:
-            advance(c, target)
-            c.rung = rung
-        alive = ranked(alive, cfg.lr)
-        log(f"lr search, rung {rung} (to step {target}): "
-            + ", ".join(f"lr {c.lr:.3g} val {metric} {c.score():.4f}" for c in alive))
-        alive = survivors(alive, cfg.lr, last_rung=rung == len(ends) - 1)
-        if len(alive) == 1:
-            break
+    everyone = start_candidates(model, lrs, cfg, make_setup)
+    key, ends = f"val_{metric}", rung_steps(cfg, len(train_ex))
+    alive, rung = halve(everyone, ends, cfg.lr, metric, log)
     best = ranked(alive, cfg.lr)[0]
     winner, p = gate_against_prior(best, everyone, cfg.lr, metric, cfg.lr_search.alpha)
     chosen = dataclasses.replace(cfg, lr=winner.lr)
@@ -202,10 +218,7 @@ def search_and_train(model: nn.Module, *, spec: VariantSpec, num_layers: int, tr
     log(f"lr search: chose lr {winner.lr:.3g} of {len(lrs)} (configured {cfg.lr:.3g}) on validation {metric} "
         f"in {result['seconds']:.1f} s; the others trained {result['extra_steps']} steps{gate}"
         + ("; it is at the edge of the grid: consider wider train.lr_search.factors" if result["at_edge"] else ""))
-    for c in everyone:  # free the losers' optimizer states and weight copies before the winner goes on
-        if c is not winner:
-            c.run.optimizer.state.clear()
-            c.weights = c.best.tensors = None
+    free_losers(everyone, winner)
     load_trainable_state(model, winner.weights)
     set_rng_state(winner.rng)
     run, state = winner.run, winner.state
