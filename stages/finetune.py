@@ -27,7 +27,7 @@ from depthtune.training import finetuning
 from depthtune.planning import step_time
 
 from depthtune.tracking import log_runs as tracking
-from depthtune.training.checkpoints import checkpoint_meta, latest_checkpoint
+from depthtune.training.checkpoints import checkpoint_meta, fault_kill_hook, latest_checkpoint
 from depthtune.data.batching import Examples
 from depthtune.config import TrainConfig, VariantSpec, effective_train, load_params, to_dict, variant_of
 from depthtune.training.data_parallel import init_distributed
@@ -38,7 +38,7 @@ from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.records import AuditRecord, LabelSet, TrainRecord, read_variant_record
 from depthtune.model.sources import load_tokenizer
 from depthtune.data.tokenized import check_vocab, load_tokenized
-from depthtune.training.loop import fingerprint_of
+from depthtune.training.loop import fingerprint_of, loss_csv
 
 
 @dataclass
@@ -129,7 +129,7 @@ def train(job: Job, params, args) -> Trained:
             built, spec=spec, cfg=job.cfg, train_ex=job.train_ex, val_ex=job.val_ex, metric=metric,
             device=job.device, pad_id=job.pad_id, num_labels=len(job.labels), checkpoint_dir=job.ck_dir,
             fingerprint_for=job.fingerprint_for, extra_meta={"mlflow_run_id": job.run_id},
-            on_step=finetuning.fault_kill_hook(name), log=print, task=params.task)  # print: also the Prefect log
+            on_step=fault_kill_hook(name), log=print, task=params.task)  # print: also the Prefect log
     # train.seeds > 1: the other seeds, at the same lr (every rank trains; rank 0 writes seed_models/<v>/)
     seed_runs = [finetuning.seed_summary(cfg.seed, outcome, metric)] if cfg.seeds > 1 else []
     seed_runs += finetuning.train_other_seeds(
@@ -151,7 +151,7 @@ def write_outputs(job: Job, run: Trained, prediction: dict, params, args) -> Tra
                                      provenance=provenance(), lr_search=run.lr_search, seed_runs=run.seed_runs)
     finetuning.save_model(run.built.model, job.tokenizer, args.model, variant=name, spec=spec, labels=job.labels,
                           audit=job.audit, base=params.model.source, seed=run.cfg.seed, task=params.task)
-    write_text_atomic(args.loss_plot, finetuning.loss_csv(run.outcome.loss_curve))
+    write_text_atomic(args.loss_plot, loss_csv(run.outcome.loss_curve))
     with stopwatch.measure("mlflow"):
         logged = tracking.log_variant_training(
             params.tracking, name, audit_result=job.audit, train_result=record, model_dir=args.model,

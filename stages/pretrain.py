@@ -42,7 +42,7 @@ def main(argv: list | None = None) -> None:
         record = pretraining.passthrough(params)
         pretraining.write_passthrough(record, args.out)
         record.write(args.metrics)
-        write_text_atomic(args.loss_plot, pretraining.loss_csv(record))
+        write_text_atomic(args.loss_plot, pretraining.pretrain_csv(record))
         print(f"pretrain: off (pretrain.enabled: false); the variants start from {params.model.source} -> "
               f"{args.out}/pretrain.json, {args.metrics}")
         return
@@ -56,7 +56,7 @@ def main(argv: list | None = None) -> None:
         record.tracking = tracking.log_pretraining(params.tracking, record.to_dict(),
                                                    resolved_config=to_dict(params))
     record.write(args.metrics)
-    write_text_atomic(args.loss_plot, pretraining.loss_csv(record))
+    write_text_atomic(args.loss_plot, pretraining.pretrain_csv(record))
     shutil.rmtree(ck_dir, ignore_errors=True)  # done: nothing left to resume
     cov = ", ".join(f"{s} {c['unk_fraction']:.2%}" for s, c in record.coverage.items())
     print(f"pretrain: {record.steps} steps ({record.stopped_by}) in {record.train_time_s:.1f} s, "

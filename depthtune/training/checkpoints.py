@@ -16,16 +16,21 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from depthtune.errors import DepthtuneError, ModelError, first_line
+from depthtune.errors import ConfigError, DepthtuneError, ModelError, first_line
 
 FILES = ("trainable.safetensors", "best.safetensors", "optim.pt", "meta.json")
+# [<target>:]N: SIGKILL right after optimizer step N (the reliability tests' kill; the target is a variant or
+# "pretrain"; a bare N kills every fine-tuning variant)
+FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
 RNG_META_KEYS = ("rng_python", "rng_numpy")  # in meta.json beside the training state
 
 
@@ -162,3 +167,35 @@ def load_checkpoint(ck: Path, *, model, optimizer, scheduler, fingerprint: str) 
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(rng)
     return meta, best_state
+
+
+def resume_latest(root: Optional[Path], *, model, optimizer, scheduler, fingerprint: str):
+    """The one resume path (fine-tuning and pretraining): the newest checkpoint under `root` restored into
+    model, optimizer, scheduler and RNG streams -> (its meta, its best weights, its name); None when there is none."""
+    ck = latest_checkpoint(root) if root is not None else None
+    if ck is None:
+        return None
+    meta, best = load_checkpoint(ck, model=model, optimizer=optimizer, scheduler=scheduler, fingerprint=fingerprint)
+    return meta, best, ck.name
+
+
+def fault_kill_hook(target: str, *, named_only: bool = False) -> Optional[Callable[[int, int], None]]:
+    """`on_step` callback for DEPTHTUNE_FAULT_KILL_AT_STEP=[<target>:]N: SIGKILL right after step N (tests).
+    named_only: a bare N does not apply (pretraining is killed only when named: `pretrain:N`)."""
+    spec = os.environ.get(FAULT_KILL_ENV, "").strip()
+    if not spec:
+        return None
+    named, _, step = spec.rpartition(":")
+    if (named and named != target) or (named_only and not named):
+        return None
+    if not step.isdigit() or int(step) < 1:
+        raise ConfigError(f"{FAULT_KILL_ENV}={spec!r}: expected [<variant>:]<step >= 1>")
+    kill_at = int(step)
+
+    def on_step(step_done: int, epoch: int = 0) -> None:
+        if step_done == kill_at:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step

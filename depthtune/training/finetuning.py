@@ -13,19 +13,14 @@ process SIGKILL itself right after optimizer step N (before that step's checkpoi
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
 import json
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 from depthtune import tasks
 from depthtune.config import Params, VariantSpec, to_dict
-from depthtune.errors import ConfigError, ModelError
+from depthtune.errors import ModelError
 from depthtune.files import atomic_dir
 from depthtune.training.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.training.lr_search import search_and_train
@@ -34,7 +29,6 @@ from depthtune.planning.step_time import after_training
 from depthtune.training.loop import prefix_caches, train
 from depthtune.model.variants import BuiltVariant, build_variant
 
-FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"
 
 
 def build_checked(params: Params, name: str, audit: AuditRecord, labels: list, seed: int) -> BuiltVariant:
@@ -126,27 +120,6 @@ def searched_lr(checkpoint_dir: Optional[Path]) -> Optional[dict]:
     return checkpoint_meta(ck).get("lr_search") if ck is not None else None
 
 
-def fault_kill_hook(variant: str) -> Optional[Callable[[int, int], None]]:
-    """`on_step` callback for DEPTHTUNE_FAULT_KILL_AT_STEP=[<variant>:]N: SIGKILL right after step N (tests)."""
-    spec = os.environ.get(FAULT_KILL_ENV, "").strip()
-    if not spec:
-        return None
-    target, _, step = spec.rpartition(":")
-    if target and target != variant:
-        return None
-    if not step.isdigit() or int(step) < 1:
-        raise ConfigError(f"{FAULT_KILL_ENV}={spec!r}: expected [<variant>:]<step >= 1>")
-    kill_at = int(step)
-
-    def on_step(step_done: int, epoch: int) -> None:
-        if step_done == kill_at:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return on_step
-
-
 def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str, built: BuiltVariant, outcome,
                  wall_s: float, peak_bytes: int, peak_kind: str, audit: AuditRecord, run_id: Optional[str],
                  provenance: dict, lr_search: Optional[dict] = None, seed_runs: Optional[list] = None,
@@ -205,16 +178,6 @@ def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSp
             "seed": seed,
             "audit_trainable_params": audit.trainable_params, "audit_total_params": audit.total_params,
         }, indent=2) + "\n")
-
-
-def loss_csv(loss_curve: list) -> str:
-    """plots/loss/<variant>.csv for `dvc plots`: step,loss."""
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["step", "loss"])
-    for row in loss_curve:
-        w.writerow([row["step"], f"{row['loss']:.6f}"])
-    return buf.getvalue()
 
 
 def flat_params(name: str, spec: VariantSpec, cfg, params: Params) -> dict:

@@ -18,7 +18,9 @@ files in depthtune.training.checkpoints, gradient averaging over processes in de
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import time
@@ -30,8 +32,7 @@ import torch
 from torch import nn
 
 from depthtune.data.batching import Examples, autocast, collate, length_grouped_batches, predict_logits
-from depthtune.training.checkpoints import (latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint,
-                                   trainable_state)
+from depthtune.training.checkpoints import load_trainable_state, resume_latest, save_checkpoint, trainable_state
 from depthtune import tasks
 from depthtune.config import TrainConfig, VariantSpec
 from depthtune.evaluation import metrics
@@ -336,13 +337,13 @@ def start_or_resume(run: TrainSetup, fingerprint: str,
     # evaluation stores the current weights as `best`; a resume replaces them at its first evaluation too.
     evaluation_certain = not cfg.eval_every or run.total_steps >= cfg.eval_every
     best = BestWeights(None if evaluation_certain else trainable_state(run.model))
-    ck = latest_checkpoint(run.checkpoint_dir) if run.checkpoint_dir is not None else None
-    if ck is None:
+    resumed = resume_latest(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                            fingerprint=fingerprint)
+    if resumed is None:
         return TrainState(fingerprint=fingerprint, extra=dict(extra_meta)), best, None
-    meta, best.tensors = load_checkpoint(ck, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                                         fingerprint=fingerprint)
+    meta, best.tensors, name = resumed
     state = TrainState.from_meta(meta, extra=extra_meta)
-    run.log(f"resumed from {ck.name} (step {state.step}, epoch {state.epoch})")
+    run.log(f"resumed from {name} (step {state.step}, epoch {state.epoch})")
     return state, best, state.step
 
 
@@ -390,14 +391,31 @@ def batch_loss(run: TrainSetup, index: list[int]) -> tuple[torch.Tensor, int]:
 
 
 def optimizer_step(run: TrainSetup) -> None:
-    """Average gradients over processes, clip, step the optimizer and the schedule, clear gradients."""
+    """Average gradients over processes, then apply_step."""
     if run.world > 1:
         all_reduce_grads(run.model, run.world)
-    if run.cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], run.cfg.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    apply_step(run.model, run.optimizer, run.scheduler, run.cfg.max_grad_norm)
+
+
+def apply_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> None:
+    """The one optimizer step (fine-tuning and pretraining): clip the trainable gradients, step the optimizer and
+    the schedule, clear the gradients."""
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def loss_csv(loss_curve: list, extra: Optional[dict] = None) -> str:
+    """The loss curve for `dvc plots`: step,loss (and a column per `extra` name: {step: value}, blank elsewhere)."""
+    extra = extra or {}
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "loss", *extra])
+    for row in loss_curve:
+        w.writerow([row["step"], f"{row['loss']:.6f}", *(col.get(row["step"], "") for col in extra.values())])
+    return buf.getvalue()
 
 
 def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,

@@ -23,9 +23,6 @@ import csv
 import hashlib
 import json
 import math
-import os
-import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +37,8 @@ from depthtune.model import sources
 from depthtune.planning import step_time
 from depthtune.planning.audit import audit_built
 from depthtune.data.batching import Examples, autocast, collate, length_grouped_batches
-from depthtune.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from depthtune.training.checkpoints import fault_kill_hook, resume_latest, save_checkpoint
+from depthtune.training.loop import apply_step, build_optimizer, fingerprint_of, loss_csv
 from depthtune.config import Params, VariantSpec, to_dict
 from depthtune.model.families import FAMILIES, family_of, is_decoder
 from depthtune.data.coverage import split_coverage, unk_token_id
@@ -55,7 +53,6 @@ from depthtune.model.tokenizer_training import train_tokenizer
 from depthtune.training.precision import autocast_dtype, resolve_precision
 from depthtune.model.variants import BuiltVariant, count_params, num_layers_of, scratch_config
 
-FAULT_KILL_ENV = "DEPTHTUNE_FAULT_KILL_AT_STEP"  # "pretrain:N": SIGKILL right after step N (reliability tests)
 TOKENIZER_DIR = "tokenizer"  # inside the checkpoint folder: a resumed run keeps the tokenizer it started with
 EVAL_SEED_STEP = 10 ** 9  # the validation masks' generator step: the same masks at every evaluation
 
@@ -312,26 +309,6 @@ class State:
         return cls(**{k: meta[k] for k in known}, extra={k: v for k, v in meta.items() if k not in known})
 
 
-def optimizer_for(model: nn.Module, cfg, total_steps: int):
-    """AdamW (no decay on biases and norms) + linear warmup (warmup_fraction) and linear decay to 0."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, fused=True)
-    warmup = int(cfg.warmup_fraction * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def fingerprint_of(*parts) -> str:
-    """What a checkpoint must match to be resumed: config, tokenizer vocabulary, data."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def mlm_logits(model: nn.Module, masked: torch.Tensor, mask: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     """[chosen positions, vocabulary] logits: the encoder on every token, the MLM head only where a token is
     predicted (the same numbers as the full model's logits there); other families: the full model's."""
@@ -389,20 +366,14 @@ def held_out(run: Setup, batch_size: int = 32) -> dict:
 
 
 def start_or_resume(run: Setup, extra: dict) -> tuple[State, Optional[int]]:
-    ck = latest_checkpoint(run.checkpoint_dir) if run.checkpoint_dir is not None else None
-    if ck is None:
+    resumed = resume_latest(run.checkpoint_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                            fingerprint=run.fingerprint)
+    if resumed is None:
         return State(fingerprint=run.fingerprint, extra=dict(extra)), None
-    meta, _ = load_checkpoint(ck, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
-                              fingerprint=run.fingerprint)
+    meta, _, name = resumed
     state = State.from_meta(meta)
-    run.log(f"pretrain: resumed from {ck.name} (step {state.step})")
+    run.log(f"pretrain: resumed from {name} (step {state.step})")
     return state, state.step
-
-
-def kill_hook() -> Optional[int]:
-    """DEPTHTUNE_FAULT_KILL_AT_STEP=pretrain:N -> N (the step after which the process SIGKILLs itself)."""
-    target, _, step = os.environ.get(FAULT_KILL_ENV, "").strip().rpartition(":")
-    return int(step) if target == "pretrain" and step.isdigit() else None
 
 
 def one_step(run: Setup, state: State, batches: list) -> None:
@@ -412,12 +383,8 @@ def one_step(run: Setup, state: State, batches: list) -> None:
         batches.append(length_grouped_batches(run.train.lengths, run.cfg.batch_size, run.cfg.seed, epoch))
     loss, _, counted, real = batch_loss(run, batches[epoch][at], step_generator(run.cfg.seed, state.step), run.train)
     loss.backward()
-    if run.cfg.max_grad_norm > 0:
-        nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.max_grad_norm)
     lr = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    apply_step(run.model, run.optimizer, run.scheduler, run.cfg.max_grad_norm)  # every parameter trains
     state.step += 1
     state.tokens += real
     state.predicted += int(counted)
@@ -430,7 +397,7 @@ def run_pretraining(run: Setup, *, extra_meta: dict, keep: int = 2) -> tuple[Sta
     run.model.to(run.device).train()
     state, resumed = start_or_resume(run, extra_meta)
     batches = [length_grouped_batches(run.train.lengths, cfg.batch_size, cfg.seed, 0)]
-    kill_at, stopped_by = kill_hook(), "max_steps"
+    on_step, stopped_by = fault_kill_hook("pretrain", named_only=True), "max_steps"
     if not state.val_curve:
         state.val_curve.append({"step": 0, **held_out(run)})
         run.log(f"pretrain: step 0 held-out perplexity {state.val_curve[-1][metrics.PRETRAIN.name]:.2f}")
@@ -445,9 +412,8 @@ def run_pretraining(run: Setup, *, extra_meta: dict, keep: int = 2) -> tuple[Sta
                     f"perplexity {state.val_curve[-1][metrics.PRETRAIN.name]:.2f}, "
                     f"{state.tokens / state.train_time_s:,.0f} "
                     "tokens/s")
-        if kill_at == state.step:
-            sys.stdout.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+        if on_step is not None:
+            on_step(state.step)
         if run.checkpoint_dir is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
             save_checkpoint(run.checkpoint_dir, state.step, model=run.model, optimizer=run.optimizer,
                             scheduler=run.scheduler, meta=state.to_meta(), best_state={}, keep=keep)
@@ -513,12 +479,10 @@ def write_passthrough(record: PretrainRecord, out_dir: Path) -> None:
         (tmp / "pretrain.json").write_text(json.dumps(folder_summary(record), indent=2) + "\n")
 
 
-def loss_csv(record: PretrainRecord) -> str:
+def pretrain_csv(record: PretrainRecord) -> str:
     """plots/pretrain.csv: step, training loss, held-out perplexity where measured (DVC plots)."""
     val = {v["step"]: v[metrics.PRETRAIN.name] for v in record.val_curve}
-    lines = ["step,loss,val_perplexity"]
-    lines += [f"{p['step']},{p['loss']},{val.get(p['step'], '')}" for p in record.loss_curve]
-    return "\n".join(lines) + "\n"
+    return loss_csv(record.loss_curve, {f"val_{metrics.PRETRAIN.name}": val})
 
 
 def audit_model(model: nn.Module, plan: Plan, cfg, total: int) -> dict:
@@ -554,7 +518,7 @@ def setup(params: Params, texts: Texts, *, checkpoint_dir: Optional[Path], devic
     validation = encode(tokenizer, texts.validation, pre.max_length, decoder)
     if not train.input_ids or not validation.input_ids:
         raise DataError("pretrain: no training or validation text of 2 tokens or more")
-    optimizer, scheduler = optimizer_for(model, pre, pre.max_steps)
+    optimizer, scheduler = build_optimizer(model, pre, pre.max_steps)  # the fine-tuning loop's: AdamW, linear
     vocab_fp = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
     data_fp = hashlib.sha256(json.dumps(train.input_ids).encode()).hexdigest()
     precision = resolve_precision(params.train.precision, device)
