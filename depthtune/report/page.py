@@ -3,8 +3,8 @@
 Pure: the report dict (depthtune.report.comparison.build_report) and the figures already rendered in memory in,
 bytes out. Everything the page shows is inside the file: the figures are PNG data URIs, the style is
 an inline <style>; no script, font, stylesheet or image is fetched, so a browser with no network shows
-all of it. Every text that comes from the data (variant names, descriptions, labels) goes through
-html.escape.
+all of it. The page is a jinja2 template (PAGE) rendered with autoescape: every text that comes from the data
+(variant names, descriptions, labels) is escaped; this module only formats the cells.
 
     html_bytes = index_html(report, {"pareto.png": ..., "depth.png": ...})
 
@@ -15,9 +15,11 @@ report["loss_curves"]: {variant: [{step, loss}, ...]}, the train records' loss_c
 from __future__ import annotations
 
 import base64
-import html
 import re
 from typing import Optional
+
+import jinja2
+from markupsafe import Markup, escape
 
 from depthtune import tasks
 from depthtune.report.comparison import NOT_CONVERGED, fmt_metric, fmt_p, metric_label, unknown_text_caution
@@ -35,13 +37,65 @@ figure { margin: 8px 0; } img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
-def esc(x) -> str:
-    return html.escape(str(x), quote=True)
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>depthtune: variant comparison</title>
+<style>{{ style }}</style>
+</head>
+<body>
+{%- macro table(t) %}
+<table>
+<tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in t.rows %}<tr>{% for c in row %}<td{% if loop.index0 in t.numeric %} class="n"{% endif %}>{{ c }}</td>
+{%- endfor %}</tr>
+{% endfor %}</table>
+{%- endmacro %}
+{%- macro figure(f) %}
+{%- if f.data %}
+<figure><img id="{{ f.id }}" alt="{{ f.alt }}" src="data:image/png;base64,{{ f.data }}">\
+<figcaption class="note">{{ f.alt }}</figcaption></figure>
+{%- else %}
+<p class="note" id="{{ f.id }}">{{ f.missing }}</p>
+{%- endif %}
+{%- endmacro %}
+<h1>Variant comparison</h1>
+<p>{{ n }} variants; test-split metrics{{ n_test }}, selection metric <strong>{{ metric }}</strong>, tolerance \
+{{ tolerance }}, alpha {{ alpha }}. ● marks Pareto-front members. Written by the compare stage beside comparison.md.</p>
+<p class="verdict" id="verdict">{{ verdict | bold }}</p>
+{%- for line in cautions %}
+<p class="note">{{ line | bold }}</p>
+{%- endfor %}
+<h2>Results</h2>
+{{- table(results) }}
+<p class="note">Brackets: 95% bootstrap interval over the test texts. p vs best: {{ test }} test against {{ best }} \
+on the same texts. {{ not_converged }}: still improving when training stopped.</p>
+<h2>Training</h2>
+{{- table(training) }}
+{%- if classes %}
+<h2 id="classes">Per class</h2>
+<p>{{ classes.variant }} on the test split: {{ classes.which }}, worst first.</p>
+{{- table(classes.worst) }}
+{%- if classes.confused %}
+<p>Most confused (true → predicted):</p>
+{{- table(classes.confused) }}
+{%- endif %}
+{%- endif %}
+<h2>Pareto fronts</h2>
+{{- figure(pareto) }}
+<h2>Loss curves</h2>
+{{- figure(loss) }}
+<h2>Trainable parameters per layer</h2>
+{{- figure(depth) }}
+</body>
+</html>
+"""
 
 
-def bold_markdown(text: str) -> str:
+def bold_markdown(text: str) -> Markup:
     """The verdict sentence carries **bold** markdown: escaped, then the pairs become <strong>."""
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", esc(text))
+    return Markup(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", str(escape(text))))
 
 
 def _num(x, fmt: str) -> str:
@@ -53,15 +107,12 @@ def _with_ci(r: dict, metric: str) -> str:
     return f"{fmt_metric(r[metric])} [{lo:.3f}, {hi:.3f}]"
 
 
-def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
-    """An HTML table of already-formatted strings (escaped here); columns in `numeric` align right."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td class=\"n\">{esc(c)}</td>" if i in numeric else f"<td>{esc(c)}</td>"
-                                    for i, c in enumerate(row)) + "</tr>\n" for row in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
+def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> dict:
+    """A table of already-formatted strings for the template (escaped there); columns in `numeric` align right."""
+    return {"header": header, "rows": rows, "numeric": set(numeric)}
 
 
-def results_table(report: dict) -> str:
+def results_table(report: dict) -> dict:
     """One row per variant: cost, quality with 95% intervals, p vs best, Pareto membership."""
     v = report["verdict"]
     m1, m2 = tasks.get(report["rows"][0].get("task", "classification")).metrics
@@ -81,7 +132,7 @@ def results_table(report: dict) -> str:
     return table(header, rows, numeric={2, 3, 4, 5, 6, 7, 8, 9, 10})
 
 
-def training_table(rows: list[dict]) -> str:
+def training_table(rows: list[dict]) -> dict:
     body = [[r["variant"], _num(r.get("lr"), ".3g") + (" (searched)" if r.get("lr_searched") else ""),
              _num(r.get("epochs_run"), "g"), _num(r.get("best_epoch"), "g"),
              "early stopping" if r.get("stopped_early") else "epoch limit",
@@ -90,32 +141,26 @@ def training_table(rows: list[dict]) -> str:
     return table(["variant", "lr", "epochs run", "best at epoch", "stopped", "converged"], body, numeric={1, 2, 3})
 
 
-def class_html(section: Optional[dict]) -> str:
-    """The top variant's worst classes by F1 and its most confused pairs, by label name (empty for a causal LM)."""
+def class_tables(section: Optional[dict]) -> Optional[dict]:
+    """The top variant's worst classes by F1 and its most confused pairs, by label name (None for a causal LM)."""
     if not section:
-        return ""
+        return None
     n, worst = section["classes"], section["worst"]
-    which = "every class" if len(worst) == n else f"the {len(worst)} of {n} classes with the lowest F1"
-    parts = ["<h2 id=\"classes\">Per class</h2>",
-             f"<p>{esc(section['variant'])} on the test split: {esc(which)}, worst first.</p>",
-             table(["class", "F1", "precision", "recall", "test texts"],
-                   [[r["label"], f"{r['f1']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['support']:,}"]
-                    for r in worst], numeric={1, 2, 3, 4})]
-    if section["confused"]:
-        parts += ["<p>Most confused (true → predicted):</p>",
-                  table(["true", "predicted", "texts", "share of the true class"],
-                        [[c["true"], c["predicted"], f"{c['count']:,}", f"{c['share']:.0%}"]
-                         for c in section["confused"]], numeric={2, 3})]
-    return "\n".join(parts)
+    confused = section["confused"]
+    return {"variant": section["variant"],
+            "which": "every class" if len(worst) == n else f"the {len(worst)} of {n} classes with the lowest F1",
+            "worst": table(["class", "F1", "precision", "recall", "test texts"],
+                           [[r["label"], f"{r['f1']:.3f}", f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+                             f"{r['support']:,}"] for r in worst], numeric={1, 2, 3, 4}),
+            "confused": table(["true", "predicted", "texts", "share of the true class"],
+                              [[c["true"], c["predicted"], f"{c['count']:,}", f"{c['share']:.0%}"] for c in confused],
+                              numeric={2, 3}) if confused else None}
 
 
-def figure(fig_id: str, png: Optional[bytes], alt: str, missing: str) -> str:
-    """An <img> holding the PNG as a base64 data URI (no file beside the page needed)."""
-    if not png:
-        return f"<p class=\"note\" id=\"{esc(fig_id)}\">{esc(missing)}</p>"
-    data = base64.b64encode(png).decode("ascii")
-    return (f"<figure><img id=\"{esc(fig_id)}\" alt=\"{esc(alt)}\" src=\"data:image/png;base64,{data}\">"
-            f"<figcaption class=\"note\">{esc(alt)}</figcaption></figure>")
+def figure(fig_id: str, png: Optional[bytes], alt: str, missing: str) -> dict:
+    """An <img> holding the PNG as a base64 data URI (no file beside the page needed), or the `missing` note."""
+    return {"id": fig_id, "alt": alt, "missing": missing,
+            "data": base64.b64encode(png).decode("ascii") if png else None}
 
 
 def index_html(report: dict, figures: dict) -> bytes:
@@ -123,32 +168,17 @@ def index_html(report: dict, figures: dict) -> bytes:
     v, rows = report["verdict"], report["rows"]
     curves = report.get("loss_curves") or {}
     loss = loss_png(curves) if any(curves.values()) else None
-    n_test = f" on {v['n_test']:,} test texts" if v.get("n_test") else ""
-    body = [
-        "<h1>Variant comparison</h1>",
-        f"<p>{len(rows)} variants; test-split metrics{esc(n_test)}, selection metric "
-        f"<strong>{esc(report['metric'])}</strong>, tolerance {report['tolerance']:g}, alpha {report['alpha']:g}. "
-        "● marks Pareto-front members. Written by the compare stage beside comparison.md.</p>",
-        f"<p class=\"verdict\" id=\"verdict\">{bold_markdown(v['sentence'])}</p>",
-        *(f"<p class=\"note\">{bold_markdown(line)}</p>"
-          for line in unknown_text_caution(report.get("unknown_fraction")) if line),
-        "<h2>Results</h2>", results_table(report),
-        f"<p class=\"note\">Brackets: 95% bootstrap interval over the test texts. p vs best: {esc(v['test'])} test "
-        f"against {esc(v['best']['variant'])} on the same texts. {esc(NOT_CONVERGED)}: still improving when "
-        "training stopped.</p>",
-        "<h2>Training</h2>", training_table(rows),
-        class_html(report.get("classes")),
-        "<h2>Pareto fronts</h2>",
-        figure("fig-pareto", figures.get("pareto.png"), "Quality vs trainable parameters and vs train time", ""),
-        "<h2>Loss curves</h2>",
-        figure("fig-loss", loss, "Training loss per optimizer step, per variant",
-               "No loss curves in this report (the train records carry none)."),
-        "<h2>Trainable parameters per layer</h2>",
-        figure("fig-depth", figures.get("depth.png"),
-               "Trainable parameters per layer bucket (0 = frozen, — = layer not kept)", ""),
-    ]
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<title>depthtune: variant comparison</title>\n"
-            f"<style>{STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+    env = jinja2.Environment(autoescape=True, keep_trailing_newline=True)
+    env.filters["bold"] = bold_markdown
+    page = env.from_string(PAGE).render(
+        style=Markup(STYLE), n=len(rows), n_test=f" on {v['n_test']:,} test texts" if v.get("n_test") else "",
+        metric=report["metric"], tolerance=f"{report['tolerance']:g}", alpha=f"{report['alpha']:g}",
+        verdict=v["sentence"], cautions=[line for line in unknown_text_caution(report.get("unknown_fraction")) if line],
+        results=results_table(report), test=v["test"], best=v["best"]["variant"], not_converged=NOT_CONVERGED,
+        training=training_table(rows), classes=class_tables(report.get("classes")),
+        pareto=figure("fig-pareto", figures.get("pareto.png"), "Quality vs trainable parameters and vs train time", ""),
+        loss=figure("fig-loss", loss, "Training loss per optimizer step, per variant",
+                    "No loss curves in this report (the train records carry none)."),
+        depth=figure("fig-depth", figures.get("depth.png"),
+                     "Trainable parameters per layer bucket (0 = frozen, — = layer not kept)", ""))
     return page.encode("utf-8")
-
