@@ -15,7 +15,7 @@
 
 Refusals raise DepthtuneError before anything in the registry changes. Steps 3-7 run
 under a lock keyed by (store, model name): a file beside a SQLite store, a lock held in
-the store's database for a server (mlflow_store.store_lock), so two promotions racing
+the store's database for a server (depthtune.tracking.store.store_lock), so two promotions racing
 on one machine or on two serialise; the champion alias is re-read just before it is moved.
 Aliases only: model version stages are deprecated in MLflow 3.
 """
