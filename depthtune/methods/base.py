@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from depthtune.errors import ConfigError
+from depthtune.named import Named
 from depthtune.model.param_names import classify_param, coarse_bucket
 
 
@@ -106,15 +107,8 @@ def trains_beyond_head(model) -> bool:
     return any(p.requires_grad and coarse_bucket(classify_param(n)) != "head" for n, p in model.named_parameters())
 
 
-REGISTRY: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    """Add a kind to the registry (each module of depthtune.methods calls it once for its kind)."""
-    if not method.name or method.name in REGISTRY:
-        raise ValueError(f"variant kind {method.name!r}: empty or registered twice")
-    REGISTRY[method.name] = method
-    return method
+REGISTRY = Named("variant kind")
+register = REGISTRY.register  # each module of depthtune.methods calls it once for its kind
 
 
 def ordered() -> list[Method]:
@@ -122,10 +116,7 @@ def ordered() -> list[Method]:
 
 
 def get(name: str) -> Method:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"variant kind {name!r}: not one of {', '.join(m.name for m in ordered())}") from None
+    return REGISTRY.find(name, [m.name for m in ordered()])
 
 
 def keys() -> list[str]:

@@ -14,7 +14,7 @@ the task, never compare its name:
 """
 from __future__ import annotations
 
-from depthtune.errors import ConfigError
+from depthtune.named import Named
 
 
 class Task:
@@ -45,18 +45,9 @@ class Task:
         raise NotImplementedError
 
 
-REGISTRY: dict[str, Task] = {}
-
-
-def register(task: Task) -> Task:
-    if not task.name or task.name in REGISTRY:
-        raise ValueError(f"task {task.name!r}: empty or registered twice")
-    REGISTRY[task.name] = task
-    return task
+REGISTRY = Named("task")
+register = REGISTRY.register  # each module of depthtune.tasks calls it once for its task
 
 
 def get(name: str) -> Task:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"task: {name!r} is not one of {', '.join(REGISTRY)}") from None
+    return REGISTRY.find(name)
