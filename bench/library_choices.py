@@ -10,6 +10,8 @@
 - The progress line (depthtune/progress.py) in a log (stdout not a TTY, as under DVC and Prefect): a run of
   N steps at 20 ms a step through tqdm (its defaults), rich.progress (a non-terminal Console) and ours: the bytes and
   the update records each writes into the log.
+- Data parallelism: whether torch's DistributedDataParallel averages a step that does not run through its forward,
+  as the frozen-prefix cache's steps do (bench/ddp_bypass.py under torchrun, 2 processes).
 Prints a table and writes bench/results/library-choices-<cpu>-<date>.md.
 """
 from __future__ import annotations
@@ -115,6 +117,17 @@ def progress_rows(seconds: float) -> list[str]:
     return rows
 
 
+def ddp_rows() -> list[str]:
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "bench.ddp_bypass"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("ddp_bypass:")), done.stderr[-300:])
+    return [f"| DistributedDataParallel, 2 processes | {line.removeprefix('ddp_bypass: ')} | | | |"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.library_choices", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
@@ -127,7 +140,7 @@ def main(argv=None) -> int:
         pass
     lines = [f"# Hand-written vs library — {cpu}, {dt.date.today().isoformat()}", "",
              "| what | ours | scipy | ours ms | scipy ms |", "|---|---|---|---:|---:|", *mcnemar_rows(),
-             *bootstrap_rows(), *progress_rows(args.progress_seconds), ""]
+             *bootstrap_rows(), *progress_rows(args.progress_seconds), *ddp_rows(), ""]
     text = "\n".join(lines)
     print(text)
     slug = "amd-epyc" if "AMD" in cpu else "intel-xeon" if "Intel" in cpu else "cpu"

@@ -2,6 +2,10 @@
 
 Each process takes every N-th example of the global batch; after backward one flat all-reduce
 averages the gradients, so every rank applies the same update and the weights stay identical.
+Not torch's DistributedDataParallel: DDP averages only a backward that ran through DDP.forward, and a
+cached-prefix step calls the model's top blocks directly (prefix_cache.top_forward): measured, its gradients then
+differ across ranks, silently (bench/ddp_bypass.py, recorded by bench/library_choices.py). This all-reduce runs
+after backward, whatever ran forward.
 """
 from __future__ import annotations
 
