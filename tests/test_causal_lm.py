@@ -19,7 +19,8 @@ import torch
 
 from depthtune.data.batching import Examples, collate
 from depthtune.config import ConfigError, parse_variant
-from depthtune.evaluation.lm_scoring import continuations, lm_metrics, score_texts
+from depthtune.evaluation.lm_scoring import continuations, score_texts
+from depthtune.evaluation.metrics import lm_metrics
 from depthtune.evaluation.next_token import mean_loss, token_nll
 from depthtune.training.loop import batch_loss, improves, setup, train
 from depthtune.model.variants import build_variant

@@ -22,13 +22,15 @@ from depthtune import tasks
 from depthtune.config import EvaluationConfig
 from depthtune.evaluation import metrics
 from depthtune.errors import ModelError, first_line
-from depthtune.evaluation.lm_scoring import continuations, lm_metrics, score_texts
+from depthtune.evaluation.lm_scoring import continuations, score_texts
+from depthtune.evaluation.metrics import lm_metrics
 from depthtune.evaluation.scoring_batch import scoring_batch_size
 from depthtune.evaluation.metric_modules import ClassificationReport, quick_scores
 from depthtune.progress import QUIET_FOR_S, Progress, counting_forwards
 from depthtune.records import EvalRecord
 from depthtune.evaluation.significance import bootstrap_ci, lm_bootstrap_ci
 from depthtune.model.sources import load_tokenizer_folder
+from depthtune.model.variants import AUTO_CLASSES
 
 CI_RESAMPLES, CI_SEED, CI_LEVEL = 1000, 0, 0.95  # every variant: same resamples of the same texts
 
@@ -40,12 +42,10 @@ def scoring_progress(model, n: int, batch_size: int, name: str):
 
 
 def load_saved_model(model_dir: Path, device: str, task: str = "classification"):
-    import transformers
-
     model_dir = Path(model_dir)
     if not (model_dir / "model.safetensors").exists():
         raise ModelError(f"{model_dir}: no model.safetensors (run `dvc repro finetune` first)")
-    auto = getattr(transformers, tasks.get(task).auto_class)  # the task's model class, as it was trained
+    auto = AUTO_CLASSES[tasks.get(task).auto_class]  # the task's model class, as it was trained
     try:
         return auto.from_pretrained(model_dir, use_safetensors=True).to(device).eval()
     except Exception as exc:  # noqa: BLE001  (any unloadable folder: one line naming it)

@@ -18,20 +18,8 @@ import torch
 from torch import nn
 
 from depthtune.data.batching import Examples, autocast, collate
-from depthtune.evaluation import metrics
 from depthtune.evaluation.next_token import token_nll
 from depthtune.evaluation.scoring_batch import scoring_batch_size
-
-
-def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:
-    """{loss, every ratio metric whose per-text count is known (perplexity; bits_per_byte with bytes), tokens} of
-    per-text sums (depthtune.evaluation.metrics: one implementation each)."""
-    total_nll, total_tokens = float(np.sum(nll)), int(np.sum(tokens))
-    sums = {"tokens": total_tokens, **({"n_bytes": int(np.sum(n_bytes))} if n_bytes is not None else {})}
-    out = {"loss": total_nll / max(1, total_tokens)}
-    out.update({m.name: m.of_sums(total_nll, sums[m.denominator]) for m in metrics.ratio_metrics()
-                if m.denominator in sums})
-    return {**out, "tokens": total_tokens}
 
 
 @torch.no_grad()

@@ -140,5 +140,16 @@ def ratio_metrics() -> list[Metric]:
     return [m for m in REGISTRY.values() if m.ratio is not None]
 
 
+def lm_metrics(nll: np.ndarray, tokens: np.ndarray, n_bytes: Optional[np.ndarray] = None) -> dict:
+    """{loss, every ratio metric whose per-text count is known (perplexity; bits_per_byte with bytes), tokens} of
+    per-text sums (depthtune.evaluation.metrics: one implementation each)."""
+    total_nll, total_tokens = float(np.sum(nll)), int(np.sum(tokens))
+    sums = {"tokens": total_tokens, **({"n_bytes": int(np.sum(n_bytes))} if n_bytes is not None else {})}
+    out = {"loss": total_nll / max(1, total_tokens)}
+    out.update({m.name: m.of_sums(total_nll, sums[m.denominator]) for m in ratio_metrics()
+                if m.denominator in sums})
+    return {**out, "tokens": total_tokens}
+
+
 def higher_is_better(name: str) -> bool:
     return get(name).higher_is_better

@@ -15,15 +15,23 @@ from typing import Optional
 import torch
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import PreTrainedModel  # noqa: F401 -- imported here on purpose: see AUTO_CLASSES
 
+from depthtune import tasks
 from depthtune.config import ModelConfig, ScratchArch, VariantSpec, check_variant_against_model
 from depthtune.model.families import DECODER_TYPES, config_kwargs, is_decoder
-from depthtune import tasks
 from depthtune.errors import ConfigError, ModelError, first_line
 from depthtune.methods import Param
 from depthtune.runtime import seed_everything
 from depthtune.model import sources
 from depthtune.model.param_names import classify_param, coarse_bucket, layer_index
+
+# The model classes the builder builds, by the name a task gives (depthtune.tasks: `auto_class`). Imported with the
+# builder, not while it builds, with PreTrainedModel (transformers.modeling_utils: ~100 MiB of heap with
+# accelerate, PIL, scipy): that import then sits outside the finetune stage's peak-memory window, as every import
+# does (tests/test_memory_estimate.py measures the window against the audit's estimate).
+AUTO_CLASSES = {c.__name__: c for c in (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification)}
 
 # ----------------------------------------------------------------------------- configs
 
@@ -137,13 +145,11 @@ class BuiltVariant:
 def model_class(task: str, num_labels: int, model_type: str, path: str = "variant"):
     """The transformers auto class of the task (depthtune.tasks: `auto_class`): a sequence classifier, a causal
     LM; the bare model for a labelled task without labels (the audit's bare count)."""
-    import transformers
-
     row = tasks.get(task)
     if row.needs_decoder and not is_decoder(model_type):
         raise ConfigError(f"{path}: task {row.name} needs a decoder ({', '.join(DECODER_TYPES)}); "
                           f"the model is a {model_type}")
-    return getattr(transformers, row.auto_class if num_labels or not row.labelled else "AutoModel")
+    return AUTO_CLASSES[row.auto_class if num_labels or not row.labelled else "AutoModel"]
 
 
 def build_variant(model_cfg: ModelConfig, spec: VariantSpec, num_labels: int, device: str = "cpu",

@@ -26,7 +26,7 @@ class CausalLM(Task):
         return mean_loss(*token_nll(logits, *targets))
 
     def validation_scores(self, outputs, examples, num_labels: int) -> dict:
-        from depthtune.evaluation.lm_scoring import lm_metrics
+        from depthtune.evaluation.metrics import lm_metrics
 
         nll, tokens = outputs
         return {k: v for k, v in lm_metrics(nll, tokens, examples.n_bytes).items() if k != "tokens"}
