@@ -2,6 +2,7 @@
 #   make repro   # create .venv, install, run the default pipeline (dvc repro) offline
 #                # (make repro DVC_ARGS=--force: re-run every stage)
 #   make test    # create .venv, install, run the test suite
+#   make test-quick  # the suite without the tests marked slow (pipelines, examples, servers): a few minutes
 #   make setup   # .venv, the offline DVC plots template (npm), chromium for the report tests and PostgreSQL
 #                # for the team-server tests (apt-get, as root)
 VENV := .venv
@@ -16,7 +17,7 @@ export DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup browser postgres repro test bench clean-outputs
+.PHONY: setup browser postgres repro test test-quick bench clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -63,6 +64,9 @@ repro: $(STAMP) $(PLOTS_TEMPLATE)
 
 test: setup
 	$(PY) -m pytest -q
+
+test-quick: setup
+	$(PY) -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(PY) -m bench.run

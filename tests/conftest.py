@@ -16,6 +16,20 @@ def pytest_configure(config):
     runtime.configure_process()
 
 
+# Whole pipelines, the examples, servers, process fleets and timed memory runs: `make test-quick` (pytest -m "not
+# slow") leaves them out; `make test` (what CI runs) runs everything.
+SLOW_MODULES = {"test_fault_pipeline", "test_distributed", "test_examples", "test_memory_estimate", "test_pipeline_dvc",
+                "test_ddp_and_learning", "test_lr_search", "test_bench", "test_device_check", "test_offline_report",
+                "test_registry", "test_tracking", "test_retrain_deployment", "test_seeds", "test_prompt_completion",
+                "test_pretrain", "test_security", "test_decoders", "test_causal_lm"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES or "local_pipeline" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
