@@ -148,7 +148,7 @@ class VariantSpec:
     def as_params(self) -> dict:
         """The variant as params.yaml writes it, every kind's key present (depthtune.json, MLflow params)."""
         out = {"depth": self.depth}
-        out.update({m.key: m.unset for m in methods.ordered() if m.key})
+        out.update({m.key: m.unset for m in methods.ordered() if m.key and m.listed_when_unset})
         if self.method.key:
             out[self.method.key] = to_dict(self.method.to_params(self.options))
         out["train"] = to_dict(self.train)

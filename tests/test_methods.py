@@ -109,3 +109,36 @@ def test_step_time_before_training_assumes_the_kind_efficiency(tmp_path, monkeyp
         pred = step_time.before_training(audit, examples, batch_size=4, seed=0, epochs=1, device="cpu",
                                          precision="fp32", kind=spec.kind)
         assert pred["throughput"]["efficiency"] == method.efficiency, kind
+
+
+def test_train_layers_trains_exactly_the_chosen_blocks_of_minilm():
+    """The kind added as one file (depthtune/methods/train_layers.py): blocks 1 and 4 of the packaged MiniLM, with
+    its pooler and head: 2 x 1,774,464 + 147,840 + 770 parameters; the prefix below block 1 is cacheable."""
+    spec = parse_variant("mid", {"train_layers": [4, 1]}, "variants.mid")
+    built = build_variant(ModelConfig(), spec, 2, device="meta", path="variants.mid")
+    assert built.trainable_params == 2 * 1_774_464 + 147_840 + 770
+    trained = {n.split(".layer.")[1].split(".")[0] for n, p in built.model.named_parameters()
+               if p.requires_grad and ".layer." in n}
+    assert trained == {"1", "4"}
+    assert spec.method.cached_prefix_layers(spec.options, built.num_layers) == 1
+    assert spec.describe() == "train_layers=[1, 4]" and spec.as_params()["train_layers"] == [1, 4]
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"train_layers": []}, "variants.v.train_layers: [] is not a non-empty list of block indices, e.g. [3, 7, 11]"),
+    ({"train_layers": [1, 1]}, "variants.v.train_layers: [1, 1] lists a block twice"),
+    ({"train_layers": [-1]}, "variants.v.train_layers: expected block indices >= 0, got [-1]"),
+    ({"train_layers": [1], "train_top": 2}, "variants.v: train_top and train_layers cannot be combined (each "
+                                            "chooses a variant kind: top, layers); keep one"),
+])
+def test_train_layers_refuses_bad_lists_in_one_line(raw, message):
+    with pytest.raises(ConfigError) as info:
+        parse_variant("v", raw, "variants.v")
+    assert str(info.value) == message
+
+
+def test_train_layers_out_of_range_is_refused_once_the_depth_is_known():
+    spec = parse_variant("v", {"train_layers": [2, 5], "depth": 4}, "variants.v")
+    with pytest.raises(ConfigError) as info:
+        build_variant(ModelConfig(), spec, 2, device="meta", path="variants.v")
+    assert str(info.value) == "variants.v.train_layers: [5] out of range, the variant has blocks 0..3"

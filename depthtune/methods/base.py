@@ -43,6 +43,10 @@ class Method:
     key: Optional[str] = None  # the variants.<v> key that chooses it (None: full fine-tuning, no key)
     unset: Any = None  # that key's value when a variant is another kind (params.yaml's shape for every variant)
     order: int = 100  # where its key sits in a variant's params (depthtune.json, MLflow) and in listings
+    # whether a variant of another kind still lists this key, unset (`train_top: null`): the first kinds do, so the
+    # records they wrote (depthtune.json, checkpoint fingerprints, MLflow params) keep their shape; a kind added
+    # later appears only in its own variants' params
+    listed_when_unset: bool = False
     default_lr: float = 8e-5
     lr_reason: str = ""
     efficiency: float = 0.45

@@ -11,6 +11,7 @@ class BitFit(Method):
     key = "bitfit"
     unset = False
     order = 30
+    listed_when_unset = True
     # Biases only (Zaken et al. 2022 use 1e-4..1e-3 on BERT-base; small models want the top).
     default_lr = 1e-3
     lr_reason = "biases only: Zaken et al. 2022 use 1e-4..1e-3 on BERT-base; small models want the top"

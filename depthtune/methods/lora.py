@@ -40,6 +40,7 @@ class Lora(Method):
     name = "lora"
     key = "lora"
     order = 20
+    listed_when_unset = True
     # The adapters start at zero (B = 0) and scale by alpha / r; 1e-4 barely moves them.
     default_lr = 1e-3
     lr_reason = "the adapters start at zero (B = 0) and scale by alpha / r; 1e-4 barely moves them"

@@ -14,6 +14,7 @@ class Scratch(Method):
     key = "init"
     unset = "pretrained"
     order = 40
+    listed_when_unset = True
     # Random weights: no pretrained features to protect; a small BERT's pretraining lr.
     default_lr = 5e-4
     lr_reason = "random weights: no pretrained features to protect; a small BERT's pretraining lr"

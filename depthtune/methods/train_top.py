@@ -18,6 +18,7 @@ class TrainTop(Method):
     name = "top"
     key = "train_top"
     order = 10
+    listed_when_unset = True
     # Only the top layers and the head move; the frozen bottom needs no protection.
     default_lr = 2e-4
     lr_reason = "only the top blocks and the head move; the frozen bottom needs no protection"
