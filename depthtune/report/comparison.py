@@ -35,6 +35,7 @@ from typing import Iterable, Sequence
 from depthtune import tasks
 from depthtune.evaluation import metrics
 from depthtune import layout
+from depthtune.config import parse_variant
 from depthtune.evaluation.class_summary import class_section
 from depthtune.errors import DepthtuneError
 from depthtune.model.layer_order import ordered_layer_names
@@ -129,7 +130,7 @@ def build_row(res: VariantResults) -> dict:
     return {
         "variant": res.variant,
         "description": a.description,
-        "init": (a.spec or {}).get("init") or "pretrained",
+        "init": "pretrained" if starts_pretrained(a) else "scratch",
         "depth": t.depth,
         "trainable_params": a.trainable_params,
         "total_params": a.total_params,
@@ -190,6 +191,13 @@ def pareto_front(points: Iterable[tuple[str, float, float]]) -> list[str]:
         if not dominated:
             front.append((cost, -val, i, n))
     return [n for *_, n in sorted(front)]
+
+
+def starts_pretrained(audit: AuditRecord) -> bool:
+    """Whether the variant's kind starts from the base model's weights (the audit record's spec, as params.yaml
+    writes it, read back through the kind registry: `init: scratch` is the scratch kind)."""
+    spec = parse_variant(audit.variant, {k: v for k, v in (audit.spec or {}).items() if v is not None}, "audit.spec")
+    return spec.method.pretrained
 
 
 def quality_metric(rows: Sequence[dict]) -> str:
