@@ -1,7 +1,7 @@
 """Variant kinds: one module each, registered by name (depthtune.methods.base.Method says what a kind owns).
 
-full (no key), top (`train_top: t`), probe (`train_top: 0`), lora (`lora: {...}`), bitfit (`bitfit: true`),
-scratch (`init: scratch`). Adding a kind is one new module here that subclasses Method and calls `register`, plus
+full (no key), top (`train_top: t`), probe (`train_top: 0`), layers (`train_layers: [i, j]`), lora (`lora: {...}`),
+bitfit (`bitfit: true`), scratch (`init: scratch`). Adding a kind is one new module here that subclasses Method and calls `register`, plus
 its test: `load()` imports every module of this folder, so nothing else lists the kinds. depthtune.config asks the
 registry which kind a variant's params choose; the builder, the audit, the planner, step-time, the prefix cache and
 the report ask the kind, never the params' fields.
