@@ -139,7 +139,8 @@ def main(argv=None) -> int:
     except (OSError, StopIteration):
         pass
     lines = [f"# Hand-written vs library — {cpu}, {dt.date.today().isoformat()}", "",
-             "| what | ours | scipy | ours ms | scipy ms |", "|---|---|---|---:|---:|", *mcnemar_rows(),
+             "| what | ours (or what happened) | the library (scipy.stats) | ours ms | library ms |",
+             "|---|---|---|---:|---:|", *mcnemar_rows(),
              *bootstrap_rows(), *progress_rows(args.progress_seconds), *ddp_rows(), ""]
     text = "\n".join(lines)
     print(text)
