@@ -72,6 +72,9 @@ def test_audit_plan_and_step_time_agree(kind, model_type, task, tmp_path, monkey
     # one time model: the plan's epoch is step_time.predict over the audit's step FLOPs at the kind's efficiency
     at = audit_built(built, variant_name="v", spec=spec, num_labels=labels, batch_size=row["max_batch"], seq_len=S,
                      task=task, model_source="scratch")
+    # ... and at the largest batch the plan found (where the activations dominate: at batch 1 the evaluation peak
+    # can hide a kind's activation term, as it hid BitFit's when the planner passed no frozen-matmul shape)
+    assert row["peak_bytes"] == at.estimates["memory_bytes"]["total"]
     shapes = [(row["max_batch"], S)] * -(-settings.examples // row["max_batch"])
     tp = step_time.Throughput(**TP, efficiency=method.efficiency)
     expected = step_time.predict(at.estimates["flops_per_token"]["step"], audit.trainable_params, shapes, 1, tp)
