@@ -8,7 +8,7 @@ runs in its own process (a fresh heap: RSS growth is not hidden by memory an ear
 Measured: the weights' bytes (exact, from the parameters) and depthtune.training.memory.PeakMemory's RSS growth
 over the steps (grads + activations + autocast copies + allocator overhead) plus the AdamW states' bytes
 (allocated by a tiny warm-up step, with thread pools and kernel workspaces, before the measure); estimated:
-depthtune.planning.audit.estimate for the same batch shape, total and the same total less the weights.
+depthtune.planning.costs.estimate for the same batch shape, total and the same total less the weights.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def report(args, results: list[tuple[dict, dict]], shared: str) -> str:
         "Peak growth = depthtune.training.memory.PeakMemory RSS growth over the measured steps + the AdamW states' bytes "
         "(allocated by a 1 x 8-token warm-up step before them, with the thread pools and kernel workspaces; "
         "the weights exist before too). "
-        "Estimate beyond weights = depthtune.planning.audit.estimate total - weights (grads + AdamW + activations "
+        "Estimate beyond weights = depthtune.planning.costs.estimate total - weights (grads + AdamW + activations "
         "incl. the logits + autocast weight copies). MiB. Two heaps: glibc's default, which keeps freed large "
         "blocks once its dynamic mmap threshold has grown (RSS then holds memory no tensor uses), and "
         f"`{TRIM_ENV}` (every block over 128 KiB is its own mmap, returned on free: RSS ~ live tensors).",

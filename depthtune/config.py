@@ -381,12 +381,12 @@ def check_task_metrics(params: Params) -> None:
     if (data.prompt_column is None) != (data.completion_column is None):
         raise ConfigError("data.prompt_column / data.completion_column: give both (the prompt is context, the "
                           "completion is trained on) or neither")
-    prompt_tasks = [t.name for t in tasks.load().values() if t.prompts]
+    prompt_tasks = [t.name for t in tasks.every() if t.prompts]
     if data.prompt_column is not None and not task.prompts:
         raise ConfigError(f"data.prompt_column: prompt/completion data is for task {' or '.join(prompt_tasks)}; set "
                           f"task: {prompt_tasks[0]} or the two columns to null")
     if params.train.lr_search.enabled and not task.lr_search:
-        searchable = " or ".join(t.name for t in tasks.load().values() if t.lr_search)
+        searchable = " or ".join(t.name for t in tasks.every() if t.lr_search)
         raise ConfigError(f"train.lr_search.enabled: the learning-rate search is built for {searchable} (its paired "
                           f"gate compares predictions); set it to false for {task.name}")
 

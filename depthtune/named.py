@@ -2,7 +2,7 @@
 their modules register into once, and the rest of the package looks them up with a one-line error."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Optional
 
 from depthtune.errors import ConfigError
 
@@ -21,10 +21,11 @@ class Named(dict):
         self[obj.name] = obj
         return obj
 
-    def find(self, name: str, listed: Optional[Iterable[str]] = None):
-        """The object named `name`, or a ConfigError listing the known names (`listed`: in that order)."""
+    def find(self, name: str, order: Optional[Callable] = None):
+        """The object named `name`, or a ConfigError listing the known names (sorted by `order`, a key on the
+        objects, when given; the listing is built only on a miss)."""
         try:
             return self[name]
         except KeyError:
-            known = ", ".join(listed if listed is not None else self)
+            known = ", ".join(o.name for o in (sorted(self.values(), key=order) if order else self.values()))
             raise ConfigError(f"{self.what} {name!r}: not one of {known}") from None

@@ -383,7 +383,7 @@ class EvalRecord(VariantResult):
 
     def to_dict(self) -> dict:
         own = tasks.get(self.task).eval_fields  # the fields of the other tasks are left out
-        other = {f for t in tasks.load().values() for f in t.eval_fields if f not in own}
+        other = {f for t in tasks.every() for f in t.eval_fields if f not in own}
         return {k: v for k, v in super().to_dict().items() if k not in other}
 
     def metric(self, name: str) -> float:

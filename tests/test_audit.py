@@ -9,6 +9,7 @@ import pytest
 
 from depthtune.planning import audit as audit_mod
 from depthtune.planning.audit import audit_built, closed_form_total
+from depthtune.planning.costs import block_activation_bytes
 from depthtune.cli import load_config_file, parse_variant_arg
 from depthtune.config import ModelConfig, parse_variant
 from depthtune.errors import ConfigError
@@ -443,7 +444,7 @@ def test_block_activation_formula_equals_the_tensors_autograd_saves(family, prec
     cfg = AutoConfig.for_model(family, num_hidden_layers=1, **shape)
     per_block_weights = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 96
     copies = 2 * per_block_weights if precision == "bf16-autocast" else 0
-    assert saved(2) - saved(1) == 60 * audit_mod.block_activation_bytes(cfg, precision, 20) + copies
+    assert saved(2) - saved(1) == 60 * block_activation_bytes(cfg, precision, 20) + copies
 
 
 @pytest.mark.parametrize("variant", [{}, {"bitfit": True}, {"lora": {"r": 8, "targets": ["query", "value"]}}],
@@ -474,5 +475,5 @@ def test_encoder_block_activation_formula_against_the_tensors_autograd_saves(var
         return kept, built.config
 
     (one, cfg), (two, _) = saved(1), saved(2)
-    formula = B * S * audit_mod.block_activation_bytes(cfg, "fp32", S, spec.method.frozen_matmuls(spec.options))
+    formula = B * S * block_activation_bytes(cfg, "fp32", S, spec.method.frozen_matmuls(spec.options))
     assert abs((two - one) - formula) <= 0.07 * formula, (two - one, formula)

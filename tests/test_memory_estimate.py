@@ -22,7 +22,7 @@ from depthtune.training.memory import PeakMemory
 from depthtune.planning.audit import audit_built
 from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.evaluation.next_token import mean_loss, token_nll
-from depthtune.planning.audit import EVAL_BATCH
+from depthtune.planning.costs import EVAL_BATCH
 from depthtune.data.batching import Examples, predict_logits
 from depthtune.evaluation.lm_scoring import score_texts
 from depthtune.training.loop import BestWeights, build_optimizer

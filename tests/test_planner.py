@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from depthtune.planning.audit import bucket_counts, estimate
+from depthtune.planning.audit import bucket_counts
+from depthtune.planning.costs import estimate
 from depthtune.config import ConfigError, parse_variant
 from depthtune.planning.planner import PlanSettings, largest_batch, parse_memory, plan
 from depthtune.planning.step_time import Throughput

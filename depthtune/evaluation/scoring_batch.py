@@ -1,13 +1,13 @@
 """How many texts one causal-LM scoring batch holds: its logits kept under a fixed number of floats.
 
-Torch-free, so the audit's memory estimate (depthtune.planning.audit.lm_scoring_bytes) and the scorer
+Torch-free, so the audit's memory estimate (depthtune.planning.costs.lm_scoring_bytes) and the scorer
 (depthtune.evaluation.lm_scoring.score_texts) share the one figure without the audit importing the scorer.
 """
 from __future__ import annotations
 
 # logits of one scoring batch kept under 2^24 floats (64 MiB in fp32): 4 texts x 128 tokens x 30,522 vocab
 # = 15.6M floats. Scoring holds ~3 copies (the logits, cross_entropy's contiguous transpose, its log-softmax:
-# audit.lm_scoring_bytes), so validation peaks ~200 MiB over the weights whatever the vocabulary; at 2^26 it
+# costs.lm_scoring_bytes), so validation peaks ~200 MiB over the weights whatever the vocabulary; at 2^26 it
 # was ~770 MiB, more than many small variants' whole training step
 MAX_LOGIT_FLOATS = 1 << 24
 

@@ -96,7 +96,7 @@ class Method:
     # ------------------------------------------------------------------ what it costs
 
     def frozen_matmuls(self, options: Any) -> Optional[tuple[int, int]]:
-        """audit.block_activation_bytes' `lora` argument: (r, adapted matmuls per block) when every matmul weight
+        """costs.block_activation_bytes' `lora` argument: (r, adapted matmuls per block) when every matmul weight
         is frozen and only adapters (r > 0) or nothing (0, 0) sits beside them; None when the matmul weights
         train (their inputs are kept for the weight gradients)."""
         return None
@@ -115,12 +115,16 @@ REGISTRY = Named("variant kind")
 register = REGISTRY.register  # each module of depthtune.methods calls it once for its kind
 
 
+def params_order(m: Method) -> tuple:
+    return m.order, m.name
+
+
 def ordered() -> list[Method]:
-    return sorted(REGISTRY.values(), key=lambda m: (m.order, m.name))
+    return sorted(REGISTRY.values(), key=params_order)
 
 
 def get(name: str) -> Method:
-    return REGISTRY.find(name, [m.name for m in ordered()])
+    return REGISTRY.find(name, params_order)
 
 
 def keys() -> list[str]:

@@ -1,7 +1,7 @@
 """`depthtune plan`: for each depth variant, the largest batch that fits a memory budget, the predicted
 peak at that batch, and the predicted time per epoch, before anything trains.
 
-Memory is the audit's estimate (`depthtune.planning.audit.estimate`, the same figure the audit record, the
+Memory is the audit's estimate (`depthtune.planning.costs.estimate`, the same figure the audit record, the
 report and MLflow show) at batch b: weights, gradients and AdamW states do not depend on b, the
 activations (and a causal LM's logits) grow linearly with it, so the largest fitting batch is found by
 bisection over b in [1, 65,536]. The frozen prefix cache of a train_top variant lives in host memory
@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
-from depthtune.planning.audit import bucket_counts, estimate, estimate_settings
+from depthtune.planning.audit import bucket_counts
+from depthtune.planning.costs import estimate, estimate_settings
 from depthtune.config import ModelConfig, VariantSpec
 from depthtune.errors import ConfigError
 from depthtune.planning.step_time import Throughput, efficiency_key, known_calibration, predict

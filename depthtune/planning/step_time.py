@@ -5,7 +5,7 @@ measured throughput, shown next to the measured time afterwards.
               + steps * (trainable * optimizer_s_per_param + step_floor_s)                     the rest of a step
     dense, per_position  the audit's training FLOPs per token of one optimizer step at length S (and
                          per_sequence: an encoder's pooler and head, once per text)
-                         (audit.estimate: flops_per_token.step; a cached frozen prefix is not recomputed)
+                         (costs.estimate: flops_per_token.step; a cached frozen prefix is not recomputed)
     B, S                 each batch as training will cut it (batching.length_grouped_batches, padded to its
                          longest text): padding is computed, so it is counted
     G                    a GEMM timed now on this device at the model's own matmul shape (a typical batch's

@@ -342,7 +342,7 @@ def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
     seeds do not separate the two, whatever the first seed's paired test said. None without seeded rows.
     """
     # seed_spread scores the seeds by the task's first metric: the selection metric's own when it is that one
-    keys = [f"seed_{metric}"] + [f"seed_{t.metrics[0]}" for t in tasks.load().values()]
+    keys = [f"seed_{metric}"] + [f"seed_{t.metrics[0]}" for t in tasks.every()]
     key = next((k for k in keys if any(r.get(k) for r in rows)), None)
     seeded = [r for r in rows if key and r.get(key) and r.get("seeds", 1) > 1]
     if not seeded:

@@ -7,7 +7,7 @@ import pkgutil
 
 from depthtune.tasks.base import REGISTRY, Task, get
 
-__all__ = ["Task", "get", "load", "names"]
+__all__ = ["Task", "every", "get", "load", "names"]
 
 
 def load() -> dict[str, Task]:
@@ -19,6 +19,11 @@ def load() -> dict[str, Task]:
 
 def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
+
+
+def every() -> list[Task]:
+    """The registered tasks (load() ran when the package was imported: no folder scan here)."""
+    return list(REGISTRY.values())
 
 
 load()  # the registry is complete once depthtune.tasks is imported
