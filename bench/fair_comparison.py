@@ -14,6 +14,7 @@ Datasets (offline, from ../shared/data; nothing copied into the repository):
   default  params.yaml as committed (the builtin Rotten Tomatoes, 2,000 / 1,000 / 1,000)
   trec     TREC coarse, 6 classes: TREC.train.all (validation split off it), TREC.test.all (500)
   sst2     SST-2: train.tsv, dev.tsv, test.tsv (872 full sentences), quoting off
+  clinc150 CLINC150 in-scope intents, 150 classes: train.csv (validation split off it), test.csv (4,500)
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ DATASETS = {
     "sst2": {"source": "local", "format": "tsv", "quoting": False, "text_column": "sentence",
              "files": {"train": "{shared}/sst2/train.tsv", "validation": "{shared}/sst2/dev.tsv",
                        "test": "{shared}/sst2/test.tsv"}},
+    "clinc150": {"source": "local", "format": "csv",
+                 "files": {"train": "{shared}/clinc150/train.csv", "test": "{shared}/clinc150/test.csv"}},
 }
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DVC_NO_ANALYTICS": "1",
