@@ -117,6 +117,7 @@ class VariantTrain:
     epochs: Optional[int] = _f(None, lo=1)
     batch_size: Optional[int] = _f(None, lo=1)
     weight_decay: Optional[float] = _f(None, lo=0.0, hi=1.0)
+    head_lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,19 @@ class LrSearch:
 
 
 @dataclass(frozen=True)
+class Convergence:
+    """train.convergence: when a run that its budget ended counts as converged, and how far it may go on.
+
+    Converged = early stopping ended it, or the best of its last `window` validations is not significantly better
+    than its best before them (the metric's paired test on the validation texts, p >= alpha). A run still rising at
+    the end of train.epochs goes on in extensions of half as many epochs (each: the warmup and the linear decay
+    again), up to max_epochs; depthtune.evaluation.convergence has the reasoning."""
+    window: int = _f(4, lo=1, hi=1000)  # validations (4 = 2 epochs at 2 an epoch)
+    alpha: float = _f(0.05, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    max_epochs: Optional[int] = _f(None, lo=1, hi=10000)  # None = 2 x train.epochs; train.epochs = never extend
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))
     seed: int = _f(42, lo=0)
@@ -186,6 +200,9 @@ class TrainConfig:
     grad_accum: int = _f(1, lo=1)
     max_length: int = _f(128, lo=8, hi=8192)
     lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)  # None = by variant kind (depthtune/methods: default_lr)
+    # a labelled task's new, randomly initialised head (classifier): None = the probe's lr (a head alone trains
+    # well there) or the variant's lr when that is higher; set it to the variant's lr for one lr throughout
+    head_lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)
     weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
     warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
     max_grad_norm: float = _f(1.0, lo=0.0)
@@ -201,6 +218,18 @@ class TrainConfig:
     precision: str = _f("auto", choices=("auto", "fp32", "bf16-autocast", "bf16"))
     gradient_checkpointing: bool = _f(False)  # recompute block activations in backward: less memory, ~1.3x time
     lr_search: LrSearch = field(default_factory=LrSearch)
+    convergence: Convergence = field(default_factory=Convergence)
+
+    @property
+    def max_epochs(self) -> int:
+        """The most epochs a run still rising may reach (train.convergence.max_epochs; default 2 x epochs)."""
+        cap = self.convergence.max_epochs
+        return max(self.epochs, cap if cap is not None else 2 * self.epochs)
+
+    @property
+    def extension_epochs(self) -> int:
+        """Epochs one extension adds: half the planned budget, at least one."""
+        return max(1, -(-self.epochs // 2))
 
 
 @dataclass(frozen=True)
@@ -239,6 +268,9 @@ class RegistryConfig:
     max_metric: Optional[float] = _f(None, lo=0.0, lo_open=True)  # perplexity / bits_per_byte: at most this
     max_trainable_params: Optional[int] = _f(None, lo=1)
     max_latency_ms: Optional[float] = _f(None, lo=0.0, lo_open=True)
+    # a variant still rising when its budget ran out that could close the gap to the candidate (its test interval or
+    # its curve's trend reaches it; depthtune.evaluation.convergence) holds the promotion back; true = promote anyway
+    promote_unsettled: bool = _f(False)
 
 
 @dataclass(frozen=True)
@@ -460,10 +492,13 @@ def to_dict(obj) -> Any:
 
 def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
     """The train section with the variant's overrides applied; lr: the variant's, train.lr, else its kind's
-    (`default_lr` of depthtune.methods.<kind>, each with its reason)."""
+    (`default_lr` of depthtune.methods.<kind>, each with its reason); head_lr: the variant's, train.head_lr, else
+    the higher of HEAD_LR and its lr."""
     overrides = {k: v for k, v in to_dict(variant.train).items() if v is not None}
     cfg = dataclasses.replace(params.train, **overrides)
-    return cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=variant.method.default_lr)
+    cfg = cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=variant.method.default_lr)
+    # the new head: at least the lr a head alone trains well at (depthtune.methods.base.HEAD_LR)
+    return cfg if cfg.head_lr is not None else dataclasses.replace(cfg, head_lr=max(cfg.lr, methods.HEAD_LR))
 
 
 def variant_of(params: Params, name: str) -> VariantSpec:

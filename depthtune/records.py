@@ -282,8 +282,18 @@ class TrainRecord(VariantResult):
     best_step: int = 0
     best_val: dict
     stopped_early: bool = False
-    not_converged: bool = False  # the validation metric was still improving at the last evaluation
-    convergence_note: str = ""  # what to change when not converged
+    # depthtune.evaluation.convergence: how the run ended, early stopping | plateau (converged) | still rising
+    # (not_converged); `rise` the plateau test's figures (None: too few validations); `chance` the majority
+    # predictor's validation score, `near_chance` the best never got far from it (a flag beside convergence)
+    not_converged: bool = False
+    convergence: str = ""
+    rise: Optional[dict] = None
+    chance: Optional[float] = None
+    near_chance: bool = False
+    convergence_note: str = ""  # what to change when not converged or near chance
+    extensions: int = 0  # budget extensions granted while still rising
+    budget_epochs: int = 0  # train.epochs plus the extensions
+    horizon_steps: int = 0  # optimizer steps of train.convergence.max_epochs (the verdict's trend horizon)
     world_size: int = 1
     per_device_batch_size: int = 0
     cached_prefix_layers: int = 0

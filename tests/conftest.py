@@ -109,6 +109,7 @@ def tiny_params(shared: Path, variants: dict | None = None, **overrides) -> dict
         "train": {"device": "cpu", "epochs": 2, "batch_size": 16, "lr": 1e-3, "max_length": 48,
                   "checkpoint_every": 0, "num_threads": 1, "cache_frozen_prefix": True,
                   "patience": 0, "evals_per_epoch": 1,  # a fixed 2 epochs: the tests count on it
+                  "convergence": {"max_epochs": 2},  # ... and no extension
                   "precision": "auto", "gradient_checkpointing": False},
         # dvc.yaml names these keys, so DVC needs them spelled out in params.yaml
         "evaluation": {"metric": "accuracy", "latency_examples": 5},

@@ -219,8 +219,38 @@ def test_training_table_says_how_each_variant_was_trained(tmp_path):
     rows = {r["variant"]: r for r in _report(root)["rows"]}
     assert (rows["lora8"]["lr"], rows["lora8"]["lr_searched"], rows["lora8"]["epochs_run"]) == (4e-3, True, 3.5)
     md = render_outputs(_report(root))["comparison.md"].decode()
-    assert "| lora8 | 0.004 (searched, grid edge) | 3.5 | 2.5 | early stopping | yes |" in md
-    assert "| full | — | 0 | -1 | epoch limit | yes |" in md  # a record without config or epochs: dashes
+    assert "| lora8 | 0.004 (searched, grid edge) | 3.5 | 2.5 | early stopping | yes: early stopping |" in md
+    # a record without config, epochs or a convergence verdict (an older one): dashes, and converged by its budget
+    assert "| full | — | 0 | -1 | budget: ? epochs | yes: plateau |" in md
+    assert "accuracy across seeds" not in md  # one seed: no spread column
+
+
+def test_training_table_says_which_rule_made_each_variant_converged(tmp_path):
+    root = write_variants(tmp_path, VARIANTS)
+    rise = {"window": 4, "before_step": 500, "before": 0.81, "within_step": 750, "within": 0.812, "gain": 0.002,
+            "p": 0.75, "alpha": 0.05, "rate_per_step": 8e-6, "rising": False}
+    updates = {
+        "depth3": dict(convergence="plateau", rise=rise, budget_epochs=12, extensions=1, config={"lr": 8e-5}),
+        "probe": dict(convergence="early stopping", stopped_early=True, near_chance=True, chance=0.5,
+                      convergence_note="near chance (converged by early stopping): best validation accuracy 0.52"),
+        "lora8": dict(convergence="still rising", not_converged=True, budget_epochs=16, extensions=2,
+                      rise={**rise, "before": 0.70, "within": 0.76, "gain": 0.06, "p": 1e-5, "rising": True},
+                      convergence_note="not converged: still rising after 16 epochs"),
+    }
+    for name, fields in updates.items():
+        path = root / "metrics" / "train" / f"{name}.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    rep = _report(root)
+    md = render_outputs(rep)["comparison.md"].decode()
+    assert ("| depth3 | 8e-05 | 0 | -1 | budget: 12 epochs (1 extension) | yes: plateau (0.8100 -> 0.8120 over the "
+            "last 4 validations, p=0.75) |") in md
+    assert "| probe | — | 0 | -1 | early stopping | yes: early stopping; **near chance** |" in md
+    assert ("| lora8 | — | 0 | -1 | budget: 16 epochs (2 extensions) | **no** ⚠: still rising (0.7000 -> 0.7600 "
+            "over the last 4 validations, p<0.001) |") in md
+    assert "- **probe**: near chance (converged by early stopping)" in md and "- **lora8**: not converged" in md
+    assert rep["verdict"]["near_chance"] == ["probe"] and "probe stayed near chance" in rep["verdict"]["sentence"]
+    html = render_outputs(rep)["index.html"].decode()
+    assert "budget: 16 epochs (2 extensions)" in html and "still rising (0.7000 -&gt; 0.7600" in html
     assert "accuracy across seeds" not in md  # one seed: no spread column
 
 

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from depthtune.data.batching import collate, length_grouped_batches, predict_logits
+from depthtune.data.batching import Examples, collate, length_grouped_batches, predict_logits
 from depthtune.training.checkpoints import checkpoint_meta, latest_checkpoint
-from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.config import Convergence, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.errors import ModelError
 from depthtune.training.prefix_cache import PrefixCache, frozen_prefix_layers, set_train_mode, top_forward
 from depthtune.training.loop import TrainState, batch_logits, setup, train
@@ -22,7 +22,8 @@ from tests.conftest import TINY_ARCH
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
 CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7,
-                  patience=0, evals_per_epoch=1)  # a fixed 2 epochs, validated at each end
+                  patience=0, evals_per_epoch=1,  # a fixed 2 epochs, validated at each end
+                  convergence=Convergence(max_epochs=1))  # max_epochs <= epochs: never extended
 
 VARIANTS = {
     "full": {},
@@ -248,20 +249,6 @@ def test_checkpoint_meta_gives_the_state_without_rng_and_refuses_a_garbled_file(
         checkpoint_meta(ck)
 
 
-def test_still_improving_flags_only_a_curve_that_set_a_new_best_at_its_end():
-    from depthtune.training.loop import still_improving
-
-    def curve(*accs):
-        return [{"step": i, "epoch": i, "accuracy": a} for i, a in enumerate(accs)]
-
-    assert still_improving(curve(0.70, 0.78), "accuracy", stopped_early=False)  # last eval is a new best
-    assert not still_improving(curve(0.70, 0.78, 0.77), "accuracy", stopped_early=False)  # levelled off
-    assert not still_improving(curve(0.70, 0.70), "accuracy", stopped_early=False)  # a tie is no improvement
-    assert not still_improving(curve(0.70, 0.78), "accuracy", stopped_early=True)  # patience ran out
-    assert still_improving(curve(0.70), "accuracy", stopped_early=False)  # one evaluation: nothing says it levelled
-    assert not still_improving([], "accuracy", stopped_early=False)
-
-
 def test_evaluations_per_epoch_are_evenly_spaced_and_the_last_is_at_the_epoch_end():
     from depthtune.training.loop import is_eval_step
 
@@ -273,10 +260,100 @@ def test_evaluations_per_epoch_are_evenly_spaced_and_the_last_is_at_the_epoch_en
     assert [s for s in range(1, 30) if is_eval_step(TrainConfig(eval_every=10), s, 12)] == [10, 20]  # steps win
 
 
+def labelled_as_predicted(model, val_ex):
+    """The validation texts relabelled with what the untrained model predicts, 1 in 8 flipped: it is right on 7/8
+    and far from chance (the majority label's share), which an untrained model on the real labels is not."""
+    preds = predict_logits(model, val_ex, 16, "cpu", 0).argmax(-1).tolist()
+    labels = [p if i % 8 else 1 - p for i, p in enumerate(preds)]
+    assert 0.2 < sum(labels) / len(labels) < 0.8, "the untrained model predicts one class: pick another seed"
+    return dataclasses.replace(val_ex, labels=labels)
+
+
+def test_a_run_near_chance_is_not_early_stopped_and_is_flagged(data):
+    """Patience measures a plateau after learning: a model that never left chance trains its whole budget (here
+    with no extension) and says it stayed near chance; its curve is flat, so it is a plateau, not rising."""
+    train_ex, val_ex = data
+    spec, built = build("probe")
+    cfg = dataclasses.replace(CFG, lr=1e-12, epochs=3, evals_per_epoch=2, patience=2,
+                              convergence=Convergence(max_epochs=3))
+    out = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,
+                metric="accuracy", device="cpu", pad_id=0, num_labels=2, log=lambda s: None)
+    assert out.steps == 36 and not out.stopped_early and len(out.val_curve) == 6  # patience 2 would stop at 18
+    majority = max(val_ex.labels.count(0), val_ex.labels.count(1)) / len(val_ex.labels)
+    assert out.chance == majority and out.near_chance
+    assert out.convergence == "plateau" and not out.not_converged and out.rise["gain"] <= 0
+
+
+@pytest.fixture(scope="module")
+def balanced(shared_data, tokenizer):
+    """96 SST-2 phrases, 48 a class, alternating: a MiniLM probe at lr 1e-3 climbs on them for two epochs."""
+    from tests.conftest import read_sst2
+
+    texts, labels = read_sst2(shared_data / "sst2" / "train.tsv", 400, 0)
+    neg = [t for t, y in zip(texts, labels) if y == 0][:48]
+    pos = [t for t, y in zip(texts, labels) if y == 1][:48]
+    texts = [t for pair in zip(neg, pos) for t in pair]
+    enc = tokenizer(texts, truncation=True, max_length=48)
+    return Examples(input_ids=enc["input_ids"], labels=[0, 1] * 48, token_type_ids=enc["token_type_ids"])
+
+
+def climbing_probe(balanced, max_epochs: int, lines=None):
+    """The packaged MiniLM's probe, validated on its own training texts: 0.72 -> 0.86 accuracy in 2 epochs."""
+    spec = parse_variant("probe", {"train_top": 0}, "variants.probe")
+    built = build_variant(ModelConfig(), spec, 2, device="cpu", seed=0)
+    cfg = dataclasses.replace(CFG, lr=1e-3, head_lr=1e-3, epochs=2, evals_per_epoch=2, patience=0,
+                              warmup_fraction=0.0, convergence=Convergence(window=3, max_epochs=max_epochs))
+    return train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=balanced, val_ex=balanced,
+                 cfg=cfg, metric="accuracy", device="cpu", pad_id=0, num_labels=2,
+                 log=(lines.append if lines is not None else lambda s: None))
+
+
+def test_a_curve_still_rising_at_its_budget_is_flagged_and_the_verdict_crowns_no_rival(balanced):
+    """Cut by the budget (no extension allowed) while climbing: flagged not converged, with the plateau test's
+    figures; set beside a rival that scored better on the test split, the verdict refuses to call the rival
+    significantly better, because this curve's trend could close the gap. Converged, the same rows crown it."""
+    from depthtune.report.comparison import best_and_cheapest
+
+    out = climbing_probe(balanced, max_epochs=2)
+    accs = [p["accuracy"] for p in out.val_curve]
+    assert accs[-1] == max(accs) and accs[-1] - accs[0] > 0.1, accs
+    assert out.extensions == 0 and out.steps == 24 and not out.stopped_early
+    assert out.convergence == "still rising" and out.not_converged and out.rise["rising"] and out.rise["p"] < 0.05
+    assert out.horizon_steps == 24 and out.rise["rate_per_step"] > 0
+
+    def rows(not_converged: bool) -> list:
+        cut = {"variant": "cut", "accuracy": 0.80, "accuracy_ci": [0.775, 0.825], "trainable_params": 1_000,
+               "p_vs_best": 1e-4, "n_test": 1000, "not_converged": not_converged, "rise": out.rise,
+               "horizon_steps": out.horizon_steps}
+        rival = {"variant": "rival", "accuracy": 0.88, "accuracy_ci": [0.86, 0.90], "trainable_params": 10,
+                 "p_vs_best": None, "n_test": 1000, "not_converged": False}
+        return [cut, rival]
+
+    v = best_and_cheapest(rows(True), "accuracy")
+    assert not v["significant"] and [u["variant"] for u in v["unsettled"]] == ["cut"]
+    assert v["sentence"].startswith("Not settled: rival has the highest accuracy") and "would reach" in v["sentence"]
+    crowned = best_and_cheapest(rows(False), "accuracy")
+    assert crowned["significant"] and crowned["sentence"].startswith("Best by accuracy: **rival**")
+
+
+def test_a_run_still_rising_at_its_budget_is_extended_until_it_levels_off(balanced):
+    """Allowed up to 4 epochs: rising at the end of its 2, it gets 1 more (train.epochs / 2), with the warmup and
+    decay again; after it the gain is noise (a plateau), so it stops there, converged."""
+    lines = []
+    out = climbing_probe(balanced, max_epochs=4, lines=lines)
+    assert out.extensions == 1 and out.budget_epochs == 3 and out.steps == 36
+    assert any("still rising" in line and "extending to 3 epochs" in line for line in lines), lines
+    assert out.convergence == "plateau" and not out.not_converged and not out.rise["rising"]
+    lrs = {p["step"]: p["lr"] for p in out.loss_curve}  # the lr after each step
+    assert lrs[24] == 0.0 and lrs[25] > lrs[35] > 0.0 and lrs[36] == 0.0
+
+
 def test_early_stopping_ends_a_run_after_patience_evaluations_and_a_resume_does_not_train_on(data, tmp_path):
     """epochs is a maximum: validation twice an epoch, stop after `patience` evaluations without a new best."""
     train_ex, val_ex = data
-    spec, built = build("probe")
+    spec = parse_variant("probe", {"train_top": 0}, "variants.probe")
+    built = build_variant(ModelConfig(), spec, 2, device="cpu", seed=0)  # MiniLM: its random head predicts both
+    val_ex = labelled_as_predicted(built.model, val_ex)
     # lr 0: the weights never move, so every evaluation after the first ties the first (no new best)
     cfg = dataclasses.replace(CFG, lr=1e-12, epochs=8, evals_per_epoch=2, patience=2, checkpoint_every=0)
     out = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=train_ex, val_ex=val_ex, cfg=cfg,

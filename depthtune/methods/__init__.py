@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from depthtune.methods.base import REGISTRY, Method, Param, choose, get, keys, ordered
+from depthtune.methods.base import HEAD_LR, REGISTRY, Method, Param, choose, get, keys, ordered
 
-__all__ = ["Method", "Param", "choose", "get", "keys", "load", "ordered"]
+__all__ = ["HEAD_LR", "Method", "Param", "choose", "get", "keys", "load", "ordered"]
 
 
 def load() -> dict[str, Method]:

@@ -37,6 +37,10 @@ class Param:
         return self.coarse == "head" and task.labelled
 
 
+# The lr of a freshly initialised classification head: what a head alone trains well at (the probe's default). A
+# new head of a kind whose own lr is lower gets this one (train.head_lr): at 8e-5 a 150-class head learns slowly.
+HEAD_LR = 2e-3
+
 class Method:
     """A variant kind. Subclasses set the class attributes and override what differs from full fine-tuning."""
     name: str = ""  # the kind's name: default lr and efficiency tables, calibration keys, reports

@@ -2,7 +2,7 @@
 whole model below them is a prefix the cache runs once."""
 from __future__ import annotations
 
-from depthtune.methods.base import register
+from depthtune.methods.base import HEAD_LR, register
 from depthtune.methods.train_top import TrainTop, parse_top
 
 
@@ -10,7 +10,7 @@ class Probe(TrainTop):
     name = "probe"
     order = 11
     # Only the pooler and a freshly initialised head: a convex-ish problem.
-    default_lr = 2e-3
+    default_lr = HEAD_LR
     lr_reason = "only the pooler and a freshly initialised head train: a convex-ish problem"
     # a probe's step is mostly the step floor; its efficiency barely matters
     efficiency = 0.55

@@ -40,6 +40,7 @@ from depthtune.evaluation.class_summary import class_section
 from depthtune.errors import DepthtuneError
 from depthtune.model.layer_order import ordered_layer_names
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
+from depthtune.evaluation.convergence import could_reach
 from depthtune.evaluation.significance import compare_to_best, lm_paired_bootstrap
 
 SCHEMA = "depthtune.compare/2"
@@ -148,7 +149,16 @@ def build_row(res: VariantResults) -> dict:
         "n_test": e.n,
         "p_vs_best": None,  # filled by build_report: the paired test against the best variant
         "not_converged": bool(t.not_converged),
+        "convergence": t.convergence or ("still rising" if t.not_converged else
+                                         "early stopping" if t.stopped_early else "plateau"),
+        "rise": t.rise,
+        "near_chance": bool(t.near_chance),
+        "chance": t.chance,
+        "extensions": t.extensions,
+        "budget_epochs": t.budget_epochs or (t.config or {}).get("epochs"),
+        "horizon_steps": t.horizon_steps,
         "convergence_note": t.convergence_note,
+        "head_lr": (t.config or {}).get("head_lr"),
         "lr": (t.config or {}).get("lr"),
         "lr_searched": bool(t.lr_search),
         "lr_at_edge": bool((t.lr_search or {}).get("at_edge")),
@@ -325,12 +335,37 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
                      "trainable_params": cheap["trainable_params"],
                      "gap": round(metric_sign(metric) * (best[metric] - cheap[metric]), 12)},
     }
+    unsettled = unsettled_rivals(best, others, metric)
+    if unsettled:
+        verdict["significant"] = False  # a rival that could close the gap was cut short: no crown
+    verdict["unsettled"] = [{"variant": r["variant"], "reason": why} for r, why in unsettled]
+    verdict["near_chance"] = [r["variant"] for r in rows if r.get("near_chance")]
     verdict["sentence"] = verdict_sentence(verdict, best, cheap, others, tied)
     seeds = seed_verdict(rows, metric, best)
     if seeds is not None:
         verdict["seeds"] = seeds
         verdict["sentence"] += " " + seeds["sentence"]
     return verdict
+
+
+def reach_of(r: dict, best: dict, metric: str) -> str | None:
+    """Why a not-converged row could close the gap to `best` (evaluation.convergence.could_reach), or None."""
+    rise = r.get("rise")
+    if rise is None:
+        return "its curve has too few validations to show where it goes"
+    return could_reach(r[metric], r.get(f"{metric}_ci"), rise.get("rate_per_step") or 0.0,
+                       r.get("horizon_steps") or 0, best[metric], metric)
+
+
+def unsettled_rivals(best: dict, others: Sequence[dict], metric: str) -> list[tuple[dict, str]]:
+    """The variants that are not converged and could close the gap to the best, each with why."""
+    out = []
+    for r in others:
+        if r.get("not_converged"):
+            why = reach_of(r, best, metric)
+            if why:
+                out.append((r, why))
+    return out
 
 
 def seed_verdict(rows: Sequence[dict], metric: str, best: dict) -> dict | None:
@@ -382,6 +417,12 @@ def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list)
     head = f"{fmt_metric(best[m])}, 95% CI {fmt_ci(best[f'{m}_ci'])}"
     if not others:
         sentence = f"Only variant: **{best['variant']}** ({metric_label(m)} {head}). "
+    elif v.get("unsettled"):
+        names = "; ".join(f"{u['variant']} ({u['reason']})" for u in v["unsettled"])
+        verb = "is" if len(v["unsettled"]) == 1 else "are"
+        sentence = (f"Not settled: {best['variant']} has the {'highest' if metric_sign(m) > 0 else 'lowest'} "
+                    f"{metric_label(m)} ({head}), but {names} {verb} not converged and could close the gap, so no "
+                    f"variant is called significantly better (raise train.convergence.max_epochs, or their lr). ")
     elif not tied:
         worst = max(r["p_vs_best"] for r in others)
         every = "every p < 0.001" if worst < 0.001 else f"every p ≤ {fmt_p(worst)}"
@@ -393,6 +434,9 @@ def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list)
         sentence = (f"No clear best: {best['variant']} has the {'highest' if metric_sign(m) > 0 else 'lowest'} "
                     f"{metric_label(m)} ({head}), but {names} {verb} "
                     f"statistically indistinguishable from it {on} ({test} test). ")
+    if v.get("near_chance"):
+        sentence += (f"{', '.join(v['near_chance'])} stayed near chance on validation: a failed run (its lr or "
+                     "budget), not the method's result. ")
     if cheap is best:
         return sentence + (f"No variant with fewer trainable params is within {tol:g} of it (95% interval "
                            f"reaching {fmt_metric(edge)}, not significantly worse).")
@@ -402,6 +446,31 @@ def verdict_sentence(v: dict, best: dict, cheap: dict, others: list, tied: list)
                        f"{metric_sign(m) * (best[m] - cheap[m]):.4f} behind, not significantly worse: "
                        f"p={fmt_p(cheap['p_vs_best'])}, {cheap['trainable_params']:,} trainable params, "
                        f"{'all frozen' if math.isinf(factor) else f'{factor:,.1f}x fewer'}).")
+
+
+def stopped_by(r: dict) -> str:
+    """What ended a run: early stopping, or its budget (train.epochs, plus the extensions a rising run got)."""
+    if r.get("stopped_early"):
+        return "early stopping"
+    ext = r.get("extensions") or 0
+    return (f"budget: {r.get('budget_epochs') or '?'} epochs" +
+            (f" ({ext} extension{'s' if ext > 1 else ''})" if ext else ""))
+
+
+def converged_by(r: dict, bold: bool = False) -> str:
+    """Converged, by which rule (evaluation.convergence), with the plateau test's figures; the near-chance flag."""
+    rise, how = r.get("rise"), r.get("convergence")
+    figures = "" if rise is None else (f"{rise['before']:.4f} -> {rise['within']:.4f} over the last {rise['window']} "
+                                       f"validations, p{'' if fmt_p(rise['p']).startswith('<') else '='}{fmt_p(rise['p'])}")
+    if r["not_converged"]:
+        text = (f"{'**no**' if bold else 'no'} {NOT_CONVERGED}: still rising"
+                + (f" ({figures})" if figures else " (too few validations to show a plateau)"))
+    elif how == "plateau":
+        text = f"yes: plateau ({figures})" if figures else "yes: plateau"
+    else:
+        text = f"yes: {how}"
+    return text + ("; **near chance**" if bold and r.get("near_chance") else "; near chance" if r.get("near_chance")
+                   else "")
 
 
 # ----------------------------------------------------------------------------- per-layer

@@ -22,7 +22,8 @@ import jinja2
 from markupsafe import Markup, escape
 
 from depthtune import tasks
-from depthtune.report.comparison import NOT_CONVERGED, fmt_metric, fmt_p, metric_label, unknown_text_caution
+from depthtune.report.comparison import (NOT_CONVERGED, converged_by, fmt_metric, fmt_p, metric_label, stopped_by,
+                                         unknown_text_caution)
 from depthtune.report.plots import loss_png
 
 STYLE = """
@@ -135,8 +136,7 @@ def results_table(report: dict) -> dict:
 def training_table(rows: list[dict]) -> dict:
     body = [[r["variant"], _num(r.get("lr"), ".3g") + (" (searched)" if r.get("lr_searched") else ""),
              _num(r.get("epochs_run"), "g"), _num(r.get("best_epoch"), "g"),
-             "early stopping" if r.get("stopped_early") else "epoch limit",
-             f"no {NOT_CONVERGED}: {r.get('convergence_note') or ''}" if r["not_converged"] else "yes"]
+             stopped_by(r), converged_by(r)]
             for r in rows]
     return table(["variant", "lr", "epochs run", "best at epoch", "stopped", "converged"], body, numeric={1, 2, 3})
 

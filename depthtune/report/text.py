@@ -15,7 +15,7 @@ from depthtune import tasks
 from depthtune.evaluation import metrics
 from depthtune.evaluation.class_summary import class_markdown
 from depthtune.report.comparison import (NOT_CONVERGED, SCHEMA, fmt_metric, fmt_p, front_names, metric_label, metric_sign,
-                              quality_metric, unknown_text_caution)
+                              quality_metric, unknown_text_caution, converged_by, stopped_by)
 from depthtune.report.page import index_html
 from depthtune.report.plots import depth_png, human, pareto_png
 
@@ -43,7 +43,8 @@ def comparison_json(report: dict) -> dict:
         "variants": {r["variant"]: _flat_metrics(r) for r in report["rows"]},
         "best": v["best"],
         "cheapest": v["cheapest"],
-        "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "sentence", "seeds") if k in v},
+        "verdict": {k: v[k] for k in ("test", "n_test", "significant", "indistinguishable", "unsettled", "near_chance",
+                                                 "sentence", "seeds") if k in v},
         # lists below: `dvc metrics show` skips them, so the metrics table stays narrow
         "pareto": dict(report["fronts"]),
         "classes": report.get("classes"),  # the top variant's worst classes and most confused pairs
@@ -122,9 +123,8 @@ def training_table(rows: Sequence[dict]) -> list[str]:
     for r in rows:
         lr = "—" if r.get("lr") is None else f"{r['lr']:.3g}"
         lr += (" (searched, grid edge)" if r.get("lr_at_edge") else " (searched)") if r.get("lr_searched") else ""
-        stopped = "early stopping" if r.get("stopped_early") else "epoch limit"
         line = (f"| {r['variant']} | {lr} | {_num(r.get('epochs_run'), 'g')} | {_num(r.get('best_epoch'), 'g')} | "
-                f"{stopped} | {'**no** ' + NOT_CONVERGED if r['not_converged'] else 'yes'} |")
+                f"{stopped_by(r)} | {converged_by(r, bold=True)} |")
         if seeded:
             s = r.get(f"seed_{q}")
             line += (f" {r['seeds']} | {s['mean']:.4f} ± {s['sd']:.4f} ({s['min']:.4f}-{s['max']:.4f}) |" if s
@@ -184,12 +184,14 @@ def pretraining_section(pre: dict | None, rows: Sequence[dict]) -> list[str]:
 
 
 def convergence_notes(rows: Sequence[dict]) -> list[str]:
-    """Markdown lines naming every not-converged variant with its note (empty when all converged)."""
-    flagged = [r for r in rows if r["not_converged"]]
+    """Markdown lines naming every variant not converged or near chance, with its note (empty when none is)."""
+    flagged = [r for r in rows if r["not_converged"] or r.get("near_chance")]
     if not flagged:
         return []
-    return [f"{NOT_CONVERGED} **not converged**: the validation metric was still improving when training "
-            "stopped; its test score may understate what this variant can do.", ""] + \
+    return [f"{NOT_CONVERGED} **not converged**: the validation metric was still rising, significantly, when its "
+            "budget ran out (the best of its last validations beat the best before them by the metric's paired "
+            "test); its test score may understate what this variant can do. **Near chance**: its best validation "
+            "score got less than a tenth of the way from the majority label's to a perfect one.", ""] + \
            [f"- **{r['variant']}**: {r['convergence_note'] or 'no note recorded'}" for r in flagged] + [""]
 
 

@@ -9,6 +9,8 @@ the task, never compare its name:
   validation pass differ by it), `loss`, `validation_scores`;
 - the results: `metrics` (depthtune.evaluation.metrics, the headline first), `eval_fields` (the EvalRecord fields it
   fills), `paired_fields` (the per-text fields its paired tests read), `served_class` (depthtune.serving);
+- convergence (depthtune.evaluation.convergence): `keepable` validation outputs, `paired_p` between two of them,
+  `chance_outputs` (what a model that learned nothing predicts);
 - what it supports: `lr_search` (the search's gate is a paired test on predictions), `prompts` (prompt/completion
   data).
 """
@@ -43,6 +45,18 @@ class Task:
         """The validation scores of what the loop collected (`per_position`: per-text nll sums; else predicted
         label ids): {metric: value, ...}."""
         raise NotImplementedError
+
+    def keepable(self, outputs):
+        """Validation outputs as JSON values: the checkpoint keeps a few for the plateau test (evaluation.convergence)."""
+        return outputs
+
+    def paired_p(self, a, b, examples, metric: str, num_labels: int) -> float:
+        """The p-value of the metric's paired test between two validations' outputs (keepable form) on `examples`."""
+        raise NotImplementedError
+
+    def chance_outputs(self, examples):
+        """The validation outputs of a model that learned nothing, or None when the task has no such level."""
+        return None
 
 
 REGISTRY = Named("task")

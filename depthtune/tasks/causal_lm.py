@@ -31,5 +31,17 @@ class CausalLM(Task):
         nll, tokens = outputs
         return {k: v for k, v in lm_metrics(nll, tokens, examples.n_bytes).items() if k != "tokens"}
 
+    def keepable(self, outputs):
+        nll, tokens = outputs
+        return [[float(x) for x in nll], [int(x) for x in tokens]]
+
+    def paired_p(self, a, b, examples, metric: str, num_labels: int) -> float:
+        """The paired bootstrap over validation texts; the denominator is tokens (perplexity) or bytes per text."""
+        from depthtune.evaluation import metrics
+        from depthtune.evaluation.significance import lm_paired_bootstrap
+
+        denominator = a[1] if metrics.get(metric).denominator == "tokens" else examples.n_bytes
+        return lm_paired_bootstrap(a[0], b[0], denominator, metric)
+
 
 register(CausalLM())

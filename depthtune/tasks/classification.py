@@ -28,5 +28,18 @@ class Classification(Task):
 
         return {m: metrics.get(m).of_labels(examples.labels, outputs, num_labels) for m in self.metrics}
 
+    def paired_p(self, a, b, examples, metric: str, num_labels: int) -> float:
+        from depthtune.evaluation.significance import paired_test
+
+        return paired_test(examples.labels, a, b, metric, num_labels=num_labels)
+
+    def chance_outputs(self, examples):
+        """The majority validation label for every text (ties: the lowest label id)."""
+        from collections import Counter
+
+        counts = Counter(examples.labels)
+        majority = min(counts, key=lambda label: (-counts[label], label))
+        return [majority] * len(examples.labels)
+
 
 register(Classification())

@@ -39,6 +39,7 @@ from depthtune.provenance import provenance
 from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
                                read_variant_record)
 from depthtune.tracking.redaction import describe_error, safe_uri
+from depthtune.evaluation.convergence import could_reach
 from depthtune.evaluation.significance import lm_paired_bootstrap, paired_test
 
 SCHEMA = "depthtune.promotion/1"
@@ -119,6 +120,23 @@ def rank_variants(reg: RegistryConfig, eval_dir: Path, train_dir: Path, audit_di
     ranked.sort(key=lambda c: (-sign * c.metric, c.trainable_params if c.trainable_params is not None else 1 << 62,
                                c.variant))
     return ranked
+
+
+def unsettled_rivals(reg: RegistryConfig, cand: Candidate, ranked: list[Candidate]) -> list[str]:
+    """The variants not converged (still rising when their budget ran out) that could close the gap to the
+    candidate, each as `variant: why` (depthtune.evaluation.convergence.could_reach)."""
+    out = []
+    for c in ranked:
+        if c is cand or c.train is None or not c.train.not_converged:
+            continue
+        rise = c.train.rise
+        ci = getattr(c.eval, f"{reg.metric}_ci", None)
+        why = ("too few validations to show where its curve goes" if rise is None else
+               could_reach(c.metric, ci, rise.get("rate_per_step") or 0.0, c.train.horizon_steps, cand.metric,
+                           reg.metric))
+        if why:
+            out.append(f"{c.variant}: {why}")
+    return out
 
 
 def no_candidate_reason(ranked: list[Candidate]) -> str:
@@ -496,6 +514,12 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
     if not eligible:
         return done("no_candidate", no_candidate_reason(ranked))
     cand = eligible[0]
+    unsettled = unsettled_rivals(reg, cand, ranked)
+    report["unsettled"] = unsettled
+    if unsettled and not reg.promote_unsettled:
+        return done("held", f"{cand.variant} is ahead, but not converged and could close the gap: "
+                            f"{'; '.join(unsettled)} (registry untouched; registry.promote_unsettled: true promotes "
+                            "anyway, or train them longer: train.convergence.max_epochs)")
     report["candidate"] = {"variant": cand.variant, "eval_metric": cand.metric, "trainable_params": cand.trainable_params,
                            "total_params": cand.total_params, "latency_p95_ms": cand.latency_p95_ms}
 

@@ -139,8 +139,10 @@ def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str,
         train_time_s=round(outcome.train_time_s, 3), samples_per_s=per_s(outcome.samples),
         tokens_per_s=per_s(outcome.real_tokens), steps=outcome.steps, epochs_run=outcome.epochs_run,
         best_epoch=outcome.best_epoch, best_step=outcome.best_step, best_val=outcome.best_val,
-        stopped_early=outcome.stopped_early, not_converged=outcome.not_converged,
-        convergence_note=convergence_note(name, outcome, cfg, metric) if outcome.not_converged else "",
+        stopped_early=outcome.stopped_early, not_converged=outcome.not_converged, convergence=outcome.convergence,
+        rise=outcome.rise, chance=outcome.chance, near_chance=outcome.near_chance,
+        convergence_note=convergence_note(name, outcome, cfg, metric), extensions=outcome.extensions,
+        budget_epochs=outcome.budget_epochs, horizon_steps=outcome.horizon_steps,
         world_size=outcome.world_size,
         per_device_batch_size=cfg.batch_size // outcome.world_size,
         cached_prefix_layers=outcome.cached_prefix_layers, cache_bytes=outcome.cache_bytes,
@@ -153,12 +155,23 @@ def train_record(*, name: str, spec: VariantSpec, cfg, metric: str, device: str,
 
 
 def convergence_note(name: str, outcome, cfg, metric: str) -> str:
-    """The suggestion for a variant whose validation metric was still improving when training ended."""
-    curve = outcome.val_curve
-    trend = " -> ".join(f"{p[metric]:.4f}" for p in curve[-3:])
-    return (f"not converged: validation {metric} still improving at the last evaluation, after all "
-            f"{cfg.epochs} epochs ({trend}); raise variants.{name}.train.epochs (now {cfg.epochs}; early "
-            f"stopping, train.patience {cfg.patience}, ends it once it levels off) or its learning rate")
+    """What to change for a variant that is not converged or near chance ("" otherwise)."""
+    notes = []
+    rise = outcome.rise
+    if outcome.not_converged:
+        shown = ("too few validations to show a plateau" if rise is None else
+                 f"validation {metric} {rise['before']:.4f} -> {rise['within']:.4f} over its last {rise['window']} "
+                 f"validations, p={rise['p']:.2g}")
+        notes.append(f"not converged: still rising after {outcome.budget_epochs} epochs ({shown}); raise "
+                     f"train.convergence.max_epochs (now {cfg.max_epochs}) or variants.{name}.train.lr "
+                     f"(now {cfg.lr:.3g})")
+    if outcome.near_chance:
+        notes.append(f"near chance: best validation {metric} {outcome.best_val.get(metric, float('nan')):.4f} against "
+                     f"{outcome.chance:.4f} for the majority label; it learned next to nothing at lr {cfg.lr:.3g} "
+                     f"(try variants.{name}.train.lr, or train.lr_search)")
+        if not outcome.not_converged:
+            notes[-1] = notes[-1].replace("near chance:", "near chance (converged by " + outcome.convergence + "):")
+    return "; ".join(notes)
 
 
 def save_model(model, tokenizer, out_dir: Path, *, variant: str, spec: VariantSpec, labels: list,

@@ -35,7 +35,8 @@ from depthtune.data.batching import Examples, autocast, collate, length_grouped_
 from depthtune.training.checkpoints import load_trainable_state, resume_latest, save_checkpoint, trainable_state
 from depthtune import tasks
 from depthtune.config import TrainConfig, VariantSpec
-from depthtune.evaluation import metrics
+from depthtune.evaluation import convergence, metrics
+from depthtune.model.param_names import classify_param
 from depthtune.training.data_parallel import all_reduce_grads, dist_info, params_in_sync
 from depthtune.errors import ModelError
 from depthtune.evaluation.lm_scoring import loss_starts, score_texts
@@ -48,35 +49,59 @@ from depthtune.runtime import seed_everything
 # ----------------------------------------------------------------------------- optimizer
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay matrices, never biases or norm gains."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, head_lr: Optional[float] = None) -> list[dict]:
+    """AdamW groups: decay matrices, never biases or norm gains. `head_lr`: the new head's parameters (the `head`
+    bucket of depthtune.model.param_names: a classifier) in groups of their own at that lr."""
+    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}  # (head?, decay?)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"))
+        groups[(head_lr is not None and classify_param(name) == "head", decay)].append(p)
+    out = [{"params": groups[(False, True)], "weight_decay": weight_decay},
+           {"params": groups[(False, False)], "weight_decay": 0.0}]
+    if head_lr is not None:
+        out += [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr}
+                for (head, decay), ps in groups.items() if head and ps]
+    return out
 
 
-def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
+class LinearSchedule:
+    """The lr factor at a step: linear warmup over `warmup` steps, linear decay to 0 at `total`. Past `total`, for
+    each of `extensions` cycles of `extension` steps (a run its budget ended while still rising, given more), the
+    same shape again: warmup over the same share, decay to 0 at the cycle's end. Beyond them: 0.
+
+    An object, not a closure: LambdaLR saves its attributes with the scheduler, so a resumed run has its
+    extensions back."""
+
+    def __init__(self, warmup: int, total: int, extension: int = 0, extensions: int = 0):
+        self.warmup, self.total, self.extension, self.extensions = warmup, total, extension, extensions
+
+    @staticmethod
+    def shape(step: int, warmup: int, total: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
-    return f
+
+    def __call__(self, step: int) -> float:
+        if step < self.total or not self.extension:
+            return self.shape(step, self.warmup, self.total)
+        cycle, within = divmod(step - self.total, self.extension)
+        if cycle >= self.extensions:
+            return 0.0
+        return self.shape(within, self.warmup * self.extension // max(1, self.total), self.extension)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int):
-    """AdamW + linear warmup (warmup_fraction of the steps) and linear decay to 0."""
+def build_optimizer(model: nn.Module, cfg, total_steps: int, *, extension_steps: int = 0,
+                    head_lr: Optional[float] = None):
+    """AdamW + LinearSchedule (warmup_fraction of the steps, then linear decay to 0; `extension_steps`: the length
+    of each extension cycle past total_steps). `head_lr`: the new head's own lr (param_groups)."""
     # fused AdamW on the CPU too: measured here on MiniLM's 22.7M parameters, one step took
     # 0.25 s fused vs 4.5 s foreach (the multi-tensor path makes several passes over memory)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr), lr=cfg.lr, betas=(0.9, 0.999),
+                                  eps=1e-8, fused=True)
     warmup = int(cfg.warmup_fraction * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearSchedule(warmup, total_steps, extension_steps))
     return optimizer, scheduler
 
 
@@ -107,6 +132,10 @@ class TrainState:
     samples: int = 0  # examples processed over all ranks (incl. repeats over epochs)
     real_tokens: int = 0  # non-pad tokens processed over all ranks
     stopped_early: bool = False
+    extensions: int = 0  # budget extensions granted (a run still rising at the end of its budget)
+    # {str(step): per-text outputs} of the validations the plateau and chance tests may still read
+    # (evaluation.convergence.outputs_to_keep: the last window, the best before it, the best overall)
+    val_outputs: dict = field(default_factory=dict)
     fingerprint: str = ""  # variant + config + data: a checkpoint of anything else is refused
     train_time_s: float = 0.0  # wall clock of the loop, evaluations included
     eval_time_s: float = 0.0
@@ -177,7 +206,19 @@ class TrainOutcome:
     cached_prefix_layers: int = 0
     cache_bytes: int = 0
     world_size: int = 1
-    not_converged: bool = False  # the validation metric was still improving at the last evaluation
+    # evaluation.convergence: early stopping | plateau | still rising; the plateau test's figures (None: too few
+    # validations); the majority predictor's validation score and whether the best stayed near it
+    convergence: str = "still rising"
+    rise: Optional[dict] = None
+    chance: Optional[float] = None
+    near_chance: bool = False
+    extensions: int = 0
+    budget_epochs: int = 0  # the epochs the run was given: train.epochs plus its extensions
+    horizon_steps: int = 0  # optimizer steps of train.convergence.max_epochs (the verdict's trend horizon)
+
+    @property
+    def not_converged(self) -> bool:
+        return self.convergence == "still rising"
 
 
 def improves(score: float, best: Optional[float], metric: str) -> bool:
@@ -187,17 +228,28 @@ def improves(score: float, best: Optional[float], metric: str) -> bool:
     return metrics.get(metric).better(score, best)
 
 
-def still_improving(val_curve: list, metric: str, stopped_early: bool) -> bool:
-    """True when the last evaluation set a new best: more epochs would likely have helped.
+def plateau_rise(run: "TrainSetup", state: "TrainState") -> Optional[convergence.Rise]:
+    """The plateau test on the run's validation curve so far (evaluation.convergence.rise_of)."""
+    conv = run.cfg.convergence
 
-    A run that early stopping ended has plateaued (patience evaluations without a new best); so has
-    one whose best came before its last evaluation. The first evaluation is always a new best, so a
-    one-evaluation run counts as still improving: nothing shows it had levelled off.
-    """
-    if stopped_early or not val_curve:
+    def paired_p(a, b):
+        return run.task.paired_p(a, b, run.val_ex, run.metric, run.num_labels)
+
+    return convergence.rise_of(state.val_curve, state.val_outputs, run.metric, conv.window, conv.alpha, paired_p)
+
+
+def is_near_chance(run: "TrainSetup", state: "TrainState", *, test: bool = False) -> bool:
+    """Whether the best validation so far is near chance; `test`: also the paired test against the majority
+    predictor (the end of training), else only the share of the way covered (cheap, every validation)."""
+    if run.chance is None or state.best is None:
         return False
-    last = val_curve[-1][metric]
-    return all(improves(last, v[metric], metric) for v in val_curve[:-1])
+    p = 0.0
+    if test:
+        best_outputs = state.val_outputs.get(str(state.best_step))
+        p = 0.0 if best_outputs is None else run.task.paired_p(
+            best_outputs, run.task.keepable(run.task.chance_outputs(run.val_ex)), run.val_ex, run.metric,
+            run.num_labels)
+    return convergence.near_chance(state.best, run.chance, p, run.metric, run.cfg.convergence.alpha)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -231,6 +283,11 @@ class TrainSetup:
     max_steps: Optional[int] = None  # stop after this many optimizer steps (the lr search's rungs)
     task: tasks.Task = None  # what the loss and the validation scores are (setup: tasks.get(name))
     progress: Optional[Progress] = None  # the live progress line (finish() sets it; lr-search candidates run without)
+    chance: Optional[float] = None  # the majority predictor's validation `metric` (None: the task has no such level)
+
+    @property
+    def schedule(self) -> LinearSchedule:
+        return self.scheduler.lr_lambdas[0]
 
 
 def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
@@ -292,15 +349,21 @@ def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     if caches is None:
         caches = prefix_caches(model, spec, num_layers, train_ex, val_ex, cfg, device=device, pad_id=pad_id,
                                checkpoint_dir=checkpoint_dir, log=log)
-    # the schedule spans train.epochs (a maximum: early stopping may end the run before the decay does)
-    total_steps = steps_per_epoch(len(train_ex), cfg) * cfg.epochs
-    optimizer, scheduler = build_optimizer(model, cfg, total_steps)
+    # the schedule spans train.epochs (early stopping may end the run before the decay does); a run still rising
+    # at its end goes on in cycles of extension_epochs (finish: extend)
+    per_epoch = steps_per_epoch(len(train_ex), cfg)
+    total_steps = per_epoch * cfg.epochs
+    the_task = tasks.get(task)
+    optimizer, scheduler = build_optimizer(model, cfg, total_steps, extension_steps=per_epoch * cfg.extension_epochs,
+                                           head_lr=cfg.head_lr if the_task.labelled else None)
+    chance_outputs = the_task.chance_outputs(val_ex)
+    chance = None if chance_outputs is None else the_task.validation_scores(chance_outputs, val_ex, num_labels)[metric]
     return TrainSetup(model=model, cfg=cfg, train_ex=train_ex, val_ex=val_ex, device=device, pad_id=pad_id,
                       autocast_dtype=autocast_dtype(precision), rank=rank, world=world,
                       frozen=k, train_cache=caches[0], val_cache=caches[1], optimizer=optimizer,
                       scheduler=scheduler, total_steps=total_steps, checkpoint_dir=checkpoint_dir, metric=metric,
                       num_labels=num_labels, eval_batch_size=eval_batch_size, log=log, max_steps=max_steps,
-                      steps_per_epoch=steps_per_epoch(len(train_ex), cfg), task=tasks.get(task))
+                      steps_per_epoch=per_epoch, task=the_task, chance=chance)
 
 
 def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
@@ -462,9 +525,11 @@ def run_epoch(run: TrainSetup, state: TrainState, best: BestWeights,
 def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
     """Score the validation split, keep the best weights; True when early stopping should end training."""
     t0 = time.perf_counter()
-    scores = score_validation(run)
+    outputs = validation_outputs(run)
+    scores = run.task.validation_scores(outputs, run.val_ex, run.num_labels)
     epochs = round(state.step / run.steps_per_epoch, 3)
     state.val_curve.append({"step": state.step, "epoch": epochs, **scores})
+    keep_outputs(run, state, outputs)
     if run.progress is not None:
         run.progress.pause()  # the terminal's progress line is cleared; the next step redraws it
     run.log(f"  step {state.step:5d} epoch {epochs:g}: val " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()
@@ -473,7 +538,7 @@ def validate(run: TrainSetup, state: TrainState, best: BestWeights) -> bool:
         state.best, state.best_epoch, state.best_step = scores[run.metric], epochs, state.step
         state.best_val, state.bad_evals = scores, 0
         best.keep(run.model)
-    else:
+    elif not is_near_chance(run, state):  # patience counts a plateau after learning, not the wait before it
         state.bad_evals += 1
     set_train_mode(run.model, run.frozen)
     state.eval_time_s += time.perf_counter() - t0
@@ -502,11 +567,18 @@ def validation_nll(run: TrainSetup):
                        autocast_dtype=run.autocast_dtype, top=top)
 
 
-def score_validation(run: TrainSetup) -> dict:
-    """The task's validation scores (`validation_scores`): {accuracy, macro_f1} of the predicted labels
-    (classification) or {loss, perplexity, bits_per_byte} of the per-text nll (a per-position task)."""
-    outputs = validation_nll(run) if run.task.per_position else validation_predictions(run)
-    return run.task.validation_scores(outputs, run.val_ex, run.num_labels)
+def validation_outputs(run: TrainSetup):
+    """What the task scores on the validation split: the predicted labels (classification) or the per-text nll and
+    tokens (a per-position task); its `validation_scores` turn them into {metric: value}."""
+    return validation_nll(run) if run.task.per_position else validation_predictions(run)
+
+
+def keep_outputs(run: TrainSetup, state: TrainState, outputs) -> None:
+    """Keep this validation's per-text outputs; drop those the convergence tests can no longer read."""
+    state.val_outputs[str(state.step)] = run.task.keepable(outputs)
+    keep = {str(state.val_curve[i]["step"])
+            for i in convergence.outputs_to_keep(state.val_curve, run.metric, run.cfg.convergence.window)}
+    state.val_outputs = {k: v for k, v in state.val_outputs.items() if k in keep}
 
 
 def save(run: TrainSetup, state: TrainState, best: BestWeights) -> None:
@@ -538,23 +610,57 @@ def train(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Exa
     return finish(run, state, best, resumed_from=resumed, on_step=on_step)
 
 
+def budget_epochs(cfg: TrainConfig, state: TrainState) -> int:
+    """The epochs the run has now: train.epochs plus its extensions, never past train.convergence.max_epochs."""
+    return min(cfg.max_epochs, cfg.epochs + state.extensions * cfg.extension_epochs)
+
+
+def extend(run: TrainSetup, state: TrainState) -> bool:
+    """At the end of the budget: give a run still rising (the plateau test) another extension_epochs, up to
+    max_epochs; True when it goes on. The extension's cycle of the lr schedule starts at the next step."""
+    cfg = run.cfg
+    if budget_epochs(cfg, state) >= cfg.max_epochs:
+        return False
+    rise = plateau_rise(run, state)
+    if rise is not None and not rise.rising:
+        return False
+    state.extensions += 1
+    schedule = run.schedule
+    schedule.extensions = state.extensions
+    for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):  # its lr was the budget's end: 0
+        group["lr"] = base * schedule(run.scheduler.last_epoch)
+    why = ("too few validations to show a plateau" if rise is None else
+           f"validation {run.metric} still rising: {rise.before:.4f} -> {rise.within:.4f} over the last "
+           f"{rise.window} validations, p={rise.p:.2g}")
+    run.log(f"  {why}; extending to {budget_epochs(cfg, state)} epochs (train.convergence.max_epochs "
+            f"{cfg.max_epochs})")
+    if run.progress is not None:
+        run.progress.total = run.steps_per_epoch * budget_epochs(cfg, state)
+    return True
+
+
 def finish(run: TrainSetup, state: TrainState, best: BestWeights, *, resumed_from: Optional[int] = None,
            on_step: Optional[Callable[[int, int], None]] = None) -> TrainOutcome:
-    """Train from `state` until train.epochs are done or early stopping ends it; the model gets the best weights.
+    """Train from `state` until its budget is done or early stopping ends it; a run still rising at the end of
+    the budget gets extensions (extend); the model gets the best weights.
 
     train() calls it on a fresh or resumed state; the lr search on its winning candidate's state.
     """
     model, cfg = run.model, run.cfg
     run.max_steps = None
     set_train_mode(model, run.frozen)
+    run.schedule.extensions = state.extensions
     run.timer.lap()  # the clock starts here: caching the prefix and resuming are not training time
     if run.rank == 0:  # one progress line, not one per data-parallel process
-        run.progress = Progress("train", run.total_steps, log=run.log, start=state.step,
-                                samples_start=state.samples)
-    while state.epoch < cfg.epochs and not state.stopped_early:
-        run_epoch(run, state, best, on_step)
-        state.stopped_early = patience_spent(cfg, state)
-        save(run, state, best)
+        run.progress = Progress("train", run.steps_per_epoch * budget_epochs(cfg, state), log=run.log,
+                                start=state.step, samples_start=state.samples)
+    while True:
+        while state.epoch < budget_epochs(cfg, state) and not state.stopped_early:
+            run_epoch(run, state, best, on_step)
+            state.stopped_early = patience_spent(cfg, state)
+            save(run, state, best)
+        if state.stopped_early or not extend(run, state):
+            break
     if run.progress is not None:
         run.progress.close()
         run.progress = None
@@ -562,7 +668,12 @@ def finish(run: TrainSetup, state: TrainState, best: BestWeights, *, resumed_fro
     model.eval()
     if not params_in_sync(model):
         raise ModelError("data-parallel ranks ended with different weights (gradient all-reduce failed)")
-    cache = run.train_cache
+    return outcome_of(run, state, resumed_from)
+
+
+def outcome_of(run: TrainSetup, state: TrainState, resumed_from: Optional[int]) -> TrainOutcome:
+    """What the run did, with its convergence verdict (evaluation.convergence)."""
+    cache, rise = run.train_cache, plateau_rise(run, state)
     return TrainOutcome(steps=state.step, epochs_run=round(state.step / run.steps_per_epoch, 3),
                         best_epoch=state.best_epoch,
                         best_step=state.best_step, best_val=state.best_val, stopped_early=state.stopped_early,
@@ -570,4 +681,8 @@ def finish(run: TrainSetup, state: TrainState, best: BestWeights, *, resumed_fro
                         real_tokens=state.real_tokens, loss_curve=state.loss_curve, val_curve=state.val_curve,
                         resumed_from_step=resumed_from, cached_prefix_layers=run.frozen if cache is not None else 0,
                         cache_bytes=cache.nbytes if cache is not None else 0, world_size=run.world,
-                        not_converged=still_improving(state.val_curve, run.metric, state.stopped_early))
+                        convergence=convergence.convergence(state.stopped_early, rise),
+                        rise=rise.to_dict() if rise is not None else None, chance=run.chance,
+                        near_chance=is_near_chance(run, state, test=True), extensions=state.extensions,
+                        budget_epochs=budget_epochs(run.cfg, state),
+                        horizon_steps=run.steps_per_epoch * run.cfg.max_epochs)
