@@ -292,3 +292,36 @@ def test_two_concurrent_promotions_stay_consistent(env, monkeypatch):
     state = registry_state(cfg, "race-model")
     assert state["champion"] == winner and state["challenger"] == loser
     assert len(state["versions"]) == 3 and {winner, loser} == {"2", "3"}
+
+
+def test_a_rival_still_rising_holds_the_promotion_back_unless_told(tmp_path, monkeypatch):
+    """r1 is ahead (0.9 vs 0.5 on 10 texts), but r2 was cut by its budget while its validation curve still rose
+    fast enough to pass r1 in another max_epochs: no version is registered, no alias moves, the report says why.
+    registry.promote_unsettled: true promotes anyway; a rival too slow to catch up does not hold anything."""
+    from depthtune.tracking.registry import promote, registry_state
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", artifact_root=str(tmp_path / "mlartifacts"),
+                         experiment="held")
+    monkeypatch.setenv("DEPTHTUNE_PIPELINE_KEY", "held-1")
+    write_test_data(tmp_path, n_fresh=9, n_rotten=1)
+    train_variant(tmp_path, cfg, "r1", FRESH, 0.9)
+    train_variant(tmp_path, cfg, "r2", ROTTEN, 0.5, seed=2)
+    path = tmp_path / "metrics" / "train" / "r2.json"
+    rec = json.loads(path.read_text())
+    rising = {"window": 4, "before_step": 100, "before": 0.40, "within_step": 200, "within": 0.50, "gain": 0.10,
+              "p": 0.001, "alpha": 0.05, "rate_per_step": 0.001, "rising": True}
+    path.write_text(json.dumps({**rec, "not_converged": True, "convergence": "still rising", "rise": rising,
+                                "horizon_steps": 1000}))
+    reg = RegistryConfig(model_name=NAME, min_metric=0.2)
+    held = promote(reg, cfg, root=tmp_path)
+    assert held["decision"] == "held" and held["reason"].startswith("r1 is ahead, but not converged"), held
+    assert "r2: its validation curve, still rising" in held["reason"] and "registry untouched" in held["reason"]
+    with pytest.raises(Exception, match="not found|RESOURCE_DOES_NOT_EXIST"):
+        registry_state(cfg, NAME)  # nothing was registered
+    told = promote(RegistryConfig(model_name=NAME, min_metric=0.2, promote_unsettled=True), cfg, root=tmp_path)
+    assert told["decision"] == "promoted" and told["unsettled"] == held["unsettled"]
+    assert registry_state(cfg, NAME)["champion"] == "1"
+    # too slow: 0.5 + 1e-5 x 1,000 steps = 0.51, and its interval [0.3, 0.5] stops short of 0.9: nothing held
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rise": {**rising, "rate_per_step": 1e-5}}))
+    again = promote(reg, cfg, root=tmp_path)
+    assert again["decision"] == "unchanged" and again["unsettled"] == []
