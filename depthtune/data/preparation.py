@@ -556,6 +556,22 @@ def write_prepared(prepared: Prepared, out_dir: str | Path) -> Path:
     return out_dir
 
 
+
+SHOWN_CLASSES = 8  # the log's class balance line names this many classes at most (150 intents: one long line)
+
+
+def class_balance_text(fractions: dict) -> str:
+    """`a=50.0% b=50.0%`; with many classes the largest and smallest shares and how many more (data/prepared/report.json
+    keeps every class)."""
+    items = sorted(fractions.items(), key=lambda kv: -kv[1])
+    if len(items) <= SHOWN_CLASSES:
+        return " ".join(f"{n}={f:.1%}" for n, f in fractions.items())
+    half = SHOWN_CLASSES // 2
+    shown = items[:half] + items[-half:]
+    return (f"{len(items)} classes, largest {' '.join(f'{n}={f:.1%}' for n, f in shown[:half])} ... smallest "
+            f"{' '.join(f'{n}={f:.1%}' for n, f in shown[half:])}")
+
+
 def summary_lines(report: dict) -> list:
     """A short console summary of a prepare report."""
     src = report["source"]
@@ -575,7 +591,7 @@ def summary_lines(report: dict) -> list:
             kept = f"kept {example['kept']}" if example["kept"] is not None else "dropped"
             lines.append(f"    conflict at row {example['first_row']}: {text!r} ({labels}) -> {kept}")
     for name, s in report["splits"].items():
-        bal = " ".join(f"{n}={f:.1%}" for n, f in s["class_balance"]["fractions"].items())
+        bal = class_balance_text(s["class_balance"]["fractions"])
         extra = []
         if s["leakage_removed"]:
             extra.append(f"leakage -{s['leakage_removed']}")
