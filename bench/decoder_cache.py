@@ -97,7 +97,7 @@ def one_run(model_cfg, spec, train_ex, val_ex, cfg, pad_id: int, task: str = "cl
 def run(args) -> dict:
     import torch
 
-    from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+    from depthtune.config import FIXED_BUDGET, ModelConfig, TrainConfig, parse_section, parse_variant
     from depthtune.model.sources import load_tokenizer
 
     if args.threads:
@@ -111,7 +111,7 @@ def run(args) -> dict:
     for r in range(args.repeats):
         order = (True, False) if r % 2 == 0 else (False, True)  # alternate who goes first
         for cached in order:
-            cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=2e-4, evals_per_epoch=1, patience=0,
+            cfg = TrainConfig(convergence=FIXED_BUDGET, epochs=args.epochs, batch_size=args.batch_size, lr=2e-4, evals_per_epoch=1, patience=0,
                               checkpoint_every=0, seed=0, cache_frozen_prefix=cached)
             row = {"repeat": r, **one_run(model_cfg, spec, train_ex, val_ex, cfg, tokenizer.pad_token_id, args.task)}
             print(f"repeat {r} cache {'on ' if cached else 'off'}: {row['train_call_s']:7.2f} s, {row['steps']} steps, "

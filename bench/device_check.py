@@ -279,10 +279,10 @@ def audit_of(built, job: str, spec, plan: Plan, cache_tokens: int) -> dict:
 
 
 def train_config(plan: Plan, lr: float):
-    from depthtune.config import TrainConfig
+    from depthtune.config import FIXED_BUDGET, TrainConfig
 
     # one epoch of exactly warmup + steps batches; no validation (eval_every beyond the run), no checkpoints
-    return TrainConfig(device=plan.device, seed=0, epochs=1, batch_size=plan.batch_size, lr=lr, weight_decay=0.01,
+    return TrainConfig(convergence=FIXED_BUDGET, device=plan.device, seed=0, epochs=1, batch_size=plan.batch_size, lr=lr, weight_decay=0.01,
                        warmup_fraction=0.1, max_grad_norm=1.0, eval_every=10 ** 9, patience=0, checkpoint_every=0,
                        cache_frozen_prefix=True, precision=plan.precision)
 

@@ -478,7 +478,7 @@ def _run_depthtune(job, built, spec, train, val, pad_id):
     import torch  # noqa: F401
     import importlib
 
-    from depthtune.config import TrainConfig
+    from depthtune.config import FIXED_BUDGET, TrainConfig
 
     # loop_module: another copy of the loop (e.g. the previous version) for before/after figures
     dt_train = importlib.import_module(job.get("loop_module") or "depthtune.training.loop").train
@@ -493,7 +493,7 @@ def _run_depthtune(job, built, spec, train, val, pad_id):
         if m:
             events.append(("eval", time.perf_counter(), float(m.group(1))))
 
-    cfg = TrainConfig(device=job["device"], seed=job["seed"], epochs=job["epochs"], batch_size=job["batch_size"],
+    cfg = TrainConfig(convergence=FIXED_BUDGET, device=job["device"], seed=job["seed"], epochs=job["epochs"], batch_size=job["batch_size"],
                       lr=job["lr"], weight_decay=WEIGHT_DECAY, warmup_fraction=WARMUP_FRACTION,
                       max_grad_norm=MAX_GRAD_NORM, eval_every=job["eval_every"], patience=0, checkpoint_every=0,
                       cache_frozen_prefix=True, num_threads=job["threads"])
@@ -840,7 +840,7 @@ def omp_probe(steps: int, threads: int, n_warm: int = 1, seed: int = 0) -> dict:
     """depthtune's full fine-tuning step rate in this process (run in a subprocess with a chosen env)."""
     import torch
 
-    from depthtune.config import ModelConfig, TrainConfig, parse_variant
+    from depthtune.config import FIXED_BUDGET, ModelConfig, TrainConfig, parse_variant
     from depthtune.model.sources import load_tokenizer
     from depthtune.training.loop import train
     from depthtune.model.variants import build_variant
@@ -853,7 +853,7 @@ def omp_probe(steps: int, threads: int, n_warm: int = 1, seed: int = 0) -> dict:
     spec = parse_variant("full", {}, "full")
     built = build_variant(ModelConfig(), spec, 2, seed=seed)
     ts = []
-    cfg = TrainConfig(device="cpu", epochs=1, batch_size=16, lr=1e-4, checkpoint_every=0, seed=seed, num_threads=threads)
+    cfg = TrainConfig(convergence=FIXED_BUDGET, device="cpu", epochs=1, batch_size=16, lr=1e-4, checkpoint_every=0, seed=seed, num_threads=threads)
     t0 = time.perf_counter()
     train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=split.ex, val_ex=val.ex, cfg=cfg,
           metric="accuracy", device="cpu", pad_id=tok.pad_token_id, num_labels=2, log=lambda m: None,

@@ -190,6 +190,11 @@ class Convergence:
     max_epochs: Optional[int] = _f(None, lo=1, hi=10000)  # None = 2 x train.epochs; train.epochs = never extend
 
 
+# max_epochs <= train.epochs: a run trains its budget and is never extended (benchmarks timing a fixed number of
+# epochs, tests counting steps)
+FIXED_BUDGET = Convergence(max_epochs=1)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     device: str = _f("auto", choices=("auto", "cpu", "cuda"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from depthtune.data.batching import Examples, predict_logits
-from depthtune.config import ModelConfig, TrainConfig, parse_variant
+from depthtune.config import FIXED_BUDGET, ModelConfig, TrainConfig, parse_variant
 from depthtune.training.loop import train
 from depthtune.model.variants import build_variant
 from tests.conftest import make_project, project_env, read_sst2, tiny_params
@@ -49,7 +49,7 @@ def test_packaged_minilm_learns_sst2(shared_data, tokenizer):
 
     spec = parse_variant("top2", {"train_top": 2}, "variants.top2")
     built = build_variant(ModelConfig(), spec, 2, device="cpu", seed=0)
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=3e-4, checkpoint_every=0, seed=0, patience=0, evals_per_epoch=1)
+    cfg = TrainConfig(epochs=3,convergence=FIXED_BUDGET,  batch_size=16, lr=3e-4, checkpoint_every=0, seed=0, patience=0, evals_per_epoch=1)
     out = train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=ex(texts, labels),
                 val_ex=ex(vtexts, vlabels), cfg=cfg, metric="accuracy", device="cpu", pad_id=0, num_labels=2,
                 log=lambda s: None)

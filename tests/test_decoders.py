@@ -19,7 +19,7 @@ import torch
 
 from depthtune.planning.audit import audit_built
 from depthtune.data.batching import Examples, predict_logits
-from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.config import FIXED_BUDGET, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.errors import ConfigError
 from depthtune.model.sources import load_tokenizer, packaged_path
 from depthtune.training.loop import train
@@ -82,7 +82,7 @@ def build(family: str, name: str, raw: dict | None = None, device: str = "cpu", 
     return spec, build_variant(model or model_cfg(family), spec, 2, device=device, path=f"variants.{name}", seed=0)
 
 
-CFG = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7,
+CFG = TrainConfig(convergence=FIXED_BUDGET, epochs=1, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7,
                   patience=0, evals_per_epoch=1)  # 16 texts / batch 8: two optimizer steps, validated at the end
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from depthtune.training import loop as training
 from depthtune.errors import ConfigError
-from depthtune.config import LrSearch, ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.config import FIXED_BUDGET, LrSearch, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.training.lr_search import KEEP, candidate_lrs, ranked, rung_steps, search_and_train
 from depthtune.training.prefix_cache import PrefixCache
 from depthtune.records import AuditRecord, TrainRecord
@@ -26,7 +26,7 @@ from tests.conftest import TINY_ARCH, in_project, run_stages, tiny_params
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
 # 96 texts / batch 8 = 12 steps an epoch, validated after steps 6, 12, 18, 24 (2 an epoch, 2 epochs):
 # rung 0 ends at the 1st evaluation (step 6, 5 candidates), rung 1 at the 3rd (step 18, the best 2)
-CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=0, seed=7, evals_per_epoch=2, patience=0,
+CFG = TrainConfig(convergence=FIXED_BUDGET, epochs=2, batch_size=8, lr=1e-3, checkpoint_every=0, seed=7, evals_per_epoch=2, patience=0,
                   lr_search=LrSearch(enabled=True, first_rung=1))
 QUIET = dict(metric="accuracy", device="cpu", pad_id=0, num_labels=2, log=lambda s: None)
 

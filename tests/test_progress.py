@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from depthtune import progress as progress_mod
-from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.config import FIXED_BUDGET, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.training.prefix_cache import PrefixCache
 from depthtune.progress import Progress, counting_forwards, fmt_duration
 from depthtune.training.loop import train
@@ -18,7 +18,7 @@ from depthtune.model.variants import build_variant
 from tests.conftest import TINY_ARCH
 
 MODEL = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
-CFG = TrainConfig(epochs=2, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7,
+CFG = TrainConfig(convergence=FIXED_BUDGET, epochs=2, batch_size=8, lr=1e-3, warmup_fraction=0.1, checkpoint_every=0, seed=7,
                   patience=0, evals_per_epoch=1)
 
 

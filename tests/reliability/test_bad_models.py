@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from depthtune.config import ModelConfig, TrainConfig, parse_section, parse_variant
+from depthtune.config import FIXED_BUDGET, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.errors import DepthtuneError, ModelError
 from depthtune.files import run_main
 from tests.conftest import TINY_ARCH, read_sst2
@@ -150,7 +150,7 @@ def checkpointed(tmp_path_factory, shared_data, tokenizer):
     enc = tokenizer(texts, truncation=True, max_length=32)
     ex = Examples(input_ids=enc["input_ids"], labels=labels, token_type_ids=enc["token_type_ids"])
     model = parse_section(ModelConfig, {"source": "scratch", "scratch": TINY_ARCH}, "model")
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-3, checkpoint_every=0, seed=3, patience=0, evals_per_epoch=1)
+    cfg = TrainConfig(epochs=1,convergence=FIXED_BUDGET,  batch_size=16, lr=1e-3, checkpoint_every=0, seed=3, patience=0, evals_per_epoch=1)
     root = tmp_path_factory.mktemp("ck") / "checkpoints"
     built = build_variant(model, FULL, 2, seed=0)
     train(model=built.model, spec=FULL, num_layers=built.num_layers, train_ex=ex, val_ex=ex, cfg=cfg,
