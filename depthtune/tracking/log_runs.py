@@ -227,6 +227,10 @@ def training_metrics(audit: AuditRecord, train: TrainRecord) -> tuple[dict, dict
         m[f"best_val.{k}"] = v
     m["stopped_early"] = int(train.stopped_early)
     m["not_converged"] = int(train.not_converged)
+    m["near_chance"] = int(train.near_chance)
+    m["extensions"] = train.extensions
+    if train.rise:  # the plateau test (depthtune.evaluation.convergence)
+        m["convergence.gain"], m["convergence.p"] = train.rise.get("gain"), train.rise.get("p")
     curves = {"train.loss": [(p["step"], p.get("loss")) for p in train.loss_curve],
               "train.lr": [(p["step"], p.get("lr")) for p in train.loss_curve if p.get("lr") is not None],
               **{f"val.{k}": [(p["step"], p.get(k)) for p in train.val_curve]
@@ -301,7 +305,8 @@ def training_tags(variant: str, audit: AuditRecord, train: TrainRecord, model_di
             "depthtune.dvc_lock_hash": dvc_lock_hash(f"finetune@{variant}", root),
             "depthtune.inputs_fingerprint": inputs_fp, "depthtune.data_fingerprint": data_fp,
             "depthtune.device": train.device, "depthtune.labels": json.dumps(labels) if labels else None,
-            "depthtune.convergence": train.convergence_note or "converged",
+            "depthtune.convergence": (f"{train.convergence}: {train.convergence_note}" if train.convergence_note
+                                      else train.convergence or "converged"),
             "mlflow.note.content": f"{variant}: {audit.description}"}
 
 
