@@ -113,6 +113,8 @@ def variant_row(project: Path, name: str) -> dict:
             "lr_at_edge": search.get("at_edge"), "epochs_run": train.get("epochs_run"),
             "best_epoch": train.get("best_epoch"), "best_step": train.get("best_step"), "steps": train.get("steps"),
             "stopped_early": train.get("stopped_early"), "not_converged": train.get("not_converged"),
+            "convergence": train.get("convergence"), "rise": train.get("rise"), "near_chance": train.get("near_chance"),
+            "extensions": train.get("extensions"), "head_lr": train["config"].get("head_lr"),
             "train_time_s": train.get("train_time_s"), "test_examples": len(ev.get("references") or [])}
 
 
@@ -129,6 +131,20 @@ def fmt_ci(row: dict) -> str:
     return f"{row['accuracy']:.3f}{inner}"
 
 
+def converged_text(r: dict) -> str:
+    """Converged by which rule (records before the plateau test: by the old one), with the near-chance flag."""
+    how = r.get("convergence")
+    if how is None:  # a record from before depthtune.evaluation.convergence
+        text = "**no**" if r["not_converged"] else ("yes (stopped early)" if r["stopped_early"] else "yes")
+    else:
+        rise = r.get("rise") or {}
+        figures = f", {rise['before']:.3f} -> {rise['within']:.3f} p={rise['p']:.2g}" if rise else ""
+        text = ("**no** (still rising" + figures + ")" if r["not_converged"] else
+                f"yes ({how}{figures if how == 'plateau' else ''})")
+        text += f", {r['extensions']} ext." if r.get("extensions") else ""
+    return text + (" **near chance**" if r.get("near_chance") else "")
+
+
 def markdown(result: dict) -> str:
     lines = [f"# Fair comparison, {result['date']} ({result['device']}, tag {result['tag'] or '-'})", "",
              f"Commit {result['commit']}; overrides: {', '.join(result['overrides']) or 'none'}.", ""]
@@ -138,8 +154,9 @@ def markdown(result: dict) -> str:
                   "| variant | trainable | test accuracy [95% CI] | macro-F1 | lr | epochs run | best epoch | "
                   "converged | train s | lr search s |", "|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
         for r in ds["rows"]:
-            conv = "**no**" if r["not_converged"] else ("yes (stopped early)" if r["stopped_early"] else "yes")
+            conv = converged_text(r)
             lr = f"{r['lr']:.3g}" + (" (searched" + (", at edge)" if r["lr_at_edge"] else ")") if r["lr_searched"] else "")
+            lr += f", head {r['head_lr']:.3g}" if r.get("head_lr") and r["head_lr"] != r["lr"] else ""
             lines.append(f"| {r['variant']} | {r['trainable_params']:,} | {fmt_ci(r)} | {r['macro_f1']:.3f} | {lr} | "
                          f"{r['epochs_run']:.3g} | {r['best_epoch']:.3g} | {conv} | {r['train_time_s']:.1f} | "
                          f"{r['lr_search_s'] if r['lr_search_s'] is not None else '-'} |")
