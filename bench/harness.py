@@ -681,7 +681,7 @@ def memory_breakdown(model_raw: dict, variant: str, spec_raw: dict, batch_size: 
 
     from depthtune.planning.audit import audit_built
     from depthtune.config import parse_variant
-    from depthtune.training.loop import param_groups
+    from depthtune.training.optimizer import param_groups
     from depthtune.model.variants import build_variant
 
     torch.set_num_threads(threads)
@@ -777,7 +777,7 @@ def step_profile(model_raw: dict, variant: str, spec_raw: dict, split: Split, ba
 
     from depthtune.config import parse_variant
     from depthtune.data.batching import collate, length_grouped_batches
-    from depthtune.training.loop import param_groups
+    from depthtune.training.optimizer import param_groups
     from depthtune.model.variants import build_variant
 
     torch.set_num_threads(threads)

@@ -43,7 +43,7 @@ def measure_one(args, precision: str, checkpointing: bool) -> dict:
     from depthtune.training.memory import PeakMemory
     from depthtune.evaluation.next_token import mean_loss, token_nll
     from depthtune.training.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing
-    from depthtune.training.loop import build_optimizer
+    from depthtune.training.optimizer import build_optimizer
     from depthtune.model.variants import build_variant
 
     torch.set_num_threads(args.threads)
@@ -120,7 +120,7 @@ def report(args, results: list[tuple[dict, dict]], shared: str) -> str:
         f"Model: random-init Llama, causal_lm, untied lm_head: H {a['hidden_size']}, I {a['intermediate_size']}, "
         f"{a['num_hidden_layers']} layers, {a['num_attention_heads']} heads, {a['num_key_value_heads']} k/v heads, "
         f"vocab {a['vocab_size']}; batch {args.batch_size} x {args.seq_len} random tokens, full fine-tuning, "
-        f"fused AdamW (depthtune.training.loop.build_optimizer), {args.steps} steps, each setting in a fresh process.",
+        f"fused AdamW (depthtune.training.optimizer.build_optimizer), {args.steps} steps, each setting in a fresh process.",
         "",
         "Peak growth = depthtune.training.memory.PeakMemory RSS growth over the measured steps + the AdamW states' bytes "
         "(allocated by a 1 x 8-token warm-up step before them, with the thread pools and kernel workspaces; "

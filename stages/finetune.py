@@ -38,7 +38,8 @@ from depthtune.provenance import provenance, tree_fingerprint
 from depthtune.records import AuditRecord, LabelSet, TrainRecord, read_variant_record
 from depthtune.model.sources import load_tokenizer
 from depthtune.data.tokenized import check_vocab, load_tokenized
-from depthtune.training.loop import fingerprint_of, loss_csv
+from depthtune.training.checkpoints import fingerprint_of
+from depthtune.training.loop import loss_csv
 
 
 @dataclass

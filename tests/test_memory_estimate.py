@@ -25,7 +25,8 @@ from depthtune.evaluation.next_token import mean_loss, token_nll
 from depthtune.planning.costs import EVAL_BATCH
 from depthtune.data.batching import Examples, predict_logits
 from depthtune.evaluation.lm_scoring import score_texts
-from depthtune.training.loop import BestWeights, build_optimizer
+from depthtune.training.loop import BestWeights
+from depthtune.training.optimizer import build_optimizer
 from depthtune.model.variants import build_variant
 torch.set_num_threads(1)
 B, S, steps = 16, 128, 3

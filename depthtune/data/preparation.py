@@ -561,8 +561,7 @@ SHOWN_CLASSES = 8  # the log's class balance line names this many classes at mos
 
 
 def class_balance_text(fractions: dict) -> str:
-    """`a=50.0% b=50.0%`; with many classes the largest and smallest shares and how many more (data/prepared/report.json
-    keeps every class)."""
+    """`a=50.0% b=50.0%`; many classes: the 4 largest and 4 smallest shares (report.json has all)."""
     items = sorted(fractions.items(), key=lambda kv: -kv[1])
     if len(items) <= SHOWN_CLASSES:
         return " ".join(f"{n}={f:.1%}" for n, f in fractions.items())

@@ -12,6 +12,7 @@ half checkpoint that could be resumed from.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import random
@@ -199,3 +200,8 @@ def fault_kill_hook(target: str, *, named_only: bool = False) -> Optional[Callab
             os.kill(os.getpid(), signal.SIGKILL)
 
     return on_step
+
+
+def fingerprint_of(*parts) -> str:
+    """train(fingerprint=...): what a checkpoint must match to be resumed (variant, config, data: JSON-able parts)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -26,7 +26,8 @@ from depthtune.training.checkpoints import checkpoint_meta, latest_checkpoint
 from depthtune.training.lr_search import search_and_train
 from depthtune.records import AuditRecord, TrainRecord
 from depthtune.planning.step_time import after_training
-from depthtune.training.loop import prefix_caches, train
+from depthtune.training.loop import train
+from depthtune.training.prefix_cache import prefix_caches
 from depthtune.model.variants import BuiltVariant, build_variant
 
 

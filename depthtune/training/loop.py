@@ -10,18 +10,18 @@ The phases (torchtune-recipe style), each a function:
                      (prefix_caches() builds the caches; a caller may build them once and pass them in)
   start_or_resume()  a fresh TrainState, or the newest checkpoint's (weights, optimizer, RNG restored)
   run_epoch()        the optimizer steps of one epoch; batch_logits() is the one training forward pass
-  validate()         validation scores, best-weights bookkeeping, early stopping
+  validate()         validation scores, best-weights bookkeeping, early stopping (patience; not near chance)
   save()             a checkpoint (rank 0 writes)
+  finish()           the epochs of the budget, and extensions while the curve still rises (extend)
   train()            ties them together
 Batching lives in depthtune.data.batching, the prefix cache in depthtune.training.prefix_cache, checkpoint
-files in depthtune.training.checkpoints, gradient averaging over processes in depthtune.training.data_parallel.
+files in depthtune.training.checkpoints, gradient averaging over processes in depthtune.training.data_parallel,
+AdamW and the schedule in depthtune.training.optimizer.
 """
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -32,85 +32,21 @@ import torch
 from torch import nn
 
 from depthtune.data.batching import Examples, autocast, collate, length_grouped_batches, predict_logits
+from depthtune.training.optimizer import LinearSchedule, apply_step, build_optimizer
 from depthtune.training.checkpoints import load_trainable_state, resume_latest, save_checkpoint, trainable_state
 from depthtune import tasks
 from depthtune.config import TrainConfig, VariantSpec
 from depthtune.evaluation import convergence, metrics
-from depthtune.model.param_names import classify_param
 from depthtune.training.data_parallel import all_reduce_grads, dist_info, params_in_sync
 from depthtune.errors import ModelError
 from depthtune.evaluation.lm_scoring import loss_starts, score_texts
 from depthtune.training.precision import apply_precision, autocast_dtype, enable_gradient_checkpointing, resolve_precision
-from depthtune.training.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, set_train_mode,
-                                    supports_split_forward, top_forward)
+from depthtune.training.prefix_cache import (PrefixCache, frozen_prefix_layers, predict_cached, prefix_caches,
+                                             set_train_mode, top_forward)
 from depthtune.progress import Progress
 from depthtune.runtime import seed_everything
 
-# ----------------------------------------------------------------------------- optimizer
-
-
-def param_groups(model: nn.Module, weight_decay: float, head_lr: Optional[float] = None) -> list[dict]:
-    """AdamW groups: decay matrices, never biases or norm gains. `head_lr`: the new head's parameters (the `head`
-    bucket of depthtune.model.param_names: a classifier) in groups of their own at that lr."""
-    groups = {(False, True): [], (False, False): [], (True, True): [], (True, False): []}  # (head?, decay?)
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = not (p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"))
-        groups[(head_lr is not None and classify_param(name) == "head", decay)].append(p)
-    out = [{"params": groups[(False, True)], "weight_decay": weight_decay},
-           {"params": groups[(False, False)], "weight_decay": 0.0}]
-    if head_lr is not None:
-        out += [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": head_lr}
-                for (head, decay), ps in groups.items() if head and ps]
-    return out
-
-
-class LinearSchedule:
-    """The lr factor at a step: linear warmup over `warmup` steps, linear decay to 0 at `total`. Past `total`, for
-    each of `extensions` cycles of `extension` steps (a run its budget ended while still rising, given more), the
-    same shape again: warmup over the same share, decay to 0 at the cycle's end. Beyond them: 0.
-
-    An object, not a closure: LambdaLR saves its attributes with the scheduler, so a resumed run has its
-    extensions back."""
-
-    def __init__(self, warmup: int, total: int, extension: int = 0, extensions: int = 0):
-        self.warmup, self.total, self.extension, self.extensions = warmup, total, extension, extensions
-
-    @staticmethod
-    def shape(step: int, warmup: int, total: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    def __call__(self, step: int) -> float:
-        if step < self.total or not self.extension:
-            return self.shape(step, self.warmup, self.total)
-        cycle, within = divmod(step - self.total, self.extension)
-        if cycle >= self.extensions:
-            return 0.0
-        return self.shape(within, self.warmup * self.extension // max(1, self.total), self.extension)
-
-
-def build_optimizer(model: nn.Module, cfg, total_steps: int, *, extension_steps: int = 0,
-                    head_lr: Optional[float] = None):
-    """AdamW + LinearSchedule (warmup_fraction of the steps, then linear decay to 0; `extension_steps`: the length
-    of each extension cycle past total_steps). `head_lr`: the new head's own lr (param_groups)."""
-    # fused AdamW on the CPU too: measured here on MiniLM's 22.7M parameters, one step took
-    # 0.25 s fused vs 4.5 s foreach (the multi-tensor path makes several passes over memory)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, head_lr), lr=cfg.lr, betas=(0.9, 0.999),
-                                  eps=1e-8, fused=True)
-    warmup = int(cfg.warmup_fraction * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearSchedule(warmup, total_steps, extension_steps))
-    return optimizer, scheduler
-
-
 # ----------------------------------------------------------------------------- state
-
-
-def fingerprint_of(*parts) -> str:
-    """train(fingerprint=...): what a checkpoint must match to be resumed (variant, config, data: JSON-able parts)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -290,37 +226,6 @@ class TrainSetup:
         return self.scheduler.lr_lambdas[0]
 
 
-def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
-                        rank: int, checkpoint_dir: Optional[Path], log: Callable[[str], None]):
-    """The frozen prefix's outputs for the training and validation texts (eval mode: no dropout)."""
-    t0 = time.perf_counter()
-    model.eval()
-    cache = PrefixCache(model, train_ex, k, device, batch_size=64, pad_id=pad_id,
-                        disk_dir=checkpoint_dir / f"cache-rank{rank}" if checkpoint_dir else None,
-                        log=log if rank == 0 else None)
-    val_cache = PrefixCache(model, val_ex, k, device, batch_size=64, pad_id=pad_id)
-    log(f"cached frozen prefix (embeddings + {k} layers) for {len(train_ex)} + {len(val_ex)} texts: "
-        f"{(cache.nbytes + val_cache.nbytes) / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s")
-    return cache, val_cache
-
-
-def prefix_caches(model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Examples, val_ex: Examples,
-                  cfg: TrainConfig, *, device: str, pad_id: int, checkpoint_dir: Optional[Path] = None,
-                  log: Callable[[str], None] = print) -> tuple[Optional[PrefixCache], Optional[PrefixCache]]:
-    """(train cache, validation cache) of a train_top variant's frozen prefix, or (None, None) when not cached.
-
-    The prefix is frozen, so its outputs depend on neither the learning rate nor the step: one pair
-    serves every lr-search candidate and the real training (setup(caches=...)).
-    """
-    model.to(device)
-    k = frozen_prefix_layers(spec, num_layers)
-    if not (cfg.cache_frozen_prefix and k > 0 and supports_split_forward(model)):
-        return None, None
-    rank, _ = dist_info()
-    return build_prefix_caches(model, train_ex, val_ex, k, device=device, pad_id=pad_id, rank=rank,
-                               checkpoint_dir=checkpoint_dir, log=log)
-
-
 def setup(*, model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Examples, val_ex: Examples,
           cfg: TrainConfig, metric: str, device: str, pad_id: int, num_labels: int,
           checkpoint_dir: Optional[Path] = None, log: Callable[[str], None] = print,
@@ -458,16 +363,6 @@ def optimizer_step(run: TrainSetup) -> None:
     if run.world > 1:
         all_reduce_grads(run.model, run.world)
     apply_step(run.model, run.optimizer, run.scheduler, run.cfg.max_grad_norm)
-
-
-def apply_step(model: nn.Module, optimizer, scheduler, max_grad_norm: float) -> None:
-    """The one optimizer step (fine-tuning and pretraining): clip the trainable gradients, step the optimizer and
-    the schedule, clear the gradients."""
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def loss_csv(loss_curve: list, extra: Optional[dict] = None) -> str:

@@ -15,6 +15,7 @@ Two kinds of model split this way:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,9 +25,10 @@ import torch
 from torch import nn
 
 from depthtune.data.batching import Examples, autocast, collate
-from depthtune.config import VariantSpec
+from depthtune.config import TrainConfig, VariantSpec
 from depthtune.model.families import Family, family_of
 from depthtune.progress import QUIET_FOR_S, Progress
+from depthtune.training.data_parallel import dist_info
 
 
 
@@ -349,3 +351,34 @@ def predict_cached(model, cache: PrefixCache, k: int, n: int, batch_size: int, d
             out[idx] = top_forward(model, hidden, mask, k).float().cpu().numpy()
     model.train(was_training)
     return out
+
+
+def build_prefix_caches(model: nn.Module, train_ex: Examples, val_ex: Examples, k: int, *, device: str, pad_id: int,
+                        rank: int, checkpoint_dir: Optional[Path], log: Callable[[str], None]):
+    """The frozen prefix's outputs for the training and validation texts (eval mode: no dropout)."""
+    t0 = time.perf_counter()
+    model.eval()
+    cache = PrefixCache(model, train_ex, k, device, batch_size=64, pad_id=pad_id,
+                        disk_dir=checkpoint_dir / f"cache-rank{rank}" if checkpoint_dir else None,
+                        log=log if rank == 0 else None)
+    val_cache = PrefixCache(model, val_ex, k, device, batch_size=64, pad_id=pad_id)
+    log(f"cached frozen prefix (embeddings + {k} layers) for {len(train_ex)} + {len(val_ex)} texts: "
+        f"{(cache.nbytes + val_cache.nbytes) / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s")
+    return cache, val_cache
+
+
+def prefix_caches(model: nn.Module, spec: VariantSpec, num_layers: int, train_ex: Examples, val_ex: Examples,
+                  cfg: TrainConfig, *, device: str, pad_id: int, checkpoint_dir: Optional[Path] = None,
+                  log: Callable[[str], None] = print) -> tuple[Optional[PrefixCache], Optional[PrefixCache]]:
+    """(train cache, validation cache) of a train_top variant's frozen prefix, or (None, None) when not cached.
+
+    The prefix is frozen, so its outputs depend on neither the learning rate nor the step: one pair
+    serves every lr-search candidate and the real training (setup(caches=...)).
+    """
+    model.to(device)
+    k = frozen_prefix_layers(spec, num_layers)
+    if not (cfg.cache_frozen_prefix and k > 0 and supports_split_forward(model)):
+        return None, None
+    rank, _ = dist_info()
+    return build_prefix_caches(model, train_ex, val_ex, k, device=device, pad_id=pad_id, rank=rank,
+                               checkpoint_dir=checkpoint_dir, log=log)

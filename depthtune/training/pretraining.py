@@ -38,7 +38,9 @@ from depthtune.planning import step_time
 from depthtune.planning.audit import audit_built
 from depthtune.data.batching import Examples, autocast, collate, length_grouped_batches
 from depthtune.training.checkpoints import fault_kill_hook, resume_latest, save_checkpoint
-from depthtune.training.loop import apply_step, build_optimizer, fingerprint_of, loss_csv
+from depthtune.training.checkpoints import fingerprint_of
+from depthtune.training.loop import loss_csv
+from depthtune.training.optimizer import apply_step, build_optimizer
 from depthtune.config import Params, VariantSpec, to_dict
 from depthtune.model.families import FAMILIES, family_of, is_decoder
 from depthtune.data.coverage import split_coverage, unk_token_id
