@@ -46,7 +46,7 @@ from depthtune.evaluation.significance import compare_to_best, lm_paired_bootstr
 SCHEMA = "depthtune.compare/2"
 FRONT_PARAMS = "accuracy_vs_trainable_params"  # classification's fronts; a causal LM's: perplexity_vs_...
 FRONT_TIME = "accuracy_vs_train_time"
-NOT_CONVERGED = "⚠"  # marks a variant whose validation metric was still improving when training stopped
+NOT_CONVERGED = "⚠"  # marks a variant still rising when its budget ran out (evaluation.convergence)
 _EPS = 1e-12  # float slack for "within tolerance" and ties
 
 

@@ -71,7 +71,7 @@ PAGE = """<!DOCTYPE html>
 <h2>Results</h2>
 {{- table(results) }}
 <p class="note">Brackets: 95% bootstrap interval over the test texts. p vs best: {{ test }} test against {{ best }} \
-on the same texts. {{ not_converged }}: still improving when training stopped.</p>
+on the same texts. {{ not_converged }}: not converged (validation still rising, significantly, when its budget ran out).</p>
 <h2>Training</h2>
 {{- table(training) }}
 {%- if classes %}
