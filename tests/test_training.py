@@ -297,15 +297,16 @@ def balanced(shared_data, tokenizer):
     return Examples(input_ids=enc["input_ids"], labels=[0, 1] * 48, token_type_ids=enc["token_type_ids"])
 
 
-def climbing_probe(balanced, max_epochs: int, lines=None):
+def climbing_probe(balanced, max_epochs: int, lines=None, checkpoint_dir=None):
     """The packaged MiniLM's probe, validated on its own training texts: 0.72 -> 0.86 accuracy in 2 epochs."""
     spec = parse_variant("probe", {"train_top": 0}, "variants.probe")
     built = build_variant(ModelConfig(), spec, 2, device="cpu", seed=0)
     cfg = dataclasses.replace(CFG, lr=1e-3, head_lr=1e-3, epochs=2, evals_per_epoch=2, patience=0,
-                              warmup_fraction=0.0, convergence=Convergence(window=3, max_epochs=max_epochs))
+                              warmup_fraction=0.0, convergence=Convergence(window=3, max_epochs=max_epochs),
+                              checkpoint_every=5 if checkpoint_dir else 0)
     return train(model=built.model, spec=spec, num_layers=built.num_layers, train_ex=balanced, val_ex=balanced,
-                 cfg=cfg, metric="accuracy", device="cpu", pad_id=0, num_labels=2,
-                 log=(lines.append if lines is not None else lambda s: None))
+                 cfg=cfg, metric="accuracy", device="cpu", pad_id=0, num_labels=2, checkpoint_dir=checkpoint_dir,
+                 fingerprint="climbing", log=(lines.append if lines is not None else lambda s: None))
 
 
 def test_a_curve_still_rising_at_its_budget_is_flagged_and_the_verdict_crowns_no_rival(balanced):
@@ -346,6 +347,22 @@ def test_a_run_still_rising_at_its_budget_is_extended_until_it_levels_off(balanc
     assert out.convergence == "plateau" and not out.not_converged and not out.rise["rising"]
     lrs = {p["step"]: p["lr"] for p in out.loss_curve}  # the lr after each step
     assert lrs[24] == 0.0 and lrs[25] > lrs[35] > 0.0 and lrs[36] == 0.0
+
+
+def test_a_run_stopped_inside_its_extension_resumes_into_it_and_ends_the_same(balanced, tmp_path):
+    """Checkpoints every 5 steps; the last one (the end, step 36) removed: the run resumes at step 35, inside its
+    extension, with the extension's schedule and its kept validation outputs back, and ends as the uninterrupted
+    run did (same curve, losses, lrs, verdict)."""
+    ref = climbing_probe(balanced, max_epochs=4, checkpoint_dir=tmp_path)
+    assert ref.extensions == 1 and ref.steps == 36
+    ends = sorted(tmp_path.glob("checkpoint-*"))
+    assert [p.name for p in ends][-1] == "checkpoint-00000036"
+    import shutil
+    shutil.rmtree(ends[-1])
+    again = climbing_probe(balanced, max_epochs=4, checkpoint_dir=tmp_path)
+    assert again.resumed_from_step == 35 and again.extensions == 1 and again.steps == 36
+    assert again.val_curve == ref.val_curve and again.rise == ref.rise and again.convergence == ref.convergence
+    assert [(p["loss"], p["lr"]) for p in again.loss_curve] == [(p["loss"], p["lr"]) for p in ref.loss_curve]
 
 
 def test_early_stopping_ends_a_run_after_patience_evaluations_and_a_resume_does_not_train_on(data, tmp_path):
