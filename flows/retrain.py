@@ -108,7 +108,8 @@ def summary_markdown(report: dict) -> str:
             name, a = next(iter(m.items()))
             lines.append(f"| {v} | {name} | {a['before']} | {a['after']} | {a['delta']} |")
     p = report["changes"]["promotion"]
-    lines += ["", f"promotion: **{p['decision']}** v{p['version']} ({p['variant']}): {p['reason']}" if p
+    version = f" v{p['version']}" if p and p.get("version") else ""
+    lines += ["", f"promotion: **{p['decision']}**{version} ({p['variant']}): {p['reason']}" if p
               else "promotion: not re-run (nothing upstream changed)"]
     return "\n".join(lines) + "\n"
 

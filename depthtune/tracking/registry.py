@@ -514,14 +514,13 @@ def promote(reg: RegistryConfig, tracking_cfg: TrackingConfig, *, root: str | Pa
     if not eligible:
         return done("no_candidate", no_candidate_reason(ranked))
     cand = eligible[0]
-    unsettled = unsettled_rivals(reg, cand, ranked)
-    report["unsettled"] = unsettled
+    report["candidate"] = {"variant": cand.variant, "eval_metric": cand.metric, "trainable_params": cand.trainable_params,
+                           "total_params": cand.total_params, "latency_p95_ms": cand.latency_p95_ms}
+    report["unsettled"] = unsettled = unsettled_rivals(reg, cand, ranked)
     if unsettled and not reg.promote_unsettled:
         return done("held", f"{cand.variant} is ahead, but not converged and could close the gap: "
                             f"{'; '.join(unsettled)} (registry untouched; registry.promote_unsettled: true promotes "
                             "anyway, or train them longer: train.convergence.max_epochs)")
-    report["candidate"] = {"variant": cand.variant, "eval_metric": cand.metric, "trainable_params": cand.trainable_params,
-                           "total_params": cand.total_params, "latency_p95_ms": cand.latency_p95_ms}
 
     uri = tracking_uri(tracking_cfg)
     report["tracking_uri"] = safe_uri(uri)

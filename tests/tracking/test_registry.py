@@ -315,6 +315,7 @@ def test_a_rival_still_rising_holds_the_promotion_back_unless_told(tmp_path, mon
     reg = RegistryConfig(model_name=NAME, min_metric=0.2)
     held = promote(reg, cfg, root=tmp_path)
     assert held["decision"] == "held" and held["reason"].startswith("r1 is ahead, but not converged"), held
+    assert held["candidate"]["variant"] == "r1" and "version" not in held["candidate"]
     assert "r2: its validation curve, still rising" in held["reason"] and "registry untouched" in held["reason"]
     with pytest.raises(Exception, match="not found|RESOURCE_DOES_NOT_EXIST"):
         registry_state(cfg, NAME)  # nothing was registered
