@@ -17,6 +17,7 @@ from depthtune.training import loop as training
 from depthtune.errors import ConfigError
 from depthtune.config import FIXED_BUDGET, LrSearch, ModelConfig, TrainConfig, parse_section, parse_variant
 from depthtune.training.lr_search import KEEP, candidate_lrs, ranked, rung_steps, search_and_train
+from depthtune.training import prefix_cache
 from depthtune.training.prefix_cache import PrefixCache
 from depthtune.records import AuditRecord, TrainRecord
 from depthtune.tracking.log_runs import training_metrics
@@ -161,10 +162,10 @@ def test_a_train_top_variant_caches_its_prefix_once_for_every_candidate_and_the_
             super().__init__(*a, **kw)
             built_caches.append(self)
 
-    monkeypatch.setattr(training, "PrefixCache", CountingCache)
+    monkeypatch.setattr(prefix_cache, "PrefixCache", CountingCache)
     spec, built = build({"train_top": 1})
     train_ex, val_ex = data
-    caches = training.prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, CFG, device="cpu",
+    caches = prefix_cache.prefix_caches(built.model, spec, built.num_layers, train_ex, val_ex, CFG, device="cpu",
                                     pad_id=0, log=lambda s: None)
     out, _, result = search(spec, built, data, caches=caches)
     assert len(result["candidates"]) == 5 and len(built_caches) == 2  # train + validation, once
