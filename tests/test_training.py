@@ -349,6 +349,15 @@ def test_a_run_still_rising_at_its_budget_is_extended_until_it_levels_off(balanc
     assert lrs[24] == 0.0 and lrs[25] > lrs[35] > 0.0 and lrs[36] == 0.0
 
 
+def test_patience_stops_a_run_in_its_budget_but_not_inside_an_extension():
+    from depthtune.training.loop import TrainState, patience_spent
+
+    cfg = dataclasses.replace(CFG, patience=2)
+    assert patience_spent(cfg, TrainState(bad_evals=2)) and not patience_spent(cfg, TrainState(bad_evals=1))
+    assert not patience_spent(cfg, TrainState(bad_evals=5, extensions=1))  # the extension's warmup dip
+    assert not patience_spent(dataclasses.replace(cfg, patience=0), TrainState(bad_evals=99))
+
+
 def test_a_run_stopped_inside_its_extension_resumes_into_it_and_ends_the_same(balanced, tmp_path):
     """Checkpoints every 5 steps; the last one (the end, step 36) removed: the run resumes at step 35, inside its
     extension, with the extension's schedule and its kept validation outputs back, and ends as the uninterrupted

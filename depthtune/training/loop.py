@@ -291,8 +291,11 @@ def is_eval_step(cfg: TrainConfig, step: int, per_epoch: int) -> bool:
 
 
 def patience_spent(cfg: TrainConfig, state: "TrainState") -> bool:
-    """Early stopping: train.patience evaluations in a row without a new best (0 = never stop)."""
-    return cfg.patience > 0 and state.bad_evals >= cfg.patience
+    """Early stopping: train.patience evaluations in a row without a new best (0 = never stop). Not inside an
+    extension: its cycle warms the lr up again, and the dip that follows is not a plateau (measured: CLINC150's
+    depth3, rising 0.25 -> 0.35, dipped to 0.26 at the extension's first validation and patience ended it); an
+    extension is trained whole and judged by the plateau test at its end (extend)."""
+    return cfg.patience > 0 and state.bad_evals >= cfg.patience and state.extensions == 0
 
 
 def start_or_resume(run: TrainSetup, fingerprint: str,
