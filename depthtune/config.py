@@ -206,7 +206,8 @@ class TrainConfig:
     max_length: int = _f(128, lo=8, hi=8192)
     lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)  # None = by variant kind (depthtune/methods: default_lr)
     # a labelled task's new, randomly initialised head (classifier): None = the probe's lr (a head alone trains
-    # well there) or the variant's lr when that is higher; set it to the variant's lr for one lr throughout
+    # well there) or the variant's lr when that is higher, for the kinds that raise it (full, depth, LoRA, BitFit,
+    # scratch; train_top and train_layers keep their own lr); set it to the variant's lr for one lr throughout
     head_lr: Optional[float] = _f(None, lo=0.0, hi=1.0, lo_open=True)
     weight_decay: float = _f(0.01, lo=0.0, hi=1.0)
     warmup_fraction: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True)
@@ -498,12 +499,15 @@ def to_dict(obj) -> Any:
 def effective_train(params: Params, variant: VariantSpec) -> TrainConfig:
     """The train section with the variant's overrides applied; lr: the variant's, train.lr, else its kind's
     (`default_lr` of depthtune.methods.<kind>, each with its reason); head_lr: the variant's, train.head_lr, else
-    the higher of HEAD_LR and its lr."""
+    the higher of HEAD_LR and its lr for a kind that raises_head_lr, else its lr."""
     overrides = {k: v for k, v in to_dict(variant.train).items() if v is not None}
     cfg = dataclasses.replace(params.train, **overrides)
     cfg = cfg if cfg.lr is not None else dataclasses.replace(cfg, lr=variant.method.default_lr)
-    # the new head: at least the lr a head alone trains well at (depthtune.methods.base.HEAD_LR)
-    return cfg if cfg.head_lr is not None else dataclasses.replace(cfg, head_lr=max(cfg.lr, methods.HEAD_LR))
+    # the new head: at least the lr a head alone trains well at (depthtune.methods.base.HEAD_LR), for the kinds that
+    # raise it; the others train it at their own lr
+    if cfg.head_lr is not None:
+        return cfg
+    return dataclasses.replace(cfg, head_lr=max(cfg.lr, methods.HEAD_LR) if variant.method.raises_head_lr else cfg.lr)
 
 
 def variant_of(params: Params, name: str) -> VariantSpec:

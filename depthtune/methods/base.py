@@ -38,7 +38,9 @@ class Param:
 
 
 # The lr of a freshly initialised classification head: what a head alone trains well at (the probe's default). A
-# new head of a kind whose own lr is lower gets this one (train.head_lr): at 8e-5 a 150-class head learns slowly.
+# new head of a kind whose own lr is lower gets this one (train.head_lr: null), unless the kind says otherwise
+# (raises_head_lr). Measured on CLINC150 (150 intents, 2,000 texts, AMD EPYC): full fine-tuning 0.812 test accuracy
+# with its head at 8e-5 (cut still rising after 8 epochs), 0.92 with it at 2e-3 (a plateau by epoch 7).
 HEAD_LR = 2e-3
 
 class Method:
@@ -53,6 +55,8 @@ class Method:
     listed_when_unset: bool = False
     default_lr: float = 8e-5
     lr_reason: str = ""
+    # a labelled task's new head at HEAD_LR (or the kind's lr when higher) by default, else at the kind's lr
+    raises_head_lr: bool = True
     efficiency: float = 0.45
     pretrained: bool = True  # starts from model.source's weights (False: a random init)
 
