@@ -132,8 +132,9 @@ def could_reach(score: float, ci: Optional[Sequence[float]], rate_per_step: floa
     sign = metrics.get(metric).sign
     if ci is not None and sign * (max(ci) if sign > 0 else min(ci)) >= sign * best:
         return f"its 95% interval {ci[0]:.4f}-{ci[1]:.4f} reaches {best:.4f}"
-    projected = score + sign * rate_per_step * horizon_steps
-    if rate_per_step > 0 and sign * projected >= sign * best:
-        return (f"its validation curve, still rising at {rate_per_step * 1000:.3g} per 1,000 steps, would reach "
-                f"{projected:.4f} in another {horizon_steps:,} steps")
+    if rate_per_step > 0:
+        needed = abs(best - score) / rate_per_step  # steps at its last window's rate to draw level
+        if needed <= horizon_steps:
+            return (f"its validation curve, still rising at {rate_per_step * 1000:.3g} per 1,000 steps, would reach "
+                    f"{best:.4f} in about {needed:,.0f} more steps (the horizon: {horizon_steps:,})")
     return None
