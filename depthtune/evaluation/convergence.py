@@ -138,3 +138,12 @@ def could_reach(score: float, ci: Optional[Sequence[float]], rate_per_step: floa
             return (f"its validation curve, still rising at {rate_per_step * 1000:.3g} per 1,000 steps, would reach "
                     f"{best:.4f} in about {needed:,.0f} more steps (the horizon: {horizon_steps:,})")
     return None
+
+
+def rival_reach(score: float, ci: Optional[Sequence[float]], rise: Optional[dict], horizon_steps: int, best: float,
+                metric: str) -> Optional[str]:
+    """could_reach for a not-converged variant's record (`rise`: TrainRecord.rise; None: too short to show a trend,
+    which cannot rule it out)."""
+    if rise is None:
+        return "its curve has too few validations to show where it goes"
+    return could_reach(score, ci, rise.get("rate_per_step") or 0.0, horizon_steps, best, metric)

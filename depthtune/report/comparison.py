@@ -40,7 +40,7 @@ from depthtune.evaluation.class_summary import class_section
 from depthtune.errors import DepthtuneError
 from depthtune.model.layer_order import ordered_layer_names
 from depthtune.records import AuditRecord, EvalRecord, TrainRecord, read_variant_record
-from depthtune.evaluation.convergence import could_reach
+from depthtune.evaluation.convergence import rival_reach
 from depthtune.evaluation.significance import compare_to_best, lm_paired_bootstrap
 
 SCHEMA = "depthtune.compare/2"
@@ -348,21 +348,13 @@ def best_and_cheapest(rows: Sequence[dict], metric: str = "accuracy", tolerance:
     return verdict
 
 
-def reach_of(r: dict, best: dict, metric: str) -> str | None:
-    """Why a not-converged row could close the gap to `best` (evaluation.convergence.could_reach), or None."""
-    rise = r.get("rise")
-    if rise is None:
-        return "its curve has too few validations to show where it goes"
-    return could_reach(r[metric], r.get(f"{metric}_ci"), rise.get("rate_per_step") or 0.0,
-                       r.get("horizon_steps") or 0, best[metric], metric)
-
-
 def unsettled_rivals(best: dict, others: Sequence[dict], metric: str) -> list[tuple[dict, str]]:
     """The variants that are not converged and could close the gap to the best, each with why."""
     out = []
     for r in others:
         if r.get("not_converged"):
-            why = reach_of(r, best, metric)
+            why = rival_reach(r[metric], r.get(f"{metric}_ci"), r.get("rise"), r.get("horizon_steps") or 0,
+                              best[metric], metric)
             if why:
                 out.append((r, why))
     return out

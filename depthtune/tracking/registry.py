@@ -39,7 +39,7 @@ from depthtune.provenance import provenance
 from depthtune.records import (AuditRecord, EvalRecord, LabelSet, TrainRecord, read_prepared_split,
                                read_variant_record)
 from depthtune.tracking.redaction import describe_error, safe_uri
-from depthtune.evaluation.convergence import could_reach
+from depthtune.evaluation.convergence import rival_reach
 from depthtune.evaluation.significance import lm_paired_bootstrap, paired_test
 
 SCHEMA = "depthtune.promotion/1"
@@ -129,11 +129,8 @@ def unsettled_rivals(reg: RegistryConfig, cand: Candidate, ranked: list[Candidat
     for c in ranked:
         if c is cand or c.train is None or not c.train.not_converged:
             continue
-        rise = c.train.rise
-        ci = getattr(c.eval, f"{reg.metric}_ci", None)
-        why = ("too few validations to show where its curve goes" if rise is None else
-               could_reach(c.metric, ci, rise.get("rate_per_step") or 0.0, c.train.horizon_steps, cand.metric,
-                           reg.metric))
+        why = rival_reach(c.metric, getattr(c.eval, f"{reg.metric}_ci", None), c.train.rise, c.train.horizon_steps,
+                          cand.metric, reg.metric)
         if why:
             out.append(f"{c.variant}: {why}")
     return out
